@@ -1,0 +1,36 @@
+# One command sets everything up and runs the demo; one runs the tests.
+# TORCH picks the torch build installed into the venv: the default is the CPU
+# build these tests run on; on a GPU box use e.g. `make demo TORCH=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test test-fast bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/signal models
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: venv
+	$(BIN)/python bench/step_overhead.py
+
+lint: venv
+	$(BIN)/ruff check rewardsignal tests bench tools
+
+clean:
+	rm -rf $(VENV) signal-data my-adapter

@@ -1,0 +1,1 @@
+"""Pure tensor code of the aggregator: validation, codecs, the server optimizer."""

@@ -1,0 +1,86 @@
+"""The server optimizer: AdamW as pure functions, matching ``torch.optim.AdamW``.
+
+State per parameter: ``exp_avg``, ``exp_avg_sq``; one shared ``step`` count.
+Inputs are never mutated; each call returns new parameter and state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from rewardsignal.aggregation.tensors import Tensors, global_norm
+from rewardsignal.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        def num(x: object) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not num(self.learning_rate) or not 0 <= self.learning_rate <= 10:
+            raise ValidationError(f"learning_rate must be in [0, 10], got {self.learning_rate!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not num(v) or not 0 <= v < 1:
+                raise ValidationError(f"{name} must be in [0, 1), got {v!r}")
+        if not num(self.eps) or not self.eps > 0:
+            raise ValidationError(f"eps must be > 0, got {self.eps!r}")
+        if not num(self.weight_decay) or self.weight_decay < 0:
+            raise ValidationError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip_norm is not None and (not num(self.grad_clip_norm)
+                                                or self.grad_clip_norm <= 0):
+            raise ValidationError(f"grad_clip_norm must be > 0, got {self.grad_clip_norm!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, float]:
+    """As ``torch.nn.utils.clip_grad_norm_``: scale by max_norm/(norm+1e-6) when
+    the norm exceeds it. Returns (clipped grads, norm before clipping)."""
+    norm = global_norm(grads)
+    coef = max_norm / (norm + 1e-6)
+    if coef >= 1.0:
+        return dict(grads), norm
+    return {k: g * coef for k, g in grads.items()}, norm
+
+
+def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
+               cfg: AdamWConfig) -> tuple[Tensors, Tensors, int]:
+    """One AdamW update (decoupled weight decay, bias correction), the same
+    arithmetic as torch's single-tensor implementation. ``state`` holds
+    ``exp_avg.<name>`` / ``exp_avg_sq.<name>``; missing entries start at 0.
+    Returns (new params, new state, new step)."""
+    if set(grads) != set(params):
+        raise ValidationError("gradient names do not match parameter names")
+    if cfg.grad_clip_norm is not None:
+        grads, _ = clip_by_global_norm(grads, cfg.grad_clip_norm)
+    step += 1
+    bias1 = 1 - cfg.beta1 ** step
+    bias2_sqrt = math.sqrt(1 - cfg.beta2 ** step)
+    step_size = cfg.learning_rate / bias1
+    new_params: Tensors = {}
+    new_state: Tensors = {}
+    for name, p in params.items():
+        g = grads[name]
+        m = state.get(f"exp_avg.{name}", torch.zeros_like(p))
+        v = state.get(f"exp_avg_sq.{name}", torch.zeros_like(p))
+        m = m.lerp(g, 1 - cfg.beta1)
+        v = v * cfg.beta2 + (1 - cfg.beta2) * g * g
+        p = p * (1 - cfg.learning_rate * cfg.weight_decay)
+        denom = v.sqrt() / bias2_sqrt + cfg.eps
+        new_params[name] = p.addcdiv(m, denom, value=-step_size)
+        new_state[f"exp_avg.{name}"] = m
+        new_state[f"exp_avg_sq.{name}"] = v
+    return new_params, new_state, step

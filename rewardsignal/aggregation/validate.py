@@ -1,0 +1,81 @@
+"""Validation of a worker's submitted tensors before they may touch a run.
+
+Each check raises ``RejectedUpdate(reason, message)``; reasons are a closed set
+(used as a bounded metrics label): stale, shape, dtype, names, nonfinite, norm,
+fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rewardsignal.aggregation.tensors import Tensors, global_norm
+from rewardsignal.errors import RejectedUpdate
+
+REASONS = ("stale", "names", "shape", "dtype", "nonfinite", "norm", "fingerprint",
+           "unknown_lease", "malformed")
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    max_staleness: int = 0
+    norm_max: float = math.inf  # on the per-unit-weight update (grad sum / weight sum)
+
+
+def check_staleness(task_version: int, current_version: int, max_staleness: int) -> int:
+    staleness = current_version - task_version
+    if staleness < 0:
+        raise RejectedUpdate("stale", f"computed on version {task_version}, newer than the "
+                             f"run's {current_version}")
+    if staleness > max_staleness:
+        raise RejectedUpdate("stale", f"computed on version {task_version}, run is at "
+                             f"{current_version} (staleness {staleness} > {max_staleness})")
+    return staleness
+
+
+def check_fingerprint(submitted: str, expected: str) -> None:
+    if submitted != expected:
+        raise RejectedUpdate("fingerprint", f"base model fingerprint {submitted[:19]}... does "
+                             f"not match the run's {expected[:19]}...")
+
+
+def check_tensors(update: Tensors, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Names, shapes, dtype (float32 after decoding) and finiteness."""
+    missing = sorted(set(expected_shapes) - set(update))
+    extra = sorted(set(update) - set(expected_shapes))
+    if missing or extra:
+        raise RejectedUpdate("names", f"tensor names differ from the adapter's (missing "
+                             f"{missing[:3]}, unexpected {extra[:3]})")
+    for name, t in update.items():
+        if tuple(t.shape) != tuple(expected_shapes[name]):
+            raise RejectedUpdate("shape", f"{name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(expected_shapes[name])}")
+        if t.dtype != torch.float32:
+            raise RejectedUpdate("dtype", f"{name} has dtype {t.dtype}, expected float32")
+        if not bool(torch.isfinite(t).all()):
+            raise RejectedUpdate("nonfinite", f"{name} contains NaN or infinity")
+
+
+def check_norm(update: Tensors, weight: float, norm_max: float) -> float:
+    """Norm of the update per unit of loss weight; returns it."""
+    norm = global_norm(update) / max(abs(weight), 1e-12)
+    if not math.isfinite(norm) or norm > norm_max:
+        raise RejectedUpdate("norm", f"update norm per unit weight {norm:.4g} exceeds "
+                             f"delta_norm_max {norm_max:.4g}")
+    return norm
+
+
+def validate_update(update: Tensors, *, weight: float, expected_shapes: dict[str, tuple],
+                    task_version: int, current_version: int, fingerprint: str,
+                    expected_fingerprint: str, limits: UpdateLimits) -> tuple[int, float]:
+    """All checks, cheapest first. Returns (staleness, norm per unit weight)."""
+    if not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise RejectedUpdate("malformed", f"weight sum must be a finite number, got {weight!r}")
+    check_fingerprint(fingerprint, expected_fingerprint)
+    staleness = check_staleness(task_version, current_version, limits.max_staleness)
+    check_tensors(update, expected_shapes)
+    norm = check_norm(update, weight, limits.norm_max)
+    return staleness, norm

@@ -1,0 +1,305 @@
+"""Base models: the registry, the built-in offline models and their fingerprints.
+
+Real runs name Hugging Face ids and load them with ``AutoModelForCausalLM`` /
+``AutoTokenizer``. Machines without internet use the built-in models, which are
+*built* locally (no download) into ordinary Hugging Face directories under
+``$SIGNAL_HOME/models`` so that every consumer still goes through
+``from_pretrained``. Built-in weights come from a counter-free, platform
+independent generator (numpy PCG64 seeded per tensor name), so two machines
+build bit-identical weights and agree on the fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from rewardsignal.errors import NotFoundError, ValidationError
+
+# Names of config keys that describe the installation, not the model.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype",
+                         "torch_dtype", "use_cache")
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj")
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """Shape of a built-in Llama-family model; its ``asdict`` is its identity."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    init_std: float
+    seed: int
+    format_version: int = 1
+
+
+BUILTIN_MODELS: dict[str, BuiltinSpec] = {
+    # ~0.9M parameters: tests and the demo.
+    "signal-tiny": BuiltinSpec(128, 352, 4, 4, 2, 512, 0.05, seed=1),
+    # ~16M parameters: benchmarks where compute must dominate overhead.
+    "signal-small": BuiltinSpec(384, 1024, 8, 6, 2, 1024, 0.04, seed=2),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    builtin: bool
+    param_count: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    default_target_modules: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["default_target_modules"] = list(self.default_target_modules)
+        return d
+
+
+def signal_home() -> Path:
+    return Path(os.environ.get("SIGNAL_HOME") or Path.home() / ".cache" / "rewardsignal")
+
+
+def is_builtin(model_id: str) -> bool:
+    return model_id in BUILTIN_MODELS
+
+
+def _builtin_dir(model_id: str) -> Path:
+    spec = BUILTIN_MODELS[model_id]
+    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    return signal_home() / "models" / f"{model_id}-{digest}"
+
+
+def resolve_model_path(model_id: str) -> Path:
+    """Local directory of ``model_id``: built-ins are built on first use, a local
+    path is used as is, anything else is a Hugging Face id fetched (or found in
+    the cache) by ``huggingface_hub``."""
+    if is_builtin(model_id):
+        target = _builtin_dir(model_id)
+        if not (target / "model.safetensors").exists():
+            _build_builtin(model_id, target)
+        return target
+    local = Path(model_id).expanduser()
+    if local.is_dir() and (local / "config.json").exists():
+        return local
+    if not isinstance(model_id, str) or model_id.count("/") != 1:
+        raise NotFoundError(
+            f"unknown base model {model_id!r}: use a built-in ({', '.join(BUILTIN_MODELS)}), "
+            "a Hugging Face id like 'org/name', or a local model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as exc:  # network, auth, missing repo: all the same to the caller
+        raise NotFoundError(f"cannot fetch base model {model_id!r} from the Hugging Face hub "
+                            f"({type(exc).__name__}: {exc}); check the id and network, or "
+                            "pre-download it into the HF cache") from exc
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _builtin_tensor(name: str, shape: tuple[int, ...], spec: BuiltinSpec) -> np.ndarray:
+    if name.endswith("norm.weight"):
+        return np.ones(shape, dtype=np.float32)
+    seed = int.from_bytes(hashlib.sha256(f"{spec.seed}:{name}".encode()).digest()[:8], "little")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return (rng.standard_normal(shape) * spec.init_std).astype(np.float32)
+
+
+def builtin_config(model_id: str):
+    from transformers import LlamaConfig
+
+    spec = BUILTIN_MODELS[model_id]
+    vocab = 256 + len(SPECIAL_TOKENS)
+    return LlamaConfig(
+        vocab_size=(vocab + 7) // 8 * 8, hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=1e-5,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        initializer_range=spec.init_std, architectures=["LlamaForCausalLM"],
+    )
+
+
+def build_tokenizer():
+    """A byte-level ``PreTrainedTokenizerFast``: 256 byte tokens, no merges, the
+    special tokens above and a ChatML-style chat template."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=4096)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _build_builtin(model_id: str, target: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "model.safetensors").exists():  # another process built it meanwhile
+            return
+        spec = BUILTIN_MODELS[model_id]
+        config = builtin_config(model_id)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = {
+            name: torch.from_numpy(_builtin_tensor(name, tuple(p.shape), spec))
+            for name, p in sorted(skeleton.state_dict().items())
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            config.save_pretrained(tmp)
+            GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
+            save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+            build_tokenizer().save_pretrained(tmp)
+            (tmp / "signal_builtin.json").write_text(
+                json.dumps({"model_id": model_id, **asdict(spec)}, indent=2, sort_keys=True))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(model_id: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model_id))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_id: str, *, dtype=None, device: str = "cpu"):
+    """The frozen base model through ``from_pretrained`` (eager attention so CPU
+    float32 results are reproducible across batch shapes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_id), dtype=dtype or torch.float32, attn_implementation="eager")
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device)
+
+
+@lru_cache(maxsize=16)
+def _fingerprint_cached(path: str, stamp: tuple) -> str:
+    from safetensors import safe_open
+
+    root = Path(path)
+    h = hashlib.sha256()
+    cfg = json.loads((root / "config.json").read_text())
+    for key in _VOLATILE_CONFIG_KEYS:
+        cfg.pop(key, None)
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    for file in sorted(root.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def fingerprint(model_id: str) -> str:
+    """Hash of the model's config and weights; two parties agree on it iff they
+    compute on the same base."""
+    root = resolve_model_path(model_id)
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(root.glob("*.safetensors")))
+    return _fingerprint_cached(str(root), stamp)
+
+
+@lru_cache(maxsize=16)
+def model_info(model_id: str) -> ModelInfo:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_builtin(model_id):
+        config = builtin_config(model_id)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_id))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    linear_names = {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+    targets = tuple(t for t in DEFAULT_TARGET_MODULES if t in linear_names) or tuple(
+        sorted(linear_names))
+    return ModelInfo(
+        model_id=model_id, builtin=is_builtin(model_id),
+        param_count=sum(p.numel() for p in skeleton.parameters()),
+        num_layers=int(getattr(config, "num_hidden_layers", 0)),
+        hidden_size=int(getattr(config, "hidden_size", 0)),
+        vocab_size=int(config.vocab_size), default_target_modules=targets)
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def estimate_train_memory_bytes(model_id: str, *, dtype: str = "bfloat16", lora_r: int = 8,
+                                tokens_per_task: int = 2048) -> int:
+    """Rough upper bound of device memory to train a LoRA on ``model_id``: frozen
+    base weights at ``dtype``, fp32 LoRA weights + grads, and activations kept
+    for backward (~34 values per hidden unit per token per layer, a standard
+    estimate for decoder blocks without activation checkpointing)."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValidationError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
+    info = model_info(model_id)
+    width = _DTYPE_BYTES[dtype]
+    base = info.param_count * width
+    lora = 2 * lora_r * info.hidden_size * len(info.default_target_modules) * info.num_layers
+    activations = 34 * info.hidden_size * info.num_layers * tokens_per_task * width
+    logits = tokens_per_task * info.vocab_size * 4 * 2
+    return int(1.1 * (base + lora * 4 * 2 + activations + logits))
+
+
+def list_models() -> list[dict]:
+    return [model_info(m).to_json() for m in BUILTIN_MODELS]

@@ -1,0 +1,72 @@
+"""Wire encoding shared by coordinator, worker and SDK.
+
+Control messages are JSON (msgpack accepted); tensors are safetensors bytes,
+raw for weight downloads and inside a msgpack map for submissions. Nothing that
+crosses the network is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from rewardsignal.errors import ValidationError
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+SAFETENSORS = "application/vnd.safetensors"
+
+# Upper bound of a safetensors header we accept; real adapters need a few KiB.
+_MAX_HEADER_BYTES = 16 << 20
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes, checking the header against the buffer first so a
+    lying header is a clean ``ValidationError`` rather than a crash."""
+    if not isinstance(data, bytes | bytearray) or len(data) < 8:
+        raise ValidationError("tensor payload is not safetensors (too short)")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise ValidationError("tensor payload header length is out of bounds")
+    try:
+        header = json.loads(bytes(data[8: 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValidationError("tensor payload header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValidationError("tensor payload header must be an object")
+    body = len(data) - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= body):
+            raise ValidationError(f"tensor payload: offsets of {name!r} lie outside the body")
+    try:
+        return st_load(bytes(data))
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ValidationError(f"tensor payload is not valid safetensors: {exc}") from None
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, *, max_bytes: int) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+                               max_str_len=max_bytes, max_array_len=1 << 24,
+                               max_map_len=1 << 20)
+    except Exception as exc:  # msgpack raises many unrelated types for garbage
+        raise ValidationError(f"body is not valid msgpack: {type(exc).__name__}") from None

@@ -1,0 +1,198 @@
+"""The compute engine of a worker: a cache of frozen base models, LoRA adapters
+swapped in per task, and the three computations (forward/backward, forward,
+sample). Synchronous and single-threaded by design: the worker loop calls it
+from one thread while a heartbeat runs beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rewardsignal.data.types import Datum
+from rewardsignal.lora import LoraSpec, peft_config, saved_name
+from rewardsignal.worker.losses import compute_loss
+
+# Any id works for padding: padded positions are masked out of attention and loss.
+_PAD_ID = 0
+
+
+@dataclass
+class ForwardResult:
+    loss_sum: float
+    weight_sum: float
+    num_tokens: int
+    logprobs: list[list[float]]
+    grads: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def _spec_key(spec: LoraSpec) -> str:
+    blob = json.dumps({k: v for k, v in spec.to_json().items() if k != "seed"}, sort_keys=True)
+    return "a" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Frozen-base dtype: bf16 on GPUs that support it, fp16 on older GPUs, fp32
+    on CPU (where the numerics rule is checked exactly)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class Engine:
+    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self._models: dict[str, object] = {}
+        self._tokenizers: dict[str, object] = {}
+        self._fingerprints: dict[str, str] = {}
+        self._loaded: dict[tuple[str, str], tuple[str, int]] = {}  # adapter -> (run, version)
+
+    # -- base models and adapters ------------------------------------------------
+    def fingerprint(self, model_id: str) -> str:
+        if model_id not in self._fingerprints:
+            from rewardsignal.models import fingerprint
+
+            self._fingerprints[model_id] = fingerprint(model_id)
+        return self._fingerprints[model_id]
+
+    def tokenizer(self, model_id: str):
+        if model_id not in self._tokenizers:
+            from rewardsignal.models import load_tokenizer
+
+            self._tokenizers[model_id] = load_tokenizer(model_id)
+        return self._tokenizers[model_id]
+
+    def _peft_model(self, model_id: str, spec: LoraSpec):
+        from peft import get_peft_model
+
+        key = _spec_key(spec)
+        model = self._models.get(model_id)
+        if model is None:
+            from rewardsignal.models import load_model
+
+            base = load_model(model_id, dtype=self.dtype, device=str(self.device))
+            model = get_peft_model(base, peft_config(spec), adapter_name=key)
+            self._models[model_id] = model
+        elif key not in model.peft_config:
+            model.add_adapter(key, peft_config(spec))
+        model.set_adapter(key)
+        return model, key
+
+    def activate(self, model_id: str, spec: LoraSpec, run_id: str, version: int,
+                 adapter: dict[str, torch.Tensor]):
+        """Put the run's adapter weights for ``version`` into the cached model."""
+        model, key = self._peft_model(model_id, spec)
+        if self._loaded.get((model_id, key)) != (run_id, version):
+            params = {saved_name(n, key): p for n, p in model.named_parameters()
+                      if f".{key}." in n}
+            if set(params) != set(adapter):
+                raise ValueError("adapter tensor names do not match the model's LoRA layers")
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(adapter[name].to(device=p.device, dtype=p.dtype))
+            self._loaded[(model_id, key)] = (run_id, version)
+        return model, key
+
+    # -- computations ---------------------------------------------------------------
+    def _target_logprobs(self, model, batch: Sequence[Datum]) -> tuple[torch.Tensor, ...]:
+        width = max(len(d) for d in batch)
+        ids = torch.full((len(batch), width), _PAD_ID, dtype=torch.long)
+        tgt = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        w = torch.zeros((len(batch), width), dtype=torch.float32)
+        for i, d in enumerate(batch):
+            n = len(d)
+            ids[i, :n] = torch.tensor(d.input_ids)
+            tgt[i, :n] = torch.tensor(d.target_ids)
+            mask[i, :n] = 1
+            w[i, :n] = torch.tensor(d.weights)
+        ids, tgt, mask, w = (t.to(self.device) for t in (ids, tgt, mask, w))
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        return logprobs * mask, w, mask
+
+    def forward_backward(self, model, key: str, datums: Sequence[Datum], loss_fn: str,
+                         loss_config: dict, *, backward: bool = True,
+                         micro_tokens: int = 4096) -> ForwardResult:
+        """Sum of weighted per-token losses over ``datums`` and, with ``backward``,
+        its gradient w.r.t. the active LoRA weights (fp32), in micro-batches of at
+        most ``micro_tokens`` padded tokens so memory stays bounded."""
+        params = {saved_name(n, key): p for n, p in model.named_parameters() if f".{key}." in n}
+        for p in params.values():
+            p.grad = None
+        loss_total, weight_total, logprobs_out = 0.0, 0.0, []
+        for chunk in _micro_batches(datums, micro_tokens):
+            with torch.set_grad_enabled(backward):
+                lp_BT, w_BT, mask_BT = self._target_logprobs(model, chunk)
+                extra = {}
+                for k in ("logprobs", "advantages"):
+                    if all(k in d.extra for d in chunk):
+                        t = torch.zeros_like(w_BT)
+                        for i, d in enumerate(chunk):
+                            t[i, : len(d)] = torch.tensor(d.extra[k])
+                        extra[k] = t
+                loss, wsum = compute_loss(loss_fn, lp_BT, w_BT, extra, loss_config)
+            if backward:
+                loss.backward()
+            loss_total += float(loss.detach())
+            weight_total += wsum
+            lp = lp_BT.detach().cpu()
+            logprobs_out += [lp[i, : len(d)].tolist() for i, d in enumerate(chunk)]
+        grads = None
+        if backward:
+            grads = {n: (p.grad.detach().float().cpu() if p.grad is not None
+                         else torch.zeros(p.shape)) for n, p in params.items()}
+            for p in params.values():
+                p.grad = None
+        return ForwardResult(loss_total, weight_total, sum(len(d) for d in datums),
+                             logprobs_out, grads)
+
+    @torch.no_grad()
+    def sample(self, model, model_id: str, prompt_tokens: Sequence[Sequence[int]], *,
+               max_tokens: int, temperature: float, top_p: float = 1.0,
+               seed: int | None = None) -> list[dict]:
+        tok = self.tokenizer(model_id)
+        out = []
+        for i, prompt in enumerate(prompt_tokens):
+            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+            kwargs: dict = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id,
+                            "eos_token_id": tok.eos_token_id, "return_dict_in_generate": True,
+                            "output_logits": True}
+            if temperature > 0:
+                torch.manual_seed((seed if seed is not None else int(time.time_ns())) + i)
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            else:
+                kwargs.update(do_sample=False)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            new = gen.sequences[0, ids.shape[1]:].tolist()
+            logprobs = []
+            for step, t in enumerate(new):
+                logits = gen.logits[step][0].float()
+                if temperature > 0:
+                    logits = logits / temperature
+                logprobs.append(float(torch.log_softmax(logits, -1)[t]))
+            out.append({"tokens": new, "logprobs": logprobs,
+                        "text": tok.decode(new, skip_special_tokens=True)})
+        return out
+
+
+def _micro_batches(datums: Sequence[Datum], micro_tokens: int) -> list[list[Datum]]:
+    batches: list[list[Datum]] = []
+    cur: list[Datum] = []
+    width = 0
+    for d in datums:
+        w = max(width, len(d))
+        if cur and w * (len(cur) + 1) > micro_tokens:
+            batches.append(cur)
+            cur, w = [], len(d)
+        cur.append(d)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches

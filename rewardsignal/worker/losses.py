@@ -1,0 +1,70 @@
+"""Per-token losses computed on workers, as pure functions of target logprobs.
+
+Every loss returns ``(loss_sum, weight_sum)``: the *sum* of weighted per-token
+losses over the shard and the sum of |weights| (the token count for plain
+cross-entropy). The coordinator adds both over shards and divides once, which
+makes N workers exactly equal to one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rewardsignal.errors import ValidationError
+
+LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
+
+
+def cross_entropy(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
+                  extra: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    return -(weights_BT * logprobs_BT).sum()
+
+
+def importance_sampling(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
+                        extra: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    ratio_BT = torch.exp(logprobs_BT - extra["logprobs"])
+    return -(weights_BT * ratio_BT * extra["advantages"]).sum()
+
+
+def ppo(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor, extra: dict[str, torch.Tensor],
+        config: dict) -> torch.Tensor:
+    low = float(config.get("clip_low_threshold", 0.8))
+    high = float(config.get("clip_high_threshold", 1.2))
+    ratio_BT = torch.exp(logprobs_BT - extra["logprobs"])
+    adv_BT = extra["advantages"]
+    surrogate_BT = torch.minimum(ratio_BT * adv_BT, ratio_BT.clamp(low, high) * adv_BT)
+    return -(weights_BT * surrogate_BT).sum()
+
+
+_FNS = {"cross_entropy": cross_entropy, "importance_sampling": importance_sampling, "ppo": ppo}
+REQUIRED_INPUTS = {"cross_entropy": (), "importance_sampling": ("logprobs", "advantages"),
+                   "ppo": ("logprobs", "advantages")}
+
+
+def check_loss_fn(name: str, config: dict | None) -> dict:
+    """Validate a loss name and its config (coordinator side, before any task)."""
+    if name not in _FNS:
+        raise ValidationError(f"unknown loss_fn {name!r}; expected one of {list(LOSS_FNS)}")
+    config = config or {}
+    if not isinstance(config, dict):
+        raise ValidationError("loss_fn_config must be an object")
+    allowed = {"ppo": {"clip_low_threshold", "clip_high_threshold"}}.get(name, set())
+    unknown = set(config) - allowed
+    if unknown:
+        raise ValidationError(f"unknown loss_fn_config key(s) for {name}: {sorted(unknown)}")
+    for k, v in config.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 100:
+            raise ValidationError(f"loss_fn_config.{k} must be a positive number, got {v!r}")
+    if name == "ppo" and config.get("clip_low_threshold", 0.8) > config.get(
+            "clip_high_threshold", 1.2):
+        raise ValidationError("clip_low_threshold must not exceed clip_high_threshold")
+    return config
+
+
+def compute_loss(name: str, logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
+                 extra: dict[str, torch.Tensor], config: dict) -> tuple[torch.Tensor, float]:
+    for key in REQUIRED_INPUTS[name]:
+        if key not in extra:
+            raise ValidationError(f"loss_fn {name} needs loss_fn_inputs.{key} on every datum")
+    loss = _FNS[name](logprobs_BT, weights_BT, extra, config)
+    return loss, float(weights_BT.abs().sum())

@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from rewardsignal import models
+
+
+def _build_in_fresh_home(tmp_path, name):
+    """Build signal-tiny in a separate process with its own SIGNAL_HOME, as a
+    second machine would, and return (directory, fingerprint)."""
+    env = dict(os.environ, SIGNAL_HOME=str(tmp_path / name))
+    code = ("from rewardsignal import models; p = models.resolve_model_path('signal-tiny'); "
+            "print(p); print(models.fingerprint('signal-tiny'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                         text=True).stdout.split()
+    return out[-2], out[-1]
+
+
+def test_builtin_build_is_bit_identical_across_builds(tmp_path, tiny_path):
+    dir_a, fp_a = _build_in_fresh_home(tmp_path, "a")
+    dir_b, fp_b = _build_in_fresh_home(tmp_path, "b")
+    assert dir_a != dir_b
+    assert fp_a == fp_b == models.fingerprint("signal-tiny")
+    wa = load_file(os.path.join(dir_a, "model.safetensors"))
+    wb = load_file(os.path.join(dir_b, "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fingerprint_changes_with_weights(tmp_path, tiny_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_path, copy)
+    assert models.fingerprint(str(copy)) == models.fingerprint("signal-tiny")
+    w = load_file(copy / "model.safetensors")
+    w["model.norm.weight"][0] += 1e-3
+    from safetensors.torch import save_file
+
+    save_file(w, copy / "model.safetensors")
+    assert models.fingerprint(str(copy)) != models.fingerprint("signal-tiny")
+
+
+def test_tiny_loads_through_from_pretrained(tiny_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    assert isinstance(tok, PreTrainedTokenizerBase)
+    assert model.config.model_type == "llama"
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.5e6 < n < 1.5e6
+    ids = tok("héllo, world", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "héllo, world"
+    assert len(ids) == len("héllo, world".encode())  # one token per byte
+    out = model(torch.tensor([ids]))
+    assert out.logits.shape == (1, len(ids), model.config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_chat_template_and_special_tokens(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.encode("<|im_end|>", add_special_tokens=False)
+    assert ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert tokenizer.eos_token == "<|eos|>" and tokenizer.bos_token == "<|bos|>"
+
+
+def test_model_info_and_memory_estimate():
+    tiny, small = models.model_info("signal-tiny"), models.model_info("signal-small")
+    assert 10e6 <= small.param_count <= 30e6
+    assert tiny.default_target_modules[:2] == ("q_proj", "k_proj")
+    fp32 = models.estimate_train_memory_bytes("signal-small", dtype="float32")
+    bf16 = models.estimate_train_memory_bytes("signal-small", dtype="bfloat16")
+    assert fp32 > bf16 > small.param_count * 2
+    assert models.estimate_train_memory_bytes("signal-small", tokens_per_task=8192) > bf16
+
+
+def test_unknown_model_id_is_a_clear_error():
+    import pytest
+
+    from rewardsignal.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="unknown base model"):
+        models.resolve_model_path("no-such-model")
+
+
+def test_builtin_dir_is_an_ordinary_hf_directory(tiny_path):
+    names = set(os.listdir(tiny_path))
+    assert {"config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= names
+    assert json.loads((tiny_path / "config.json").read_text())["model_type"] == "llama"
