@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/signal models
+	$(BIN)/signal demo
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -1,45 +1,230 @@
-"""`signal` umbrella command and the `signal-coordinator` / `signal-worker` entry points."""
+"""Command line: the `signal` umbrella and the `signal-coordinator` /
+`signal-worker` entry points. Flags are --kebab-case; each coordinator knob also
+reads its conventional environment variable (MAX_STALENESS, ...)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
 import sys
+from pathlib import Path
+
+from rewardsignal.errors import SignalError
 
 
-def _not_yet(name: str) -> int:
-    print(f"signal {name}: not implemented yet", file=sys.stderr)
-    return 2
+def _env(name: str, cast=str, default=None):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name}={raw!r} is not a valid "
+                         f"{getattr(cast, '__name__', 'value')}") from None
+
+
+def _csv(name: str) -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+
+
+def _positive(cast):
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"port must be <= 65535, got {text}")
+    return value
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def add_coordinator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=_env("SIGNAL_HOST", default="127.0.0.1"),
+                   help="address to bind (non-loopback needs --api-key and --worker-token)")
+    p.add_argument("--port", type=_port, default=_env("SIGNAL_PORT", int, 8000),
+                   help="port to bind; 0 picks a free one (default 8000)")
+    p.add_argument("--data-dir", type=Path, default=_env("SIGNAL_DATA_DIR", Path,
+                                                         Path("./signal-data")),
+                   help="where runs, checkpoints and exports live (default ./signal-data)")
+    p.add_argument("--checkpoint-dir", type=Path, default=_env("CHECKPOINT_DIR", Path),
+                   help="checkpoint root (env CHECKPOINT_DIR; default <data-dir>/checkpoints)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="user API key; repeatable (env SIGNAL_API_KEYS, comma-separated)")
+    p.add_argument("--worker-token", action="append", default=None,
+                   help="worker token; repeatable (env SIGNAL_WORKER_TOKENS, comma-separated)")
+    p.add_argument("--max-staleness", type=_non_negative_int,
+                   default=_env("MAX_STALENESS", int, 0),
+                   help="reject updates computed this many versions ago (env MAX_STALENESS)")
+    p.add_argument("--delta-norm-max", type=_positive(float),
+                   default=_env("DELTA_NORM_MAX", float, math.inf),
+                   help="reject updates whose norm per unit of loss weight exceeds this "
+                        "(env DELTA_NORM_MAX; default no limit)")
+    p.add_argument("--tick-interval-sec", type=_positive(float),
+                   default=_env("TICK_INTERVAL_SEC", float, 1.0),
+                   help="how often leases are checked for expiry (env TICK_INTERVAL_SEC)")
+    p.add_argument("--lease-timeout-s", type=_positive(float),
+                   default=_env("SIGNAL_LEASE_TIMEOUT_S", float, 30.0),
+                   help="a worker silent this long loses its task (default 30)")
+    p.add_argument("--max-task-attempts", type=_positive(int), default=3,
+                   help="leases a task may lose before its request fails (default 3)")
+    p.add_argument("--max-body-mb", type=_positive(int), default=512,
+                   help="largest request body accepted, in MiB (default 512)")
+    p.add_argument("--keep-last", type=_positive(int), default=5,
+                   help="unnamed checkpoints kept per run (default 5)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+
+def coordinator_config(args: argparse.Namespace):
+    from rewardsignal.coordinator.config import CoordinatorConfig
+
+    return CoordinatorConfig(
+        data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, host=args.host,
+        port=args.port, api_keys=tuple(args.api_key or _csv("SIGNAL_API_KEYS")),
+        worker_tokens=tuple(args.worker_token or _csv("SIGNAL_WORKER_TOKENS")),
+        max_staleness=args.max_staleness, delta_norm_max=args.delta_norm_max,
+        tick_interval_s=args.tick_interval_sec, lease_timeout_s=args.lease_timeout_s,
+        max_task_attempts=args.max_task_attempts, max_body_bytes=args.max_body_mb << 20,
+        keep_last_checkpoints=args.keep_last)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=_env("SIGNAL_COORDINATOR"),
+                   help="coordinator URL, e.g. http://127.0.0.1:8000 (env SIGNAL_COORDINATOR)")
+    p.add_argument("--token", default=_env("SIGNAL_WORKER_TOKEN"),
+                   help="worker token (env SIGNAL_WORKER_TOKEN)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--name", default="", help="name shown in the coordinator's worker list")
+    p.add_argument("--max-tokens-per-task", type=_positive(int), default=None,
+                   help="largest shard to accept (default: derived from free device memory)")
+    p.add_argument("--micro-batch-tokens", type=_positive(int), default=None,
+                   help="padded tokens per forward pass inside a task (halved on OOM)")
+    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="encoding of submitted gradients (default fp32, exact)")
+    p.add_argument("--max-tasks", type=_positive(int), default=None,
+                   help="exit after this many tasks")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+
+def worker_config(args: argparse.Namespace):
+    from rewardsignal.worker.loop import WorkerConfig
+
+    if not args.coordinator:
+        raise SystemExit("error: --coordinator URL is required (or set SIGNAL_COORDINATOR), "
+                         "e.g. signal-worker --coordinator http://127.0.0.1:8000")
+    if not args.coordinator.startswith(("http://", "https://")):
+        raise SystemExit(f"error: --coordinator must be an http(s) URL, got {args.coordinator!r}")
+    return WorkerConfig(coordinator=args.coordinator, token=args.token, device=args.device,
+                        name=args.name, max_tokens_per_task=args.max_tokens_per_task,
+                        micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
+                        max_tasks=args.max_tasks)
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    from rewardsignal.coordinator.server import run
+
+    _setup_logging(args.log_level)
+    return run(coordinator_config(args))
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from rewardsignal.worker.loop import run_worker
+
+    _setup_logging(args.log_level)
+    return run_worker(worker_config(args))
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from rewardsignal.models import fingerprint, list_models, resolve_model_path
+
+    for info in list_models():
+        path = resolve_model_path(info["model_id"])
+        print(f"{info['model_id']:14s} {info['param_count']:>11,d} params  "
+              f"{fingerprint(info['model_id'])[:23]}  {path}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from rewardsignal.demo import run_demo
+
+    return run_demo(steps=args.steps, workers=args.workers, out_dir=args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signal", description="Signal: federated LoRA training")
+    p = argparse.ArgumentParser(prog="signal", description="Signal: federated LoRA training "
+                                "on volunteer GPUs")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("models", help="list built-in models (builds them on first use)")
-    sub.add_parser("coordinator", help="run the coordinator")
-    sub.add_parser("worker", help="run a worker")
-    sub.add_parser("demo", help="run the end-to-end demo on this machine")
+    c = sub.add_parser("coordinator", help="run the coordinator")
+    add_coordinator_args(c)
+    c.set_defaults(func=_run_coordinator)
+    w = sub.add_parser("worker", help="run a worker")
+    add_worker_args(w)
+    w.set_defaults(func=_run_worker)
+    m = sub.add_parser("models", help="list built-in models (builds them on first use)")
+    m.set_defaults(func=_run_models)
+    d = sub.add_parser("demo", help="coordinator + 2 workers on this machine: train, sample, save")
+    d.add_argument("--steps", type=_positive(int), default=30, help="optim steps (default 30)")
+    d.add_argument("--workers", type=_positive(int), default=2, help="worker processes")
+    d.add_argument("--out", type=Path, default=Path("./signal-demo"),
+                   help="where the demo keeps its data and the saved adapter")
+    d.set_defaults(func=_run_demo)
     return p
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except SignalError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "models":
-        from rewardsignal.models import fingerprint, list_models, resolve_model_path
-
-        for info in list_models():
-            path = resolve_model_path(info["model_id"])
-            print(f"{info['model_id']:14s} {info['param_count']:>11,d} params  "
-                  f"{fingerprint(info['model_id'])[:23]}  {path}")
-        return 0
-    return _not_yet(args.command)
+    return _dispatch(build_parser().parse_args(argv))
 
 
-def coordinator_main() -> int:
-    return _not_yet("coordinator")
+def coordinator_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="signal-coordinator", description="run the coordinator")
+    add_coordinator_args(p)
+    p.set_defaults(func=_run_coordinator)
+    return _dispatch(p.parse_args(argv))
 
 
-def worker_main() -> int:
-    return _not_yet("worker")
+def worker_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="signal-worker", description="run a worker")
+    add_worker_args(p)
+    p.set_defaults(func=_run_worker)
+    return _dispatch(p.parse_args(argv))
 
 
 if __name__ == "__main__":

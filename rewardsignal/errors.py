@@ -118,3 +118,11 @@ def error_from_json(status: int, body: object) -> SignalError:
     err.code = code
     err.http_status = status
     return err
+
+
+def http_status_for(code: str) -> int:
+    """The HTTP status the coordinator uses for an error code."""
+    if code.startswith("rejected_"):
+        return RejectedUpdate.http_status
+    cls = _BY_CODE.get(code)
+    return cls.http_status if cls is not None else 500

@@ -40,6 +40,13 @@ _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValidationError(f"checkpoint name {name!r} must be 1-64 characters of letters, "
+                              "digits, '_', '.', '-', starting with a letter or digit")
+    return name
+
+
 def version_dirname(version: int) -> str:
     return f"v{version:06d}"
 
@@ -192,9 +199,7 @@ class CheckpointStore:
 
     def pin(self, run_id: str, version: int, name: str) -> None:
         """Give ``version`` a name; named versions survive retention."""
-        if not _NAME_RE.match(name):
-            raise ValidationError(f"checkpoint name {name!r} must be 1-64 characters of letters, "
-                                  "digits, '_', '.', '-', starting with a letter or digit")
+        check_name(name)
         if not self.path(run_id, version).is_dir():
             raise NotFoundError(f"no checkpoint {version_dirname(version)} for run {run_id}")
         names = self.names(run_id)

@@ -1,0 +1,32 @@
+"""The aiohttp application factory."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from rewardsignal.coordinator.auth import Auth
+from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.middlewares import make_error_middleware
+from rewardsignal.coordinator.routes import AUTH, COORDINATOR, METRICS, add_routes
+from rewardsignal.coordinator.service import Coordinator
+
+
+def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = None
+             ) -> web.Application:
+    metrics = coordinator.metrics if coordinator else Metrics()
+    coord = coordinator or Coordinator(config, metrics)
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[make_error_middleware(metrics)])
+    app[COORDINATOR] = coord
+    app[AUTH] = Auth(config.api_keys, config.worker_tokens)
+    app[METRICS] = metrics
+
+    async def lifecycle(app: web.Application):
+        await coord.start()
+        yield
+        await coord.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    add_routes(app)
+    return app

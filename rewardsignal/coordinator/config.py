@@ -1,0 +1,86 @@
+"""The coordinator's configuration: one frozen dataclass, built by the CLI from
+flags with environment-variable fallbacks, passed explicitly to ``make_app``."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rewardsignal.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    worker_tokens: tuple[str, ...] = ()
+    max_staleness: int = 0                 # MAX_STALENESS: sync gradients must be fresh
+    delta_norm_max: float = math.inf       # DELTA_NORM_MAX: per unit of loss weight
+    tick_interval_s: float = 1.0           # TICK_INTERVAL_SEC
+    lease_timeout_s: float = 30.0          # a lease dies this long after the last heartbeat
+    max_task_attempts: int = 3             # leases a task may expire/fail before its request fails
+    request_timeout_s: float = 600.0       # default per-request bound when the caller sets none
+    max_body_bytes: int = 512 << 20
+    keep_last_checkpoints: int = 5
+    default_task_tokens: int = 8192        # shard size while no worker has said otherwise
+    straggler_factor: float = 3.0          # re-issue a lease running this many times its estimate
+    straggler_min_s: float = 2.0
+    quarantine_after: int = 5              # rejected submissions in a row before quarantine
+    quarantine_s: float = 300.0
+    checkpoint_dir: Path | None = None     # CHECKPOINT_DIR; default <data_dir>/checkpoints
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.port >= 0 and self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
+            (self.max_staleness >= 0, "max_staleness must be >= 0"),
+            (self.delta_norm_max > 0, "delta_norm_max must be > 0"),
+            (self.tick_interval_s > 0, "tick_interval_s must be > 0"),
+            (self.lease_timeout_s > 0, "lease_timeout_s must be > 0"),
+            (self.max_task_attempts >= 1, "max_task_attempts must be >= 1"),
+            (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
+            (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (self.keep_last_checkpoints >= 1, "keep_last_checkpoints must be >= 1"),
+            (self.default_task_tokens >= 1, "default_task_tokens must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValidationError(msg)
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return Path(self.checkpoint_dir or Path(self.data_dir) / "checkpoints")
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuse to serve a non-loopback address without keys: anyone could
+        then create runs or submit gradients."""
+        if self.is_loopback:
+            return
+        missing = [name for name, v in (("--api-key", self.api_keys),
+                                        ("--worker-token", self.worker_tokens)) if not v]
+        if missing:
+            raise ValidationError(
+                f"refusing to listen on {self.host} without {' and '.join(missing)}: anyone who "
+                "can reach the port could train or submit updates. Pass keys (or "
+                "SIGNAL_API_KEYS / SIGNAL_WORKER_TOKENS), or bind 127.0.0.1.")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["data_dir"] = str(self.data_dir)
+        d["checkpoint_dir"] = str(self.checkpoints_root)
+        d["api_keys"] = len(self.api_keys)
+        d["worker_tokens"] = len(self.worker_tokens)
+        d["delta_norm_max"] = None if math.isinf(self.delta_norm_max) else self.delta_norm_max
+        return d

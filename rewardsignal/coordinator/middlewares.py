@@ -1,0 +1,44 @@
+"""Error mapping (domain exceptions -> JSON errors, in one place) and latency metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from rewardsignal.errors import SignalError
+
+log = logging.getLogger("signal.http")
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def make_error_middleware(metrics):
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        started = time.monotonic()
+        route = request.match_info.route.resource
+        route_name = route.canonical if route is not None else "unmatched"
+        try:
+            return await handler(request)
+        except SignalError as exc:
+            return _json_error(exc.http_status, exc.code, exc.message)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _json_error(413, "payload_too_large",
+                               f"request body over the {exc.max_size} byte limit")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+            return _json_error(exc.status, code, exc.reason or "error")
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return _json_error(500, "internal", "internal error; see the coordinator log")
+        finally:
+            metrics.request_latency.labels(route_name, request.method).observe(
+                time.monotonic() - started)
+
+    return errors

@@ -1,0 +1,68 @@
+"""Futures of accepted SDK requests, waited on by long-polling clients."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from rewardsignal.errors import NotFoundError, SignalError
+
+# Finished requests kept for clients that come back late for their result.
+_KEEP_FINISHED = 10_000
+
+
+@dataclass
+class Request:
+    request_id: str
+    owner: str
+    run_id: str
+    kind: str
+    future: asyncio.Future
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        base = {"request_id": self.request_id, "run_id": self.run_id, "kind": self.kind}
+        if not self.future.done():
+            return {**base, "status": "pending"}
+        exc = self.future.exception() if not self.future.cancelled() else None
+        if self.future.cancelled():
+            return {**base, "status": "failed", "error": {"code": "cancelled",
+                                                          "message": "request was cancelled"}}
+        if exc is not None:
+            err = exc if isinstance(exc, SignalError) else SignalError(str(exc))
+            return {**base, "status": "failed", **err.to_json()}
+        return {**base, "status": "done", "result": self.future.result()}
+
+
+class RequestRegistry:
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, Request] = OrderedDict()
+
+    def create(self, owner: str, run_id: str, kind: str) -> Request:
+        req = Request("req-" + secrets.token_hex(8), owner, run_id, kind,
+                      asyncio.get_running_loop().create_future())
+        self._items[req.request_id] = req
+        req.future.add_done_callback(lambda _f: self._trim())
+        return req
+
+    def _trim(self) -> None:
+        finished = [k for k, r in self._items.items() if r.future.done()]
+        for k in finished[: max(0, len(finished) - _KEEP_FINISHED)]:
+            del self._items[k]
+
+    def get(self, request_id: str, owner: str) -> Request:
+        req = self._items.get(request_id)
+        if req is None or req.owner != owner:
+            raise NotFoundError(f"unknown request {request_id}")
+        return req
+
+    async def wait(self, request_id: str, owner: str, timeout_s: float) -> Request:
+        req = self.get(request_id, owner)
+        if not req.future.done():
+            # asyncio.wait never cancels what it waits on: a client that gives up
+            # (or disconnects) leaves the request running.
+            await asyncio.wait({req.future}, timeout=timeout_s)
+        return req

@@ -1,0 +1,468 @@
+"""The coordinator's domain logic: runs, their ordered operations, and the
+acceptance of worker submissions. HTTP lives in ``routes``; tensor math in
+``rewardsignal.aggregation``; blocking work goes through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rewardsignal.aggregation.codecs import decode
+from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
+from rewardsignal.aggregation.validate import UpdateLimits, validate_update
+from rewardsignal.checkpoints import CheckpointStore, export_adapter, export_merged
+from rewardsignal.checkpoints.store import sha256_file
+from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.requests import Request, RequestRegistry
+from rewardsignal.coordinator.runs import Accumulator, Run, RunRecords, RunSpec, new_run_id
+from rewardsignal.coordinator.scheduler import Scheduler, Task, WorkerInfo
+from rewardsignal.data.examples import examples_to_datums
+from rewardsignal.data.types import Datum
+from rewardsignal.errors import (
+    ConflictError,
+    NotFoundError,
+    NoWorkerError,
+    RejectedUpdate,
+    RequestTimeoutError,
+    SignalError,
+    ValidationError,
+)
+from rewardsignal.protocol import tensors_from_bytes
+
+log = logging.getLogger("signal.coordinator")
+
+
+@dataclass
+class Op:
+    kind: str
+    request: Request
+    args: dict[str, Any]
+    timeout_s: float
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        root = Path(config.data_dir)
+        self.store = CheckpointStore(config.checkpoints_root, keep_last=config.keep_last_checkpoints)
+        self.records = RunRecords(root / "runs", self.store)
+        self.artifacts_dir = root / "artifacts"
+        self.scheduler = Scheduler(
+            lease_timeout_s=config.lease_timeout_s, max_attempts=config.max_task_attempts,
+            default_task_tokens=config.default_task_tokens,
+            straggler_factor=config.straggler_factor, straggler_min_s=config.straggler_min_s,
+            quarantine_after=config.quarantine_after, quarantine_s=config.quarantine_s,
+            metrics=self.metrics)
+        self.limits = UpdateLimits(config.max_staleness, config.delta_norm_max)
+        self.runs: dict[str, Run] = {}
+        self.requests = RequestRegistry()
+        self._tokenizers: dict[str, Any] = {}
+        self._ticker: asyncio.Task | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        for run in await asyncio.to_thread(self.records.load_all):
+            self._adopt(run)
+            log.info("run resumed run_id=%s version=%d", run.run_id, run.version)
+        self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def stop(self) -> None:
+        tasks = [r.processor for r in self.runs.values() if r.processor] + [self._ticker]
+        for t in tasks:
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(*[t for t in tasks if t is not None], return_exceptions=True)
+
+    def _adopt(self, run: Run) -> None:
+        run.ops = asyncio.Queue()
+        run.processor = asyncio.create_task(self._process(run))
+        self.runs[run.run_id] = run
+        self.metrics.version.labels(run.run_id).set(run.version)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_interval_s)
+            self.tick()
+
+    def tick(self) -> None:
+        self.scheduler.expire_leases()
+        counts = self.scheduler.counts()
+        self.metrics.tasks_pending.set(counts["pending"])
+        self.metrics.tasks_leased.set(counts["leased"])
+        ws = self.scheduler.workers.values()
+        self.metrics.workers.labels("registered").set(len(ws))
+        self.metrics.workers.labels("active").set(sum(w.active for w in ws))
+        self.metrics.workers.labels("quarantined").set(sum(w.quarantined for w in ws))
+
+    # -- runs ------------------------------------------------------------------------------
+    def tokenizer(self, model_id: str):
+        if model_id not in self._tokenizers:
+            from rewardsignal.models import load_tokenizer
+
+            self._tokenizers[model_id] = load_tokenizer(model_id)
+        return self._tokenizers[model_id]
+
+    async def create_run(self, owner: str, spec_args: dict) -> Run:
+        from rewardsignal.lora import adapter_shapes, init_adapter
+        from rewardsignal.models import fingerprint
+
+        base = spec_args["base_model"]
+        lora = spec_args["lora"]
+        fp = await asyncio.to_thread(fingerprint, base)
+        await asyncio.to_thread(self.tokenizer, base)
+        shapes = await asyncio.to_thread(adapter_shapes, base, lora)
+        adapter = await asyncio.to_thread(init_adapter, base, lora)
+        spec = RunSpec(new_run_id(), owner, base, fp, lora, spec_args["optimizer"],
+                       spec_args["max_length"], time.time())
+        run = Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
+                  shapes=dict(shapes))
+        await asyncio.to_thread(self.records.save_spec, spec)
+        await asyncio.to_thread(self.records.write_checkpoint, run)
+        self._adopt(run)
+        log.info("run created run_id=%s base=%s lora_r=%d params=%d", spec.run_id, base, lora.r,
+                 sum(v.numel() for v in adapter.values()))
+        return run
+
+    def run_for(self, owner: str, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        # Another user's run is indistinguishable from a missing one.
+        if run is None or run.spec.owner != owner:
+            raise NotFoundError(f"unknown run {run_id}")
+        return run
+
+    def runs_of(self, owner: str) -> list[Run]:
+        return [r for r in self.runs.values() if r.spec.owner == owner]
+
+    def to_datums(self, run: Run, batch: list) -> list[Datum]:
+        return examples_to_datums(batch, self.tokenizer(run.spec.base_model),
+                                  max_length=run.spec.max_length)
+
+    def enqueue(self, owner: str, run: Run, kind: str, args: dict, timeout_s: float | None
+                ) -> Request:
+        req = self.requests.create(owner, run.run_id, kind)
+        run.ops.put_nowait(Op(kind, req, args, timeout_s or self.config.request_timeout_s))
+        return req
+
+    # -- ordered processing ----------------------------------------------------------------
+    async def _process(self, run: Run) -> None:
+        """Apply a run's operations in the order they were accepted. Forward
+        passes overlap (gradients add commutatively, and all of them see the same
+        version); ``optim_step`` and ``save_state`` wait for everything before."""
+        inflight: set[asyncio.Task] = set()
+        while True:
+            op: Op = await run.ops.get()
+            if op.kind in ("optim_step", "save_state") and inflight:
+                await asyncio.wait(inflight)
+            t = asyncio.create_task(self._execute(run, op))
+            if op.kind in ("optim_step", "save_state"):
+                await t
+            else:
+                inflight.add(t)
+                t.add_done_callback(inflight.discard)
+
+    async def _execute(self, run: Run, op: Op) -> None:
+        handler = {"forward_backward": self._forward_backward, "forward": self._forward_backward,
+                   "optim_step": self._optim_step, "sample": self._sample,
+                   "save_state": self._save_state}[op.kind]
+        fut = op.request.future
+        try:
+            result = await asyncio.wait_for(handler(run, op), op.timeout_s)
+        except TimeoutError:
+            base = run.spec.base_model
+            if not self.scheduler.eligible_workers(base):
+                err: SignalError = NoWorkerError(
+                    f"no worker can serve base model {base}: none connected within "
+                    f"{op.timeout_s:g}s. Start one with `signal-worker --coordinator URL`.")
+            else:
+                err = RequestTimeoutError(f"{op.kind} did not finish within {op.timeout_s:g}s")
+            log.warning("request failed request=%s run=%s reason=%s", op.request.request_id,
+                        run.run_id, err.code)
+            if not fut.done():
+                fut.set_exception(err)
+        except SignalError as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        except Exception as exc:  # a bug, not bad input: log it fully, fail only this request
+            log.exception("request crashed request=%s run=%s", op.request.request_id, run.run_id)
+            if not fut.done():
+                fut.set_exception(SignalError(f"internal error: {type(exc).__name__}: {exc}"))
+        else:
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _gather_tasks(self, tasks: list[Task]):
+        """Yield (index, result) as tasks finish; cancel the rest on exit."""
+        index = {t.future: i for i, t in enumerate(tasks)}
+        pending = set(index)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for f in done:
+                    yield index[f], f.result()
+        finally:
+            for t in tasks:
+                if not t.done:
+                    self.scheduler.cancel(t, "request ended")
+
+    def _task_payload(self, run: Run) -> dict:
+        return {"run_id": run.run_id, "base_model": run.spec.base_model,
+                "version": run.version}
+
+    async def _forward_backward(self, run: Run, op: Op) -> dict:
+        started = time.monotonic()
+        datums: list[Datum] = op.args["datums"]
+        backward = op.kind == "forward_backward"
+        plan = self.scheduler.plan_shards(datums, run.spec.base_model)
+        tasks = [self.scheduler.add_task(
+            kind=op.kind, **self._task_payload(run), tokens=sum(len(datums[i]) for i in idx),
+            preferred_worker=worker,
+            payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": op.args["loss_fn"],
+                     "loss_fn_config": op.args["loss_fn_config"]})
+            for idx, worker in plan]
+        logprobs: list[Any] = [None] * len(datums)
+        grads = None
+        loss_sum = weight_sum = 0.0
+        async for i, res in self._gather_tasks(tasks):
+            for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
+                logprobs[j] = lp
+            loss_sum += res["loss_sum"]
+            weight_sum += res["weight_sum"]
+            if backward:
+                grads = await asyncio.to_thread(_sum_into, grads, res["grads"])
+        loss = loss_sum / weight_sum if weight_sum else 0.0
+        num_tokens = sum(len(d) for d in datums)
+        if backward:
+            await asyncio.to_thread(run.accum.add, grads, weight_sum, op.args["reduction"])
+            run.accum.calls += 1
+            run.accum.tokens += num_tokens
+            run.accum.loss_sum += loss_sum
+            run.accum.loss_weight += weight_sum
+            self.metrics.fb_duration.labels(run.run_id).observe(time.monotonic() - started)
+            self.metrics.tokens.labels(run.run_id).inc(num_tokens)
+        run.last_loss = loss
+        self.metrics.train_loss.labels(run.run_id).set(loss)
+        return {"loss": loss, "loss_sum": loss_sum, "weight_sum": weight_sum,
+                "num_tokens": num_tokens, "logprobs": logprobs, "version": run.version,
+                "num_shards": len(tasks),
+                "datums": [d.to_json() for d in datums] if not backward else None}
+
+    async def _optim_step(self, run: Run, op: Op) -> dict:
+        started = time.monotonic()
+        if run.accum.empty:
+            raise ValidationError("nothing to apply: call forward_backward before optim_step")
+        cfg: AdamWConfig = op.args["optimizer"]
+        accum = run.accum
+        grads = await asyncio.to_thread(accum.gradient)
+        params, state, step = await asyncio.to_thread(adamw_step, run.adapter, grads,
+                                                      run.opt_state, run.opt_step, cfg)
+        loss = accum.loss_sum / accum.loss_weight if accum.loss_weight else None
+        entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
+                 "time": time.time()}
+        staged = dataclasses.replace(run, version=run.version + 1, adapter=params,
+                                     opt_state=state, opt_step=step,
+                                     history=[*run.history, entry])
+        t0 = time.monotonic()
+        # The checkpoint is written before the version becomes visible: a crash
+        # in between leaves the old version current and this one unannounced.
+        path = await asyncio.to_thread(self.records.write_checkpoint, staged,
+                                       metrics={"loss": loss, "tokens": accum.tokens})
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
+        self.metrics.checkpoint_bytes.labels(run.run_id).set(
+            sum(p.stat().st_size for p in path.iterdir()))
+        run.version, run.adapter, run.opt_state, run.opt_step = (
+            staged.version, params, state, step)
+        run.history.append(entry)
+        run.accum = Accumulator()
+        self.metrics.steps.labels(run.run_id).inc()
+        self.metrics.version.labels(run.run_id).set(run.version)
+        self.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
+        log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
+                 f"{loss:.4f}" if loss is not None else "-", entry["tokens"])
+        return {"version": run.version, "loss": loss, "step": step,
+                "learning_rate": cfg.learning_rate}
+
+    async def _sample(self, run: Run, op: Op) -> dict:
+        prompts: list[list[int]] = op.args["prompt_tokens"]
+        task = self.scheduler.add_task(
+            kind="sample", **self._task_payload(run), tokens=sum(map(len, prompts)),
+            payload={k: op.args[k] for k in ("prompt_tokens", "max_tokens", "temperature",
+                                             "top_p", "seed")})
+        async for _, res in self._gather_tasks([task]):
+            outs = res["outputs"]
+            return {"outputs": [o["text"] for o in outs], "tokens": [o["tokens"] for o in outs],
+                    "logprobs": [o["logprobs"] for o in outs], "version": run.version}
+        raise AssertionError("unreachable")
+
+    async def _save_state(self, run: Run, op: Op) -> dict:
+        mode = op.args["mode"]
+        name = op.args.get("name") or (f"v{run.version:06d}" + ("-merged" if mode == "merged"
+                                                                  else ""))
+        # Pinning keeps the full checkpoint (optimizer state too) past retention.
+        self.store.pin(run.run_id, run.version, name)
+        out = self.artifacts_dir / run.run_id / name
+        meta_file = out / "artifact.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            if meta["version"] != run.version or meta["mode"] != mode:
+                raise ConflictError(f"artifact {name!r} already holds version "
+                                    f"{meta['version']} ({meta['mode']}); pick another name")
+            return meta
+        src = self.store.path(run.run_id, run.version)
+        tmp = out.with_name(f".tmp-{name}")
+        if mode == "merged":
+            await asyncio.to_thread(export_merged, src, run.spec.base_model, tmp)
+        else:
+            await asyncio.to_thread(export_adapter, src, tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        meta = {"name": name, "run_id": run.run_id, "version": run.version, "mode": mode,
+                "checkpoint_path": f"signal://{run.run_id}/{name}",
+                "files": [{"path": p.name, "bytes": p.stat().st_size,
+                           "sha256": await asyncio.to_thread(sha256_file, p)} for p in files]}
+        (tmp / "artifact.json").write_text(json.dumps(meta, indent=2))
+        tmp.replace(out)
+        log.info("state saved run=%s version=%d name=%s mode=%s", run.run_id, run.version, name,
+                 mode)
+        return meta
+
+    def artifact(self, run: Run, name: str) -> tuple[dict, Path]:
+        out = self.artifacts_dir / run.run_id / name
+        if "/" in name or name.startswith(".") or not (out / "artifact.json").is_file():
+            raise NotFoundError(f"run {run.run_id} has no saved state named {name!r}")
+        return json.loads((out / "artifact.json").read_text()), out
+
+    # -- worker submissions ------------------------------------------------------------------
+    def task_message(self, task: Task, lease_id: str) -> dict:
+        run = self.runs[task.run_id]
+        manifest = self.store.path(run.run_id, task.version) / "manifest.json"
+        sha = json.loads(manifest.read_text())["files"]["adapter_model.safetensors"]["sha256"]
+        return {"task_id": task.task_id, "lease_id": lease_id, "kind": task.kind,
+                "run_id": run.run_id, "base_model": run.spec.base_model,
+                "fingerprint": run.spec.fingerprint, "version": task.version,
+                "lora": run.spec.lora.to_json(),
+                "weights_url": f"/v1/runs/{run.run_id}/weights/{task.version}",
+                "weights_sha256": sha, "lease_timeout_s": self.config.lease_timeout_s,
+                "payload": task.payload}
+
+    async def submit(self, worker: WorkerInfo, task_id: str, msg: dict) -> dict:
+        if task_id in self.scheduler.finished:
+            self.metrics.duplicates.inc()
+            return {"status": "duplicate"}
+        lease_id = msg.get("lease_id")
+        try:
+            task = self.scheduler.check_lease(task_id, str(lease_id), worker.worker_id)
+        except ConflictError:
+            self.metrics.updates_rejected.labels("unknown_lease").inc()
+            raise
+        if "error" in msg:
+            error = str(msg.get("error"))[:500]
+            log.warning("task failed on worker task=%s worker=%s error=%s", task_id, worker.name,
+                        error)
+            self.scheduler.release(task, lease_id, f"worker {worker.name}: {error}")
+            return {"status": "released"}
+        run = self.runs[task.run_id]
+        try:
+            result = await asyncio.to_thread(self._check_result, task, run, msg)
+        except RejectedUpdate as exc:
+            self.metrics.updates_rejected.labels(exc.reason).inc()
+            self.scheduler.note_rejection(worker, exc.reason)
+            self.scheduler.release(task, lease_id, exc.message)
+            log.warning("update rejected task=%s worker=%s reason=%s detail=%s", task_id,
+                        worker.name, exc.reason, exc.message)
+            raise
+        if task.done:  # another lease on the same task won while this one was checked
+            self.metrics.duplicates.inc()
+            return {"status": "duplicate"}
+        self.scheduler.complete(task, lease_id, result, tokens=task.tokens,
+                                duration_s=float(msg.get("duration_s") or 0.0))
+        self.metrics.updates_accepted.labels(task.kind).inc()
+        return {"status": "accepted"}
+
+    def _check_result(self, task: Task, run: Run, msg: dict) -> dict:
+        """Decode and validate a submission (runs in a thread: tensor work)."""
+        fp = msg.get("fingerprint")
+        if not isinstance(fp, str) or fp != run.spec.fingerprint:
+            raise RejectedUpdate("fingerprint", f"base model fingerprint {str(fp)[:19]}... does "
+                                 f"not match the run's {run.spec.fingerprint[:19]}...")
+        if msg.get("version") != task.version:
+            raise RejectedUpdate("stale", f"computed on version {msg.get('version')!r}, the task "
+                                 f"named version {task.version}")
+        result = msg.get("result")
+        if not isinstance(result, dict):
+            raise RejectedUpdate("malformed", "missing 'result' object")
+        if task.kind == "sample":
+            return _check_sample(result, task)
+        checked = _check_forward(result, task)
+        if task.kind == "forward_backward":
+            codec = msg.get("codec", "fp32")
+            raw = msg.get("tensors")
+            if not isinstance(raw, bytes):
+                raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
+            self.metrics.bytes_in.labels("gradient", str(codec)[:8]).inc(len(raw))
+            try:
+                grads = decode(tensors_from_bytes(raw), str(codec))
+            except ValidationError as exc:
+                raise RejectedUpdate("malformed", exc.message) from None
+            staleness, norm = validate_update(
+                grads, weight=checked["weight_sum"], expected_shapes=run.shapes,
+                task_version=task.version, current_version=run.version, fingerprint=fp,
+                expected_fingerprint=run.spec.fingerprint, limits=self.limits)
+            self.metrics.staleness.observe(staleness)
+            self.metrics.update_norm.observe(norm)
+            checked["grads"] = grads
+        return checked
+
+
+def _sum_into(acc, grads):
+    if acc is None:
+        return grads
+    for k, v in grads.items():
+        acc[k].add_(v)
+    return acc
+
+
+def _finite(x: object) -> bool:
+    import math
+
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_forward(result: dict, task: Task) -> dict:
+    datums = task.payload["datums"]
+    lps = result.get("logprobs")
+    if not _finite(result.get("loss_sum")) or not _finite(result.get("weight_sum")):
+        raise RejectedUpdate("nonfinite", "loss_sum and weight_sum must be finite numbers")
+    if not isinstance(lps, list) or len(lps) != len(datums):
+        raise RejectedUpdate("malformed", f"expected logprobs for {len(datums)} datums")
+    for lp, d in zip(lps, datums, strict=True):
+        if not isinstance(lp, list) or len(lp) != len(d["model_input"]):
+            raise RejectedUpdate("shape", "logprobs length does not match the datum")
+        if not all(_finite(x) for x in lp):
+            raise RejectedUpdate("nonfinite", "logprobs contain NaN or infinity")
+    return {"loss_sum": float(result["loss_sum"]), "weight_sum": float(result["weight_sum"]),
+            "logprobs": lps}
+
+
+def _check_sample(result: dict, task: Task) -> dict:
+    outs = result.get("outputs")
+    n = len(task.payload["prompt_tokens"])
+    if not isinstance(outs, list) or len(outs) != n:
+        raise RejectedUpdate("malformed", f"expected {n} sample outputs")
+    for o in outs:
+        if (not isinstance(o, dict) or not isinstance(o.get("text"), str)
+                or not isinstance(o.get("tokens"), list) or not isinstance(o.get("logprobs"), list)
+                or len(o["tokens"]) != len(o["logprobs"])
+                or len(o["tokens"]) > task.payload["max_tokens"]
+                or not all(isinstance(t, int) for t in o["tokens"])
+                or not all(_finite(x) for x in o["logprobs"])):
+            raise RejectedUpdate("malformed", "sample output must have text, tokens and "
+                                 "matching finite logprobs")
+    return {"outputs": outs}

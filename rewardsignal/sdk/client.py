@@ -1,0 +1,230 @@
+"""The Signal SDK: ``AsyncSignalClient`` (the one implementation) and its runs.
+
+Every operation is a future on the coordinator: the POST answers 202 with a
+request id, and the client long-polls ``GET /v1/requests/{id}`` until the result
+is there (no busy polling). Errors arrive as the same typed exceptions the
+coordinator raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from rewardsignal.errors import RequestTimeoutError, SignalError, error_from_json
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_WAIT_CHUNK_S = 30.0
+_RETRIES = 5
+
+
+class AsyncSignalClient:
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, *,
+                 timeout_s: float = 600.0) -> None:
+        self.api_key = api_key if api_key is not None else os.environ.get("SIGNAL_API_KEY")
+        self.base_url = (base_url or os.environ.get("SIGNAL_URL") or DEFAULT_URL).rstrip("/")
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncSignalClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def _http(self, method: str, path: str, *, body: Any = None,
+                    params: dict | None = None, timeout_s: float = 60.0,
+                    idempotent: bool | None = None, raw: bool = False) -> Any:
+        """One HTTP call. Idempotent calls (GETs) are retried on connection
+        errors with backoff, so a coordinator restart is ridden out."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        retry = (method == "GET") if idempotent is None else idempotent
+        for attempt in range(_RETRIES if retry else 1):
+            try:
+                async with self._session.request(
+                        method, self.base_url + path, json=body, params=params,
+                        headers=self._headers(),
+                        timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                    data = await resp.read()
+                    if resp.status >= 400:
+                        try:
+                            payload = json.loads(data)
+                        except ValueError:
+                            payload = None
+                        raise error_from_json(resp.status, payload)
+                    if raw:
+                        return data
+                    return json.loads(data) if data else None
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                if not retry or attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(min(2 ** attempt * 0.5, 8))
+        raise AssertionError("unreachable")
+
+    async def _op(self, run_id: str, op: str, body: dict, timeout_s: float | None) -> dict:
+        timeout_s = timeout_s or self.timeout_s
+        accepted = await self._http("POST", f"/v1/runs/{run_id}/{op}",
+                                    body={**body, "timeout_s": timeout_s})
+        return await self.wait(accepted["request_id"], timeout_s=timeout_s + 10)
+
+    async def wait(self, request_id: str, *, timeout_s: float | None = None) -> dict:
+        """Long-poll a request until it finishes; returns its result or raises
+        its typed error."""
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeoutError(f"request {request_id} still pending after "
+                                          f"{timeout_s}s; wait on it again with wait()")
+            chunk = min(_WAIT_CHUNK_S, left)
+            reply = await self._http("GET", f"/v1/requests/{request_id}",
+                                     params={"timeout_s": f"{chunk:.3f}"},
+                                     timeout_s=chunk + 30)
+            if reply["status"] == "done":
+                return reply["result"]
+
+    # -- client-level calls --------------------------------------------------------------
+    async def health(self) -> dict:
+        return await self._http("GET", "/healthz")
+
+    async def list_models(self) -> list[str]:
+        return [m["model_id"] for m in (await self._http("GET", "/v1/models"))["models"]]
+
+    async def list_workers(self) -> list[dict]:
+        return (await self._http("GET", "/v1/workers"))["workers"]
+
+    async def create_run(self, base_model: str, *, lora_r: int = 8,
+                         lora_alpha: float | None = None, lora_dropout: float = 0.0,
+                         lora_target_modules: Sequence[str] | None = None,
+                         learning_rate: float = 1e-4, seed: int = 0, max_length: int = 2048,
+                         **optimizer: float) -> AsyncRun:
+        body = {"base_model": base_model, "lora_r": lora_r, "lora_alpha": lora_alpha,
+                "lora_dropout": lora_dropout, "learning_rate": learning_rate, "seed": seed,
+                "max_length": max_length,
+                "lora_target_modules": list(lora_target_modules) if lora_target_modules
+                else None, **optimizer}
+        info = await self._http("POST", "/v1/runs", body=body, timeout_s=600)
+        return AsyncRun(self, info["run_id"])
+
+    async def get_run(self, run_id: str) -> dict:
+        return await self._http("GET", f"/v1/runs/{run_id}")
+
+    async def list_runs(self) -> list[dict]:
+        return (await self._http("GET", "/v1/runs"))["runs"]
+
+    def run(self, run_id: str) -> AsyncRun:
+        """A handle on an existing run."""
+        return AsyncRun(self, run_id)
+
+
+class AsyncRun:
+    def __init__(self, client: AsyncSignalClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r})"
+
+    async def info(self) -> dict:
+        return await self.client.get_run(self.run_id)
+
+    async def forward_backward(self, batch: Sequence[Any], loss_fn: str = "cross_entropy", *,
+                               loss_fn_config: dict | None = None, reduction: str = "mean",
+                               timeout_s: float | None = None) -> dict:
+        """Gradients of the batch's loss, accumulated on the coordinator until
+        ``optim_step``. Returns ``loss`` (weighted mean), ``num_tokens``,
+        per-datum ``logprobs``."""
+        return await self.client._op(self.run_id, "forward_backward", {
+            "batch": list(batch), "loss_fn": loss_fn, "loss_fn_config": loss_fn_config or {},
+            "reduction": reduction}, timeout_s)
+
+    async def forward(self, batch: Sequence[Any], loss_fn: str = "cross_entropy", *,
+                      loss_fn_config: dict | None = None, timeout_s: float | None = None
+                      ) -> dict:
+        """Per-token logprobs and loss, no gradients. ``datums`` holds each
+        example in token form."""
+        return await self.client._op(self.run_id, "forward", {
+            "batch": list(batch), "loss_fn": loss_fn, "loss_fn_config": loss_fn_config or {}},
+            timeout_s)
+
+    async def forward_backward_custom(
+            self, batch: Sequence[Any],
+            loss_fn: Callable[[list[dict], list[Any]], Any], *,
+            timeout_s: float | None = None) -> dict:
+        """A loss the server never sees: logprobs come back, ``loss_fn(datums,
+        logprobs)`` runs here in torch, and only d(loss)/d(logprob) per token goes
+        back, as the weights of a linear surrogate (-sum w * logprob)."""
+        import torch
+
+        fwd = await self.forward(batch, timeout_s=timeout_s)
+        logprobs = [torch.tensor(lp, dtype=torch.float32, requires_grad=True)
+                    for lp in fwd["logprobs"]]
+        loss = loss_fn(fwd["datums"], logprobs)
+        loss.backward()
+        surrogate = [{"model_input": d["model_input"],
+                      "loss_fn_inputs": {"target_tokens": d["loss_fn_inputs"]["target_tokens"],
+                                         "weights": (-lp.grad).tolist()}}
+                     for d, lp in zip(fwd["datums"], logprobs, strict=True)]
+        res = await self.forward_backward(surrogate, reduction="sum", timeout_s=timeout_s)
+        return {"loss": float(loss.detach()), "num_tokens": res["num_tokens"],
+                "logprobs": fwd["logprobs"], "version": res["version"]}
+
+    async def optim_step(self, learning_rate: float | None = None, beta1: float = 0.9,
+                         beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                         grad_clip_norm: float | None = None, *,
+                         timeout_s: float | None = None) -> dict:
+        """AdamW on everything accumulated since the last step; returns the new
+        ``version`` once its checkpoint is written."""
+        return await self.client._op(self.run_id, "optim_step", {
+            "learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
+            "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}, timeout_s)
+
+    async def sample(self, prompts: Sequence[str] | None = None, *,
+                     prompt_tokens: Sequence[Sequence[int]] | None = None,
+                     temperature: float = 1.0, max_tokens: int = 64, top_p: float = 1.0,
+                     seed: int | None = None, timeout_s: float | None = None) -> dict:
+        """Generate with the run's current adapter. ``temperature=0`` is greedy."""
+        return await self.client._op(self.run_id, "sample", {
+            "prompts": list(prompts) if prompts is not None else None,
+            "prompt_tokens": [list(p) for p in prompt_tokens] if prompt_tokens is not None
+            else None, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
+            "seed": seed}, timeout_s)
+
+    async def save_state(self, mode: str = "adapter", name: str | None = None, *,
+                         timeout_s: float | None = None) -> dict:
+        """Pin the current version under ``name`` and export it (``adapter``: a
+        PEFT adapter; ``merged``: the adapter merged into the base)."""
+        return await self.client._op(self.run_id, "save_state", {"mode": mode, "name": name},
+                                     timeout_s)
+
+    async def download(self, artifact: dict | str, dest: str | Path) -> Path:
+        """Fetch a saved state into ``dest`` (verifying each file's sha256)."""
+        name = artifact["name"] if isinstance(artifact, dict) else artifact
+        meta = await self.client._http("GET", f"/v1/runs/{self.run_id}/artifacts/{name}")
+        out = Path(dest)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in meta["files"]:
+            data = await self.client._http(
+                "GET", f"/v1/runs/{self.run_id}/artifacts/{name}/files/{f['path']}", raw=True,
+                timeout_s=3600)
+            if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                raise SignalError(f"downloaded {f['path']} does not match its sha256; retry")
+            (out / f["path"]).write_bytes(data)
+        return out

@@ -1,0 +1,56 @@
+"""What a worker has: device, GPU names and memory, dtype support, and the task
+size it can take."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from rewardsignal.errors import ValidationError
+
+# Rough device bytes per token in flight for a 7B-class model in bf16 with LoRA
+# (activations kept for backward plus logits); used only when the user gives no
+# --max-tokens-per-task. Workers also split micro-batches on OOM, so an
+# optimistic guess costs a retry, not a lost task.
+_BYTES_PER_TOKEN_GPU = 1 << 20
+_CPU_TASK_TOKENS = 8192
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValidationError(f"--device {spec}: CUDA is not available on this machine "
+                                  "(is a CUDA build of torch installed?); use --device cpu")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValidationError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s)")
+        return dev
+    raise ValidationError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def describe(device: torch.device) -> dict:
+    info: dict = {"platform": platform.platform(), "torch": torch.__version__,
+                  "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        idx = device.index or 0
+        props = torch.cuda.get_device_properties(idx)
+        free, total = torch.cuda.mem_get_info(idx)
+        info.update(gpu_name=props.name, gpu_memory_bytes=total, gpu_free_bytes=free,
+                    bf16=torch.cuda.is_bf16_supported(), fp16=True,
+                    compute_capability=f"{props.major}.{props.minor}")
+    else:
+        info.update(bf16=True, fp16=False)
+    return info
+
+
+def default_task_tokens(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_TASK_TOKENS
+    free, _ = torch.cuda.mem_get_info(device.index or 0)
+    return int(min(max(free * 0.7 // _BYTES_PER_TOKEN_GPU, 1024), 65536))

@@ -1,0 +1,289 @@
+"""The worker process: register, long-poll for tasks, compute, submit.
+
+Network I/O is asyncio (aiohttp); compute runs in one background thread so
+heartbeats keep flowing while a task trains. Connection trouble is retried with
+capped exponential backoff; a coordinator that forgot this worker (restart) is
+answered by registering again. First Ctrl-C finishes the current task, the
+second abandons it (the coordinator is told, so it re-queues at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import aiohttp
+import torch
+
+from rewardsignal import protocol
+from rewardsignal.data.examples import example_to_datum
+from rewardsignal.errors import SignalError, error_from_json
+from rewardsignal.lora import LoraSpec
+from rewardsignal.worker import hardware
+from rewardsignal.worker.engine import Engine
+from rewardsignal.worker.status import StatusLine
+
+_MAX_BACKOFF_S = 30.0
+_LEASE_POLL_S = 20.0
+_WEIGHT_CACHE = 4
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    coordinator: str
+    token: str | None = None
+    device: str = "auto"
+    name: str = ""
+    max_tokens_per_task: int | None = None
+    micro_batch_tokens: int | None = None
+    codec: str = "fp32"
+    max_tasks: int | None = None  # stop after this many (tests, benchmarks)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.device = hardware.resolve_device(config.device)
+        self.engine = Engine(str(self.device))
+        self.name = config.name or f"{socket.gethostname()}-{self.device.type}"
+        self.status = StatusLine(self.name)
+        self.worker_id: str | None = None
+        self.stopping = False
+        self._weights: OrderedDict[tuple[str, int], dict] = OrderedDict()
+        self._session: aiohttp.ClientSession | None = None
+        self._main: asyncio.Task | None = None
+        self._busy = False
+        self.tasks_done = 0
+
+    # -- HTTP -------------------------------------------------------------------------------
+    def _headers(self) -> dict:
+        h = {"X-Signal-Worker": self.worker_id or ""}
+        if self.config.token:
+            h["Authorization"] = f"Bearer {self.config.token}"
+        return h
+
+    async def _call(self, method: str, path: str, *, json=None, data=None, params=None,
+                    content_type=None, timeout_s: float = 60.0):
+        headers = self._headers()
+        if content_type:
+            headers["Content-Type"] = content_type
+        url = self.config.coordinator.rstrip("/") + path
+        async with self._session.request(
+                method, url, json=json, data=data, params=params, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            body = await resp.read()
+            if resp.status == 204:
+                return None
+            if resp.content_type == protocol.MSGPACK:
+                payload = protocol.unpack(body, max_bytes=1 << 30)
+            elif resp.content_type == "application/json":
+                import json as _json
+
+                payload = _json.loads(body)
+            else:
+                payload = body
+            if resp.status >= 400:
+                raise error_from_json(resp.status, payload)
+            return payload
+
+    async def register(self) -> None:
+        tokens = self.config.max_tokens_per_task or hardware.default_task_tokens(self.device)
+        reply = await self._call("POST", "/v1/workers/register", json={
+            "name": self.name, "device": str(self.device),
+            "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens})
+        self.worker_id = reply["worker_id"]
+        self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
+                          f"(device {self.device}, {tokens} tokens per task)")
+
+    # -- main loop -----------------------------------------------------------------------------
+    async def run(self) -> int:
+        self._main = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+            loop.add_signal_handler(signal.SIGTERM, self._on_sigint)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread (tests drive the worker in-process)
+        backoff = 1.0
+        async with aiohttp.ClientSession() as self._session:
+            try:
+                while not self.stopping:
+                    if self.config.max_tasks is not None and self.tasks_done >= self.config.max_tasks:
+                        break
+                    try:
+                        if self.worker_id is None:
+                            await self.register()
+                        self.status.update("idle", waiting="task")
+                        task = await self._call("POST", f"/v1/workers/{self.worker_id}/lease",
+                                                params={"timeout_s": str(_LEASE_POLL_S)},
+                                                timeout_s=_LEASE_POLL_S + 30)
+                        backoff = 1.0
+                        if task is not None:
+                            await self._handle(task)
+                    except SignalError as exc:
+                        if exc.code == "unknown_worker":
+                            self.status.event("coordinator does not know this worker (restarted?)"
+                                              "; registering again")
+                            self.worker_id = None
+                        elif exc.code == "quarantined":
+                            self.status.event(f"quarantined by the coordinator: {exc.message}; "
+                                              "check this machine, retrying later")
+                            await asyncio.sleep(min(backoff * 10, 300))
+                        elif exc.code == "unauthorized":
+                            self.status.event(f"refused: {exc.message}")
+                            return 2
+                        else:
+                            self.status.event(f"coordinator error: {exc.code}: {exc.message}")
+                            await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                        self.status.event(f"coordinator unreachable ({type(exc).__name__}); "
+                                          f"retrying in {backoff:.0f}s")
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            except asyncio.CancelledError:
+                pass
+        self.status.event(f"stopped after {self.tasks_done} tasks")
+        return 0
+
+    def _on_sigint(self) -> None:
+        if self._busy and not self.stopping:
+            self.stopping = True
+            self.status.event("finishing the current task, then exiting "
+                              "(Ctrl-C again to abandon it)")
+            return
+        # Idle (in a long-poll) or asked twice: stop now; a task in hand is reported
+        # back as abandoned so the coordinator re-queues it without waiting.
+        self.stopping = True
+        if self._main is not None:
+            self._main.cancel()
+
+    async def _handle(self, task: dict) -> None:
+        self._busy = True
+        hb = asyncio.create_task(self._heartbeats(task["lease_timeout_s"]))
+        try:
+            adapter = await self._fetch_weights(task)
+            started = time.monotonic()
+            self.status.update("computing", task=task["kind"], run=task["run_id"],
+                               version=task["version"])
+            msg = await asyncio.to_thread(self._compute, task, adapter)
+            msg["duration_s"] = time.monotonic() - started
+            tokens = sum(len(d["model_input"]) for d in task["payload"].get("datums", []))
+            if tokens:
+                self.status.last_rate = tokens / max(msg["duration_s"], 1e-9)
+            reply = await self._submit(task, msg)
+            self.tasks_done += 1
+            self.status.tasks_done = self.tasks_done
+            if reply.get("status") != "accepted":
+                self.status.event(f"task {task['task_id']}: {reply.get('status')}")
+        except asyncio.CancelledError:
+            await self._report_failure(task, "worker shut down mid-task (Ctrl-C)")
+            raise
+        except SignalError as exc:
+            self.status.event(f"task {task['task_id']} not accepted: {exc.code}: {exc.message}")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            raise
+        except Exception as exc:  # a compute failure: tell the coordinator so it re-queues
+            self.status.event(f"task {task['task_id']} failed: {type(exc).__name__}: {exc}")
+            await self._report_failure(task, f"{type(exc).__name__}: {exc}")
+        finally:
+            hb.cancel()
+            self._busy = False
+
+    async def _heartbeats(self, lease_timeout_s: float) -> None:
+        while True:
+            await asyncio.sleep(max(lease_timeout_s / 3, 0.2))
+            try:
+                await self._call("POST", f"/v1/workers/{self.worker_id}/heartbeat", timeout_s=10)
+            except Exception:  # a missed heartbeat is not fatal; the next one may land
+                pass
+
+    async def _report_failure(self, task: dict, error: str) -> None:
+        try:
+            await asyncio.shield(self._submit(task, {"error": error}, timeout_s=5))
+        except Exception:
+            pass  # best effort: the lease will expire on its own
+
+    async def _submit(self, task: dict, msg: dict, timeout_s: float = 300) -> dict:
+        """Submit, retrying a few times on connection trouble: a computed result is
+        worth more than the seconds it takes (a duplicate is a no-op server-side)."""
+        body = protocol.pack({**msg, "worker_id": self.worker_id, "lease_id": task["lease_id"]})
+        for attempt in range(4):
+            try:
+                return await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
+                                        data=body, content_type=protocol.MSGPACK,
+                                        timeout_s=timeout_s)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
+
+    async def _fetch_weights(self, task: dict) -> dict:
+        key = (task["run_id"], task["version"])
+        if key in self._weights:
+            self._weights.move_to_end(key)
+            return self._weights[key]
+        self.status.update("downloading", run=task["run_id"], version=task["version"])
+        raw = await self._call("GET", task["weights_url"], timeout_s=600)
+        if hashlib.sha256(raw).hexdigest() != task["weights_sha256"]:
+            raise SignalError("downloaded weights do not match their sha256; retrying later")
+        tensors = protocol.tensors_from_bytes(raw)
+        self._weights[key] = tensors
+        while len(self._weights) > _WEIGHT_CACHE:
+            self._weights.popitem(last=False)
+        return tensors
+
+    # -- compute (in a thread) -----------------------------------------------------------------
+    def _compute(self, task: dict, adapter: dict) -> dict:
+        from rewardsignal.aggregation.codecs import encode
+
+        base = task["base_model"]
+        spec = LoraSpec.from_json(task["lora"])
+        model, key = self.engine.activate(base, spec, task["run_id"], task["version"], adapter)
+        msg = {"fingerprint": self.engine.fingerprint(base), "version": task["version"]}
+        payload = task["payload"]
+        if task["kind"] == "sample":
+            outs = self.engine.sample(model, base, payload["prompt_tokens"],
+                                      max_tokens=payload["max_tokens"],
+                                      temperature=payload["temperature"],
+                                      top_p=payload["top_p"], seed=payload["seed"])
+            return {**msg, "result": {"outputs": outs}}
+        tok = self.engine.tokenizer(base)
+        datums = [example_to_datum(d, tok, where=f"datums[{i}]")
+                  for i, d in enumerate(payload["datums"])]
+        backward = task["kind"] == "forward_backward"
+        res = self._with_oom_retry(model, key, datums, payload, backward)
+        msg["result"] = {"loss_sum": res.loss_sum, "weight_sum": res.weight_sum,
+                         "num_tokens": res.num_tokens, "logprobs": res.logprobs}
+        if backward:
+            msg["codec"] = self.config.codec
+            msg["tensors"] = protocol.tensors_to_bytes(encode(res.grads, self.config.codec))
+        return msg
+
+    def _with_oom_retry(self, model, key, datums, payload, backward):
+        """Run the shard in micro-batches; on out-of-memory halve the micro-batch
+        and retry. Sums are additive, so the result does not depend on the split."""
+        micro = self.config.micro_batch_tokens or (4096 if self.device.type == "cpu" else 16384)
+        longest = max(len(d) for d in datums)
+        while True:
+            try:
+                return self.engine.forward_backward(
+                    model, key, datums, payload["loss_fn"], payload["loss_fn_config"],
+                    backward=backward, micro_tokens=max(micro, longest))
+            except torch.OutOfMemoryError:
+                if micro <= longest:
+                    raise
+                micro //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.status.event(f"out of memory; retrying with micro-batches of {micro} tokens")
+
+
+def run_worker(config: WorkerConfig) -> int:
+    return asyncio.run(Worker(config).run())
