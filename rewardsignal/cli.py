@@ -14,6 +14,12 @@ from pathlib import Path
 from rewardsignal.errors import SignalError
 
 
+def _die(message: str) -> SystemExit:
+    """A usage error: say what is wrong and exit 2, as argparse does."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _env(name: str, cast=str, default=None):
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -21,7 +27,7 @@ def _env(name: str, cast=str, default=None):
     try:
         return cast(raw)
     except ValueError:
-        raise SystemExit(f"error: environment variable {name}={raw!r} is not a valid "
+        raise _die(f"environment variable {name}={raw!r} is not a valid "
                          f"{getattr(cast, '__name__', 'value')}") from None
 
 
@@ -126,6 +132,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="largest shard to accept (default: derived from free device memory)")
     p.add_argument("--micro-batch-tokens", type=_positive(int), default=None,
                    help="padded tokens per forward pass inside a task (halved on OOM)")
+    p.add_argument("--threads", type=_positive(int), default=None,
+                   help="CPU threads for torch (default: torch's choice; lower it when "
+                        "several workers share one machine)")
     p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="encoding of submitted gradients (default fp32, exact)")
     p.add_argument("--max-tasks", type=_positive(int), default=None,
@@ -138,13 +147,14 @@ def worker_config(args: argparse.Namespace):
     from rewardsignal.worker.loop import WorkerConfig
 
     if not args.coordinator:
-        raise SystemExit("error: --coordinator URL is required (or set SIGNAL_COORDINATOR), "
+        raise _die("--coordinator URL is required (or set SIGNAL_COORDINATOR), "
                          "e.g. signal-worker --coordinator http://127.0.0.1:8000")
     if not args.coordinator.startswith(("http://", "https://")):
-        raise SystemExit(f"error: --coordinator must be an http(s) URL, got {args.coordinator!r}")
+        raise _die(f"--coordinator must be an http(s) URL, got {args.coordinator!r}")
     return WorkerConfig(coordinator=args.coordinator, token=args.token, device=args.device,
                         name=args.name, max_tokens_per_task=args.max_tokens_per_task,
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
+                        threads=args.threads,
                         max_tasks=args.max_tasks)
 
 
@@ -191,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list built-in models (builds them on first use)")
     m.set_defaults(func=_run_models)
     d = sub.add_parser("demo", help="coordinator + 2 workers on this machine: train, sample, save")
-    d.add_argument("--steps", type=_positive(int), default=30, help="optim steps (default 30)")
+    d.add_argument("--steps", type=_positive(int), default=100,
+                   help="optim steps (default 100)")
     d.add_argument("--workers", type=_positive(int), default=2, help="worker processes")
     d.add_argument("--out", type=Path, default=Path("./signal-demo"),
                    help="where the demo keeps its data and the saved adapter")

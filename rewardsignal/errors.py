@@ -70,6 +70,7 @@ class RejectedUpdate(SignalError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}", code=f"rejected_{reason}")
         self.reason = reason
+        self.detail = message
 
 
 class NoWorkerError(SignalError, TimeoutError):

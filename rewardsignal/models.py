@@ -52,7 +52,7 @@ class BuiltinSpec:
     max_position_embeddings: int
     init_std: float
     seed: int
-    format_version: int = 1
+    format_version: int = 2
 
 
 BUILTIN_MODELS: dict[str, BuiltinSpec] = {
@@ -194,7 +194,9 @@ def _build_builtin(model_id: str, target: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             config.save_pretrained(tmp)
-            GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
+            # Generation stops at <|eos|> and at the end of a chat turn, <|im_end|>.
+            GenerationConfig(bos_token_id=1, eos_token_id=[2, SPECIAL_TOKENS.index("<|im_end|>")],
+                             pad_token_id=0).save_pretrained(tmp)
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
             build_tokenizer().save_pretrained(tmp)
             (tmp / "signal_builtin.json").write_text(

@@ -73,7 +73,7 @@ def start_coordinator(data_dir: Path, *extra: str) -> tuple[Proc, str]:
 
 def start_worker(url: str, name: str, *extra: str) -> Proc:
     return Proc([sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", url,
-                 "--name", name, "--device", "cpu", *extra], name)
+                 "--name", name, "--device", "cpu", "--threads", "1", *extra], name)
 
 
 def wait_workers(url: str, n: int, timeout_s: float = 90.0, api_key: str | None = None) -> None:

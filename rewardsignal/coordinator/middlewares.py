@@ -26,9 +26,10 @@ def make_error_middleware(metrics):
             return await handler(request)
         except SignalError as exc:
             return _json_error(exc.http_status, exc.code, exc.message)
-        except web.HTTPRequestEntityTooLarge as exc:
+        except web.HTTPRequestEntityTooLarge:
             return _json_error(413, "payload_too_large",
-                               f"request body over the {exc.max_size} byte limit")
+                               f"request body over the {request.app._client_max_size} byte "
+                               "limit (coordinator --max-body-mb)")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -3,6 +3,7 @@ JSON. Worker endpoints speak msgpack for submissions (tensors inside)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
@@ -80,8 +81,6 @@ async def list_workers(request: web.Request) -> web.Response:
 
 
 async def create_run(request: web.Request) -> web.Response:
-    import asyncio
-
     from rewardsignal.models import model_info, resolve_model_path
 
     owner = request.app[AUTH].user(request)
@@ -262,13 +261,16 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
     if not manifest_file.is_file():
         raise NotFoundError(f"run {run_id} has no weights for version {version} (pruned or "
                             "not yet written)")
-    etag = json.loads(manifest_file.read_text())["files"]["adapter_model.safetensors"]["sha256"]
-    file = path / "adapter_model.safetensors"
-    request.app[METRICS].bytes_out.labels("weights").inc(file.stat().st_size)
-    resp = web.FileResponse(file, headers={
-        "ETag": f'"{etag}"', "Cache-Control": "public, max-age=31536000, immutable",
-        "Content-Type": "application/vnd.safetensors"})
-    return resp
+    etag = '"' + json.loads(manifest_file.read_text())["files"]["adapter_model.safetensors"][
+        "sha256"] + '"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+    # A content-hash ETag (not aiohttp's mtime-based one) so caches agree across
+    # coordinator restarts, restores from backup and replicas.
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    body = await asyncio.to_thread((path / "adapter_model.safetensors").read_bytes)
+    request.app[METRICS].bytes_out.labels("weights").inc(len(body))
+    return web.Response(body=body, headers=headers, content_type="application/vnd.safetensors")
 
 
 # -- worker endpoints --------------------------------------------------------------------------

@@ -376,7 +376,7 @@ class Coordinator:
             self.scheduler.note_rejection(worker, exc.reason)
             self.scheduler.release(task, lease_id, exc.message)
             log.warning("update rejected task=%s worker=%s reason=%s detail=%s", task_id,
-                        worker.name, exc.reason, exc.message)
+                        worker.name, exc.reason, exc.detail)
             raise
         if task.done:  # another lease on the same task won while this one was checked
             self.metrics.duplicates.inc()

@@ -158,11 +158,16 @@ class Engine:
                max_tokens: int, temperature: float, top_p: float = 1.0,
                seed: int | None = None) -> list[dict]:
         tok = self.tokenizer(model_id)
+        # Stop where the model's generation config says (end of turn for chat
+        # models), falling back to the tokenizer's end-of-sequence token.
+        stop_ids = model.generation_config.eos_token_id
+        if stop_ids is None:
+            stop_ids = tok.eos_token_id
         out = []
         for i, prompt in enumerate(prompt_tokens):
             ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
             kwargs: dict = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id,
-                            "eos_token_id": tok.eos_token_id, "return_dict_in_generate": True,
+                            "eos_token_id": stop_ids, "return_dict_in_generate": True,
                             "output_logits": True}
             if temperature > 0:
                 torch.manual_seed((seed if seed is not None else int(time.time_ns())) + i)

@@ -42,12 +42,17 @@ class WorkerConfig:
     max_tokens_per_task: int | None = None
     micro_batch_tokens: int | None = None
     codec: str = "fp32"
+    threads: int | None = None
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
 
 
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        if config.threads:
+            # Several workers on one machine must not each spin up a thread per
+            # core: oversubscription made steps 10x slower on a 2-core box.
+            torch.set_num_threads(config.threads)
         self.device = hardware.resolve_device(config.device)
         self.engine = Engine(str(self.device))
         self.name = config.name or f"{socket.gethostname()}-{self.device.type}"

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from rewardsignal.aggregation.codecs import decode, encode
+from rewardsignal.aggregation.tensors import global_norm
+from rewardsignal.aggregation.validate import UpdateLimits, validate_update
+from rewardsignal.errors import RejectedUpdate
+
+SHAPES = {"a": (2, 3), "b": (4,)}
+
+
+def _update(v=0.5):
+    return {"a": torch.full((2, 3), v), "b": torch.full((4,), v)}
+
+
+def _check(update, **kw):
+    args = dict(weight=2.0, expected_shapes=SHAPES, task_version=3, current_version=3,
+                fingerprint="fp", expected_fingerprint="fp", limits=UpdateLimits())
+    args.update(kw)
+    return validate_update(update, **args)
+
+
+def test_valid_update_reports_staleness_and_norm():
+    staleness, norm = _check(_update(), current_version=5,
+                             limits=UpdateLimits(max_staleness=2))
+    assert staleness == 2
+    assert norm == pytest.approx(math.sqrt(10 * 0.25) / 2.0)
+
+
+@pytest.mark.parametrize("update, kw, reason", [
+    (_update(), {"current_version": 4}, "stale"),
+    (_update(), {"task_version": 9}, "stale"),
+    (_update(), {"fingerprint": "other"}, "fingerprint"),
+    ({"a": torch.zeros(2, 3)}, {}, "names"),
+    ({"a": torch.zeros(3, 2), "b": torch.zeros(4)}, {}, "shape"),
+    ({"a": torch.zeros(2, 3, dtype=torch.float16), "b": torch.zeros(4)}, {}, "dtype"),
+    ({"a": torch.full((2, 3), float("inf")), "b": torch.zeros(4)}, {}, "nonfinite"),
+    (_update(100.0), {"limits": UpdateLimits(norm_max=1.0)}, "norm"),
+    (_update(), {"weight": float("nan")}, "malformed"),
+])
+def test_each_rejection_reason(update, kw, reason):
+    with pytest.raises(RejectedUpdate) as info:
+        _check(update, **kw)
+    assert info.value.reason == reason
+    assert info.value.code == f"rejected_{reason}"
+
+
+@pytest.mark.parametrize("codec, tol", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3)])
+def test_float_codecs_round_trip_within_their_precision(codec, tol):
+    gen = torch.Generator().manual_seed(1)
+    x = {"w": torch.randn(64, 32, generator=gen)}
+    y = decode(encode(x, codec), codec)
+    assert y["w"].dtype == torch.float32
+    rel = float((y["w"] - x["w"]).abs().max() / x["w"].abs().max())
+    assert rel <= tol
+    assert global_norm(y) == pytest.approx(global_norm(x), rel=max(tol, 1e-7))
+
+
+def test_decode_refuses_mislabelled_dtype():
+    with pytest.raises(RejectedUpdate, match="codec fp16"):
+        decode({"w": torch.zeros(2)}, "fp16")

@@ -1,0 +1,85 @@
+"""An in-process coordinator (aiohttp TestServer) and a fake worker speaking the
+real protocol, for tests of the HTTP surface and the aggregator's checks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from rewardsignal.coordinator.app import make_app
+from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.protocol import MSGPACK, pack, unpack
+
+
+class Harness:
+    """Drives one app from sync tests: ``h.call(coro)`` runs on its loop."""
+
+    def __init__(self, data_dir: Path, **config) -> None:
+        self.loop = asyncio.new_event_loop()
+        cfg = CoordinatorConfig(data_dir=data_dir, **{"max_task_attempts": 100,
+                                                      "quarantine_after": 1000, **config})
+        self.app = make_app(cfg)
+        self.client = TestClient(TestServer(self.app), loop=self.loop)
+        self.call(self.client.start_server())
+
+    def call(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    @property
+    def coordinator(self):
+        from rewardsignal.coordinator.routes import COORDINATOR
+
+        return self.app[COORDINATOR]
+
+    def request(self, method: str, path: str, *, json=None, data=None, headers=None,
+                expect: int | None = None):
+        async def go():
+            resp = await self.client.request(method, path, json=json, data=data,
+                                             headers=headers or {})
+            body = await resp.read()
+            ctype = resp.content_type
+            return resp.status, body, ctype
+
+        status, body, ctype = self.call(go())
+        import json as _json
+
+        if ctype == "application/json" and body:
+            parsed = _json.loads(body)
+        elif ctype == MSGPACK:
+            parsed = unpack(body, max_bytes=1 << 30)
+        else:
+            parsed = body
+        if expect is not None:
+            assert status == expect, (status, parsed)
+        return status, parsed
+
+    def close(self) -> None:
+        self.call(self.client.close())
+        self.loop.close()
+
+
+class FakeWorker:
+    def __init__(self, h: Harness, name: str = "fake") -> None:
+        self.h = h
+        _, body = h.request("POST", "/v1/workers/register", expect=201,
+                            json={"name": name, "device": "cpu", "max_tokens_per_task": 100000})
+        self.worker_id = body["worker_id"]
+
+    def lease(self, timeout_s: float = 2.0):
+        status, body = self.h.request("POST", f"/v1/workers/{self.worker_id}/lease?timeout_s="
+                                      f"{timeout_s}")
+        return body if status == 200 else None
+
+    def submit(self, task: dict, **fields):
+        msg = {"worker_id": self.worker_id, "lease_id": task["lease_id"],
+               "fingerprint": task["fingerprint"], "version": task["version"], **fields}
+        msg = {k: v for k, v in msg.items() if v is not DROP}
+        return self.h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
+                              headers={"Content-Type": MSGPACK})
+
+
+DROP = object()  # a field value meaning: leave this field out
+
+

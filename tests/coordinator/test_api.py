@@ -1,0 +1,211 @@
+"""The HTTP surface: bad input is a 4xx JSON error that changes nothing; auth;
+no-worker timeouts; lease expiry."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from apphelpers import FakeWorker, Harness
+
+
+def _error(h, method, path, status, code=None, **kw):
+    got, body = h.request(method, path, **kw)
+    assert got == status, body
+    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"])
+    if code:
+        assert body["error"]["code"] == code, body
+    return body["error"]["message"]
+
+
+def _run(h) -> str:
+    _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                       expect=201)
+    return run["run_id"]
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"base_model": "signal-tiny", "lora_r": 0}, "lora_r"),
+    ({"base_model": "signal-tiny", "lora_r": "8"}, "lora_r"),
+    ({"base_model": "signal-tiny", "learning_rate": -1}, "learning_rate"),
+    ({"base_model": "signal-tiny", "lora_dropout": 1.5}, "lora_dropout"),
+    ({"base_model": "signal-tiny", "lora_target_modules": ["nope_proj"]}, "nope_proj"),
+    ({"base_model": "signal-tiny", "bogus": 1}, "unknown field"),
+    ({"lora_r": 8}, "base_model"),
+    ([1, 2], "JSON object"),
+])
+def test_create_run_rejects_bad_input(harness, body, match):
+    msg = _error(harness, "POST", "/v1/runs", 400, json=body)
+    assert match in msg
+    _, runs = harness.request("GET", "/v1/runs", expect=200)
+    assert runs["runs"] == []
+
+
+def test_unknown_base_model_is_404(harness):
+    msg = _error(harness, "POST", "/v1/runs", 404, json={"base_model": "no-such-model"})
+    assert "unknown base model" in msg
+
+
+def test_malformed_json_and_unknown_routes(harness):
+    assert "not valid JSON" in _error(harness, "POST", "/v1/runs", 400, data=b"{nope",
+                                      headers={"Content-Type": "application/json"})
+    _error(harness, "GET", "/v1/nothing-here", 404, "not_found")
+    _error(harness, "DELETE", "/v1/runs", 405, "method_not_allowed")
+    _error(harness, "GET", "/v1/runs/run-doesnotexist", 404, "not_found")
+    _error(harness, "GET", "/v1/requests/req-nope", 404, "not_found")
+
+
+@pytest.mark.parametrize("op, body, match", [
+    ("forward_backward", {"batch": []}, "non-empty list"),
+    ("forward_backward", {"batch": [{"text": 5}]}, "batch[0]: field 'text'"),
+    ("forward_backward", {"batch": [{"text": "a"}], "loss_fn": "mse"}, "loss_fn"),
+    ("forward_backward", {"batch": [{"text": "a"}], "loss_fn": "ppo"}, "needs loss_fn_inputs"),
+    ("forward_backward", {"batch": [{"text": "a"}], "reduction": "avg"}, "reduction"),
+    ("forward_backward", {"batch": [{"text": "a"}], "timeout_s": -1}, "timeout_s"),
+    ("optim_step", {"learning_rate": -0.1}, "learning_rate"),
+    ("optim_step", {"beta1": 1.0}, "beta1"),
+    ("sample", {"prompts": ["hi"], "temperature": -1}, "temperature"),
+    ("sample", {"prompts": ["hi"], "max_tokens": 10 ** 9}, "max_tokens"),
+    ("sample", {"prompts": ["hi"], "max_tokens": 600}, "context"),
+    ("sample", {}, "exactly one of"),
+    ("sample", {"prompt_tokens": [[1, 99999]]}, "token ids"),
+    ("save_state", {"mode": "zip"}, "mode"),
+    ("save_state", {"name": "../../etc"}, "name"),
+    ("launch_missiles", {}, "unknown operation"),
+])
+def test_run_operations_reject_bad_input(harness, op, body, match):
+    run_id = _run(harness)
+    status = 404 if op == "launch_missiles" else 400
+    msg = _error(harness, "POST", f"/v1/runs/{run_id}/{op}", status, json=body)
+    assert match in msg
+    run = harness.coordinator.runs[run_id]
+    assert run.version == 0 and run.accum.empty and run.ops.empty()
+
+
+def test_oversized_body_is_413(tmp_path):
+    h = Harness(tmp_path / "data", max_body_bytes=4096)
+    try:
+        run_id = _run(h)
+        big = {"batch": [{"text": "x" * 10000}]}
+        _error(h, "POST", f"/v1/runs/{run_id}/forward_backward", 413, "payload_too_large",
+               json=big)
+        assert h.coordinator.runs[run_id].ops.empty()
+    finally:
+        h.close()
+
+
+def test_auth_scopes(tmp_path):
+    h = Harness(tmp_path / "data", api_keys=("sk-alice", "sk-bob"), worker_tokens=("wt-1",))
+    try:
+        alice = {"Authorization": "Bearer sk-alice"}
+        bob = {"Authorization": "Bearer sk-bob"}
+        worker = {"Authorization": "Bearer wt-1"}
+        h.request("GET", "/healthz", expect=200)
+        h.request("GET", "/metrics", expect=200)
+        _error(h, "GET", "/v1/runs", 401, "unauthorized")
+        _error(h, "GET", "/v1/runs", 401, headers={"Authorization": "Bearer sk-mallory"})
+        assert "worker token" in _error(h, "GET", "/v1/runs", 401, headers=worker)
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           headers=alice, expect=201)
+        rid = run["run_id"]
+        # Bob sees nothing of Alice's: her run is a 404, same as a missing one.
+        _error(h, "GET", f"/v1/runs/{rid}", 404, headers=bob)
+        _error(h, "GET", f"/v1/runs/{rid}/weights/0", 404, headers=bob)
+        _error(h, "POST", f"/v1/runs/{rid}/optim_step", 404, headers=bob, json={})
+        assert h.request("GET", "/v1/runs", headers=bob, expect=200)[1]["runs"] == []
+        h.request("GET", f"/v1/runs/{rid}/weights/0", headers=alice, expect=200)
+        # Workers need their token; a user key is not one.
+        _error(h, "POST", "/v1/workers/register", 401, headers=alice,
+               json={"name": "w", "device": "cpu"})
+        code, body = h.request("POST", "/v1/workers/register", headers=worker,
+                               json={"name": "w", "device": "cpu"})
+        assert code == 201
+        # A worker may fetch weights only for a run it holds a lease on.
+        _error(h, "GET", f"/v1/runs/{rid}/weights/0", 404,
+               headers={**worker, "X-Signal-Worker": body["worker_id"]})
+    finally:
+        h.close()
+
+
+def test_no_worker_fails_clearly_after_the_callers_timeout(harness):
+    run_id = _run(harness)
+    _, req = harness.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                             json={"batch": [{"text": "hello"}], "timeout_s": 0.5}, expect=202)
+    started = time.monotonic()
+    code, body = harness.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=10")
+    assert time.monotonic() - started < 5
+    assert code == 503 and body["error"]["code"] == "no_worker"
+    assert "no worker can serve base model signal-tiny" in body["error"]["message"]
+    run = harness.coordinator.runs[run_id]
+    assert run.accum.empty and not harness.coordinator.scheduler.tasks
+
+
+def test_optim_step_with_nothing_accumulated(harness):
+    run_id = _run(harness)
+    _, req = harness.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
+    code, body = harness.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5")
+    assert code == 400 and "call forward_backward before optim_step" in body["error"]["message"]
+    assert harness.coordinator.runs[run_id].version == 0
+
+
+def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path):
+    h = Harness(tmp_path / "data", lease_timeout_s=0.2, max_task_attempts=2)
+    try:
+        run_id = _run(h)
+        worker = FakeWorker(h)
+        _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                           json={"batch": [{"text": "hello"}]}, expect=202)
+        first = worker.lease()
+        time.sleep(0.3)
+        h.coordinator.tick()  # the ticker would do this every TICK_INTERVAL_SEC
+        second = worker.lease()
+        assert second["task_id"] == first["task_id"] and second["lease_id"] != first["lease_id"]
+        time.sleep(0.3)
+        h.coordinator.tick()
+        code, body = h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5")
+        assert code == 500 and body["error"]["code"] == "task_failed"
+        assert "failed after 2 attempts" in body["error"]["message"]
+        assert "expired" in body["error"]["message"]
+        _, metrics = h.request("GET", "/metrics", expect=200)
+        assert "signal_tasks_expired_total 2.0" in metrics.decode()
+    finally:
+        h.close()
+
+
+def test_models_workers_and_run_listing(harness):
+    _, models = harness.request("GET", "/v1/models", expect=200)
+    assert "signal-tiny" in [m["model_id"] for m in models["models"]]
+    FakeWorker(harness, "gpu-box")
+    _, workers = harness.request("GET", "/v1/workers", expect=200)
+    assert [w["name"] for w in workers["workers"]] == ["gpu-box"]
+    run_id = _run(harness)
+    _, info = harness.request("GET", f"/v1/runs/{run_id}", expect=200)
+    assert info["version"] == 0 and info["base_model"] == "signal-tiny"
+    code, _, = harness.request("GET", f"/v1/runs/{run_id}/weights/0")
+    assert code == 200
+    assert json.dumps(info)  # plain JSON
+
+
+def test_weights_are_immutable_and_cacheable(harness):
+    run_id = _run(harness)
+
+    async def get():
+        resp = await harness.client.get(f"/v1/runs/{run_id}/weights/0")
+        return resp.status, resp.headers, await resp.read()
+
+    status, headers, body = harness.call(get())
+    assert status == 200
+    assert "immutable" in headers["Cache-Control"]
+    import hashlib
+
+    assert headers["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
+    _error(harness, "GET", f"/v1/runs/{run_id}/weights/7", 404)
+    _error(harness, "GET", f"/v1/runs/{run_id}/weights/x", 400)
+
+    async def conditional():
+        resp = await harness.client.get(f"/v1/runs/{run_id}/weights/0",
+                                        headers={"If-None-Match": headers["ETag"]})
+        return resp.status
+
+    assert harness.call(conditional()) == 304

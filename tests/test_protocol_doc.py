@@ -1,0 +1,18 @@
+"""docs/protocol.md must name every route the coordinator registers."""
+
+from pathlib import Path
+
+from rewardsignal.coordinator.app import make_app
+from rewardsignal.coordinator.config import CoordinatorConfig
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def test_every_registered_route_is_documented(tmp_path):
+    app = make_app(CoordinatorConfig(data_dir=tmp_path))
+    text = DOC.read_text()
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.method != "HEAD"}
+    assert len(routes) >= 15
+    missing = [f"{m} {path}" for m, path in sorted(routes) if f"`{m} {path}" not in text]
+    assert not missing, f"docs/protocol.md does not document: {missing}"
