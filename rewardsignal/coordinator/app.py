@@ -27,6 +27,10 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
         yield
         await coord.stop()
 
+    async def wake_long_polls(app: web.Application) -> None:
+        coord.scheduler.close()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(wake_long_polls)
     add_routes(app)
     return app

@@ -143,7 +143,9 @@ async def run_op(request: web.Request) -> web.Response:
         config = check_loss_fn(loss_fn, b.dict("loss_fn_config", {}))
         reduction = b.str("reduction", "mean", choices=("mean", "sum")) \
             if op == "forward_backward" else "mean"
-        datums = coord.to_datums(run, b.list("batch", max_len=_MAX_BATCH))
+        # Tokenising (chat templates) is CPU work: off the event loop.
+        datums = await asyncio.to_thread(coord.to_datums, run, b.list("batch",
+                                                                       max_len=_MAX_BATCH))
         if loss_fn != "cross_entropy":
             for i, d in enumerate(datums):
                 missing = [k for k in ("logprobs", "advantages") if k not in d.extra]

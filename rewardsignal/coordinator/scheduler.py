@@ -124,6 +124,7 @@ class Scheduler:
         self.quarantine_s = quarantine_s
         self.metrics = metrics
         self.finished: OrderedDict[str, None] = OrderedDict()
+        self.closing = False
         self._wakeup = asyncio.Event()
 
     # -- workers -----------------------------------------------------------------
@@ -203,6 +204,11 @@ class Scheduler:
     def _notify(self) -> None:
         self._wakeup.set()
 
+    def close(self) -> None:
+        """Answer every long-poll now so shutdown does not wait on them."""
+        self.closing = True
+        self._notify()
+
     def _pick_pending(self, w: WorkerInfo) -> Task | None:
         now = time.monotonic()
         fallback: Task | None = None
@@ -251,7 +257,7 @@ class Scheduler:
         deadline = time.monotonic() + timeout_s
         while True:
             w.touch()
-            if w.quarantined:
+            if w.quarantined or self.closing:
                 return None
             t = self._pick_pending(w)
             if t is not None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import aiohttp
@@ -64,6 +65,10 @@ class Worker:
         self._main: asyncio.Task | None = None
         self._busy = False
         self.tasks_done = 0
+        # All torch work on one long-lived thread: every new thread that enters
+        # a parallel region gets its own OpenMP team, and idle teams spinning
+        # beside the busy one cost up to 2x on small machines.
+        self._compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     # -- HTTP -------------------------------------------------------------------------------
     def _headers(self) -> dict:
@@ -153,6 +158,7 @@ class Worker:
                         backoff = min(backoff * 2, _MAX_BACKOFF_S)
             except asyncio.CancelledError:
                 pass
+        self._compute_pool.shutdown(wait=False, cancel_futures=True)
         self.status.event(f"stopped after {self.tasks_done} tasks")
         return 0
 
@@ -176,7 +182,8 @@ class Worker:
             started = time.monotonic()
             self.status.update("computing", task=task["kind"], run=task["run_id"],
                                version=task["version"])
-            msg = await asyncio.to_thread(self._compute, task, adapter)
+            msg = await asyncio.get_running_loop().run_in_executor(
+                self._compute_pool, self._compute, task, adapter)
             msg["duration_s"] = time.monotonic() - started
             tokens = sum(len(d["model_input"]) for d in task["payload"].get("datums", []))
             if tokens:

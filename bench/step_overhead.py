@@ -1,0 +1,146 @@
+"""Per-step overhead of training through the coordinator.
+
+Measures, in one run on this machine:
+  reference   plain PEFT + torch.optim.AdamW in this process, whole batch per step;
+  signal      the same steps through a coordinator and one worker process over
+              loopback (one forward_backward + one optim_step per step, which
+              includes shipping the batch, the weights of each new version, the
+              gradient, AdamW on the coordinator and a durable checkpoint).
+Prints the median seconds per step of each and their ratio (target <= 1.15).
+
+    python bench/step_overhead.py [--model signal-small] [--batch 48] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+class Reference:
+    """Plain PEFT + torch.optim.AdamW, whole batch per step, in this process."""
+
+    def __init__(self, model_id: str, batch: list, r: int, lr: float) -> None:
+        from peft import get_peft_model
+
+        from rewardsignal.data import examples_to_datums
+        from rewardsignal.lora import LoraSpec, peft_config
+        from rewardsignal.models import load_model, load_tokenizer, model_info
+
+        tok = load_tokenizer(model_id)
+        datums = examples_to_datums(batch, tok)
+        spec = LoraSpec(r=r, alpha=2.0 * r,
+                        target_modules=model_info(model_id).default_target_modules)
+        self.model = get_peft_model(load_model(model_id), peft_config(spec))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=lr)
+        width = max(len(d) for d in datums)
+        self.ids = torch.zeros(len(datums), width, dtype=torch.long)
+        self.tgt = torch.zeros(len(datums), width, dtype=torch.long)
+        self.mask = torch.zeros(len(datums), width, dtype=torch.long)
+        self.w = torch.zeros(len(datums), width)
+        for i, d in enumerate(datums):
+            self.ids[i, : len(d)] = torch.tensor(d.input_ids)
+            self.tgt[i, : len(d)] = torch.tensor(d.target_ids)
+            self.mask[i, : len(d)] = 1
+            self.w[i, : len(d)] = torch.tensor(d.weights)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.opt.zero_grad()
+        logits = self.model(input_ids=self.ids, attention_mask=self.mask).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, self.tgt.unsqueeze(-1)).squeeze(-1)
+        loss = -(lp * self.w).sum() / self.w.sum()
+        loss.backward()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def measure(model_id: str, batch: list, steps: int, r: int, lr: float
+            ) -> tuple[list[float], list[float]]:
+    """Alternate one reference step and one Signal step, so both see the same
+    machine conditions (the other side sits idle meanwhile)."""
+    from rewardsignal import SignalClient
+
+    ref = Reference(model_id, batch, r, lr)
+
+    data_dir = tempfile.mkdtemp(prefix="signal-bench-")
+    coord = subprocess.Popen([sys.executable, "-m", "rewardsignal.cli", "coordinator", "--port",
+                              "0", "--data-dir", data_dir, "--log-level", "warning"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs = [coord]
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            m = re.search(r"listening on (http://\S+)", coord.stdout.readline())
+            url = m.group(1) if m else None
+        if url is None:
+            raise SystemExit("coordinator did not start")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", url, "--device",
+             "cpu", "--name", "bench", "--max-tokens-per-task", "1000000",
+             "--micro-batch-tokens", "1000000", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        client = SignalClient(base_url=url)
+        deadline = time.monotonic() + 120
+        while not client.list_workers():
+            if time.monotonic() > deadline:
+                raise SystemExit("worker did not register")
+            time.sleep(0.2)
+        run = client.create_run(base_model=model_id, lora_r=r, learning_rate=lr)
+        ref_times, sig_times = [], []
+        for _ in range(steps):
+            ref_times.append(ref.step())
+            t0 = time.perf_counter()
+            run.forward_backward(batch=batch)
+            run.optim_step()
+            sig_times.append(time.perf_counter() - t0)
+        client.close()
+        return ref_times, sig_times
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> None:
+    from rewardsignal.data import sample_examples
+    from rewardsignal.models import resolve_model_path
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="signal-small")
+    ap.add_argument("--batch", type=int, default=48, help="examples per step")
+    ap.add_argument("--steps", type=int, default=10, help="measured steps (after 2 warm-up)")
+    ap.add_argument("--lora-r", type=int, default=8)
+    args = ap.parse_args()
+    resolve_model_path(args.model)
+    batch = sample_examples()[: args.batch]
+    lr = 1e-3
+    ref, sig = measure(args.model, batch, args.steps + 2, args.lora_r, lr)
+    ref, sig = ref[2:], sig[2:]
+    ref_s, sig_s = statistics.median(ref), statistics.median(sig)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"model {args.model}, batch {args.batch} examples, lora_r {args.lora_r}, "
+          f"{args.steps} measured steps")
+    print(f"reference (in-process PEFT + AdamW): {ref_s:.3f} s/step  {[round(t, 3) for t in ref]}")
+    print(f"signal (coordinator + 1 worker):     {sig_s:.3f} s/step  {[round(t, 3) for t in sig]}")
+    print(f"ratio signal / reference: {sig_s / ref_s:.3f}  (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
