@@ -1,0 +1,108 @@
+"""Shard planning, work stealing and straggler re-issue, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rewardsignal.coordinator.scheduler import Scheduler
+from rewardsignal.data.types import Datum
+
+
+def _scheduler(**kw) -> Scheduler:
+    args = dict(lease_timeout_s=30, max_attempts=3, default_task_tokens=100,
+                straggler_factor=3.0, straggler_min_s=0.05, quarantine_after=5,
+                quarantine_s=60)
+    args.update(kw)
+    return Scheduler(**args)
+
+
+def _datums(n: int, length: int = 10) -> list[Datum]:
+    return [Datum(tuple(range(length)), tuple(range(length)), (1.0,) * length)] * n
+
+
+def test_plan_follows_throughput_and_task_size():
+    s = _scheduler()
+    fast = s.register(name="h100", device="cuda", hardware={}, max_tokens_per_task=1000,
+                      models=None)
+    slow = s.register(name="4090", device="cuda", hardware={}, max_tokens_per_task=50,
+                      models=None)
+    fast.tokens_per_s, slow.tokens_per_s = 3000.0, 1000.0
+    plan = s.plan_shards(_datums(40), "m")
+    by_worker: dict[str, int] = {}
+    for idx, w in plan:
+        by_worker[w] = by_worker.get(w, 0) + len(idx)
+        assert w != slow.worker_id or len(idx) * 10 <= 50  # cut to the slow card's task size
+    assert by_worker == {fast.worker_id: 30, slow.worker_id: 10}
+    assert sorted(i for idx, _ in plan for i in idx) == list(range(40))
+
+
+def test_plan_without_workers_uses_default_task_size():
+    plan = _scheduler(default_task_tokens=35).plan_shards(_datums(10), "m")
+    assert [len(idx) for idx, _ in plan] == [3, 3, 3, 1]
+    assert all(w is None for _, w in plan)
+
+
+def test_workers_only_get_models_they_serve():
+    async def go():
+        s = _scheduler()
+        picky = s.register(name="p", device="cpu", hardware={}, max_tokens_per_task=100,
+                           models=("other",))
+        s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={}, tokens=5)
+        assert await s.lease(picky, 0.05) is None
+
+    asyncio.run(go())
+
+
+def test_straggler_is_reissued_and_first_result_wins():
+    async def go():
+        s = _scheduler()
+        a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
+                       tokens=5, preferred_worker=a.worker_id)
+        got_a = await s.lease(a, 0.1)
+        assert got_a[0] is t
+        # b is idle and a is late: after straggler_min_s b gets the same task.
+        started = time.monotonic()
+        got_b = await s.lease(b, 2.0)
+        assert got_b is not None and got_b[0] is t and time.monotonic() - started >= 0.04
+        assert len(t.leases) == 2
+        s.complete(t, got_b[1].lease_id, {"from": "b"}, tokens=5, duration_s=0.1)
+        assert t.future.result() == {"from": "b"}
+        assert t.task_id in s.finished and t.task_id not in s.tasks
+
+    asyncio.run(go())
+
+
+def test_stealing_waits_for_the_preferred_worker_briefly():
+    async def go():
+        s = _scheduler()
+        a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
+                       tokens=5, preferred_worker=a.worker_id)
+        assert s._pick_pending(b) is None  # fresh shard: keep it for a
+        t.created -= 1.0
+        assert s._pick_pending(b) is t  # a did not come for it: b steals
+
+    asyncio.run(go())
+
+
+def test_release_requeues_then_fails():
+    async def go():
+        s = _scheduler(max_attempts=2)
+        w = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
+                       tokens=5)
+        _, lease = await s.lease(w, 0.1)
+        s.release(t, lease.lease_id, "boom")
+        assert list(s.pending) == [t.task_id]
+        _, lease = await s.lease(w, 0.1)
+        s.release(t, lease.lease_id, "boom again")
+        with pytest.raises(Exception, match="failed after 2 attempts; last error: boom again"):
+            t.future.result()
+
+    asyncio.run(go())
