@@ -95,6 +95,17 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tick-interval-sec", type=_positive(float),
                    default=_env("TICK_INTERVAL_SEC", float, 1.0),
                    help="how often leases are checked for expiry (env TICK_INTERVAL_SEC)")
+    p.add_argument("--num-tasks-per-round", type=_positive(int),
+                   default=_env("NUM_TASKS_PER_ROUND", int, 4),
+                   help="federated jobs: train tasks per round (env NUM_TASKS_PER_ROUND)")
+    p.add_argument("--min-updates-per-round", type=_positive(int),
+                   default=_env("MIN_UPDATES_PER_ROUND", int, 1),
+                   help="federated jobs: accepted updates needed to close a round at its "
+                        "timeout (env MIN_UPDATES_PER_ROUND)")
+    p.add_argument("--round-timeout-sec", type=_positive(float),
+                   default=_env("ROUND_TIMEOUT_SEC", float, 600.0),
+                   help="federated jobs: seconds before a round closes with what it has "
+                        "(env ROUND_TIMEOUT_SEC)")
     p.add_argument("--lease-timeout-s", type=_positive(float),
                    default=_env("SIGNAL_LEASE_TIMEOUT_S", float, 30.0),
                    help="a worker silent this long loses its task (default 30)")
@@ -118,7 +129,9 @@ def coordinator_config(args: argparse.Namespace):
         max_staleness=args.max_staleness, delta_norm_max=args.delta_norm_max,
         tick_interval_s=args.tick_interval_sec, lease_timeout_s=args.lease_timeout_s,
         max_task_attempts=args.max_task_attempts, max_body_bytes=args.max_body_mb << 20,
-        keep_last_checkpoints=args.keep_last)
+        keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
+        min_updates_per_round=args.min_updates_per_round,
+        round_timeout_s=args.round_timeout_sec)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +148,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads for torch (default: torch's choice; lower it when "
                         "several workers share one machine)")
-    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
                    help="encoding of submitted gradients (default fp32, exact)")
     p.add_argument("--max-tasks", type=_positive(int), default=None,
                    help="exit after this many tasks")
@@ -182,6 +195,42 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from rewardsignal import SignalClient
+
+    if not Path(args.dataset).is_file():
+        raise _die(f"--dataset {args.dataset}: no such file")
+    if args.eval_dataset and not Path(args.eval_dataset).is_file():
+        raise _die(f"--eval-dataset {args.eval_dataset}: no such file")
+    with SignalClient(api_key=args.api_key, base_url=args.coordinator) as client:
+        if args.run_id:
+            run = client.run(args.run_id)
+        else:
+            run = client.create_run(base_model=args.base_model, lora_r=args.lora_r,
+                                    learning_rate=args.inner_learning_rate, seed=args.seed)
+            print(f"created run {run.run_id} on {args.base_model}", flush=True)
+        job = run.train_federated(
+            args.dataset, eval_dataset=args.eval_dataset, rounds=args.rounds,
+            local_steps=args.local_steps, batch_size=args.batch_size,
+            inner_learning_rate=args.inner_learning_rate, outer_optimizer=args.outer_optimizer,
+            outer_learning_rate=args.outer_learning_rate, aggregator=args.aggregator,
+            trim_fraction=args.trim_fraction, tasks_per_round=args.tasks_per_round,
+            min_updates_per_round=args.min_updates_per_round,
+            round_timeout_s=args.round_timeout_s, max_staleness=args.max_staleness,
+            delta_norm_max=args.delta_norm_max, codec=args.codec, seed=args.seed)
+        print(f"job {job.job_id} started; following it (Ctrl-C stops following, not the job)",
+              flush=True)
+        st = job.wait()
+    evals = [e for e in st["eval_loss"] if e is not None]
+    print(f"job {st['job_id']}: {st['status']} after {st['round']}/{st['rounds']} rounds, run "
+          f"{st['run_id']} at version {st['version']}; accepted {st['accepted']}, rejected "
+          f"{st['rejected'] or 'none'}" + (f"; eval loss {evals[0]:.3f} -> {evals[-1]:.3f}"
+                                           if len(evals) > 1 else ""))
+    if st["reason"]:
+        print(f"reason: {st['reason']}")
+    return 0 if st["status"] == "done" else 1
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from rewardsignal.demo import run_demo
 
@@ -200,6 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_run_worker)
     m = sub.add_parser("models", help="list built-in models (builds them on first use)")
     m.set_defaults(func=_run_models)
+    t = sub.add_parser("train", help="run a federated job over a JSONL dataset")
+    t.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
+                   help="coordinator URL (env SIGNAL_URL)")
+    t.add_argument("--api-key", default=_env("SIGNAL_API_KEY"), help="env SIGNAL_API_KEY")
+    t.add_argument("--dataset", required=True, type=Path, help="training JSONL on this machine")
+    t.add_argument("--eval-dataset", type=Path, default=None, help="held-out JSONL")
+    t.add_argument("--run-id", default=None, help="continue this run instead of a new one")
+    t.add_argument("--base-model", default="signal-tiny")
+    t.add_argument("--lora-r", type=_positive(int), default=8)
+    t.add_argument("--rounds", type=_positive(int), default=10)
+    t.add_argument("--local-steps", type=_positive(int), default=8)
+    t.add_argument("--batch-size", type=_positive(int), default=8)
+    t.add_argument("--inner-learning-rate", type=_positive(float), default=1e-3)
+    t.add_argument("--outer-optimizer", choices=["fedavg", "nesterov", "fedadam"],
+                   default="fedavg")
+    t.add_argument("--outer-learning-rate", type=_positive(float), default=None)
+    t.add_argument("--aggregator", choices=["mean", "trimmed_mean", "median"], default="mean")
+    t.add_argument("--trim-fraction", type=float, default=0.2)
+    t.add_argument("--tasks-per-round", type=_positive(int), default=None)
+    t.add_argument("--min-updates-per-round", type=_positive(int), default=None)
+    t.add_argument("--round-timeout-s", type=_positive(float), default=None)
+    t.add_argument("--max-staleness", type=_non_negative_int, default=0)
+    t.add_argument("--delta-norm-max", type=_positive(float), default=None)
+    t.add_argument("--codec", choices=["fp32", "fp16", "bf16", "int8"], default="fp32")
+    t.add_argument("--seed", type=_non_negative_int, default=0)
+    t.set_defaults(func=_run_train)
     d = sub.add_parser("demo", help="coordinator + 2 workers on this machine: train, sample, save")
     d.add_argument("--steps", type=_positive(int), default=100,
                    help="optim steps (default 100)")

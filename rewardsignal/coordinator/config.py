@@ -32,6 +32,9 @@ class CoordinatorConfig:
     quarantine_after: int = 5              # rejected submissions in a row before quarantine
     quarantine_s: float = 300.0
     checkpoint_dir: Path | None = None     # CHECKPOINT_DIR; default <data_dir>/checkpoints
+    num_tasks_per_round: int = 4           # NUM_TASKS_PER_ROUND (federated jobs' default)
+    min_updates_per_round: int = 1         # MIN_UPDATES_PER_ROUND
+    round_timeout_s: float = 600.0         # ROUND_TIMEOUT_SEC
 
     def __post_init__(self) -> None:
         checks = [
@@ -45,6 +48,10 @@ class CoordinatorConfig:
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (self.keep_last_checkpoints >= 1, "keep_last_checkpoints must be >= 1"),
             (self.default_task_tokens >= 1, "default_task_tokens must be >= 1"),
+            (self.num_tasks_per_round >= 1, "num_tasks_per_round must be >= 1"),
+            (1 <= self.min_updates_per_round <= self.num_tasks_per_round,
+             "min_updates_per_round must be in [1, num_tasks_per_round]"),
+            (self.round_timeout_s > 0, "round_timeout_s must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -26,7 +26,7 @@ METRICS = web.AppKey("metrics", object)
 _MAX_BATCH = 65_536
 _MAX_PROMPTS = 256
 _MAX_WAIT_S = 120.0
-_OPS = ("forward_backward", "forward", "optim_step", "sample", "save_state")
+_OPS = ("forward_backward", "forward", "optim_step", "sample", "save_state", "train_federated")
 
 
 async def read_body(request: web.Request) -> object:
@@ -158,6 +158,12 @@ async def run_op(request: web.Request) -> web.Response:
         args = {"optimizer": _adamw(b, run.spec.optimizer)}
     elif op == "sample":
         args = _sample_args(b, coord, run)
+    elif op == "train_federated":
+        job = await _federated_job(b, coord, run, owner)
+        b.done()
+        req = coord.enqueue(owner, run, op, {"job_id": job.job_id}, None)
+        coord.jobs[job.job_id] = job
+        return web.json_response({**req.to_json(), "job_id": job.job_id}, status=202)
     else:
         mode = b.str("mode", "adapter", choices=("adapter", "merged"))
         name = b.str("name", None, max_len=64)
@@ -167,6 +173,101 @@ async def run_op(request: web.Request) -> web.Response:
     b.done()
     req = coord.enqueue(owner, run, op, args, timeout_s)
     return web.json_response(req.to_json(), status=202)
+
+
+async def _examples(b: Body, coord, owner: str, id_key: str, list_key: str, required: bool):
+    dataset_id = b.str(id_key, None, max_len=64)
+    examples = b.list(list_key, None, max_len=_MAX_BATCH * 16)
+    if dataset_id is not None and examples is not None:
+        raise ValidationError(f"give {id_key!r} or {list_key!r}, not both")
+    if dataset_id is not None:
+        _, examples = await asyncio.to_thread(coord.datasets.load, owner, dataset_id)
+    if examples is None:
+        if required:
+            raise ValidationError(f"missing field {id_key!r} (upload with POST /v1/datasets) "
+                                  f"or {list_key!r}")
+        return None
+    return examples
+
+
+async def _federated_job(b: Body, coord, run, owner: str):
+    from rewardsignal.aggregation.codecs import CODECS
+    from rewardsignal.aggregation.combine import AGGREGATORS
+    from rewardsignal.aggregation.outer import DEFAULT_OUTER_LR, OUTER_OPTIMIZERS, OuterConfig
+    from rewardsignal.coordinator.federated import FederatedConfig, FederatedJob
+
+    cfg = coord.config
+    train = await _examples(b, coord, owner, "dataset_id", "examples", True)
+    held_out = await _examples(b, coord, owner, "eval_dataset_id", "eval_examples", False)
+    outer_name = b.str("outer_optimizer", "fedavg", choices=OUTER_OPTIMIZERS)
+    tasks_per_round = b.int("tasks_per_round", cfg.num_tasks_per_round, lo=1, hi=4096)
+    fed = FederatedConfig(
+        rounds=b.int("rounds", lo=1, hi=1_000_000),
+        local_steps=b.int("local_steps", 8, lo=1, hi=100_000),
+        batch_size=b.int("batch_size", 8, lo=1, hi=65_536),
+        inner_learning_rate=b.float("inner_learning_rate", run.spec.optimizer.learning_rate,
+                                    lo=0, lo_open=True, hi=10),
+        outer=OuterConfig(outer_name,
+                          b.float("outer_learning_rate", DEFAULT_OUTER_LR[outer_name], lo=0,
+                                  lo_open=True, hi=10),
+                          momentum=b.float("outer_momentum", 0.9, lo=0, hi=0.999)),
+        aggregator=b.str("aggregator", "mean", choices=AGGREGATORS),
+        trim_fraction=b.float("trim_fraction", 0.2, lo=0, hi=0.49),
+        clip_norm=b.float("clip_norm", None, lo=0, lo_open=True),
+        tasks_per_round=tasks_per_round,
+        min_updates_per_round=b.int("min_updates_per_round",
+                                    min(cfg.min_updates_per_round, tasks_per_round), lo=1,
+                                    hi=tasks_per_round),
+        round_timeout_s=b.float("round_timeout_s", cfg.round_timeout_s, lo=0, lo_open=True,
+                                hi=7 * 86400),
+        max_staleness=b.int("max_staleness", 0, lo=0, hi=1000),
+        delta_norm_max=b.float("delta_norm_max", None, lo=0, lo_open=True),
+        codec=b.str("codec", "fp32", choices=CODECS),
+        seed=b.int("seed", 0, lo=0, hi=2**63 - 1))
+    train_datums = await asyncio.to_thread(coord.to_datums, run, train, "dataset")
+    eval_datums = (await asyncio.to_thread(coord.to_datums, run, held_out, "eval_dataset")
+                   if held_out is not None else [])
+    return FederatedJob(FederatedJob.new_id(), run.run_id, owner, fed, train_datums, eval_datums)
+
+
+async def upload_dataset(request: web.Request) -> web.Response:
+    owner = request.app[AUTH].user(request)
+    raw = await request.read()
+    name = request.query.get("name", "dataset.jsonl")[:128]
+    meta = await asyncio.to_thread(request.app[COORDINATOR].datasets.save, owner, raw, name)
+    return web.json_response(meta, status=201)
+
+
+def _job(request: web.Request):
+    owner = request.app[AUTH].user(request)
+    job = request.app[COORDINATOR].jobs.get(request.match_info["job_id"])
+    if job is None or job.owner != owner:
+        raise NotFoundError(f"unknown job {request.match_info['job_id']}")
+    return job
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """Long-poll: answers at once, or (with ``timeout_s``) when the job changes."""
+    job = _job(request)
+    timeout_s = _query_float(request, "timeout_s", 0.0, _MAX_WAIT_S)
+    seen = request.query.get("after")
+    if timeout_s > 0 and seen == _job_stamp(job) and not job.to_json()["finished"]:
+        try:
+            await asyncio.wait_for(job.changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+    return web.json_response({**job.to_json(), "stamp": _job_stamp(job)})
+
+
+def _job_stamp(job) -> str:
+    return f"{job.status}:{job.round}:{job.accepted}:{sum(job.rejected.values())}"
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    job = _job(request)
+    job.cancel_requested = True
+    job._touch()
+    return web.json_response({**job.to_json(), "stamp": _job_stamp(job)})
 
 
 def _sample_args(b: Body, coord, run) -> dict:
@@ -344,6 +445,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/runs/{run_id}/artifacts/{name}", get_artifact)
     app.router.add_get("/v1/runs/{run_id}/artifacts/{name}/files/{filename}", get_artifact_file)
     app.router.add_get("/v1/requests/{request_id}", wait_request)
+    app.router.add_post("/v1/datasets", upload_dataset)
+    app.router.add_get("/v1/jobs/{job_id}", get_job)
+    app.router.add_post("/v1/jobs/{job_id}/cancel", cancel_job)
     app.router.add_post("/v1/workers/register", register_worker)
     app.router.add_post("/v1/workers/{worker_id}/lease", lease_task)
     app.router.add_post("/v1/workers/{worker_id}/heartbeat", heartbeat)

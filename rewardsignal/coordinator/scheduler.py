@@ -102,6 +102,8 @@ class Task:
     attempts: int = 0
     leases: dict[str, Lease] = field(default_factory=dict)
     last_error: str = ""
+    job_id: str | None = None     # the federated job a train task belongs to
+    limits: Any = None            # per-job UpdateLimits for train tasks
 
     @property
     def done(self) -> bool:
@@ -178,9 +180,11 @@ class Scheduler:
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,
-                 payload: dict, tokens: int, preferred_worker: str | None = None) -> Task:
+                 payload: dict, tokens: int, preferred_worker: str | None = None,
+                 job_id: str | None = None, limits: Any = None) -> Task:
         task = Task("t-" + secrets.token_hex(8), kind, run_id, base_model, version, payload,
-                    tokens, asyncio.get_running_loop().create_future(), preferred_worker)
+                    tokens, asyncio.get_running_loop().create_future(), preferred_worker,
+                    job_id=job_id, limits=limits)
         self.tasks[task.task_id] = task
         self.pending.append(task.task_id)
         self._notify()
@@ -227,7 +231,10 @@ class Scheduler:
     def _pick_straggler(self, w: WorkerInfo) -> Task | None:
         now = time.monotonic()
         for t in self.tasks.values():
-            if t.done or len(t.leases) != 1 or not w.serves(t.base_model):
+            # Federated train tasks are not duplicated: a round already tolerates a
+            # missing worker (it closes at its timeout with the others).
+            if (t.done or t.kind == "train" or len(t.leases) != 1
+                    or not w.serves(t.base_model)):
                 continue
             (lease,) = t.leases.values()
             if lease.worker_id == w.worker_id:

@@ -20,6 +20,7 @@ from rewardsignal.aggregation.validate import UpdateLimits, validate_update
 from rewardsignal.checkpoints import CheckpointStore, export_adapter, export_merged
 from rewardsignal.checkpoints.store import sha256_file
 from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.datasets import DatasetStore
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.requests import Request, RequestRegistry
 from rewardsignal.coordinator.runs import Accumulator, Run, RunRecords, RunSpec, new_run_id
@@ -38,6 +39,9 @@ from rewardsignal.errors import (
 from rewardsignal.protocol import tensors_from_bytes
 
 log = logging.getLogger("signal.coordinator")
+
+# Operations that change the run's weights wait for everything queued before them.
+_BARRIERS = ("optim_step", "save_state", "train_federated")
 
 
 @dataclass
@@ -65,6 +69,8 @@ class Coordinator:
         self.limits = UpdateLimits(config.max_staleness, config.delta_norm_max)
         self.runs: dict[str, Run] = {}
         self.requests = RequestRegistry()
+        self.jobs: dict[str, Any] = {}
+        self.datasets = DatasetStore(root / "datasets")
         self._tokenizers: dict[str, Any] = {}
         self._ticker: asyncio.Task | None = None
 
@@ -142,9 +148,9 @@ class Coordinator:
     def runs_of(self, owner: str) -> list[Run]:
         return [r for r in self.runs.values() if r.spec.owner == owner]
 
-    def to_datums(self, run: Run, batch: list) -> list[Datum]:
+    def to_datums(self, run: Run, batch: list, name: str = "batch") -> list[Datum]:
         return examples_to_datums(batch, self.tokenizer(run.spec.base_model),
-                                  max_length=run.spec.max_length)
+                                  max_length=run.spec.max_length, name=name)
 
     def enqueue(self, owner: str, run: Run, kind: str, args: dict, timeout_s: float | None
                 ) -> Request:
@@ -160,10 +166,10 @@ class Coordinator:
         inflight: set[asyncio.Task] = set()
         while True:
             op: Op = await run.ops.get()
-            if op.kind in ("optim_step", "save_state") and inflight:
+            if op.kind in _BARRIERS and inflight:
                 await asyncio.wait(inflight)
             t = asyncio.create_task(self._execute(run, op))
-            if op.kind in ("optim_step", "save_state"):
+            if op.kind in _BARRIERS:
                 await t
             else:
                 inflight.add(t)
@@ -172,10 +178,13 @@ class Coordinator:
     async def _execute(self, run: Run, op: Op) -> None:
         handler = {"forward_backward": self._forward_backward, "forward": self._forward_backward,
                    "optim_step": self._optim_step, "sample": self._sample,
-                   "save_state": self._save_state}[op.kind]
+                   "save_state": self._save_state,
+                   "train_federated": self._train_federated}[op.kind]
         fut = op.request.future
         try:
-            result = await asyncio.wait_for(handler(run, op), op.timeout_s)
+            # A federated job bounds itself (rounds x round timeout, attempts).
+            timeout = None if op.kind == "train_federated" else op.timeout_s
+            result = await asyncio.wait_for(handler(run, op), timeout)
         except TimeoutError:
             base = run.spec.base_model
             if not self.scheduler.eligible_workers(base):
@@ -267,28 +276,53 @@ class Coordinator:
         loss = accum.loss_sum / accum.loss_weight if accum.loss_weight else None
         entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
                  "time": time.time()}
-        staged = dataclasses.replace(run, version=run.version + 1, adapter=params,
-                                     opt_state=state, opt_step=step,
-                                     history=[*run.history, entry])
-        t0 = time.monotonic()
-        # The checkpoint is written before the version becomes visible: a crash
-        # in between leaves the old version current and this one unannounced.
-        path = await asyncio.to_thread(self.records.write_checkpoint, staged,
-                                       metrics={"loss": loss, "tokens": accum.tokens})
-        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
-        self.metrics.checkpoint_bytes.labels(run.run_id).set(
-            sum(p.stat().st_size for p in path.iterdir()))
-        run.version, run.adapter, run.opt_state, run.opt_step = (
-            staged.version, params, state, step)
-        run.history.append(entry)
+        # Keep any other state the run carries (a federated job's outer momentum).
+        state = {**run.opt_state, **state}
+        await self.commit_version(run, params, state, history_entry=entry, opt_step=step,
+                                  metrics={"loss": loss, "tokens": accum.tokens})
         run.accum = Accumulator()
         self.metrics.steps.labels(run.run_id).inc()
-        self.metrics.version.labels(run.run_id).set(run.version)
         self.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
                  f"{loss:.4f}" if loss is not None else "-", entry["tokens"])
         return {"version": run.version, "loss": loss, "step": step,
                 "learning_rate": cfg.learning_rate}
+
+    async def commit_version(self, run: Run, params, state, *, history_entry: dict,
+                             opt_step: int | None = None, metrics: dict | None = None) -> Path:
+        """Make version v+1 from new weights and optimizer state. The checkpoint
+        is written before the version becomes visible: a crash in between leaves
+        the old version current and this one unannounced."""
+        staged = dataclasses.replace(
+            run, version=run.version + 1, adapter=params, opt_state=state,
+            opt_step=run.opt_step if opt_step is None else opt_step,
+            history=[*run.history, history_entry])
+        t0 = time.monotonic()
+        path = await asyncio.to_thread(self.records.write_checkpoint, staged,
+                                       metrics=metrics or {"loss": history_entry.get("loss")})
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
+        self.metrics.checkpoint_bytes.labels(run.run_id).set(
+            sum(p.stat().st_size for p in path.iterdir()))
+        run.version, run.adapter, run.opt_state, run.opt_step = (
+            staged.version, params, state, staged.opt_step)
+        run.history.append(history_entry)
+        if history_entry.get("loss") is not None:
+            run.last_loss = history_entry["loss"]
+        self.metrics.version.labels(run.run_id).set(run.version)
+        return path
+
+    async def _train_federated(self, run: Run, op: Op) -> dict:
+        from rewardsignal.coordinator.federated import run_job
+
+        job = self.jobs[op.args["job_id"]]
+        if job.cancel_requested:
+            job.status = "cancelled"
+            job.reason = "cancelled before it started"
+            return job.to_json()
+        if not run.accum.empty:
+            log.warning("run %s: a federated job starts with un-stepped gradients; they "
+                        "are kept for the next optim_step", run.run_id)
+        return await run_job(self, run, job)
 
     async def _sample(self, run: Run, op: Op) -> dict:
         prompts: list[list[int]] = op.args["prompt_tokens"]
@@ -372,6 +406,8 @@ class Coordinator:
         try:
             result = await asyncio.to_thread(self._check_result, task, run, msg)
         except RejectedUpdate as exc:
+            if task.job_id in self.jobs:
+                self.jobs[task.job_id].note_rejection(exc.reason)
             self.metrics.updates_rejected.labels(exc.reason).inc()
             self.scheduler.note_rejection(worker, exc.reason)
             self.scheduler.release(task, lease_id, exc.message)
@@ -385,6 +421,27 @@ class Coordinator:
                                 duration_s=float(msg.get("duration_s") or 0.0))
         self.metrics.updates_accepted.labels(task.kind).inc()
         return {"status": "accepted"}
+
+    def _decode_tensors(self, msg: dict, kind: str) -> dict:
+        codec = msg.get("codec", "fp32")
+        raw = msg.get("tensors")
+        if not isinstance(raw, bytes):
+            raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
+        self.metrics.bytes_in.labels(kind, str(codec)[:8]).inc(len(raw))
+        try:
+            return decode(tensors_from_bytes(raw), str(codec))
+        except ValidationError as exc:
+            raise RejectedUpdate("malformed", exc.message) from None
+
+    def _check_delta(self, task: Task, run: Run, msg: dict, metrics: dict) -> dict:
+        delta = self._decode_tensors(msg, "delta")
+        staleness, norm = validate_update(
+            delta, weight=1.0, expected_shapes=run.shapes, task_version=task.version,
+            current_version=run.version, fingerprint=msg["fingerprint"],
+            expected_fingerprint=run.spec.fingerprint, limits=task.limits or self.limits)
+        self.metrics.staleness.observe(staleness)
+        self.metrics.update_norm.observe(norm)
+        return {"delta": delta, "metrics": metrics, "version": task.version}
 
     def _check_result(self, task: Task, run: Run, msg: dict) -> dict:
         """Decode and validate a submission (runs in a thread: tensor work)."""
@@ -400,17 +457,11 @@ class Coordinator:
             raise RejectedUpdate("malformed", "missing 'result' object")
         if task.kind == "sample":
             return _check_sample(result, task)
+        if task.kind == "train":
+            return self._check_delta(task, run, msg, _check_train_metrics(result))
         checked = _check_forward(result, task)
         if task.kind == "forward_backward":
-            codec = msg.get("codec", "fp32")
-            raw = msg.get("tensors")
-            if not isinstance(raw, bytes):
-                raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
-            self.metrics.bytes_in.labels("gradient", str(codec)[:8]).inc(len(raw))
-            try:
-                grads = decode(tensors_from_bytes(raw), str(codec))
-            except ValidationError as exc:
-                raise RejectedUpdate("malformed", exc.message) from None
+            grads = self._decode_tensors(msg, "gradient")
             staleness, norm = validate_update(
                 grads, weight=checked["weight_sum"], expected_shapes=run.shapes,
                 task_version=task.version, current_version=run.version, fingerprint=fp,
@@ -449,6 +500,19 @@ def _check_forward(result: dict, task: Task) -> dict:
             raise RejectedUpdate("nonfinite", "logprobs contain NaN or infinity")
     return {"loss_sum": float(result["loss_sum"]), "weight_sum": float(result["weight_sum"]),
             "logprobs": lps}
+
+
+_TRAIN_METRICS = ("train_loss_mean", "train_loss_last", "grad_norm_mean", "steps", "num_samples",
+                  "tokens", "duration_s")
+
+
+def _check_train_metrics(result: dict) -> dict:
+    for key in _TRAIN_METRICS:
+        if not _finite(result.get(key)):
+            raise RejectedUpdate("malformed", f"train metrics need a finite {key!r}")
+    if result["tokens"] <= 0 or result["steps"] <= 0:
+        raise RejectedUpdate("malformed", "train metrics report no work")
+    return {k: float(result[k]) for k in _TRAIN_METRICS}
 
 
 def _check_sample(result: dict, task: Task) -> dict:

@@ -19,7 +19,12 @@ from typing import Any
 
 import aiohttp
 
-from rewardsignal.errors import RequestTimeoutError, SignalError, error_from_json
+from rewardsignal.errors import (
+    RequestTimeoutError,
+    SignalError,
+    ValidationError,
+    error_from_json,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _WAIT_CHUNK_S = 30.0
@@ -133,6 +138,28 @@ class AsyncSignalClient:
         """A handle on an existing run."""
         return AsyncRun(self, run_id)
 
+    async def upload_dataset(self, dataset: str | Path | Sequence[Any]) -> str:
+        """Upload a JSONL file (or a list of examples) for federated jobs; returns
+        its dataset id."""
+        if isinstance(dataset, str | Path):
+            path = Path(dataset)
+            if not path.is_file():
+                raise ValidationError(f"dataset file {str(path)!r} does not exist")
+            raw, name = path.read_bytes(), path.name
+        else:
+            raw = "".join(json.dumps(ex) + "\n" for ex in dataset).encode()
+            name = "examples.jsonl"
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        async with self._session.post(
+                f"{self.base_url}/v1/datasets", data=raw, params={"name": name},
+                headers={**self._headers(), "Content-Type": "application/x-ndjson"},
+                timeout=aiohttp.ClientTimeout(total=3600)) as resp:
+            payload = await resp.json(content_type=None)
+            if resp.status >= 400:
+                raise error_from_json(resp.status, payload)
+        return payload["dataset_id"]
+
 
 class AsyncRun:
     def __init__(self, client: AsyncSignalClient, run_id: str) -> None:
@@ -214,6 +241,35 @@ class AsyncRun:
         return await self.client._op(self.run_id, "save_state", {"mode": mode, "name": name},
                                      timeout_s)
 
+    async def train_federated(
+            self, dataset: str | Path | Sequence[Any], *, rounds: int, local_steps: int = 8,
+            batch_size: int = 8, inner_learning_rate: float | None = None,
+            outer_optimizer: str = "fedavg", outer_learning_rate: float | None = None,
+            outer_momentum: float = 0.9, aggregator: str = "mean", trim_fraction: float = 0.2,
+            clip_norm: float | None = None, tasks_per_round: int | None = None,
+            min_updates_per_round: int | None = None, round_timeout_s: float | None = None,
+            max_staleness: int = 0, delta_norm_max: float | None = None, codec: str = "fp32",
+            eval_dataset: str | Path | Sequence[Any] | None = None, seed: int = 0
+    ) -> AsyncFederatedJob:
+        """Let the coordinator run federated rounds over ``dataset`` (a JSONL path
+        on this machine, uploaded, or a list of examples): each round, workers
+        train ``local_steps`` AdamW steps from the current version and submit
+        deltas, which are validated, combined and applied by the outer optimizer."""
+        body: dict[str, Any] = {
+            "rounds": rounds, "local_steps": local_steps, "batch_size": batch_size,
+            "inner_learning_rate": inner_learning_rate, "outer_optimizer": outer_optimizer,
+            "outer_learning_rate": outer_learning_rate, "outer_momentum": outer_momentum,
+            "aggregator": aggregator, "trim_fraction": trim_fraction, "clip_norm": clip_norm,
+            "tasks_per_round": tasks_per_round, "min_updates_per_round": min_updates_per_round,
+            "round_timeout_s": round_timeout_s, "max_staleness": max_staleness,
+            "delta_norm_max": delta_norm_max, "codec": codec, "seed": seed}
+        body["dataset_id"] = await self.client.upload_dataset(dataset)
+        if eval_dataset is not None:
+            body["eval_dataset_id"] = await self.client.upload_dataset(eval_dataset)
+        reply = await self.client._http("POST", f"/v1/runs/{self.run_id}/train_federated",
+                                        body=body, timeout_s=600)
+        return AsyncFederatedJob(self.client, reply["job_id"], reply["request_id"])
+
     async def download(self, artifact: dict | str, dest: str | Path) -> Path:
         """Fetch a saved state into ``dest`` (verifying each file's sha256)."""
         name = artifact["name"] if isinstance(artifact, dict) else artifact
@@ -228,3 +284,50 @@ class AsyncRun:
                 raise SignalError(f"downloaded {f['path']} does not match its sha256; retry")
             (out / f["path"]).write_bytes(data)
         return out
+
+
+class AsyncFederatedJob:
+    """A federated job running on the coordinator."""
+
+    def __init__(self, client: AsyncSignalClient, job_id: str, request_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return f"FederatedJob({self.job_id!r})"
+
+    async def status(self) -> dict:
+        """Round, version, accepted/rejected counts, train and eval loss history."""
+        return await self.client._http("GET", f"/v1/jobs/{self.job_id}")
+
+    async def cancel(self) -> dict:
+        return await self.client._http("POST", f"/v1/jobs/{self.job_id}/cancel", body={})
+
+    async def wait(self, timeout: float | None = None, *, progress: bool = True) -> dict:
+        """Block until the job ends (long-polling for changes), with a progress
+        bar of rounds and losses. Raises ``RequestTimeoutError`` after
+        ``timeout`` seconds (the job keeps running)."""
+        from rewardsignal.progress import ProgressBar
+
+        deadline = time.monotonic() + timeout if timeout else None
+        st = await self.status()
+        bar = ProgressBar(st["rounds"], desc=f"{self.job_id}") if progress else None
+        shown = 0
+        while True:
+            if bar is not None and st["round"] > shown:
+                bar.update(st["round"] - shown, train=st["train_loss"][-1] or 0.0,
+                           eval=(st["eval_loss"][-1] if st["eval_loss"]
+                                 and st["eval_loss"][-1] is not None else float("nan")),
+                           version=st["version"])
+                shown = st["round"]
+            if st["finished"]:
+                return st
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise RequestTimeoutError(f"job {self.job_id} still {st['status']} after "
+                                          f"{timeout}s (round {st['round']}/{st['rounds']})")
+            chunk = _WAIT_CHUNK_S if left is None else max(min(_WAIT_CHUNK_S, left), 0.01)
+            st = await self.client._http("GET", f"/v1/jobs/{self.job_id}",
+                                         params={"timeout_s": f"{chunk:.3f}",
+                                                 "after": st["stamp"]}, timeout_s=chunk + 30)

@@ -14,7 +14,7 @@ import threading
 import weakref
 from typing import Any
 
-from rewardsignal.sdk.client import AsyncRun, AsyncSignalClient
+from rewardsignal.sdk.client import AsyncFederatedJob, AsyncRun, AsyncSignalClient
 
 
 class _LoopThread:
@@ -47,7 +47,11 @@ class _SyncProxy:
         @functools.wraps(attr)
         def call(*args, **kwargs):
             result = self._loop.run(attr(*args, **kwargs))
-            return Run(result, self._loop) if isinstance(result, AsyncRun) else result
+            if isinstance(result, AsyncRun):
+                return Run(result, self._loop)
+            if isinstance(result, AsyncFederatedJob):
+                return FederatedJob(result, self._loop)
+            return result
 
         return call
 
@@ -67,6 +71,14 @@ class Run(_SyncProxy):
     @property
     def run_id(self) -> str:
         return self._target.run_id
+
+
+class FederatedJob(_SyncProxy):
+    """A federated job handle: ``status()``, ``wait(timeout=...)``, ``cancel()``."""
+
+    @property
+    def job_id(self) -> str:
+        return self._target.job_id
 
 
 class SignalClient(_SyncProxy):

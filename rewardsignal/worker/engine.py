@@ -117,19 +117,18 @@ class Engine:
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         return logprobs * mask, w, mask
 
-    def forward_backward(self, model, key: str, datums: Sequence[Datum], loss_fn: str,
-                         loss_config: dict, *, backward: bool = True,
-                         micro_tokens: int = 4096) -> ForwardResult:
-        """Sum of weighted per-token losses over ``datums`` and, with ``backward``,
-        its gradient w.r.t. the active LoRA weights (fp32), in micro-batches of at
-        most ``micro_tokens`` padded tokens so memory stays bounded."""
-        params = {saved_name(n, key): p for n, p in model.named_parameters() if f".{key}." in n}
-        for p in params.values():
-            p.grad = None
+    def _lora_params(self, model, key: str) -> dict[str, torch.Tensor]:
+        return {saved_name(n, key): p for n, p in model.named_parameters() if f".{key}." in n}
+
+    def _accumulate(self, model, datums: Sequence[Datum], loss_fn: str, loss_config: dict, *,
+                    backward: bool, micro_tokens: int, loss_scale: float = 1.0
+                    ) -> tuple[float, float, list[list[float]]]:
+        """Forward (and backward of ``loss_scale`` x the loss sum) in micro-batches
+        of at most ``micro_tokens`` padded tokens; gradients add up in ``.grad``."""
         loss_total, weight_total, logprobs_out = 0.0, 0.0, []
         for chunk in _micro_batches(datums, micro_tokens):
             with torch.set_grad_enabled(backward):
-                lp_BT, w_BT, mask_BT = self._target_logprobs(model, chunk)
+                lp_BT, w_BT, _ = self._target_logprobs(model, chunk)
                 extra = {}
                 for k in ("logprobs", "advantages"):
                     if all(k in d.extra for d in chunk):
@@ -139,19 +138,80 @@ class Engine:
                         extra[k] = t
                 loss, wsum = compute_loss(loss_fn, lp_BT, w_BT, extra, loss_config)
             if backward:
-                loss.backward()
+                (loss * loss_scale).backward()
             loss_total += float(loss.detach())
             weight_total += wsum
             lp = lp_BT.detach().cpu()
             logprobs_out += [lp[i, : len(d)].tolist() for i, d in enumerate(chunk)]
+        return loss_total, weight_total, logprobs_out
+
+    def forward_backward(self, model, key: str, datums: Sequence[Datum], loss_fn: str,
+                         loss_config: dict, *, backward: bool = True,
+                         micro_tokens: int = 4096) -> ForwardResult:
+        """Sum of weighted per-token losses over ``datums`` and, with ``backward``,
+        its gradient w.r.t. the active LoRA weights (fp32)."""
+        params = self._lora_params(model, key)
+        for p in params.values():
+            p.grad = None
+        loss_total, weight_total, logprobs = self._accumulate(
+            model, datums, loss_fn, loss_config, backward=backward, micro_tokens=micro_tokens)
         grads = None
         if backward:
             grads = {n: (p.grad.detach().float().cpu() if p.grad is not None
                          else torch.zeros(p.shape)) for n, p in params.items()}
             for p in params.values():
                 p.grad = None
-        return ForwardResult(loss_total, weight_total, sum(len(d) for d in datums),
-                             logprobs_out, grads)
+        return ForwardResult(loss_total, weight_total, sum(len(d) for d in datums), logprobs,
+                             grads)
+
+    def train_local(self, model, key: str, model_id: str, datums: Sequence[Datum],
+                    *, steps: int, batch_size: int, learning_rate: float, betas=(0.9, 0.999),
+                    eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0,
+                    micro_tokens: int = 4096) -> tuple[dict[str, torch.Tensor], dict]:
+        """``steps`` local AdamW steps (mean token loss of ``batch_size`` datums
+        each, cycling through the shard in a seeded order) from the loaded
+        adapter. Returns (delta = local - start, metrics)."""
+        import random
+
+        params = self._lora_params(model, key)
+        start = {n: p.detach().clone() for n, p in params.items()}
+        opt = torch.optim.AdamW(list(params.values()), lr=learning_rate, betas=tuple(betas),
+                                eps=eps, weight_decay=weight_decay)
+        rng = random.Random(seed)
+        order: list[int] = []
+        losses, grad_norms, tokens, samples = [], [], 0, 0
+        started = time.monotonic()
+        try:
+            for _ in range(steps):
+                batch = []
+                while len(batch) < min(batch_size, len(datums)):
+                    if not order:
+                        order = list(range(len(datums)))
+                        rng.shuffle(order)
+                    batch.append(datums[order.pop()])
+                weight = sum(abs(w) for d in batch for w in d.weights) or 1.0
+                opt.zero_grad(set_to_none=True)
+                loss_sum, _, _ = self._accumulate(model, batch, "cross_entropy", {},
+                                                  backward=True, micro_tokens=micro_tokens,
+                                                  loss_scale=1.0 / weight)
+                grad_norms.append(float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in params.values() if p.grad is not None]))))
+                opt.step()
+                losses.append(loss_sum / weight)
+                tokens += sum(len(d) for d in batch)
+                samples += len(batch)
+            delta = {n: (p.detach() - start[n]).float().cpu() for n, p in params.items()}
+        finally:
+            # The local steps moved the cached adapter: forget which version it holds.
+            self._loaded.pop((model_id, key), None)
+            for p in params.values():
+                p.grad = None
+        metrics = {"train_loss_mean": sum(losses) / len(losses), "train_loss_last": losses[-1],
+                   "train_loss_first": losses[0],
+                   "grad_norm_mean": sum(grad_norms) / len(grad_norms), "steps": steps,
+                   "num_samples": samples, "tokens": tokens,
+                   "duration_s": time.monotonic() - started}
+        return delta, metrics
 
     @torch.no_grad()
     def sample(self, model, model_id: str, prompt_tokens: Sequence[Sequence[int]], *,

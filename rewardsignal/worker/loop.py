@@ -186,6 +186,8 @@ class Worker:
                 self._compute_pool, self._compute, task, adapter)
             msg["duration_s"] = time.monotonic() - started
             tokens = sum(len(d["model_input"]) for d in task["payload"].get("datums", []))
+            if task["kind"] == "train":
+                tokens = msg["result"]["tokens"]
             if tokens:
                 self.status.last_rate = tokens / max(msg["duration_s"], 1e-9)
             reply = await self._submit(task, msg)
@@ -269,6 +271,16 @@ class Worker:
         tok = self.engine.tokenizer(base)
         datums = [example_to_datum(d, tok, where=f"datums[{i}]")
                   for i, d in enumerate(payload["datums"])]
+        if task["kind"] == "train":
+            delta, metrics = self.engine.train_local(
+                model, key, base, datums, steps=payload["local_steps"],
+                batch_size=payload["batch_size"], learning_rate=payload["learning_rate"],
+                betas=(payload["beta1"], payload["beta2"]), eps=payload["eps"],
+                weight_decay=payload["weight_decay"], seed=payload["seed"],
+                micro_tokens=self._micro_tokens(datums))
+            codec = payload.get("codec", self.config.codec)
+            return {**msg, "codec": codec, "result": metrics,
+                    "tensors": protocol.tensors_to_bytes(encode(delta, codec))}
         backward = task["kind"] == "forward_backward"
         res = self._with_oom_retry(model, key, datums, payload, backward)
         msg["result"] = {"loss_sum": res.loss_sum, "weight_sum": res.weight_sum,
@@ -278,10 +290,14 @@ class Worker:
             msg["tensors"] = protocol.tensors_to_bytes(encode(res.grads, self.config.codec))
         return msg
 
+    def _micro_tokens(self, datums) -> int:
+        micro = self.config.micro_batch_tokens or (4096 if self.device.type == "cpu" else 16384)
+        return max(micro, max(len(d) for d in datums))
+
     def _with_oom_retry(self, model, key, datums, payload, backward):
         """Run the shard in micro-batches; on out-of-memory halve the micro-batch
         and retry. Sums are additive, so the result does not depend on the split."""
-        micro = self.config.micro_batch_tokens or (4096 if self.device.type == "cpu" else 16384)
+        micro = self._micro_tokens(datums)
         longest = max(len(d) for d in datums)
         while True:
             try:

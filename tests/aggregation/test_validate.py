@@ -61,3 +61,31 @@ def test_float_codecs_round_trip_within_their_precision(codec, tol):
 def test_decode_refuses_mislabelled_dtype():
     with pytest.raises(RejectedUpdate, match="codec fp16"):
         decode({"w": torch.zeros(2)}, "fp16")
+
+
+def test_int8_codec_error_bound_and_size():
+    from rewardsignal.protocol import tensors_to_bytes
+
+    gen = torch.Generator().manual_seed(4)
+    x = {"lora_A": torch.randn(8, 384, generator=gen), "lora_B": torch.randn(384, 8,
+                                                                             generator=gen),
+         "bias": torch.randn(10, generator=gen)}
+    enc = encode(x, "int8")
+    assert enc["lora_A::scale"].shape == (8, 1) and enc["lora_B::scale"].shape == (1, 8)
+    y = decode(enc, "int8")
+    for k in x:
+        dim = 1 if k == "lora_A" else 0
+        amax = x[k].abs().amax(dim=dim, keepdim=True) if x[k].dim() == 2 else x[k].abs().max()
+        assert bool(((y[k] - x[k]).abs() <= amax / 254 + 1e-7).all()), k
+    ratio = len(tensors_to_bytes(enc)) / len(tensors_to_bytes(x))
+    assert ratio <= 0.27, ratio
+    zeros = decode(encode({"z": torch.zeros(3, 3)}, "int8"), "int8")
+    assert torch.equal(zeros["z"], torch.zeros(3, 3))
+
+
+def test_int8_decode_refuses_bad_scales():
+    enc = encode({"w": torch.randn(4, 6)}, "int8")
+    with pytest.raises(RejectedUpdate, match="does not broadcast"):
+        decode({"w": enc["w"], "w::scale": torch.ones(5, 1)}, "int8")
+    with pytest.raises(RejectedUpdate):
+        decode({"w": enc["w"]}, "int8")
