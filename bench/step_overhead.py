@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
+from _cluster import Cluster
 
 
 class Reference:
@@ -69,35 +66,10 @@ def measure(model_id: str, batch: list, steps: int, r: int, lr: float
             ) -> tuple[list[float], list[float]]:
     """Alternate one reference step and one Signal step, so both see the same
     machine conditions (the other side sits idle meanwhile)."""
-    from rewardsignal import SignalClient
-
     ref = Reference(model_id, batch, r, lr)
-
-    data_dir = tempfile.mkdtemp(prefix="signal-bench-")
-    coord = subprocess.Popen([sys.executable, "-m", "rewardsignal.cli", "coordinator", "--port",
-                              "0", "--data-dir", data_dir, "--log-level", "warning"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    procs = [coord]
-    try:
-        url = None
-        deadline = time.monotonic() + 60
-        while url is None and time.monotonic() < deadline:
-            m = re.search(r"listening on (http://\S+)", coord.stdout.readline())
-            url = m.group(1) if m else None
-        if url is None:
-            raise SystemExit("coordinator did not start")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", url, "--device",
-             "cpu", "--name", "bench", "--max-tokens-per-task", "1000000",
-             "--micro-batch-tokens", "1000000", "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        client = SignalClient(base_url=url)
-        deadline = time.monotonic() + 120
-        while not client.list_workers():
-            if time.monotonic() > deadline:
-                raise SystemExit("worker did not register")
-            time.sleep(0.2)
-        run = client.create_run(base_model=model_id, lora_r=r, learning_rate=lr)
+    with Cluster(1, worker_args=("--max-tokens-per-task", "1000000",
+                                 "--micro-batch-tokens", "1000000")) as cluster:
+        run = cluster.client.create_run(base_model=model_id, lora_r=r, learning_rate=lr)
         ref_times, sig_times = [], []
         for _ in range(steps):
             ref_times.append(ref.step())
@@ -105,16 +77,7 @@ def measure(model_id: str, batch: list, steps: int, r: int, lr: float
             run.forward_backward(batch=batch)
             run.optim_step()
             sig_times.append(time.perf_counter() - t0)
-        client.close()
-        return ref_times, sig_times
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    return ref_times, sig_times
 
 
 def main() -> None:

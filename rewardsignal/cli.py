@@ -195,6 +195,42 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import time
+
+    from rewardsignal import SignalClient
+
+    with SignalClient(api_key=args.api_key, base_url=args.coordinator) as client:
+        st = client.status()
+    now = time.time()
+    print(f"coordinator {args.coordinator}: {len(st['runs'])} runs, "
+          f"{sum(w['status'] != 'gone' for w in st['workers'])} workers, tasks "
+          f"{st['tasks']['pending']} pending / {st['tasks']['leased']} leased\n")
+    print(_table(["RUN", "BASE MODEL", "VERSION", "LOSS", "LORA R", "PENDING FB"],
+                 [[r["run_id"], r["base_model"], r["version"],
+                   f"{r['last_loss']:.4f}" if r["last_loss"] is not None else None, r["lora_r"],
+                   r["pending_forward_backward"]] for r in st["runs"]]))
+    print()
+    print(_table(["WORKER", "DEVICE", "STATUS", "TOKENS/S", "TASKS", "REJECTED", "LAST SEEN"],
+                 [[w["name"], w["hardware"].get("gpu_name") or w["device"], w["status"],
+                   f"{w['tokens_per_s']:,.0f}" if w["tokens_per_s"] else None,
+                   w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago"]
+                  for w in st["workers"]]))
+    if st["rejections"]:
+        print("\nrejected updates: " + ", ".join(f"{k} {v}" for k, v in
+                                                 sorted(st["rejections"].items())))
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from rewardsignal import SignalClient
 
@@ -249,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_run_worker)
     m = sub.add_parser("models", help="list built-in models (builds them on first use)")
     m.set_defaults(func=_run_models)
+    st = sub.add_parser("status", help="a table of runs and workers on a coordinator")
+    st.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
+                    help="coordinator URL (env SIGNAL_URL)")
+    st.add_argument("--api-key", default=_env("SIGNAL_API_KEY"), help="env SIGNAL_API_KEY")
+    st.set_defaults(func=_run_status)
     t = sub.add_parser("train", help="run a federated job over a JSONL dataset")
     t.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
                    help="coordinator URL (env SIGNAL_URL)")
@@ -286,10 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    import aiohttp
+
     try:
         return args.func(args)
     except SignalError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+        url = getattr(args, "coordinator", None)
+        print(f"error: cannot reach the coordinator at {url} ({exc}); is it running? "
+              "Check --coordinator / SIGNAL_URL.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

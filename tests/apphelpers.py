@@ -83,3 +83,25 @@ class FakeWorker:
 DROP = object()  # a field value meaning: leave this field out
 
 
+
+
+def fake_step(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: float = 1.0,
+              weight_sum: float = 2.0) -> None:
+    """One forward_backward + optim_step, the fake worker submitting a small
+    gradient of the right shapes."""
+    import torch
+
+    from rewardsignal.protocol import tensors_to_bytes
+
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                       json={"batch": [{"text": "hello"}]}, expect=202)
+    task = worker.lease()
+    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[run_id].shapes.items()}
+    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+    code, _ = worker.submit(task, codec="fp32", tensors=tensors_to_bytes(grads),
+                            result={"loss_sum": loss_sum, "weight_sum": weight_sum,
+                                    "logprobs": lp}, duration_s=0.5)
+    assert code == 200
+    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+    _, req = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
+    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)

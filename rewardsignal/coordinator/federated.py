@@ -146,6 +146,8 @@ async def run_job(coord, run, job: FederatedJob) -> dict:
     try:
         if job.eval:
             loss = await _evaluate(coord, run, job)
+            if loss is not None:
+                coord.metrics.eval_loss.labels(run.run_id).set(loss)
             job.history.append({"round": 0, "version": run.version, "train_loss": None,
                                 "eval_loss": loss, "accepted": 0, "duration_s": 0.0})
             job._touch()
@@ -156,6 +158,7 @@ async def run_job(coord, run, job: FederatedJob) -> dict:
                 outcome, carry = await _one_round(coord, run, job, carry)
                 if outcome is not None:
                     break
+                coord.metrics.round_failures.labels(run.run_id).inc()
                 job.reason = (f"round {job.round + 1} attempt {attempt}: fewer than "
                               f"{cfg.min_updates_per_round} updates accepted within "
                               f"{cfg.round_timeout_s:g}s (rejected so far: "
@@ -272,6 +275,10 @@ async def _one_round(coord, run, job: FederatedJob, carry: list) -> tuple[dict |
                                               "job_id": job.job_id, "round": job.round + 1})
     entry["eval_loss"] = await _evaluate(coord, run, job) if job.eval else None
     entry["duration_s"] = time.monotonic() - started
+    coord.metrics.rounds.labels(run.run_id).inc()
+    coord.metrics.round_duration.labels(run.run_id).observe(entry["duration_s"])
+    if entry["eval_loss"] is not None:
+        coord.metrics.eval_loss.labels(run.run_id).set(entry["eval_loss"])
     log.info("round closed job=%s round=%d version=%d accepted=%d train_loss=%.4f eval_loss=%s",
              job.job_id, entry["round"], run.version, len(metrics), train_loss,
              f"{entry['eval_loss']:.4f}" if entry["eval_loss"] is not None else "-")

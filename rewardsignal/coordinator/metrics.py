@@ -56,6 +56,18 @@ class Metrics:
                                             registry=r)
         self.checkpoint_bytes = Gauge("signal_checkpoint_bytes", "size of the last checkpoint",
                                       ["run_id"], registry=r)
+        self.rounds = Counter("signal_rounds", "federated rounds closed", ["run_id"], registry=r)
+        self.round_duration = Histogram("signal_round_duration_seconds",
+                                        "time from round start to new version", ["run_id"],
+                                        buckets=_STEP_BUCKETS, registry=r)
+        self.round_failures = Counter("signal_round_failures", "round attempts that closed "
+                                      "without enough accepted updates", ["run_id"], registry=r)
+        self.eval_loss = Gauge("signal_eval_loss", "held-out loss after the last round",
+                               ["run_id"], registry=r)
+        self.worker_tasks = Gauge("signal_worker_tasks_completed", "tasks a worker completed",
+                                  ["worker"], registry=r)
+        self.worker_rate = Gauge("signal_worker_tokens_per_second", "a worker's measured "
+                                 "throughput (moving average)", ["worker"], registry=r)
         self.request_latency = Histogram("signal_http_request_duration_seconds",
                                          "HTTP request latency by route", ["route", "method"],
                                          buckets=_LATENCY_BUCKETS, registry=r)

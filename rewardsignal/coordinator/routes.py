@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -65,7 +66,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+_DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """The live dashboard: static HTML + JS (no CDN) that polls ``/v1/status``."""
+    return web.Response(body=_DASHBOARD.read_bytes(), content_type="text/html")
+
+
 # -- user endpoints ---------------------------------------------------------------------
+async def status(request: web.Request) -> web.Response:
+    owner = request.app[AUTH].user(request)
+    request.app[COORDINATOR].tick()
+    return web.json_response(request.app[COORDINATOR].status(owner))
+
+
 async def list_models(request: web.Request) -> web.Response:
     from rewardsignal.models import list_models as builtin_models
 
@@ -433,7 +448,9 @@ async def submit_result(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", dashboard)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/workers", list_workers)

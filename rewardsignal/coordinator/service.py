@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class Coordinator:
         self.datasets = DatasetStore(root / "datasets")
         self._tokenizers: dict[str, Any] = {}
         self._ticker: asyncio.Task | None = None
+        self._was_active: dict[str, bool] = {}
+        self.rejections: Counter = Counter()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,10 +107,21 @@ class Coordinator:
         counts = self.scheduler.counts()
         self.metrics.tasks_pending.set(counts["pending"])
         self.metrics.tasks_leased.set(counts["leased"])
-        ws = self.scheduler.workers.values()
+        ws = list(self.scheduler.workers.values())
         self.metrics.workers.labels("registered").set(len(ws))
         self.metrics.workers.labels("active").set(sum(w.active for w in ws))
         self.metrics.workers.labels("quarantined").set(sum(w.quarantined for w in ws))
+        # Per-worker series are rebuilt each tick so workers that left drop out.
+        self.metrics.worker_tasks.clear()
+        self.metrics.worker_rate.clear()
+        for w in ws:
+            if w.active:
+                self.metrics.worker_tasks.labels(w.name).set(w.tasks_completed)
+                self.metrics.worker_rate.labels(w.name).set(w.tokens_per_s or 0.0)
+            if w.active != self._was_active.get(w.worker_id, True):
+                log.info("worker %s id=%s name=%s", "joined" if w.active else "left",
+                         w.worker_id, w.name)
+            self._was_active[w.worker_id] = w.active
 
     # -- runs ------------------------------------------------------------------------------
     def tokenizer(self, model_id: str):
@@ -132,7 +146,7 @@ class Coordinator:
         run = Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
                   shapes=dict(shapes))
         await asyncio.to_thread(self.records.save_spec, spec)
-        await asyncio.to_thread(self.records.write_checkpoint, run)
+        await self._write_checkpoint(run)
         self._adopt(run)
         log.info("run created run_id=%s base=%s lora_r=%d params=%d", spec.run_id, base, lora.r,
                  sum(v.numel() for v in adapter.values()))
@@ -147,6 +161,16 @@ class Coordinator:
 
     def runs_of(self, owner: str) -> list[Run]:
         return [r for r in self.runs.values() if r.spec.owner == owner]
+
+    def status(self, owner: str) -> dict:
+        """Everything the dashboard shows, scoped to the caller's runs and jobs."""
+        jobs = [j.to_json() for j in self.jobs.values() if j.owner == owner]
+        for j in jobs:
+            j.pop("config", None)
+        return {"runs": [r.to_json() for r in self.runs_of(owner)],
+                "workers": [w.to_json() for w in self.scheduler.workers.values()],
+                "jobs": jobs[-50:], "rejections": dict(self.rejections),
+                "tasks": self.scheduler.counts(), "time": time.time()}
 
     def to_datums(self, run: Run, batch: list, name: str = "batch") -> list[Datum]:
         return examples_to_datums(batch, self.tokenizer(run.spec.base_model),
@@ -297,12 +321,8 @@ class Coordinator:
             run, version=run.version + 1, adapter=params, opt_state=state,
             opt_step=run.opt_step if opt_step is None else opt_step,
             history=[*run.history, history_entry])
-        t0 = time.monotonic()
-        path = await asyncio.to_thread(self.records.write_checkpoint, staged,
-                                       metrics=metrics or {"loss": history_entry.get("loss")})
-        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
-        self.metrics.checkpoint_bytes.labels(run.run_id).set(
-            sum(p.stat().st_size for p in path.iterdir()))
+        path = await self._write_checkpoint(
+            staged, metrics=metrics or {"loss": history_entry.get("loss")})
         run.version, run.adapter, run.opt_state, run.opt_step = (
             staged.version, params, state, staged.opt_step)
         run.history.append(history_entry)
@@ -323,6 +343,14 @@ class Coordinator:
             log.warning("run %s: a federated job starts with un-stepped gradients; they "
                         "are kept for the next optim_step", run.run_id)
         return await run_job(self, run, job)
+
+    async def _write_checkpoint(self, run: Run, metrics: dict | None = None) -> Path:
+        t0 = time.monotonic()
+        path = await asyncio.to_thread(self.records.write_checkpoint, run, metrics=metrics)
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
+        self.metrics.checkpoint_bytes.labels(run.run_id).set(
+            sum(p.stat().st_size for p in path.iterdir()))
+        return path
 
     async def _sample(self, run: Run, op: Op) -> dict:
         prompts: list[list[int]] = op.args["prompt_tokens"]
@@ -395,6 +423,7 @@ class Coordinator:
             task = self.scheduler.check_lease(task_id, str(lease_id), worker.worker_id)
         except ConflictError:
             self.metrics.updates_rejected.labels("unknown_lease").inc()
+            self.rejections["unknown_lease"] += 1
             raise
         if "error" in msg:
             error = str(msg.get("error"))[:500]
@@ -409,6 +438,7 @@ class Coordinator:
             if task.job_id in self.jobs:
                 self.jobs[task.job_id].note_rejection(exc.reason)
             self.metrics.updates_rejected.labels(exc.reason).inc()
+            self.rejections[exc.reason] += 1
             self.scheduler.note_rejection(worker, exc.reason)
             self.scheduler.release(task, lease_id, exc.message)
             log.warning("update rejected task=%s worker=%s reason=%s detail=%s", task_id,

@@ -112,6 +112,11 @@ class AsyncSignalClient:
     async def list_models(self) -> list[str]:
         return [m["model_id"] for m in (await self._http("GET", "/v1/models"))["models"]]
 
+    async def status(self) -> dict:
+        """What the dashboard shows: the caller's runs and jobs, all workers,
+        rejection counts by reason, task queue counts."""
+        return await self._http("GET", "/v1/status")
+
     async def list_workers(self) -> list[dict]:
         return (await self._http("GET", "/v1/workers"))["workers"]
 

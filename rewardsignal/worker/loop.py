@@ -243,8 +243,7 @@ class Worker:
         if key in self._weights:
             self._weights.move_to_end(key)
             return self._weights[key]
-        self.status.update("downloading", run=task["run_id"], version=task["version"])
-        raw = await self._call("GET", task["weights_url"], timeout_s=600)
+        raw = await self._download(task)
         if hashlib.sha256(raw).hexdigest() != task["weights_sha256"]:
             raise SignalError("downloaded weights do not match their sha256; retrying later")
         tensors = protocol.tensors_from_bytes(raw)
@@ -252,6 +251,29 @@ class Worker:
         while len(self._weights) > _WEIGHT_CACHE:
             self._weights.popitem(last=False)
         return tensors
+
+    async def _download(self, task: dict) -> bytes:
+        """GET the task's weights, showing bytes as they arrive."""
+        url = self.config.coordinator.rstrip("/") + task["weights_url"]
+        async with self._session.get(url, headers=self._headers(),
+                                     timeout=aiohttp.ClientTimeout(total=3600)) as resp:
+            if resp.status >= 400:
+                body = await resp.read()
+                try:
+                    import json as _json
+
+                    payload = _json.loads(body)
+                except ValueError:
+                    payload = None
+                raise error_from_json(resp.status, payload)
+            total = resp.content_length or 0
+            chunks, got = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                chunks.append(chunk)
+                got += len(chunk)
+                self.status.update("downloading", run=task["run_id"], version=task["version"],
+                                   bytes=f"{got / 1e6:.1f}/{total / 1e6:.1f} MB")
+            return b"".join(chunks)
 
     # -- compute (in a thread) -----------------------------------------------------------------
     def _compute(self, task: dict, adapter: dict) -> dict:

@@ -1,0 +1,74 @@
+"""A coordinator and worker processes on 127.0.0.1 for benchmarks."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+
+class Cluster:
+    def __init__(self, n_workers: int, *, threads: int | None = None,
+                 coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = ()
+                 ) -> None:
+        from rewardsignal import SignalClient
+
+        self.data_dir = tempfile.mkdtemp(prefix="signal-bench-")
+        self.procs: list[subprocess.Popen] = []
+        coord = subprocess.Popen([sys.executable, "-m", "rewardsignal.cli", "coordinator",
+                                  "--port", "0", "--data-dir", self.data_dir, "--log-level",
+                                  "warning", *coordinator_args],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(coord)
+        self.url = None
+        deadline = time.monotonic() + 60
+        while self.url is None and time.monotonic() < deadline:
+            m = re.search(r"listening on (http://\S+)", coord.stdout.readline())
+            self.url = m.group(1) if m else None
+        if self.url is None:
+            self.close()
+            raise SystemExit("coordinator did not start")
+        extra = ("--threads", str(threads)) if threads else ()
+        for i in range(n_workers):
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", self.url,
+                 "--device", "cpu", "--name", f"bench{i}", "--log-level", "warning", *extra,
+                 *worker_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.client = SignalClient(base_url=self.url)
+        deadline = time.monotonic() + 120
+        while len(self.client.list_workers()) < n_workers:
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit("workers did not register")
+            time.sleep(0.2)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one sample of /metrics (0 if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.client._loop.run(self.client._target._http("GET", "/metrics", raw=True))
+        total = 0.0
+        for fam in text_string_to_metric_families(text.decode()):
+            for s in fam.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+        return total
+
+    def close(self) -> None:
+        if getattr(self, "client", None) is not None:
+            self.client.close()
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
