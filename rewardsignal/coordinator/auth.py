@@ -1,9 +1,17 @@
-"""API keys (users) and worker tokens (workers): two scopes, stored hashed."""
+"""API keys (users) and worker tokens (workers): two scopes, stored hashed.
+
+Keys come from the command line / environment and from the ``keys`` table of
+the coordinator's database (``signal keys create``). Database keys are re-read
+whenever another process commits to the database (SQLite's ``data_version``),
+so a key created or revoked while the coordinator runs takes effect at once.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import sqlite3
+from pathlib import Path
 
 from aiohttp import web
 
@@ -17,13 +25,32 @@ def key_hash(key: str) -> str:
 
 
 class Auth:
-    def __init__(self, api_keys: tuple[str, ...], worker_tokens: tuple[str, ...]) -> None:
-        self._users = {key_hash(k) for k in api_keys}
-        self._workers = {key_hash(k) for k in worker_tokens}
+    def __init__(self, api_keys: tuple[str, ...], worker_tokens: tuple[str, ...],
+                 db_path: Path | None = None) -> None:
+        self._static = {"user": {key_hash(k) for k in api_keys},
+                        "worker": {key_hash(k) for k in worker_tokens}}
+        self._db_path = db_path
+        self._conn: sqlite3.Connection | None = None
+        self._db_version = -1
+        self._db_keys: dict[str, set[str]] = {"user": set(), "worker": set()}
 
-    @property
-    def open_users(self) -> bool:
-        return not self._users
+    def _keys(self, scope: str) -> set[str]:
+        if self._db_path is not None and self._db_path.exists():
+            if self._conn is None:
+                from rewardsignal.coordinator.db import connect
+
+                self._conn = connect(self._db_path)
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._db_version:
+                fresh: dict[str, set[str]] = {"user": set(), "worker": set()}
+                for s, h in self._conn.execute(
+                        "SELECT scope, hash FROM keys WHERE revoked IS NULL"):
+                    fresh[s].add(h)
+                self._db_keys, self._db_version = fresh, version
+        return self._static[scope] | self._db_keys[scope]
+
+    def has_keys(self, scope: str) -> bool:
+        return bool(self._keys(scope))
 
     @staticmethod
     def _bearer(request: web.Request) -> str | None:
@@ -32,7 +59,8 @@ class Auth:
             return header[len("Bearer "):].strip()
         return None
 
-    def _match(self, token: str | None, allowed: set[str]) -> str | None:
+    @staticmethod
+    def _match(token: str | None, allowed: set[str]) -> str | None:
         if token is None:
             return None
         h = key_hash(token)
@@ -40,21 +68,28 @@ class Auth:
 
     def user(self, request: web.Request) -> str:
         """The owner id of the caller's key (``local`` when no keys are set)."""
-        if not self._users:
+        users = self._keys("user")
+        if not users:
             return LOCAL_OWNER
         token = self._bearer(request)
         if token is None:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        h = self._match(token, self._users)
+        h = self._match(token, users)
         if h is None:
-            raise AuthError("invalid API key" + (" (that is a worker token, which cannot use "
-                                                 "user endpoints)" if self._match(
-                                                     token, self._workers) else ""))
+            hint = (" (that is a worker token, which cannot use user endpoints)"
+                    if self._match(token, self._keys("worker")) else "")
+            raise AuthError("invalid or revoked API key" + hint)
         return h[:16]
 
     def worker(self, request: web.Request) -> None:
-        if not self._workers:
+        workers = self._keys("worker")
+        if not workers:
             return
-        token = self._bearer(request)
-        if self._match(token, self._workers) is None:
-            raise AuthError("missing or invalid worker token: start the worker with --token")
+        if self._match(self._bearer(request), workers) is None:
+            raise AuthError("missing, invalid or revoked worker token: start the worker with "
+                            "--token")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

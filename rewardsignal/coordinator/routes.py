@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rewardsignal import __version__
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.checkpoints.store import check_name
+from rewardsignal.coordinator import submissions
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.errors import NotFoundError, ValidationError, http_status_for
 from rewardsignal.lora import LoraSpec
@@ -424,7 +425,7 @@ async def lease_task(request: web.Request) -> web.Response:
     if got is None:
         return web.Response(status=204)
     task, lease = got
-    return web.json_response(coord.task_message(task, lease.lease_id))
+    return web.json_response(submissions.task_message(coord, task, lease.lease_id))
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -441,7 +442,7 @@ async def submit_result(request: web.Request) -> web.Response:
     if not isinstance(msg, dict):
         raise ValidationError("submission must be a msgpack map")
     w = coord.scheduler.worker(str(msg.get("worker_id")))
-    out = await coord.submit(w, request.match_info["task_id"], msg)
+    out = await submissions.submit(coord, w, request.match_info["task_id"], msg)
     if request.content_type == MSGPACK:
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)

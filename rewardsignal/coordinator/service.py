@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rewardsignal.aggregation.codecs import decode
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
-from rewardsignal.aggregation.validate import UpdateLimits, validate_update
+from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.checkpoints import CheckpointStore, export_adapter, export_merged
 from rewardsignal.checkpoints.store import sha256_file
 from rewardsignal.coordinator.config import CoordinatorConfig
@@ -25,19 +24,17 @@ from rewardsignal.coordinator.datasets import DatasetStore
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.requests import Request, RequestRegistry
 from rewardsignal.coordinator.runs import Accumulator, Run, RunRecords, RunSpec, new_run_id
-from rewardsignal.coordinator.scheduler import Scheduler, Task, WorkerInfo
+from rewardsignal.coordinator.scheduler import Scheduler, Task
 from rewardsignal.data.examples import examples_to_datums
 from rewardsignal.data.types import Datum
 from rewardsignal.errors import (
     ConflictError,
     NotFoundError,
     NoWorkerError,
-    RejectedUpdate,
     RequestTimeoutError,
     SignalError,
     ValidationError,
 )
-from rewardsignal.protocol import tensors_from_bytes
 
 log = logging.getLogger("signal.coordinator")
 
@@ -401,162 +398,9 @@ class Coordinator:
             raise NotFoundError(f"run {run.run_id} has no saved state named {name!r}")
         return json.loads((out / "artifact.json").read_text()), out
 
-    # -- worker submissions ------------------------------------------------------------------
-    def task_message(self, task: Task, lease_id: str) -> dict:
-        run = self.runs[task.run_id]
-        manifest = self.store.path(run.run_id, task.version) / "manifest.json"
-        sha = json.loads(manifest.read_text())["files"]["adapter_model.safetensors"]["sha256"]
-        return {"task_id": task.task_id, "lease_id": lease_id, "kind": task.kind,
-                "run_id": run.run_id, "base_model": run.spec.base_model,
-                "fingerprint": run.spec.fingerprint, "version": task.version,
-                "lora": run.spec.lora.to_json(),
-                "weights_url": f"/v1/runs/{run.run_id}/weights/{task.version}",
-                "weights_sha256": sha, "lease_timeout_s": self.config.lease_timeout_s,
-                "payload": task.payload}
-
-    async def submit(self, worker: WorkerInfo, task_id: str, msg: dict) -> dict:
-        if task_id in self.scheduler.finished:
-            self.metrics.duplicates.inc()
-            return {"status": "duplicate"}
-        lease_id = msg.get("lease_id")
-        try:
-            task = self.scheduler.check_lease(task_id, str(lease_id), worker.worker_id)
-        except ConflictError:
-            self.metrics.updates_rejected.labels("unknown_lease").inc()
-            self.rejections["unknown_lease"] += 1
-            raise
-        if "error" in msg:
-            error = str(msg.get("error"))[:500]
-            log.warning("task failed on worker task=%s worker=%s error=%s", task_id, worker.name,
-                        error)
-            self.scheduler.release(task, lease_id, f"worker {worker.name}: {error}")
-            return {"status": "released"}
-        run = self.runs[task.run_id]
-        try:
-            result = await asyncio.to_thread(self._check_result, task, run, msg)
-        except RejectedUpdate as exc:
-            if task.job_id in self.jobs:
-                self.jobs[task.job_id].note_rejection(exc.reason)
-            self.metrics.updates_rejected.labels(exc.reason).inc()
-            self.rejections[exc.reason] += 1
-            self.scheduler.note_rejection(worker, exc.reason)
-            self.scheduler.release(task, lease_id, exc.message)
-            log.warning("update rejected task=%s worker=%s reason=%s detail=%s", task_id,
-                        worker.name, exc.reason, exc.detail)
-            raise
-        if task.done:  # another lease on the same task won while this one was checked
-            self.metrics.duplicates.inc()
-            return {"status": "duplicate"}
-        self.scheduler.complete(task, lease_id, result, tokens=task.tokens,
-                                duration_s=float(msg.get("duration_s") or 0.0))
-        self.metrics.updates_accepted.labels(task.kind).inc()
-        return {"status": "accepted"}
-
-    def _decode_tensors(self, msg: dict, kind: str) -> dict:
-        codec = msg.get("codec", "fp32")
-        raw = msg.get("tensors")
-        if not isinstance(raw, bytes):
-            raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
-        self.metrics.bytes_in.labels(kind, str(codec)[:8]).inc(len(raw))
-        try:
-            return decode(tensors_from_bytes(raw), str(codec))
-        except ValidationError as exc:
-            raise RejectedUpdate("malformed", exc.message) from None
-
-    def _check_delta(self, task: Task, run: Run, msg: dict, metrics: dict) -> dict:
-        delta = self._decode_tensors(msg, "delta")
-        staleness, norm = validate_update(
-            delta, weight=1.0, expected_shapes=run.shapes, task_version=task.version,
-            current_version=run.version, fingerprint=msg["fingerprint"],
-            expected_fingerprint=run.spec.fingerprint, limits=task.limits or self.limits)
-        self.metrics.staleness.observe(staleness)
-        self.metrics.update_norm.observe(norm)
-        return {"delta": delta, "metrics": metrics, "version": task.version}
-
-    def _check_result(self, task: Task, run: Run, msg: dict) -> dict:
-        """Decode and validate a submission (runs in a thread: tensor work)."""
-        fp = msg.get("fingerprint")
-        if not isinstance(fp, str) or fp != run.spec.fingerprint:
-            raise RejectedUpdate("fingerprint", f"base model fingerprint {str(fp)[:19]}... does "
-                                 f"not match the run's {run.spec.fingerprint[:19]}...")
-        if msg.get("version") != task.version:
-            raise RejectedUpdate("stale", f"computed on version {msg.get('version')!r}, the task "
-                                 f"named version {task.version}")
-        result = msg.get("result")
-        if not isinstance(result, dict):
-            raise RejectedUpdate("malformed", "missing 'result' object")
-        if task.kind == "sample":
-            return _check_sample(result, task)
-        if task.kind == "train":
-            return self._check_delta(task, run, msg, _check_train_metrics(result))
-        checked = _check_forward(result, task)
-        if task.kind == "forward_backward":
-            grads = self._decode_tensors(msg, "gradient")
-            staleness, norm = validate_update(
-                grads, weight=checked["weight_sum"], expected_shapes=run.shapes,
-                task_version=task.version, current_version=run.version, fingerprint=fp,
-                expected_fingerprint=run.spec.fingerprint, limits=self.limits)
-            self.metrics.staleness.observe(staleness)
-            self.metrics.update_norm.observe(norm)
-            checked["grads"] = grads
-        return checked
-
-
 def _sum_into(acc, grads):
     if acc is None:
         return grads
     for k, v in grads.items():
         acc[k].add_(v)
     return acc
-
-
-def _finite(x: object) -> bool:
-    import math
-
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_forward(result: dict, task: Task) -> dict:
-    datums = task.payload["datums"]
-    lps = result.get("logprobs")
-    if not _finite(result.get("loss_sum")) or not _finite(result.get("weight_sum")):
-        raise RejectedUpdate("nonfinite", "loss_sum and weight_sum must be finite numbers")
-    if not isinstance(lps, list) or len(lps) != len(datums):
-        raise RejectedUpdate("malformed", f"expected logprobs for {len(datums)} datums")
-    for lp, d in zip(lps, datums, strict=True):
-        if not isinstance(lp, list) or len(lp) != len(d["model_input"]):
-            raise RejectedUpdate("shape", "logprobs length does not match the datum")
-        if not all(_finite(x) for x in lp):
-            raise RejectedUpdate("nonfinite", "logprobs contain NaN or infinity")
-    return {"loss_sum": float(result["loss_sum"]), "weight_sum": float(result["weight_sum"]),
-            "logprobs": lps}
-
-
-_TRAIN_METRICS = ("train_loss_mean", "train_loss_last", "grad_norm_mean", "steps", "num_samples",
-                  "tokens", "duration_s")
-
-
-def _check_train_metrics(result: dict) -> dict:
-    for key in _TRAIN_METRICS:
-        if not _finite(result.get(key)):
-            raise RejectedUpdate("malformed", f"train metrics need a finite {key!r}")
-    if result["tokens"] <= 0 or result["steps"] <= 0:
-        raise RejectedUpdate("malformed", "train metrics report no work")
-    return {k: float(result[k]) for k in _TRAIN_METRICS}
-
-
-def _check_sample(result: dict, task: Task) -> dict:
-    outs = result.get("outputs")
-    n = len(task.payload["prompt_tokens"])
-    if not isinstance(outs, list) or len(outs) != n:
-        raise RejectedUpdate("malformed", f"expected {n} sample outputs")
-    for o in outs:
-        if (not isinstance(o, dict) or not isinstance(o.get("text"), str)
-                or not isinstance(o.get("tokens"), list) or not isinstance(o.get("logprobs"), list)
-                or len(o["tokens"]) != len(o["logprobs"])
-                or len(o["tokens"]) > task.payload["max_tokens"]
-                or not all(isinstance(t, int) for t in o["tokens"])
-                or not all(_finite(x) for x in o["logprobs"])):
-            raise RejectedUpdate("malformed", "sample output must have text, tokens and "
-                                 "matching finite logprobs")
-    return {"outputs": outs}

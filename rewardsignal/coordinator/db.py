@@ -1,0 +1,212 @@
+"""Durable coordinator state in SQLite (WAL): keys, runs, requests (the ordered
+operations of each run, with their results), gradients accepted but not yet
+stepped, workers and federated jobs.
+
+All access goes through one connection on one dedicated thread, so callers on
+the event loop ``await`` it and never block the loop on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    name TEXT PRIMARY KEY, scope TEXT NOT NULL CHECK (scope IN ('user', 'worker')),
+    hash TEXT NOT NULL UNIQUE, created REAL NOT NULL, revoked REAL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, spec TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, owner TEXT NOT NULL,
+    run_id TEXT NOT NULL, kind TEXT NOT NULL, args TEXT NOT NULL, timeout_s REAL,
+    status TEXT NOT NULL, result TEXT, created REAL NOT NULL, finished REAL);
+CREATE INDEX IF NOT EXISTS requests_open ON requests (status, run_id, seq);
+CREATE TABLE IF NOT EXISTS pending_grads (
+    request_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, version INTEGER NOT NULL,
+    path TEXT NOT NULL, weight REAL NOT NULL, reduction TEXT NOT NULL, loss_sum REAL NOT NULL,
+    loss_weight REAL NOT NULL, tokens INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY, name TEXT NOT NULL, info TEXT NOT NULL,
+    registered REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, owner TEXT NOT NULL, state TEXT NOT NULL,
+    updated REAL NOT NULL);
+"""
+
+# Finished requests kept for clients that come back late (older ones are pruned).
+_KEEP_FINISHED = 10_000
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)  # autocommit; explicit transactions
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._seq = 0
+
+    async def _do(self, fn, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self.path)
+            row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()
+            self._seq = row[0]
+        return self._conn
+
+    async def open(self) -> None:
+        await self._do(self._c)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._do(close)
+        self._pool.shutdown(wait=True)
+
+    # -- runs ------------------------------------------------------------------------
+    async def save_run(self, run_id: str, owner: str, spec: dict) -> None:
+        await self._do(lambda: self._c().execute(
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?)",
+            (run_id, owner, json.dumps(spec), time.time())))
+
+    async def runs(self) -> list[dict]:
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT spec FROM runs ORDER BY created").fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    # -- requests ----------------------------------------------------------------------
+    async def add_request(self, request_id: str, owner: str, run_id: str, kind: str,
+                          args: dict, timeout_s: float | None) -> None:
+        def add() -> None:
+            c = self._c()
+            self._seq += 1
+            c.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, "
+                      "NULL)", (request_id, self._seq, owner, run_id, kind, json.dumps(args),
+                                timeout_s, time.time()))
+
+        await self._do(add)
+
+    async def finish_request(self, request_id: str, status: str, result: dict) -> None:
+        def finish() -> None:
+            c = self._c()
+            c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, args = '{}' "
+                      "WHERE request_id = ?", (status, json.dumps(result), time.time(),
+                                               request_id))
+            c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
+                      "MAX(seq) FROM requests) - ?", (_KEEP_FINISHED,))
+
+        await self._do(finish)
+
+    async def open_requests(self) -> list[dict]:
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT request_id, owner, run_id, kind, args, timeout_s FROM requests "
+            "WHERE status = 'pending' ORDER BY seq").fetchall())
+        return [{"request_id": r[0], "owner": r[1], "run_id": r[2], "kind": r[3],
+                 "args": json.loads(r[4]), "timeout_s": r[5]} for r in rows]
+
+    async def finished_request(self, request_id: str) -> dict | None:
+        row = await self._do(lambda: self._c().execute(
+            "SELECT owner, run_id, kind, status, result FROM requests WHERE request_id = ? "
+            "AND status != 'pending'", (request_id,)).fetchone())
+        if row is None:
+            return None
+        return {"owner": row[0], "run_id": row[1], "kind": row[2], "status": row[3],
+                "result": json.loads(row[4])}
+
+    # -- gradients accepted but not yet stepped ----------------------------------------------
+    async def add_pending_grad(self, row: dict) -> None:
+        await self._do(lambda: self._c().execute(
+            "INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, :version, :path, "
+            ":weight, :reduction, :loss_sum, :loss_weight, :tokens)", row))
+
+    async def pending_grads(self, run_id: str) -> list[dict]:
+        def fetch() -> list[dict]:
+            cur = self._c().execute("SELECT * FROM pending_grads WHERE run_id = ?", (run_id,))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+        return await self._do(fetch)
+
+    async def drop_pending_grads(self, run_id: str, before_version: int) -> list[str]:
+        def drop() -> list[str]:
+            c = self._c()
+            paths = [r[0] for r in c.execute(
+                "SELECT path FROM pending_grads WHERE run_id = ? AND version < ?",
+                (run_id, before_version))]
+            c.execute("DELETE FROM pending_grads WHERE run_id = ? AND version < ?",
+                      (run_id, before_version))
+            return paths
+
+        return await self._do(drop)
+
+    # -- workers and jobs ----------------------------------------------------------------------
+    async def save_worker(self, worker_id: str, name: str, info: dict) -> None:
+        await self._do(lambda: self._c().execute(
+            "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
+            (worker_id, name, json.dumps(info), time.time())))
+
+    async def workers(self) -> list[dict]:
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT worker_id, info FROM workers").fetchall())
+        return [{"worker_id": r[0], **json.loads(r[1])} for r in rows]
+
+    async def save_job(self, job_id: str, run_id: str, owner: str, state: dict) -> None:
+        await self._do(lambda: self._c().execute(
+            "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
+            (job_id, run_id, owner, json.dumps(state), time.time())))
+
+    async def jobs(self) -> list[dict]:
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT state FROM jobs ORDER BY updated").fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+
+# -- keys: used synchronously by the CLI and by the coordinator's auth -------------------------
+def create_key(db_path: Path, name: str, scope: str, key_hash: str) -> None:
+    conn = connect(db_path)
+    try:
+        conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, NULL)",
+                     (name, scope, key_hash, time.time()))
+    except sqlite3.IntegrityError:
+        raise ValueError(f"a key named {name!r} already exists") from None
+    finally:
+        conn.close()
+
+
+def list_keys(db_path: Path) -> list[dict]:
+    conn = connect(db_path)
+    try:
+        return [{"name": r[0], "scope": r[1], "created": r[2], "revoked": r[3]}
+                for r in conn.execute("SELECT name, scope, created, revoked FROM keys "
+                                      "ORDER BY created")]
+    finally:
+        conn.close()
+
+
+def revoke_key(db_path: Path, name: str) -> bool:
+    conn = connect(db_path)
+    try:
+        cur = conn.execute("UPDATE keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                           (time.time(), name))
+        return cur.rowcount == 1
+    finally:
+        conn.close()
