@@ -8,6 +8,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -204,6 +205,39 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _run_keys(args: argparse.Namespace) -> int:
+    import secrets
+    import time
+
+    from rewardsignal.coordinator.auth import key_hash
+    from rewardsignal.coordinator.db import create_key, list_keys, revoke_key
+
+    db = Path(args.data_dir) / "signal.db"
+    if args.keys_command == "create":
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", args.name):
+            raise _die("--name must be 1-64 letters, digits, '_', '.', '@', '-'")
+        key = ("wt-" if args.worker else "sk-") + secrets.token_urlsafe(32)
+        try:
+            create_key(db, args.name, "worker" if args.worker else "user", key_hash(key))
+        except ValueError as exc:
+            raise _die(str(exc)) from None
+        print(key)
+        print(f"{'worker token' if args.worker else 'API key'} {args.name!r} created; it is "
+              "shown only this once (only its hash is stored)", file=sys.stderr)
+        return 0
+    if args.keys_command == "list":
+        keys = list_keys(db) if db.exists() else []
+        print(_table(["NAME", "SCOPE", "CREATED", "STATUS"],
+                     [[k["name"], k["scope"], time.strftime("%Y-%m-%d %H:%M",
+                                                            time.localtime(k["created"])),
+                       "revoked" if k["revoked"] else "active"] for k in keys]))
+        return 0
+    if not db.exists() or not revoke_key(db, args.name):
+        raise _die(f"no active key named {args.name!r} in {db}")
+    print(f"revoked {args.name!r}; a running coordinator refuses it from its next request")
+    return 0
+
+
 def _run_status(args: argparse.Namespace) -> int:
     import time
 
@@ -285,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_run_worker)
     m = sub.add_parser("models", help="list built-in models (builds them on first use)")
     m.set_defaults(func=_run_models)
+    k = sub.add_parser("keys", help="create, list and revoke API keys and worker tokens")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    for name, text in (("create", "make a new key (printed once)"), ("list", "list keys"),
+                       ("revoke", "revoke a key by name")):
+        kp = ksub.add_parser(name, help=text)
+        kp.add_argument("--data-dir", type=Path, default=_env("SIGNAL_DATA_DIR", Path,
+                                                              Path("./signal-data")),
+                        help="the coordinator's data directory (default ./signal-data)")
+        if name != "list":
+            kp.add_argument("name" if name == "revoke" else "--name",
+                            **({"required": True} if name == "create" else {}),
+                            help="the key's name")
+        if name == "create":
+            kp.add_argument("--worker", action="store_true",
+                            help="make a worker token instead of a user API key")
+    k.set_defaults(func=_run_keys)
     st = sub.add_parser("status", help="a table of runs and workers on a coordinator")
     st.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
                     help="coordinator URL (env SIGNAL_URL)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
 from rewardsignal.coordinator.auth import Auth
@@ -19,13 +21,15 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[make_error_middleware(metrics)])
     app[COORDINATOR] = coord
-    app[AUTH] = Auth(config.api_keys, config.worker_tokens)
+    auth = Auth(config.api_keys, config.worker_tokens, Path(config.data_dir) / "signal.db")
+    app[AUTH] = auth
     app[METRICS] = metrics
 
     async def lifecycle(app: web.Application):
         await coord.start()
         yield
         await coord.stop()
+        auth.close()
 
     async def wake_long_polls(app: web.Application) -> None:
         coord.scheduler.close()

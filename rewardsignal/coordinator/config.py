@@ -70,13 +70,16 @@ class CoordinatorConfig:
         except ValueError:
             return False
 
-    def check_exposure(self) -> None:
+    def check_exposure(self, *, stored_user_keys: bool = False,
+                       stored_worker_keys: bool = False) -> None:
         """Refuse to serve a non-loopback address without keys: anyone could
-        then create runs or submit gradients."""
+        then create runs or submit gradients. Keys made with ``signal keys
+        create`` count."""
         if self.is_loopback:
             return
-        missing = [name for name, v in (("--api-key", self.api_keys),
-                                        ("--worker-token", self.worker_tokens)) if not v]
+        missing = [name for name, v in (
+            ("--api-key", self.api_keys or stored_user_keys),
+            ("--worker-token", self.worker_tokens or stored_worker_keys)) if not v]
         if missing:
             raise ValidationError(
                 f"refusing to listen on {self.host} without {' and '.join(missing)}: anyone who "

@@ -118,6 +118,29 @@ class FederatedJob:
             self._cursor += 1
         return out
 
+    def state(self) -> dict:
+        """What the database keeps (the datums live in a file beside it)."""
+        return {"job_id": self.job_id, "run_id": self.run_id, "owner": self.owner,
+                "config": self.config.to_json(), "status": self.status, "round": self.round,
+                "reason": self.reason, "history": self.history, "rejected": dict(self.rejected),
+                "accepted": self.accepted, "created_at": self.created_at,
+                "cursor": self._cursor, "order": self._order,
+                "rng": list(self._rng.getstate()[1]) if self._rng else None}
+
+    @classmethod
+    def from_state(cls, st: dict, train: list[Datum], held_out: list[Datum]) -> FederatedJob:
+        cfg = dict(st["config"])
+        cfg["outer"] = OuterConfig(**cfg["outer"])
+        job = cls(st["job_id"], st["run_id"], st["owner"], FederatedConfig(**cfg), train,
+                  held_out, status=st["status"], round=st["round"], reason=st["reason"],
+                  history=st["history"], rejected=Counter(st["rejected"]),
+                  accepted=st["accepted"], created_at=st["created_at"])
+        job._cursor, job._order = st["cursor"], st["order"]
+        if st.get("rng") is not None:
+            job._rng = random.Random()
+            job._rng.setstate((3, tuple(st["rng"]), None))
+        return job
+
     def to_json(self) -> dict:
         finished = self.status in ("done", "failed", "cancelled")
         return {"job_id": self.job_id, "run_id": self.run_id, "status": self.status,
@@ -142,6 +165,7 @@ async def run_job(coord, run, job: FederatedJob) -> dict:
     cfg = job.config
     job.status = "running"
     job._touch()
+    await coord.save_job(job)
     carry: list = []
     try:
         if job.eval:
@@ -172,6 +196,7 @@ async def run_job(coord, run, job: FederatedJob) -> dict:
             job.reason = ""
             job.history.append(outcome)
             job._touch()
+            await coord.save_job(job)
         job.status = "done"
     except asyncio.CancelledError:
         job.status = "cancelled"
@@ -183,6 +208,7 @@ async def run_job(coord, run, job: FederatedJob) -> dict:
         for t in carry:
             coord.scheduler.cancel(t, "job ended")
         job._touch()
+    await coord.save_job(job)
     log.info("job finished job=%s status=%s rounds=%d version=%d", job.job_id, job.status,
              job.round, run.version)
     return job.to_json()

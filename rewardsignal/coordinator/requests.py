@@ -41,8 +41,9 @@ class RequestRegistry:
     def __init__(self) -> None:
         self._items: OrderedDict[str, Request] = OrderedDict()
 
-    def create(self, owner: str, run_id: str, kind: str) -> Request:
-        req = Request("req-" + secrets.token_hex(8), owner, run_id, kind,
+    def create(self, owner: str, run_id: str, kind: str, *, request_id: str | None = None
+               ) -> Request:
+        req = Request(request_id or "req-" + secrets.token_hex(8), owner, run_id, kind,
                       asyncio.get_running_loop().create_future())
         self._items[req.request_id] = req
         req.future.add_done_callback(lambda _f: self._trim())

@@ -177,8 +177,9 @@ async def run_op(request: web.Request) -> web.Response:
     elif op == "train_federated":
         job = await _federated_job(b, coord, run, owner)
         b.done()
-        req = coord.enqueue(owner, run, op, {"job_id": job.job_id}, None)
         coord.jobs[job.job_id] = job
+        await coord.save_job(job)
+        req = await coord.enqueue(owner, run, op, {"job_id": job.job_id}, None)
         return web.json_response({**req.to_json(), "job_id": job.job_id}, status=202)
     else:
         mode = b.str("mode", "adapter", choices=("adapter", "merged"))
@@ -187,7 +188,7 @@ async def run_op(request: web.Request) -> web.Response:
             check_name(name)
         args = {"mode": mode, "name": name}
     b.done()
-    req = coord.enqueue(owner, run, op, args, timeout_s)
+    req = await coord.enqueue(owner, run, op, args, timeout_s)
     return web.json_response(req.to_json(), status=202)
 
 
@@ -327,9 +328,19 @@ def _sample_args(b: Body, coord, run) -> dict:
 async def wait_request(request: web.Request) -> web.Response:
     owner = request.app[AUTH].user(request)
     timeout_s = _query_float(request, "timeout_s", 30.0, _MAX_WAIT_S)
-    req = await request.app[COORDINATOR].requests.wait(request.match_info["request_id"], owner,
-                                                       timeout_s)
-    body = req.to_json()
+    coord = request.app[COORDINATOR]
+    request_id = request.match_info["request_id"]
+    try:
+        req = await coord.requests.wait(request_id, owner, timeout_s)
+        body = req.to_json()
+    except NotFoundError:
+        # Finished before the coordinator last restarted: the database has it.
+        old = await coord.db.finished_request(request_id)
+        if old is None or old["owner"] != owner:
+            raise
+        body = {"request_id": request_id, "run_id": old["run_id"], "kind": old["kind"],
+                "status": old["status"],
+                **({"result": old["result"]} if old["status"] == "done" else old["result"])}
     if body["status"] == "failed":
         return web.json_response(body, status=http_status_for(body["error"]["code"]))
     return web.json_response(body, status=200 if body["status"] == "done" else 202)
@@ -407,9 +418,13 @@ async def register_worker(request: web.Request) -> web.Response:
         raise ValidationError("field 'models' must be a list of model ids")
     b.str("protocol", "1")
     b.done()
-    w = request.app[COORDINATOR].scheduler.register(
+    coord = request.app[COORDINATOR]
+    w = coord.scheduler.register(
         name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens,
         models=tuple(models) if models is not None else None)
+    await coord.db.save_worker(w.worker_id, name, {
+        "name": name, "device": device, "hardware": hardware,
+        "max_tokens_per_task": max_tokens, "models": models})
     return web.json_response({"worker_id": w.worker_id}, status=201)
 
 

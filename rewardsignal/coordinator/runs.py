@@ -1,22 +1,17 @@
-"""A run's state on the coordinator and its on-disk record.
+"""A run's state on the coordinator and its checkpoints.
 
 A run = base model + LoRA spec + optimizer config + version counter, plus the
 in-memory adapter, optimizer state and the gradient accumulated since the last
-step. ``run.json`` (the immutable spec) and the checkpoint store are the
-durable part: a restarted coordinator resumes each run at its latest valid
-checkpoint.
+step. The spec (in the database) and the checkpoint store are the durable part:
+a restarted coordinator resumes each run at its latest valid checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.aggregation.tensors import Tensors
@@ -111,6 +106,7 @@ class Run:
     ops: asyncio.Queue | None = None
     processor: asyncio.Task | None = None
     last_loss: float | None = None
+    recovered_grads: set[str] = field(default_factory=set)
 
     @property
     def run_id(self) -> str:
@@ -130,47 +126,29 @@ class Run:
 
 
 class RunRecords:
-    """``run.json`` per run next to the checkpoint store."""
+    """Checkpoints of runs (the run specs themselves live in the database)."""
 
-    def __init__(self, root: Path, store: CheckpointStore) -> None:
-        self.root = root
+    def __init__(self, store: CheckpointStore) -> None:
         self.store = store
-        root.mkdir(parents=True, exist_ok=True)
 
-    def save_spec(self, spec: RunSpec) -> None:
-        d = self.root / spec.run_id
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / ".run.json.tmp"
-        tmp.write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
-        tmp.replace(d / "run.json")
-
-    def write_checkpoint(self, run: Run, *, metrics: dict | None = None) -> Path:
+    def write_checkpoint(self, run: Run, *, metrics: dict | None = None,
+                         request_id: str | None = None) -> Path:
         return self.store.write(
             run.run_id, run.version, adapter=run.adapter, optimizer=run.opt_state,
             adapter_config=adapter_config_json(run.spec.lora, run.spec.base_model),
             parent_version=run.version - 1 if run.version else None, metrics=metrics,
             meta={"optimizer_step": run.opt_step, "run": run.spec.to_json(),
-                  "history": run.history[-1000:]})
+                  "history": run.history[-1000:], "request_id": request_id})
 
-    def load_all(self) -> list[Run]:
-        runs = []
-        for spec_file in sorted(self.root.glob("*/run.json")):
-            spec = RunSpec.from_json(json.loads(spec_file.read_text()))
-            version = self.store.latest(spec.run_id)
-            if version is None:
-                continue  # created but its version 0 never committed
-            ck = self.store.load(spec.run_id, version)
-            runs.append(Run(spec=spec, version=version, adapter=ck.adapter,
-                            opt_state=ck.optimizer,
-                            opt_step=int(ck.manifest.get("optimizer_step", 0)),
-                            shapes={k: tuple(v.shape) for k, v in ck.adapter.items()},
-                            history=list(ck.manifest.get("history", []))))
-        return runs
+    def load(self, spec: RunSpec) -> Run | None:
+        """The run at its newest valid checkpoint (None if version 0 never landed)."""
+        version = self.store.latest(spec.run_id)
+        if version is None:
+            return None
+        ck = self.store.load(spec.run_id, version)
+        return Run(spec=spec, version=version, adapter=ck.adapter, opt_state=ck.optimizer,
+                   opt_step=int(ck.manifest.get("optimizer_step", 0)),
+                   shapes={k: tuple(v.shape) for k, v in ck.adapter.items()},
+                   history=list(ck.manifest.get("history", [])))
 
 
-def zeros_like_adapter(adapter: Tensors) -> Tensors:
-    return {k: torch.zeros_like(v) for k, v in adapter.items()}
-
-
-def now() -> float:
-    return time.time()

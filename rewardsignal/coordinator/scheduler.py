@@ -139,6 +139,14 @@ class Scheduler:
                  max_tokens_per_task)
         return w
 
+    def restore_worker(self, worker_id: str, info: dict) -> None:
+        """A worker registered before a restart: known again, active once it calls."""
+        w = WorkerInfo(worker_id, info["name"], info["device"], info.get("hardware", {}),
+                       info.get("max_tokens_per_task", self.default_task_tokens),
+                       tuple(info["models"]) if info.get("models") else None)
+        w.last_seen -= _ACTIVE_WINDOW_S  # not active until it shows up
+        self.workers[worker_id] = w
+
     def worker(self, worker_id: str) -> WorkerInfo:
         w = self.workers.get(worker_id)
         if w is None:

@@ -14,15 +14,29 @@ from rewardsignal.coordinator.config import CoordinatorConfig
 log = logging.getLogger("signal.coordinator")
 
 
+def _stored_keys(config: CoordinatorConfig) -> tuple[bool, bool]:
+    from pathlib import Path
+
+    from rewardsignal.coordinator.db import list_keys
+
+    db = Path(config.data_dir) / "signal.db"
+    if not db.exists():
+        return False, False
+    active = [k for k in list_keys(db) if k["revoked"] is None]
+    return (any(k["scope"] == "user" for k in active),
+            any(k["scope"] == "worker" for k in active))
+
+
 async def serve(config: CoordinatorConfig) -> None:
-    config.check_exposure()
+    users, workers = _stored_keys(config)
+    config.check_exposure(stored_user_keys=users, stored_worker_keys=workers)
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
-    if not config.api_keys:
+    if not (config.api_keys or users):
         log.warning("no API keys configured: serving loopback only, with no authentication")
     # Tests and the demo read this line to learn the port; keep its shape.
     print(f"signal coordinator listening on http://{config.host}:{port}", flush=True)

@@ -21,6 +21,7 @@ from rewardsignal.checkpoints import CheckpointStore, export_adapter, export_mer
 from rewardsignal.checkpoints.store import sha256_file
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.datasets import DatasetStore
+from rewardsignal.coordinator.db import Database
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.requests import Request, RequestRegistry
 from rewardsignal.coordinator.runs import Accumulator, Run, RunRecords, RunSpec, new_run_id
@@ -56,7 +57,9 @@ class Coordinator:
         self.metrics = metrics or Metrics()
         root = Path(config.data_dir)
         self.store = CheckpointStore(config.checkpoints_root, keep_last=config.keep_last_checkpoints)
-        self.records = RunRecords(root / "runs", self.store)
+        self.records = RunRecords(self.store)
+        self.db = Database(root / "signal.db")
+        self.pending_dir = root / "pending"
         self.artifacts_dir = root / "artifacts"
         self.scheduler = Scheduler(
             lease_timeout_s=config.lease_timeout_s, max_attempts=config.max_task_attempts,
@@ -76,9 +79,10 @@ class Coordinator:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        for run in await asyncio.to_thread(self.records.load_all):
-            self._adopt(run)
-            log.info("run resumed run_id=%s version=%d", run.run_id, run.version)
+        from rewardsignal.coordinator.recovery import restore
+
+        await self.db.open()
+        await restore(self)
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def stop(self) -> None:
@@ -87,6 +91,7 @@ class Coordinator:
             if t is not None:
                 t.cancel()
         await asyncio.gather(*[t for t in tasks if t is not None], return_exceptions=True)
+        await self.db.close()
 
     def _adopt(self, run: Run) -> None:
         run.ops = asyncio.Queue()
@@ -142,8 +147,8 @@ class Coordinator:
                        spec_args["max_length"], time.time())
         run = Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
                   shapes=dict(shapes))
-        await asyncio.to_thread(self.records.save_spec, spec)
         await self._write_checkpoint(run)
+        await self.db.save_run(spec.run_id, owner, spec.to_json())
         self._adopt(run)
         log.info("run created run_id=%s base=%s lora_r=%d params=%d", spec.run_id, base, lora.r,
                  sum(v.numel() for v in adapter.values()))
@@ -173,10 +178,17 @@ class Coordinator:
         return examples_to_datums(batch, self.tokenizer(run.spec.base_model),
                                   max_length=run.spec.max_length, name=name)
 
-    def enqueue(self, owner: str, run: Run, kind: str, args: dict, timeout_s: float | None
-                ) -> Request:
+    async def enqueue(self, owner: str, run: Run, kind: str, args: dict,
+                      timeout_s: float | None) -> Request:
+        """Accept an operation: it is written to the database before it is queued
+        (and before the caller hears 202), so a restart re-runs it."""
+        from rewardsignal.coordinator.recovery import args_to_json
+
         req = self.requests.create(owner, run.run_id, kind)
-        run.ops.put_nowait(Op(kind, req, args, timeout_s or self.config.request_timeout_s))
+        timeout_s = timeout_s or self.config.request_timeout_s
+        await self.db.add_request(req.request_id, owner, run.run_id, kind,
+                                  args_to_json(kind, args), timeout_s)
+        run.ops.put_nowait(Op(kind, req, args, timeout_s))
         return req
 
     # -- ordered processing ----------------------------------------------------------------
@@ -228,6 +240,10 @@ class Coordinator:
         else:
             if not fut.done():
                 fut.set_result(result)
+        body = op.request.to_json()
+        await self.db.finish_request(op.request.request_id, body["status"],
+                                     body.get("result") if body["status"] == "done"
+                                     else {"error": body["error"]})
 
     async def _gather_tasks(self, tasks: list[Task]):
         """Yield (index, result) as tasks finish; cancel the rest on exit."""
@@ -271,6 +287,15 @@ class Coordinator:
         loss = loss_sum / weight_sum if weight_sum else 0.0
         num_tokens = sum(len(d) for d in datums)
         if backward:
+            # Durable before it counts: a restart finds this gradient and either
+            # adds it back (not yet stepped) or drops it (already in a version).
+            path = self.pending_dir / run.run_id / f"{op.request.request_id}.safetensors"
+            await asyncio.to_thread(_save_tensors, grads, path)
+            await self.db.add_pending_grad({
+                "request_id": op.request.request_id, "run_id": run.run_id,
+                "version": run.version, "path": str(path), "weight": weight_sum,
+                "reduction": op.args["reduction"], "loss_sum": loss_sum,
+                "loss_weight": weight_sum, "tokens": num_tokens})
             await asyncio.to_thread(run.accum.add, grads, weight_sum, op.args["reduction"])
             run.accum.calls += 1
             run.accum.tokens += num_tokens
@@ -300,8 +325,11 @@ class Coordinator:
         # Keep any other state the run carries (a federated job's outer momentum).
         state = {**run.opt_state, **state}
         await self.commit_version(run, params, state, history_entry=entry, opt_step=step,
-                                  metrics={"loss": loss, "tokens": accum.tokens})
+                                  metrics={"loss": loss, "tokens": accum.tokens},
+                                  request_id=op.request.request_id)
         run.accum = Accumulator()
+        for stale in await self.db.drop_pending_grads(run.run_id, run.version):
+            Path(stale).unlink(missing_ok=True)
         self.metrics.steps.labels(run.run_id).inc()
         self.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
@@ -310,7 +338,8 @@ class Coordinator:
                 "learning_rate": cfg.learning_rate}
 
     async def commit_version(self, run: Run, params, state, *, history_entry: dict,
-                             opt_step: int | None = None, metrics: dict | None = None) -> Path:
+                             opt_step: int | None = None, metrics: dict | None = None,
+                             request_id: str | None = None) -> Path:
         """Make version v+1 from new weights and optimizer state. The checkpoint
         is written before the version becomes visible: a crash in between leaves
         the old version current and this one unannounced."""
@@ -319,7 +348,8 @@ class Coordinator:
             opt_step=run.opt_step if opt_step is None else opt_step,
             history=[*run.history, history_entry])
         path = await self._write_checkpoint(
-            staged, metrics=metrics or {"loss": history_entry.get("loss")})
+            staged, metrics=metrics or {"loss": history_entry.get("loss")},
+            request_id=request_id)
         run.version, run.adapter, run.opt_state, run.opt_step = (
             staged.version, params, state, staged.opt_step)
         run.history.append(history_entry)
@@ -341,9 +371,27 @@ class Coordinator:
                         "are kept for the next optim_step", run.run_id)
         return await run_job(self, run, job)
 
-    async def _write_checkpoint(self, run: Run, metrics: dict | None = None) -> Path:
+    async def save_job(self, job) -> None:
+        """Persist a federated job's progress (its datums are written once)."""
+        from rewardsignal.coordinator.recovery import job_datums_path
+
+        path = job_datums_path(self, job.job_id)
+        if not path.exists():
+            def write() -> None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"train": [d.to_json() for d in job.train],
+                                           "eval": [d.to_json() for d in job.eval]}))
+                tmp.replace(path)
+
+            await asyncio.to_thread(write)
+        await self.db.save_job(job.job_id, job.run_id, job.owner, job.state())
+
+    async def _write_checkpoint(self, run: Run, metrics: dict | None = None,
+                                request_id: str | None = None) -> Path:
         t0 = time.monotonic()
-        path = await asyncio.to_thread(self.records.write_checkpoint, run, metrics=metrics)
+        path = await asyncio.to_thread(self.records.write_checkpoint, run, metrics=metrics,
+                                       request_id=request_id)
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
         self.metrics.checkpoint_bytes.labels(run.run_id).set(
             sum(p.stat().st_size for p in path.iterdir()))
@@ -397,6 +445,19 @@ class Coordinator:
         if "/" in name or name.startswith(".") or not (out / "artifact.json").is_file():
             raise NotFoundError(f"run {run.run_id} has no saved state named {name!r}")
         return json.loads((out / "artifact.json").read_text()), out
+
+def _save_tensors(tensors, path: Path) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
 
 def _sum_into(acc, grads):
     if acc is None:
