@@ -209,3 +209,39 @@ def test_weights_are_immutable_and_cacheable(harness):
         return resp.status
 
     assert harness.call(conditional()) == 304
+
+
+def test_stored_keys_and_revocation(tmp_path):
+    from rewardsignal.coordinator.auth import key_hash
+    from rewardsignal.coordinator.db import create_key, revoke_key
+
+    db = tmp_path / "data" / "signal.db"
+    create_key(db, "carol", "user", key_hash("sk-carol"))
+    create_key(db, "dave", "user", key_hash("sk-dave"))
+    create_key(db, "fleet", "worker", key_hash("wt-fleet"))
+    h = Harness(tmp_path / "data")
+    try:
+        carol = {"Authorization": "Bearer sk-carol"}
+        dave = {"Authorization": "Bearer sk-dave"}
+        _error(h, "GET", "/v1/runs", 401)  # stored keys switch auth on
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           headers=carol, expect=201)
+        rid = run["run_id"]
+        code, _ = h.request("POST", "/v1/workers/register", json={"name": "w", "device": "cpu"})
+        assert code == 401
+        # Carol saves state; Dave cannot see it, its files, or the run's weights.
+        _, req = h.request("POST", f"/v1/runs/{rid}/save_state", json={"name": "mine"},
+                           headers=carol, expect=202)
+        h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=10", headers=carol,
+                  expect=200)
+        h.request("GET", f"/v1/runs/{rid}/artifacts/mine", headers=carol, expect=200)
+        _error(h, "GET", f"/v1/runs/{rid}/artifacts/mine", 404, headers=dave)
+        _error(h, "GET", f"/v1/runs/{rid}/artifacts/mine/files/adapter_model.safetensors", 404,
+               headers=dave)
+        _error(h, "GET", f"/v1/requests/{req['request_id']}", 404, headers=dave)
+        # Revoked while the coordinator runs: refused from the next request on.
+        assert revoke_key(db, "carol")
+        assert "revoked" in _error(h, "GET", "/v1/runs", 401, headers=carol)
+        h.request("GET", "/v1/runs", headers=dave, expect=200)
+    finally:
+        h.close()
