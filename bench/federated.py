@@ -59,7 +59,8 @@ def part_a(model: str, rounds: int) -> list[dict]:
     return rows
 
 
-def part_b(model: str, target: float, max_steps: int, max_rounds: int) -> dict:
+def part_b(model: str, target: float, max_steps: int, max_rounds: int,
+           local_steps: int = 32) -> dict:
     ex = sample_examples()
     with Cluster(2, threads=1) as c:
         run = c.client.create_run(base_model=model, lora_r=8, learning_rate=2e-3)
@@ -70,7 +71,7 @@ def part_b(model: str, target: float, max_steps: int, max_rounds: int) -> dict:
             run.forward_backward(batch=batch)
             run.optim_step()
             steps = step
-            if step % 4 == 0:
+            if step % 2 == 0:
                 grads = c.metric("signal_bytes_received_total", kind="gradient")
                 weights = c.metric("signal_bytes_served_total", kind="weights")
                 loss = run.forward(ex[HELD_OUT])["loss"]
@@ -89,7 +90,8 @@ def part_b(model: str, target: float, max_steps: int, max_rounds: int) -> dict:
         fed_reached, rounds = None, 0
         for rounds in range(1, max_rounds + 1):
             job = run.train_federated(ex[TRAIN], eval_dataset=ex[HELD_OUT], rounds=1,
-                                      local_steps=16, batch_size=8, tasks_per_round=2,
+                                      local_steps=local_steps, batch_size=8,
+                                      tasks_per_round=2,
                                       outer_optimizer="nesterov", inner_learning_rate=2e-3,
                                       seed=rounds, round_timeout_s=600)
             st = job.wait(timeout=1200, progress=False)
@@ -102,7 +104,7 @@ def part_b(model: str, target: float, max_steps: int, max_rounds: int) -> dict:
         per_update = deltas / (2 * rounds)
         fed_bytes = deltas + per_update * 2 * rounds
     fed = {"rounds": rounds, "bytes": fed_bytes, "reached": fed_reached}
-    print(f"  (b) federated: {rounds} rounds, {fed_bytes / 1e6:.1f} MB, eval "
+    print(f"  (b) federated (K={local_steps}): {rounds} rounds, {fed_bytes / 1e6:.1f} MB, eval "
           f"{st['eval_loss'][-1]:.4f}", flush=True)
     return {"sync": sync, "fed": fed, "target": target,
             "ratio": sync["bytes"] / fed["bytes"] if fed["bytes"] else float("nan")}
@@ -182,9 +184,9 @@ def main() -> None:
     ap.add_argument("--model", default="signal-small")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--target", type=float, default=None,
-                    help="eval loss for (b); default: 90%% of the way from the initial "
-                         "eval loss to the fp32 run's final loss in (a)")
+                    help="held-out loss both paths must reach in (b) (default 1.5)")
     ap.add_argument("--parts", default="abc")
+    ap.add_argument("--local-steps", type=int, default=32, help="K for part (b)")
     args = ap.parse_args()
     from rewardsignal.models import resolve_model_path
 
@@ -199,8 +201,9 @@ def main() -> None:
             print(f"    {r['codec']:5s} {r['bytes_per_update']:>12,.0f}  {r['bytes_ratio']:.3f}"
                   f"    {r['eval']:.4f}     {r['eval_ratio']:.4f}")
     if "b" in args.parts:
-        target = args.target or 3.0
-        b = part_b(args.model, target, max_steps=200, max_rounds=20)
+        target = args.target or 1.5
+        b = part_b(args.model, target, max_steps=200, max_rounds=20,
+                   local_steps=args.local_steps)
         print(f"(b) target eval loss {target}: sync {b['sync']['steps']} steps "
               f"{b['sync']['bytes'] / 1e6:.1f} MB (reached {b['sync']['reached']}); federated "
               f"{b['fed']['rounds']} rounds {b['fed']['bytes'] / 1e6:.1f} MB (reached "

@@ -258,7 +258,7 @@ async def _one_round(coord, run, job: FederatedJob, carry: list) -> tuple[dict |
             res = f.result()
             staleness = run.version - res["version"]
             weight = res["metrics"]["tokens"] * staleness_weight(staleness)
-            delta = res["delta"]
+            delta = res.pop("delta")  # the task's future must not keep it alive
             if cfg.clip_norm is not None:
                 delta = await asyncio.to_thread(clip_to_norm, delta, cfg.clip_norm)
             if cfg.aggregator == "mean":

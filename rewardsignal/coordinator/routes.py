@@ -31,16 +31,21 @@ _MAX_WAIT_S = 120.0
 _OPS = ("forward_backward", "forward", "optim_step", "sample", "save_state", "train_federated")
 
 
-async def read_body(request: web.Request) -> object:
-    raw = await request.read()
-    if request.content_type == MSGPACK:
-        return unpack(raw, max_bytes=request.app[COORDINATOR].config.max_body_bytes)
+def decode_body(raw: bytes, content_type: str, max_bytes: int) -> object:
+    if content_type == MSGPACK:
+        return unpack(raw, max_bytes=max_bytes)
     if not raw:
         return {}
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValidationError(f"body is not valid JSON: {exc}") from None
+
+
+async def read_body(request: web.Request) -> object:
+    raw = await request.read()
+    return decode_body(raw, request.content_type,
+                       request.app[COORDINATOR].config.max_body_bytes)
 
 
 def _query_float(request: web.Request, key: str, default: float, hi: float) -> float:
@@ -450,14 +455,33 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"leases_extended": coord.scheduler.heartbeat(w)})
 
 
+async def _submission_slot(request: web.Request) -> None:
+    """``Expect: 100-continue`` handler for submissions: the worker's body is not
+    sent until a slot is free, so back-pressure reaches the worker's socket and
+    the coordinator never holds more than a few updates, however many workers
+    submit at once."""
+    await request.app[COORDINATOR].submission_slots.acquire()
+    request["slot"] = True
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
 async def submit_result(request: web.Request) -> web.Response:
-    request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
-    msg = await read_body(request)
-    if not isinstance(msg, dict):
-        raise ValidationError("submission must be a msgpack map")
-    w = coord.scheduler.worker(str(msg.get("worker_id")))
-    out = await submissions.submit(coord, w, request.match_info["task_id"], msg)
+    if not request.get("slot"):  # a client that sent no Expect header
+        await coord.submission_slots.acquire()
+    try:
+        request.app[AUTH].worker(request)
+        raw = await request.read()
+        # A multi-MB map: parse it off the event loop.
+        msg = await asyncio.to_thread(decode_body, raw, request.content_type,
+                                      coord.config.max_body_bytes)
+        if not isinstance(msg, dict):
+            raise ValidationError("submission must be a msgpack map")
+        w = coord.scheduler.worker(str(msg.get("worker_id")))
+        out = await submissions.submit(coord, w, request.match_info["task_id"], msg)
+    finally:
+        coord.submission_slots.release()
     if request.content_type == MSGPACK:
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)
@@ -484,4 +508,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/workers/register", register_worker)
     app.router.add_post("/v1/workers/{worker_id}/lease", lease_task)
     app.router.add_post("/v1/workers/{worker_id}/heartbeat", heartbeat)
-    app.router.add_post("/v1/tasks/{task_id}/result", submit_result)
+    app.router.add_post("/v1/tasks/{task_id}/result", submit_result,
+                        expect_handler=_submission_slot)

@@ -104,6 +104,8 @@ class Task:
     last_error: str = ""
     job_id: str | None = None     # the federated job a train task belongs to
     limits: Any = None            # per-job UpdateLimits for train tasks
+    sink: Any = None              # where an accepted gradient is summed (GradientSum)
+    claimed: bool = False         # a submission passed validation and is being applied
 
     @property
     def done(self) -> bool:
@@ -189,10 +191,10 @@ class Scheduler:
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,
                  payload: dict, tokens: int, preferred_worker: str | None = None,
-                 job_id: str | None = None, limits: Any = None) -> Task:
+                 job_id: str | None = None, limits: Any = None, sink: Any = None) -> Task:
         task = Task("t-" + secrets.token_hex(8), kind, run_id, base_model, version, payload,
                     tokens, asyncio.get_running_loop().create_future(), preferred_worker,
-                    job_id=job_id, limits=limits)
+                    job_id=job_id, limits=limits, sink=sink)
         self.tasks[task.task_id] = task
         self.pending.append(task.task_id)
         self._notify()

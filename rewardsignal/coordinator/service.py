@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ from rewardsignal.errors import (
 
 log = logging.getLogger("signal.coordinator")
 
+# forward passes of one run computed at once: each holds one adapter-sized partial
+# sum until it completes, so this bounds coordinator memory per run.
+_MAX_INFLIGHT_PER_RUN = 4
+# Submissions read and checked at once (each holds one update in memory).
+_SUBMISSION_SLOTS = 4
 # Operations that change the run's weights wait for everything queued before them.
 _BARRIERS = ("optim_step", "save_state", "train_federated")
 
@@ -76,6 +82,7 @@ class Coordinator:
         self._ticker: asyncio.Task | None = None
         self._was_active: dict[str, bool] = {}
         self.rejections: Counter = Counter()
+        self.submission_slots = asyncio.Semaphore(_SUBMISSION_SLOTS)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -201,6 +208,8 @@ class Coordinator:
             op: Op = await run.ops.get()
             if op.kind in _BARRIERS and inflight:
                 await asyncio.wait(inflight)
+            while len(inflight) >= _MAX_INFLIGHT_PER_RUN:
+                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             t = asyncio.create_task(self._execute(run, op))
             if op.kind in _BARRIERS:
                 await t
@@ -268,22 +277,23 @@ class Coordinator:
         datums: list[Datum] = op.args["datums"]
         backward = op.kind == "forward_backward"
         plan = self.scheduler.plan_shards(datums, run.spec.base_model)
+        # Shard gradients are added into this sum as they are accepted (in the
+        # submission path), so none of them waits around in memory.
+        sink = GradientSum() if backward else None
         tasks = [self.scheduler.add_task(
             kind=op.kind, **self._task_payload(run), tokens=sum(len(datums[i]) for i in idx),
-            preferred_worker=worker,
+            preferred_worker=worker, sink=sink,
             payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": op.args["loss_fn"],
                      "loss_fn_config": op.args["loss_fn_config"]})
             for idx, worker in plan]
         logprobs: list[Any] = [None] * len(datums)
-        grads = None
         loss_sum = weight_sum = 0.0
         async for i, res in self._gather_tasks(tasks):
             for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
                 logprobs[j] = lp
             loss_sum += res["loss_sum"]
             weight_sum += res["weight_sum"]
-            if backward:
-                grads = await asyncio.to_thread(_sum_into, grads, res["grads"])
+        grads = sink.value() if backward else None
         loss = loss_sum / weight_sum if weight_sum else 0.0
         num_tokens = sum(len(d) for d in datums)
         if backward:
@@ -459,9 +469,21 @@ def _save_tensors(tensors, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _sum_into(acc, grads):
-    if acc is None:
-        return grads
-    for k, v in grads.items():
-        acc[k].add_(v)
-    return acc
+class GradientSum:
+    """Thread-safe running sum of shard gradients of one forward_backward."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sum: dict | None = None
+
+    def add(self, grads: dict) -> None:
+        with self._lock:
+            if self._sum is None:
+                self._sum = grads
+            else:
+                for k, v in grads.items():
+                    self._sum[k].add_(v)
+
+    def value(self) -> dict:
+        assert self._sum is not None, "every shard was accepted, so the sum exists"
+        return self._sum

@@ -62,9 +62,12 @@ async def submit(coord, worker: WorkerInfo, task_id: str, msg: dict) -> dict:
         log.warning("update rejected task=%s worker=%s reason=%s detail=%s", task_id,
                     worker.name, exc.reason, exc.detail)
         raise
-    if task.done:  # another lease on the same task won while this one was checked
+    if task.done or task.claimed:  # another lease won while this one was checked
         coord.metrics.duplicates.inc()
         return {"status": "duplicate"}
+    task.claimed = True  # claimed on the event loop: exactly one submission gets past here
+    if task.sink is not None:
+        await asyncio.to_thread(task.sink.add, result.pop("grads"))
     coord.scheduler.complete(task, lease_id, result, tokens=task.tokens,
                             duration_s=float(msg.get("duration_s") or 0.0))
     coord.metrics.updates_accepted.labels(task.kind).inc()

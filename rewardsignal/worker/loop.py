@@ -78,14 +78,14 @@ class Worker:
         return h
 
     async def _call(self, method: str, path: str, *, json=None, data=None, params=None,
-                    content_type=None, timeout_s: float = 60.0):
+                    content_type=None, timeout_s: float = 60.0, expect100: bool = False):
         headers = self._headers()
         if content_type:
             headers["Content-Type"] = content_type
         url = self.config.coordinator.rstrip("/") + path
         async with self._session.request(
                 method, url, json=json, data=data, params=params, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                expect100=expect100, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             body = await resp.read()
             if resp.status == 204:
                 return None
@@ -229,9 +229,11 @@ class Worker:
         body = protocol.pack({**msg, "worker_id": self.worker_id, "lease_id": task["lease_id"]})
         for attempt in range(4):
             try:
+                # Expect: 100-continue: the body goes out once the coordinator
+                # has room for it.
                 return await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
                                         data=body, content_type=protocol.MSGPACK,
-                                        timeout_s=timeout_s)
+                                        timeout_s=timeout_s, expect100=True)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 if attempt == 3:
                     raise

@@ -1,0 +1,210 @@
+"""Coordinator under a swarm: simulated workers on 127.0.0.1, real protocol, no compute.
+
+One coordinator process; N lightweight asyncio workers in this process register,
+long-poll for tasks and submit a realistic LoRA-sized update (signal-small with
+LoRA r=64: 3.5M parameters, fp16 = 7 MB) for every task, for a bounded time. A
+driver keeps forward_backward requests queued so there is always work. Reports
+workers held, submissions/s, MB/s ingested, p50/p99 lease latency (a lease call
+that found work waiting), errors, and the coordinator's peak RSS as a multiple
+of the update size.
+
+    python bench/coordinator_load.py [--workers 1000] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiohttp
+import msgpack
+import torch
+
+from rewardsignal.aggregation.codecs import encode
+from rewardsignal.protocol import MSGPACK, tensors_from_bytes, tensors_to_bytes
+
+MODEL = "signal-small"
+
+
+def _vm_hwm_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Swarm:
+    def __init__(self, url: str, n: int, fingerprint: str, tensor_bin: bytes,
+                 deadline: float) -> None:
+        self.url, self.n, self.fp, self.deadline = url, n, fingerprint, deadline
+        self.tensor_bin = tensor_bin  # msgpack-encoded bin of the safetensors update
+        self.lease_latencies: list[float] = []
+        self.submissions = 0
+        self.bytes_sent = 0
+        self.errors: list[str] = []
+        self.registered = 0
+
+    def _body(self, worker_id: str, task: dict) -> bytes:
+        lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+        fields = {"worker_id": worker_id, "lease_id": task["lease_id"], "fingerprint": self.fp,
+                  "version": task["version"], "codec": "fp16", "duration_s": 1.0,
+                  "result": {"loss_sum": 1.0, "weight_sum": float(sum(map(len, lp))),
+                             "num_tokens": sum(map(len, lp)), "logprobs": lp}}
+        # Splice the pre-packed tensor bytes in rather than re-packing 7 MB each time.
+        head = bytes([0xDF]) + (len(fields) + 1).to_bytes(4, "big")
+        parts = [head] + [msgpack.packb(k) + msgpack.packb(v, use_bin_type=True)
+                          for k, v in fields.items()]
+        return b"".join(parts) + msgpack.packb("tensors") + self.tensor_bin
+
+    async def worker(self, session: aiohttp.ClientSession, i: int) -> None:
+        async with session.post(self.url + "/v1/workers/register",
+                                json={"name": f"sim-{i}", "device": "cpu",
+                                      "max_tokens_per_task": 10_000}) as r:
+            if r.status != 201:
+                self.errors.append(f"register {r.status}")
+                return
+            wid = (await r.json())["worker_id"]
+        self.registered += 1
+        while time.monotonic() < self.deadline:
+            t0 = time.monotonic()
+            try:
+                async with session.post(f"{self.url}/v1/workers/{wid}/lease",
+                                        params={"timeout_s": "2"}) as r:
+                    if r.status == 204:
+                        continue
+                    if r.status != 200:
+                        self.errors.append(f"lease {r.status}")
+                        continue
+                    task = await r.json()
+                self.lease_latencies.append(time.monotonic() - t0)
+                body = self._body(wid, task)
+                async with session.post(f"{self.url}/v1/tasks/{task['task_id']}/result",
+                                        data=body, headers={"Content-Type": MSGPACK},
+                                        expect100=True) as r:
+                    await r.read()
+                    if r.status != 200:
+                        self.errors.append(f"submit {r.status}")
+                        continue
+                self.submissions += 1
+                self.bytes_sent += len(body)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.errors.append(type(exc).__name__)
+
+
+async def drive(url: str, run_id: str, deadline: float, batch: int) -> int:
+    """Keep three forward_backward requests in flight until the deadline."""
+    sent = 0
+    async with aiohttp.ClientSession() as s:
+        pending: set[asyncio.Task] = set()
+
+        async def one() -> None:
+            async with s.post(f"{url}/v1/runs/{run_id}/forward_backward",
+                              json={"batch": [{"text": f"load {i}"} for i in range(batch)],
+                                    "timeout_s": 3600}) as r:
+                request_id = (await r.json())["request_id"]
+            while time.monotonic() < deadline:  # wait for it, as the SDK would
+                async with s.get(f"{url}/v1/requests/{request_id}",
+                                 params={"timeout_s": "5"}) as r:
+                    if r.status != 202:
+                        return
+
+        while time.monotonic() < deadline:
+            while len(pending) < 3:
+                pending.add(asyncio.create_task(one()))
+                sent += 1
+            done, pending = await asyncio.wait(pending, timeout=0.5)
+        for t in pending:
+            t.cancel()
+    return sent
+
+
+async def main_async(args) -> None:
+    from rewardsignal.models import fingerprint, resolve_model_path
+
+    resolve_model_path(MODEL)
+    data_dir = tempfile.mkdtemp(prefix="signal-load-")
+    coord = subprocess.Popen([sys.executable, "-m", "rewardsignal.cli", "coordinator", "--port",
+                              "0", "--data-dir", data_dir, "--log-level", "warning",
+                              "--lease-timeout-s", "600"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = None
+        while url is None:
+            m = re.search(r"listening on (http://\S+)", coord.stdout.readline())
+            url = m.group(1) if m else None
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            async with session.post(url + "/v1/runs", json={"base_model": MODEL,
+                                                            "lora_r": args.lora_r}) as r:
+                run = await r.json()
+            async with session.get(f"{url}/v1/runs/{run['run_id']}/weights/0") as r:
+                shapes = {k: v.shape for k, v in tensors_from_bytes(await r.read()).items()}
+            params = sum(torch.Size(s).numel() for s in shapes.values())
+            update = tensors_to_bytes(encode({k: torch.full(s, 1e-3) for k, s in
+                                              shapes.items()}, "fp16"))
+            tensor_bin = msgpack.packb(update, use_bin_type=True)
+            start = time.monotonic()
+            deadline = start + args.seconds
+            swarm = Swarm(url, args.workers, fingerprint(MODEL), tensor_bin, deadline)
+            workers = [asyncio.create_task(swarm.worker(session, i))
+                       for i in range(args.workers)]
+            while swarm.registered < args.workers and time.monotonic() < start + 60:
+                await asyncio.sleep(0.1)
+            measure_from = time.monotonic()
+            sub0, bytes0 = swarm.submissions, swarm.bytes_sent
+            fbs = await drive(url, run["run_id"], deadline, batch=args.workers)
+            elapsed = time.monotonic() - measure_from
+            await asyncio.gather(*workers, return_exceptions=True)
+            async with session.get(url + "/v1/workers") as r:
+                held = len((await r.json())["workers"])
+        rss = _vm_hwm_bytes(coord.pid)
+        lat = sorted(swarm.lease_latencies)
+        p50 = statistics.median(lat) if lat else float("nan")
+        p99 = lat[int(0.99 * (len(lat) - 1))] if lat else float("nan")
+        subs = swarm.submissions - sub0
+        mb = (swarm.bytes_sent - bytes0) / 1e6
+        report = {
+            "workers_requested": args.workers, "workers_held": held,
+            "update_params": params, "update_mb_fp16": len(update) / 1e6,
+            "seconds": round(elapsed, 1), "forward_backward_requests": fbs,
+            "submissions": subs, "submissions_per_s": round(subs / elapsed, 1),
+            "mb_per_s_ingested": round(mb / elapsed, 1), "lease_p50_ms": round(p50 * 1e3, 1),
+            "lease_p99_ms": round(p99 * 1e3, 1), "errors": len(swarm.errors),
+            "error_kinds": sorted(set(swarm.errors))[:5],
+            "coordinator_peak_rss_mb": round(rss / 1e6, 1),
+            "peak_rss_over_update_size": round(rss / len(update), 1)}
+        print(json.dumps(report, indent=2))
+        print(f"targets: p99 lease latency < 250 ms: {report['lease_p99_ms'] < 250}; "
+              f"no errors: {report['errors'] == 0}; workers held {held}/{args.workers}")
+    finally:
+        coord.terminate()
+        try:
+            coord.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            coord.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--lora-r", type=int, default=64)
+    args = ap.parse_args()
+    if not 1 <= args.workers <= 5000 or not 1 <= args.seconds <= 600:
+        raise SystemExit("--workers must be in [1, 5000] and --seconds in [1, 600]")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
