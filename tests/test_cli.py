@@ -64,3 +64,25 @@ def test_demo_runs_and_loss_falls(tmp_path):
     assert float(m.group(2)) < 0.7 * float(m.group(1))
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").exists()
     assert "/metrics" in out and "Coordinator and workers stopped." in out
+
+
+def test_keys_create_list_revoke(tmp_path):
+    res = _cli("keys", "create", "--data-dir", str(tmp_path), "--name", "alice")
+    assert res.returncode == 0 and res.stdout.strip().startswith("sk-")
+    assert "shown only this once" in res.stderr
+    res = _cli("keys", "create", "--data-dir", str(tmp_path), "--name", "fleet", "--worker")
+    assert res.stdout.strip().startswith("wt-")
+    assert "already exists" in _cli("keys", "create", "--data-dir", str(tmp_path), "--name",
+                                    "alice").stderr
+    listing = _cli("keys", "list", "--data-dir", str(tmp_path)).stdout
+    assert "alice" in listing and "fleet" in listing and "active" in listing
+    assert key_not_in(listing)
+    assert _cli("keys", "revoke", "--data-dir", str(tmp_path), "alice").returncode == 0
+    assert "revoked" in _cli("keys", "list", "--data-dir", str(tmp_path)).stdout
+    res = _cli("keys", "revoke", "--data-dir", str(tmp_path), "nobody")
+    assert res.returncode == 2 and "no active key named 'nobody'" in res.stderr
+
+
+def key_not_in(text: str) -> bool:
+    """Listing shows names, never key material."""
+    return "sk-" not in text and "wt-" not in text
