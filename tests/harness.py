@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -87,3 +88,21 @@ def wait_workers(url: str, n: int, timeout_s: float = 90.0, api_key: str | None 
             return
         time.sleep(0.2)
     raise AssertionError(f"{n} workers did not register within {timeout_s}s")
+
+
+def free_port() -> str:
+    """A port free right now on 127.0.0.1 (for restarting a coordinator on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def wait_busy(client, timeout_s: float = 30.0) -> str:
+    """The name of the first worker seen computing a task."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = [w["name"] for w in client.list_workers() if w["status"] == "busy"]
+        if busy:
+            return busy[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no worker became busy within {timeout_s}s")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
-from harness import start_coordinator, start_worker, wait_workers
+from harness import free_port, start_coordinator, start_worker, wait_busy, wait_workers
 from reference import ReferenceTrainer
 
 from rewardsignal import SignalClient
@@ -19,11 +18,6 @@ from rewardsignal.protocol import tensors_from_bytes
 pytestmark = pytest.mark.slow
 LR = 1e-3
 
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _weights(client, run, version):
@@ -55,14 +49,9 @@ def test_worker_killed_mid_task_step_completes_and_matches_reference(tmp_path):
         killed = []
 
         def kill_when_busy():
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                busy = [w for w in client.list_workers() if w["status"] == "busy"]
-                if busy:
-                    workers[int(busy[0]["name"][1:])].kill9()
-                    killed.append(busy[0]["name"])
-                    return
-                time.sleep(0.01)
+            name = wait_busy(client)
+            workers[int(name[1:])].kill9()
+            killed.append(name)
 
         t = threading.Thread(target=kill_when_busy)
         t.start()
@@ -81,7 +70,7 @@ def test_worker_killed_mid_task_step_completes_and_matches_reference(tmp_path):
 
 
 def test_coordinator_killed_between_forward_backward_and_optim_step(tmp_path):
-    port = _free_port()
+    port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port)
     worker = start_worker(url, "w0")
     client = SignalClient(base_url=url)
@@ -106,10 +95,7 @@ def test_coordinator_killed_between_forward_backward_and_optim_step(tmp_path):
         result: dict = {}
         t = threading.Thread(target=lambda: result.update(run.forward_backward(ex[12:250])))
         t.start()
-        deadline = time.monotonic() + 30
-        while not [w for w in client.list_workers() if w["status"] == "busy"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_busy(client)
         coord.kill9()
         coord, _ = start_coordinator(tmp_path / "data", "--port", port)
         coord.wait_for(r"requeued 1 requests accepted before the restart", 10)
@@ -126,7 +112,7 @@ def test_coordinator_killed_between_forward_backward_and_optim_step(tmp_path):
 
 
 def test_coordinator_killed_mid_federated_round(tmp_path):
-    port = _free_port()
+    port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port)
     workers = [start_worker(url, f"w{i}") for i in range(2)]
     client = SignalClient(base_url=url)

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from harness import start_coordinator, start_worker, wait_workers
+from harness import start_coordinator, start_worker, wait_busy, wait_workers
 
 from rewardsignal import SignalClient
 from rewardsignal.data import sample_examples
@@ -80,15 +80,10 @@ def test_dead_worker_round_closes_at_timeout_with_the_others(tmp_path):
         killed = {}
 
         def kill_first_busy_worker():
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not killed:
-                for w in c.client.list_workers():
-                    if w["status"] == "busy":
-                        time.sleep(0.5)  # well inside its local steps
-                        c.workers[int(w["name"][1:])].kill9()
-                        killed["name"] = w["name"]
-                        return
-                time.sleep(0.1)
+            name = wait_busy(c.client)
+            time.sleep(0.5)  # well inside its local steps
+            c.workers[int(name[1:])].kill9()
+            killed["name"] = name
 
         t = threading.Thread(target=kill_first_busy_worker)
         t.start()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import pytest
-from harness import start_coordinator, start_worker, wait_workers
+from harness import free_port, start_coordinator, start_worker, wait_workers
 
 from rewardsignal import SignalClient
 from rewardsignal.data import sample_examples
@@ -15,14 +14,9 @@ from rewardsignal.data import sample_examples
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_worker_survives_coordinator_restart_and_run_resumes(tmp_path):
-    port = str(_free_port())
+    port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port)
     worker = start_worker(url, "survivor")
     client = SignalClient(base_url=url)
