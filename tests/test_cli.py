@@ -33,6 +33,8 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     (["worker", "--coordinator", "http://127.0.0.1:1", "--device", "tpu"], "--device must be"),
     (["worker", "--coordinator", "http://127.0.0.1:1", "--codec", "zip"], "invalid choice"),
     (["launch"], "invalid choice"),
+    (["train", "--dataset", "/nonexistent.jsonl"], "no such file"),
+    (["train", "--dataset", "x.jsonl", "--outer-optimizer", "adam"], "invalid choice"),
 ])
 def test_bad_flags_say_what_is_wrong(args, message):
     res = _cli(*args)

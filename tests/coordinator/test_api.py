@@ -245,3 +245,29 @@ def test_stored_keys_and_revocation(tmp_path):
         h.request("GET", "/v1/runs", headers=dave, expect=200)
     finally:
         h.close()
+
+
+def test_federated_job_cancel_and_bad_arguments(harness):
+    run_id = _run(harness)
+    msg = _error(harness, "POST", f"/v1/runs/{run_id}/train_federated", 400,
+                 json={"examples": [{"text": "hi"}], "rounds": 2, "aggregator": "krum"})
+    assert "aggregator" in msg
+    msg = _error(harness, "POST", f"/v1/runs/{run_id}/train_federated", 400,
+                 json={"examples": [{"text": "hi"}], "rounds": 1, "tasks_per_round": 2,
+                       "min_updates_per_round": 3})
+    assert "min_updates_per_round" in msg
+    _error(harness, "POST", f"/v1/runs/{run_id}/train_federated", 404,
+           json={"dataset_id": "ds-000000000000", "rounds": 1})
+    _, req = harness.request("POST", f"/v1/runs/{run_id}/train_federated",
+                             json={"examples": [{"text": "hi"}], "rounds": 3,
+                                   "round_timeout_s": 30}, expect=202)
+    job_id = req["job_id"]
+    _, st = harness.request("GET", f"/v1/jobs/{job_id}", expect=200)
+    assert st["status"] in ("queued", "running") and st["rounds"] == 3
+    _, st = harness.request("POST", f"/v1/jobs/{job_id}/cancel", json={}, expect=200)
+    code, done = harness.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=10")
+    assert code == 200 and done["result"]["status"] == "cancelled"
+    _, st = harness.request("GET", f"/v1/jobs/{job_id}", expect=200)
+    assert st["status"] == "cancelled" and st["finished"] and st["version"] is None
+    assert harness.coordinator.runs[run_id].version == 0
+    assert not harness.coordinator.scheduler.tasks  # its train tasks were withdrawn

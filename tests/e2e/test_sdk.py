@@ -135,3 +135,19 @@ def test_typed_errors_reach_the_caller(cluster):
         run.optim_step()
     assert "signal-tiny" in client.list_models()
     assert {w["name"] for w in client.list_workers()} == {"w0", "w1"}
+
+
+def test_status_cli_shows_runs_and_workers(cluster):
+    import subprocess
+    import sys
+
+    url, client = cluster
+    run = client.create_run(base_model="signal-tiny", lora_r=2)
+    res = subprocess.run([sys.executable, "-m", "rewardsignal.cli", "status", "--coordinator",
+                          url], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert run.run_id in res.stdout and "signal-tiny" in res.stdout
+    assert "w0" in res.stdout and "w1" in res.stdout and "WORKER" in res.stdout
+    dead = subprocess.run([sys.executable, "-m", "rewardsignal.cli", "status", "--coordinator",
+                           "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    assert dead.returncode == 2 and "cannot reach the coordinator" in dead.stderr
