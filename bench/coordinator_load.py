@@ -87,9 +87,15 @@ class Swarm:
                     task = await r.json()
                 self.lease_latencies.append(time.monotonic() - t0)
                 body = self._body(wid, task)
+                slot = None
+                while slot is None and time.monotonic() < self.deadline + 60:
+                    async with session.post(f"{self.url}/v1/workers/{wid}/upload-slot",
+                                            params={"timeout_s": "20"}) as r:
+                        if r.status == 200:
+                            slot = (await r.json())["slot"]
                 async with session.post(f"{self.url}/v1/tasks/{task['task_id']}/result",
                                         data=body, headers={"Content-Type": MSGPACK},
-                                        expect100=True) as r:
+                                        params={"slot": slot} if slot else None) as r:
                     await r.read()
                     if r.status != 200:
                         self.errors.append(f"submit {r.status}")

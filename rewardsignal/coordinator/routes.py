@@ -455,21 +455,22 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"leases_extended": coord.scheduler.heartbeat(w)})
 
 
-async def _submission_slot(request: web.Request) -> None:
-    """``Expect: 100-continue`` handler for submissions: the worker's body is not
-    sent until a slot is free, so back-pressure reaches the worker's socket and
-    the coordinator never holds more than a few updates, however many workers
-    submit at once."""
-    await request.app[COORDINATOR].submission_slots.acquire()
-    request["slot"] = True
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+async def upload_slot(request: web.Request) -> web.Response:
+    """Long-poll for a slot to upload a submission into (see ``slots``)."""
+    request.app[AUTH].worker(request)
+    coord = request.app[COORDINATOR]
+    coord.scheduler.worker(request.match_info["worker_id"])
+    slot = await coord.upload_slots.reserve(_query_float(request, "timeout_s", 20.0,
+                                                         _MAX_WAIT_S))
+    if slot is None:
+        return web.Response(status=204)
+    return web.json_response({"slot": slot, "hold_s": coord.upload_slots.hold_s})
 
 
 async def submit_result(request: web.Request) -> web.Response:
     coord = request.app[COORDINATOR]
-    if not request.get("slot"):  # a client that sent no Expect header
-        await coord.submission_slots.acquire()
+    if not coord.upload_slots.take(request.query.get("slot")):
+        await coord.upload_slots.acquire()  # no reserved slot: wait for one here
     try:
         request.app[AUTH].worker(request)
         raw = await request.read()
@@ -481,7 +482,7 @@ async def submit_result(request: web.Request) -> web.Response:
         w = coord.scheduler.worker(str(msg.get("worker_id")))
         out = await submissions.submit(coord, w, request.match_info["task_id"], msg)
     finally:
-        coord.submission_slots.release()
+        coord.upload_slots.release()
     if request.content_type == MSGPACK:
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)
@@ -508,5 +509,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/workers/register", register_worker)
     app.router.add_post("/v1/workers/{worker_id}/lease", lease_task)
     app.router.add_post("/v1/workers/{worker_id}/heartbeat", heartbeat)
-    app.router.add_post("/v1/tasks/{task_id}/result", submit_result,
-                        expect_handler=_submission_slot)
+    app.router.add_post("/v1/workers/{worker_id}/upload-slot", upload_slot)
+    app.router.add_post("/v1/tasks/{task_id}/result", submit_result)

@@ -11,6 +11,7 @@ task may be leased a second time to an idle worker: first result wins.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -28,6 +29,8 @@ log = logging.getLogger("signal.scheduler")
 _ACTIVE_WINDOW_S = 60.0
 # A shard meant for another (active) worker may be stolen after waiting this long.
 _STEAL_AFTER_S = 0.5
+# How far into the pending queue a worker looks for a task it may steal.
+_SCAN_LIMIT = 256
 # Finished task ids remembered so a late or replayed submission is a no-op.
 _REMEMBER_DONE = 50_000
 
@@ -129,7 +132,11 @@ class Scheduler:
         self.metrics = metrics
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.closing = False
-        self._wakeup = asyncio.Event()
+        # Long-polling leases park a future here; new work wakes one per task
+        # (no thundering herd of a thousand idle workers re-scanning the queue).
+        self._waiters: deque[asyncio.Future] = deque()
+        self._preferred: dict[str, deque[str]] = {}
+        self._stragglers: tuple[float, list[Task]] = (0.0, [])
 
     # -- workers -----------------------------------------------------------------
     def register(self, *, name: str, device: str, hardware: dict, max_tokens_per_task: int,
@@ -197,6 +204,8 @@ class Scheduler:
                     job_id=job_id, limits=limits, sink=sink)
         self.tasks[task.task_id] = task
         self.pending.append(task.task_id)
+        if preferred_worker is not None:
+            self._preferred.setdefault(preferred_worker, deque()).append(task.task_id)
         self._notify()
         return task
 
@@ -215,44 +224,69 @@ class Scheduler:
         except ValueError:
             pass
 
-    def _notify(self) -> None:
-        self._wakeup.set()
+    def _notify(self, n: int = 1) -> None:
+        """Wake ``n`` parked leases to look for work."""
+        while n > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                n -= 1
 
     def close(self) -> None:
         """Answer every long-poll now so shutdown does not wait on them."""
         self.closing = True
-        self._notify()
+        self._notify(len(self._waiters))
 
     def _pick_pending(self, w: WorkerInfo) -> Task | None:
+        own = self._preferred.get(w.worker_id)
+        while own:
+            t = self.tasks.get(own.popleft())
+            # Still waiting (not leased, finished or handed to someone else)?
+            if (t is not None and not t.done and not t.leases
+                    and t.preferred_worker == w.worker_id):
+                return t
         now = time.monotonic()
-        fallback: Task | None = None
-        for tid in self.pending:
+        # The queue's head is enough: past it sit younger shards of the same requests.
+        for tid in itertools.islice(self.pending, _SCAN_LIMIT):
             t = self.tasks[tid]
             if not w.serves(t.base_model):
                 continue
             if t.preferred_worker in (None, w.worker_id):
                 return t
             owner = self.workers.get(t.preferred_worker)
-            if fallback is None and (owner is None or not owner.active or owner.quarantined
-                                     or now - t.created > _STEAL_AFTER_S):
-                fallback = t
-        return fallback
+            if (owner is None or not owner.active or owner.quarantined
+                    or now - t.created > _STEAL_AFTER_S):
+                return t
+        return None
 
-    def _pick_straggler(self, w: WorkerInfo) -> Task | None:
+    def _straggler_candidates(self) -> list[Task]:
+        """Leased tasks running far past their expected time, recomputed at most
+        twice a second however many workers ask."""
         now = time.monotonic()
+        stamp, found = self._stragglers
+        if now - stamp < 0.5:
+            return found
+        found = []
         for t in self.tasks.values():
             # Federated train tasks are not duplicated: a round already tolerates a
             # missing worker (it closes at its timeout with the others).
-            if (t.done or t.kind == "train" or len(t.leases) != 1
-                    or not w.serves(t.base_model)):
+            if t.done or t.kind == "train" or len(t.leases) != 1:
                 continue
             (lease,) = t.leases.values()
-            if lease.worker_id == w.worker_id:
-                continue
             holder = self.workers.get(lease.worker_id)
             rate = holder.tokens_per_s if holder and holder.tokens_per_s else None
             expected = t.tokens / rate if rate else self.straggler_min_s
             if now - lease.started > max(self.straggler_min_s, self.straggler_factor * expected):
+                found.append(t)
+        self._stragglers = (now, found)
+        return found
+
+    def _pick_straggler(self, w: WorkerInfo) -> Task | None:
+        for t in self._straggler_candidates():
+            if t.done or len(t.leases) != 1 or not w.serves(t.base_model):
+                continue
+            (lease,) = t.leases.values()
+            if lease.worker_id != w.worker_id:
                 return t
         return None
 
@@ -286,12 +320,13 @@ class Scheduler:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            self._wakeup.clear()
-            try:
-                # Wake on new work, or re-check periodically for stragglers.
-                await asyncio.wait_for(self._wakeup.wait(), min(left, 0.5))
-            except TimeoutError:
-                pass
+            # Park until new work wakes this lease, or re-check now and then for
+            # stragglers (cheap: their list is shared and cached).
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await asyncio.wait({fut}, timeout=min(left, 1.0))
+            if not fut.done():
+                fut.cancel()
 
     def check_lease(self, task_id: str, lease_id: str, worker_id: str) -> Task:
         """The task a submission is for; ``ConflictError`` if the lease is unknown."""

@@ -27,6 +27,7 @@ from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.requests import Request, RequestRegistry
 from rewardsignal.coordinator.runs import Accumulator, Run, RunRecords, RunSpec, new_run_id
 from rewardsignal.coordinator.scheduler import Scheduler, Task
+from rewardsignal.coordinator.slots import UploadSlots
 from rewardsignal.data.examples import examples_to_datums
 from rewardsignal.data.types import Datum
 from rewardsignal.errors import (
@@ -82,7 +83,7 @@ class Coordinator:
         self._ticker: asyncio.Task | None = None
         self._was_active: dict[str, bool] = {}
         self.rejections: Counter = Counter()
-        self.submission_slots = asyncio.Semaphore(_SUBMISSION_SLOTS)
+        self.upload_slots = UploadSlots(_SUBMISSION_SLOTS)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,6 +114,7 @@ class Coordinator:
 
     def tick(self) -> None:
         self.scheduler.expire_leases()
+        self.upload_slots.expire()
         counts = self.scheduler.counts()
         self.metrics.tasks_pending.set(counts["pending"])
         self.metrics.tasks_leased.set(counts["leased"])

@@ -78,14 +78,14 @@ class Worker:
         return h
 
     async def _call(self, method: str, path: str, *, json=None, data=None, params=None,
-                    content_type=None, timeout_s: float = 60.0, expect100: bool = False):
+                    content_type=None, timeout_s: float = 60.0):
         headers = self._headers()
         if content_type:
             headers["Content-Type"] = content_type
         url = self.config.coordinator.rstrip("/") + path
         async with self._session.request(
                 method, url, json=json, data=data, params=params, headers=headers,
-                expect100=expect100, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             body = await resp.read()
             if resp.status == 204:
                 return None
@@ -229,16 +229,27 @@ class Worker:
         body = protocol.pack({**msg, "worker_id": self.worker_id, "lease_id": task["lease_id"]})
         for attempt in range(4):
             try:
-                # Expect: 100-continue: the body goes out once the coordinator
-                # has room for it.
+                # Big bodies go out only once the coordinator has a slot for them.
+                params = ({"slot": await self._upload_slot(task)} if "tensors" in msg
+                          else None)
                 return await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
                                         data=body, content_type=protocol.MSGPACK,
-                                        timeout_s=timeout_s, expect100=True)
+                                        params=params, timeout_s=timeout_s)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 if attempt == 3:
                     raise
                 await asyncio.sleep(2 ** attempt)
         raise AssertionError("unreachable")
+
+    async def _upload_slot(self, task: dict) -> str:
+        self.status.update("waiting to upload", task=task["kind"], run=task["run_id"])
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            reply = await self._call("POST", f"/v1/workers/{self.worker_id}/upload-slot",
+                                     params={"timeout_s": "20"}, timeout_s=60)
+            if reply is not None:
+                return reply["slot"]
+        raise SignalError("no upload slot within 600 s; the coordinator is overloaded")
 
     async def _fetch_weights(self, task: dict) -> dict:
         key = (task["run_id"], task["version"])
