@@ -16,6 +16,7 @@ from pathlib import Path
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.checkpoints import CheckpointStore
+from rewardsignal.errors import ValidationError
 from rewardsignal.lora import LoraSpec, adapter_config_json
 
 
@@ -77,6 +78,9 @@ class Accumulator:
             parts.append({k: v / self.weight_mean for k, v in self.grad_mean.items()})
         if self.grad_sum is not None:
             parts.append(self.grad_sum)
+        if not parts:
+            raise ValidationError("the accumulated batches carry no loss weight (every token "
+                                  "weight is 0), so there is no gradient to step on")
         out = parts[0]
         for p in parts[1:]:
             out = {k: out[k] + p[k] for k in out}

@@ -271,3 +271,27 @@ def test_federated_job_cancel_and_bad_arguments(harness):
     assert st["status"] == "cancelled" and st["finished"] and st["version"] is None
     assert harness.coordinator.runs[run_id].version == 0
     assert not harness.coordinator.scheduler.tasks  # its train tasks were withdrawn
+
+
+def test_optim_step_on_zero_weight_batches_is_a_clear_400(harness):
+    h = harness
+    run_id = _run(h)
+    worker = FakeWorker(h)
+    datum = {"model_input": [1, 5, 6], "loss_fn_inputs": {"target_tokens": [5, 6, 2],
+                                                          "weights": [0, 0, 0]}}
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward", json={"batch": [datum]},
+                       expect=202)
+    task = worker.lease()
+    import torch
+
+    from rewardsignal.protocol import tensors_to_bytes
+
+    zeros = {k: torch.zeros(s) for k, s in h.coordinator.runs[run_id].shapes.items()}
+    code, _ = worker.submit(task, codec="fp32", tensors=tensors_to_bytes(zeros),
+                            result={"loss_sum": 0.0, "weight_sum": 0.0, "logprobs": [[-1.0] * 3]})
+    assert code == 200
+    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+    _, req = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
+    code, body = h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5")
+    assert code == 400 and "carry no loss weight" in body["error"]["message"]
+    assert h.coordinator.runs[run_id].version == 0
