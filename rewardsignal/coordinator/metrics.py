@@ -68,6 +68,11 @@ class Metrics:
                                   ["worker"], registry=r)
         self.worker_rate = Gauge("signal_worker_tokens_per_second", "a worker's measured "
                                  "throughput (moving average)", ["worker"], registry=r)
+        self.lease_seconds = Histogram(
+            "signal_lease_seconds", "lease request to task handed out; waited=yes when no "
+            "task was pending on arrival", ["waited"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                     120), registry=r)
         self.request_latency = Histogram("signal_http_request_duration_seconds",
                                          "HTTP request latency by route", ["route", "method"],
                                          buckets=_LATENCY_BUCKETS, registry=r)

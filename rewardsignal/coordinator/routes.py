@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -434,6 +435,7 @@ async def register_worker(request: web.Request) -> web.Response:
 
 
 async def lease_task(request: web.Request) -> web.Response:
+    started = time.monotonic()
     request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
     w = coord.scheduler.worker(request.match_info["worker_id"])
@@ -445,7 +447,12 @@ async def lease_task(request: web.Request) -> web.Response:
     if got is None:
         return web.Response(status=204)
     task, lease = got
-    return web.json_response(submissions.task_message(coord, task, lease.lease_id))
+    resp = web.json_response(submissions.task_message(coord, task, lease.lease_id))
+    # How long handing out work takes: split by whether the lease had to wait for
+    # work to appear (then the time is mostly idle waiting, not service).
+    coord.metrics.lease_seconds.labels("yes" if lease.started - started > 0.005 else "no"
+                                       ).observe(time.monotonic() - started)
+    return resp
 
 
 async def heartbeat(request: web.Request) -> web.Response:
