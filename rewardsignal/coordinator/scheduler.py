@@ -134,7 +134,7 @@ class Scheduler:
         self.closing = False
         # Long-polling leases park a future here; new work wakes one per task
         # (no thundering herd of a thousand idle workers re-scanning the queue).
-        self._waiters: deque[asyncio.Future] = deque()
+        self._waiters: OrderedDict[int, asyncio.Future] = OrderedDict()
         self._preferred: dict[str, deque[str]] = {}
         self._stragglers: tuple[float, list[Task]] = (0.0, [])
 
@@ -227,7 +227,7 @@ class Scheduler:
     def _notify(self, n: int = 1) -> None:
         """Wake ``n`` parked leases to look for work."""
         while n > 0 and self._waiters:
-            fut = self._waiters.popleft()
+            _, fut = self._waiters.popitem(last=False)
             if not fut.done():
                 fut.set_result(None)
                 n -= 1
@@ -323,10 +323,15 @@ class Scheduler:
             # Park until new work wakes this lease, or re-check now and then for
             # stragglers (cheap: their list is shared and cached).
             fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            await asyncio.wait({fut}, timeout=min(left, 1.0))
-            if not fut.done():
-                fut.cancel()
+            self._waiters[id(fut)] = fut
+            try:
+                await asyncio.wait({fut}, timeout=min(left, 1.0))
+            finally:
+                # Gone from the line whether woken, timed out or cancelled, so
+                # idle workers do not pile up futures between tasks.
+                self._waiters.pop(id(fut), None)
+                if not fut.done():
+                    fut.cancel()
 
     def check_lease(self, task_id: str, lease_id: str, worker_id: str) -> Task:
         """The task a submission is for; ``ConflictError`` if the lease is unknown."""

@@ -106,3 +106,23 @@ def test_release_requeues_then_fails():
             t.future.result()
 
     asyncio.run(go())
+
+
+def test_idle_long_polls_leave_nothing_behind():
+    async def go():
+        s = _scheduler()
+        workers = [s.register(name=f"w{i}", device="cpu", hardware={}, max_tokens_per_task=100,
+                              models=None) for i in range(20)]
+        got = await asyncio.gather(*[s.lease(w, 1.2) for w in workers])
+        assert got == [None] * 20
+        assert not s._waiters  # timed-out waits took their futures with them
+        # New work wakes a parked lease at once, not at its next re-check.
+        waiting = asyncio.create_task(s.lease(workers[0], 5.0))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
+                       tokens=5)
+        task, _ = await waiting
+        assert task is t and time.monotonic() - started < 0.5
+
+    asyncio.run(go())
