@@ -73,14 +73,18 @@ async def restore(coord) -> None:
             coord.jobs[state["job_id"]] = await asyncio.to_thread(_load_job, coord, state)
 
     requeued = 0
+    latest: dict[str, dict] = {}  # run id -> manifest of its current version, read once
     for row in await coord.db.open_requests():
         run = coord.runs.get(row["run_id"])
         if run is None:
             await coord.db.finish_request(row["request_id"], "failed", {"error": {
                 "code": "not_found", "message": "the run is gone"}})
             continue
-        latest = coord.store.verify(run.run_id, run.version)
-        if row["kind"] == "optim_step" and latest.get("request_id") == row["request_id"]:
+        if run.run_id not in latest:
+            latest[run.run_id] = await asyncio.to_thread(coord.store.verify, run.run_id,
+                                                         run.version)
+        if (row["kind"] == "optim_step"
+                and latest[run.run_id].get("request_id") == row["request_id"]):
             entry = run.history[-1] if run.history else {}
             await coord.db.finish_request(row["request_id"], "done", {
                 "version": run.version, "loss": entry.get("loss"), "step": run.opt_step,

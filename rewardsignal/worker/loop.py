@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import signal
 import socket
 import time
@@ -89,14 +90,7 @@ class Worker:
             body = await resp.read()
             if resp.status == 204:
                 return None
-            if resp.content_type == protocol.MSGPACK:
-                payload = protocol.unpack(body, max_bytes=1 << 30)
-            elif resp.content_type == "application/json":
-                import json as _json
-
-                payload = _json.loads(body)
-            else:
-                payload = body
+            payload = _decode(resp, body)
             if resp.status >= 400:
                 raise error_from_json(resp.status, payload)
             return payload
@@ -271,14 +265,7 @@ class Worker:
         async with self._session.get(url, headers=self._headers(),
                                      timeout=aiohttp.ClientTimeout(total=3600)) as resp:
             if resp.status >= 400:
-                body = await resp.read()
-                try:
-                    import json as _json
-
-                    payload = _json.loads(body)
-                except ValueError:
-                    payload = None
-                raise error_from_json(resp.status, payload)
+                raise error_from_json(resp.status, _decode(resp, await resp.read()))
             total = resp.content_length or 0
             chunks, got = [], 0
             async for chunk in resp.content.iter_chunked(1 << 20):
@@ -346,6 +333,18 @@ class Worker:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.status.event(f"out of memory; retrying with micro-batches of {micro} tokens")
+
+
+def _decode(resp: aiohttp.ClientResponse, body: bytes):
+    """A coordinator reply by its content type (msgpack, JSON, or raw bytes)."""
+    if resp.content_type == protocol.MSGPACK:
+        return protocol.unpack(body, max_bytes=1 << 30)
+    if resp.content_type == "application/json":
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+    return body
 
 
 def run_worker(config: WorkerConfig) -> int:
