@@ -54,10 +54,11 @@ def _histogram_quantiles(text: str, name: str, labels: dict) -> tuple[float, flo
 
 
 
-def _vm_hwm_bytes(pid: int) -> int:
+def _vm_bytes(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (peak RSS) of a process, in bytes."""
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -179,6 +180,9 @@ async def main_async(args) -> None:
             update = tensors_to_bytes(encode({k: torch.full(s, 1e-3) for k, s in
                                               shapes.items()}, "fp16"))
             tensor_bin = msgpack.packb(update, use_bin_type=True)
+            # The coordinator with its run set up (interpreter, torch, the base model
+            # it loaded to initialise the adapter): what the swarm adds is on top.
+            baseline = _vm_bytes(coord.pid, "VmRSS")
             start = time.monotonic()
             deadline = start + args.seconds
             swarm = Swarm(url, args.workers, fingerprint(MODEL), tensor_bin, deadline)
@@ -196,7 +200,7 @@ async def main_async(args) -> None:
             async with session.get(url + "/metrics") as r:
                 served = _histogram_quantiles(await r.text(), "signal_lease_seconds",
                                               {"waited": "no"})
-        rss = _vm_hwm_bytes(coord.pid)
+        rss = _vm_bytes(coord.pid, "VmHWM")
         lat = sorted(swarm.lease_latencies)
         p50 = statistics.median(lat) if lat else float("nan")
         p99 = lat[int(0.99 * (len(lat) - 1))] if lat else float("nan")
@@ -212,8 +216,10 @@ async def main_async(args) -> None:
             "server_lease_p50_ms_upper": served[0], "server_lease_p99_ms_upper": served[1],
             "server_leases_with_work_waiting": served[2], "errors": len(swarm.errors),
             "error_kinds": sorted(set(swarm.errors))[:5],
+            "coordinator_rss_before_swarm_mb": round(baseline / 1e6, 1),
             "coordinator_peak_rss_mb": round(rss / 1e6, 1),
-            "peak_rss_over_update_size": round(rss / len(update), 1)}
+            "peak_rss_over_update_size": round(rss / len(update), 1),
+            "swarm_rss_over_update_size": round((rss - baseline) / len(update), 1)}
         print(json.dumps(report, indent=2))
         print(f"targets: p99 lease latency < 250 ms: clients {report['lease_p99_ms'] < 250}, "
               f"server {report['server_lease_p99_ms_upper'] < 250}; "

@@ -75,7 +75,7 @@ async def submit(coord, worker: WorkerInfo, task_id: str, msg: dict) -> dict:
 
 def _decode_tensors(coord, msg: dict, kind: str) -> dict:
     codec = msg.get("codec", "fp32")
-    raw = msg.get("tensors")
+    raw = msg.pop("tensors", None)  # dropped once decoded: only the fp32 copy stays alive
     if not isinstance(raw, bytes):
         raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
     coord.metrics.bytes_in.labels(kind, str(codec)[:8]).inc(len(raw))

@@ -91,6 +91,17 @@ def test_oversized_body_is_413(tmp_path):
         _error(h, "POST", f"/v1/runs/{run_id}/forward_backward", 413, "payload_too_large",
                json=big)
         assert h.coordinator.runs[run_id].ops.empty()
+
+        async def chunks(n: int):  # no Content-Length: the limit is enforced as it arrives
+            for _ in range(n):
+                yield b'{"text": "' + b"y" * 1000 + b'"}\n'
+
+        _error(h, "POST", "/v1/datasets?name=big.jsonl", 413, "payload_too_large",
+               data=chunks(10))
+        _, small = h.request("POST", "/v1/datasets?name=ok.jsonl", data=chunks(2), expect=201)
+        assert small["num_examples"] == 2
+        stored = sorted(p.name for p in h.coordinator.datasets.root.glob("*.json"))
+        assert stored == [small["dataset_id"] + ".json"]  # the refused upload left nothing
     finally:
         h.close()
 
