@@ -114,6 +114,10 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="leases a task may lose before its request fails (default 3)")
     p.add_argument("--max-body-mb", type=_positive(int), default=512,
                    help="largest request body accepted, in MiB (default 512)")
+    p.add_argument("--upload-slots", type=_positive(int),
+                   default=_env("SIGNAL_UPLOAD_SLOTS", int, 2),
+                   help="worker updates received and checked at once; memory is about "
+                        "5x the update size per slot (env SIGNAL_UPLOAD_SLOTS, default 2)")
     p.add_argument("--keep-last", type=_positive(int), default=5,
                    help="unnamed checkpoints kept per run (default 5)")
     p.add_argument("--log-level", default="info",
@@ -130,6 +134,7 @@ def coordinator_config(args: argparse.Namespace):
         max_staleness=args.max_staleness, delta_norm_max=args.delta_norm_max,
         tick_interval_s=args.tick_interval_sec, lease_timeout_s=args.lease_timeout_s,
         max_task_attempts=args.max_task_attempts, max_body_bytes=args.max_body_mb << 20,
+        upload_slots=args.upload_slots,
         keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
         min_updates_per_round=args.min_updates_per_round,
         round_timeout_s=args.round_timeout_sec)

@@ -28,6 +28,8 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     (["coordinator", "--port", "99999"], "port must be <= 65535"),
     (["coordinator", "--delta-norm-max", "-1"], "must be > 0"),
     (["coordinator", "--max-staleness", "x"], "is not an integer"),
+    (["coordinator", "--upload-slots", "0"], "--upload-slots: must be > 0"),
+    (["coordinator", "--upload-slots", "65", "--port", "0"], "upload_slots must be in [1, 64]"),
     (["worker"], "--coordinator URL is required"),
     (["worker", "--coordinator", "127.0.0.1:8000"], "must be an http(s) URL"),
     (["worker", "--coordinator", "http://127.0.0.1:1", "--device", "tpu"], "--device must be"),

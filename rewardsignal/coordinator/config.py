@@ -25,6 +25,7 @@ class CoordinatorConfig:
     max_task_attempts: int = 3             # leases a task may expire/fail before its request fails
     request_timeout_s: float = 600.0       # default per-request bound when the caller sets none
     max_body_bytes: int = 512 << 20
+    upload_slots: int = 2                  # submission bodies taken in at once (memory bound)
     keep_last_checkpoints: int = 5
     default_task_tokens: int = 8192        # shard size while no worker has said otherwise
     straggler_factor: float = 3.0          # re-issue a lease running this many times its estimate
@@ -46,6 +47,7 @@ class CoordinatorConfig:
             (self.max_task_attempts >= 1, "max_task_attempts must be >= 1"),
             (self.request_timeout_s > 0, "request_timeout_s must be > 0"),
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (1 <= self.upload_slots <= 64, "upload_slots must be in [1, 64]"),
             (self.keep_last_checkpoints >= 1, "keep_last_checkpoints must be >= 1"),
             (self.default_task_tokens >= 1, "default_task_tokens must be >= 1"),
             (self.num_tasks_per_round >= 1, "num_tasks_per_round must be >= 1"),

@@ -73,6 +73,10 @@ class Metrics:
             "task was pending on arrival", ["waited"],
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                      120), registry=r)
+        self.loop_lag = Histogram(
+            "signal_event_loop_lag_seconds", "how late the coordinator's event loop ran a "
+            "timer (each tick): the wait any request sees before its handler starts",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.request_latency = Histogram("signal_http_request_duration_seconds",
                                          "HTTP request latency by route", ["route", "method"],
                                          buckets=_LATENCY_BUCKETS, registry=r)

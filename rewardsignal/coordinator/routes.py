@@ -492,9 +492,9 @@ async def lease_task(request: web.Request) -> web.Response:
         return web.Response(status=204)
     task, lease = got
     resp = web.json_response(submissions.task_message(coord, task, lease.lease_id))
-    # How long handing out work takes: split by whether the lease had to wait for
-    # work to appear (then the time is mostly idle waiting, not service).
-    coord.metrics.lease_seconds.labels("yes" if lease.started - started > 0.005 else "no"
+    # How long handing out work takes: split by whether the lease found nothing it
+    # could take on arrival and parked (then the time is mostly waiting for work).
+    coord.metrics.lease_seconds.labels("yes" if lease.parked else "no"
                                        ).observe(time.monotonic() - started)
     return resp
 

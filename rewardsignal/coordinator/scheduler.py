@@ -88,6 +88,7 @@ class Lease:
     worker_id: str
     started: float
     deadline: float
+    parked: bool = False  # the long-poll found nothing on arrival and waited for work
 
 
 @dataclass
@@ -290,9 +291,11 @@ class Scheduler:
                 return t
         return None
 
-    def _grant(self, t: Task, w: WorkerInfo, *, speculative: bool) -> tuple[Task, Lease]:
+    def _grant(self, t: Task, w: WorkerInfo, *, speculative: bool, parked: bool
+               ) -> tuple[Task, Lease]:
         now = time.monotonic()
-        lease = Lease("l-" + secrets.token_hex(8), w.worker_id, now, now + self.lease_timeout_s)
+        lease = Lease("l-" + secrets.token_hex(8), w.worker_id, now, now + self.lease_timeout_s,
+                      parked)
         t.leases[lease.lease_id] = lease
         if not speculative:
             self.pending.remove(t.task_id)
@@ -306,22 +309,24 @@ class Scheduler:
     async def lease(self, w: WorkerInfo, timeout_s: float) -> tuple[Task, Lease] | None:
         """Long-poll: the next task for ``w``, or None after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        parked = False
         while True:
             w.touch()
             if w.quarantined or self.closing:
                 return None
             t = self._pick_pending(w)
             if t is not None:
-                return self._grant(t, w, speculative=False)
+                return self._grant(t, w, speculative=False, parked=parked)
             t = self._pick_straggler(w)
             if t is not None:
-                return self._grant(t, w, speculative=True)
+                return self._grant(t, w, speculative=True, parked=parked)
             w.current_task = None
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             # Park until new work wakes this lease, or re-check now and then for
             # stragglers (cheap: their list is shared and cached).
+            parked = True
             fut = asyncio.get_running_loop().create_future()
             self._waiters[id(fut)] = fut
             try:

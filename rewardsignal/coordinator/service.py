@@ -44,8 +44,6 @@ log = logging.getLogger("signal.coordinator")
 # forward passes of one run computed at once: each holds one adapter-sized partial
 # sum until it completes, so this bounds coordinator memory per run.
 _MAX_INFLIGHT_PER_RUN = 4
-# Submissions read and checked at once (each holds one update in memory).
-_SUBMISSION_SLOTS = 4
 # Operations that change the run's weights wait for everything queued before them.
 _BARRIERS = ("optim_step", "save_state", "train_federated")
 
@@ -82,8 +80,9 @@ class Coordinator:
         self._tokenizers: dict[str, Any] = {}
         self._ticker: asyncio.Task | None = None
         self._was_active: dict[str, bool] = {}
+        self._shown_workers: set[str] = set()  # names with per-worker series
         self.rejections: Counter = Counter()
-        self.upload_slots = UploadSlots(_SUBMISSION_SLOTS)
+        self.upload_slots = UploadSlots(config.upload_slots)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,8 +107,12 @@ class Coordinator:
         self.metrics.version.labels(run.run_id).set(run.version)
 
     async def _tick_forever(self) -> None:
+        interval = self.config.tick_interval_s
         while True:
-            await asyncio.sleep(self.config.tick_interval_s)
+            due = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            # How late the loop woke us: time every callback waits to be served.
+            self.metrics.loop_lag.observe(max(0.0, time.monotonic() - due))
             self.tick()
 
     def tick(self) -> None:
@@ -122,9 +125,14 @@ class Coordinator:
         self.metrics.workers.labels("registered").set(len(ws))
         self.metrics.workers.labels("active").set(sum(w.active for w in ws))
         self.metrics.workers.labels("quarantined").set(sum(w.quarantined for w in ws))
-        # Per-worker series are rebuilt each tick so workers that left drop out.
-        self.metrics.worker_tasks.clear()
-        self.metrics.worker_rate.clear()
+        # Per-worker series: set for active workers, removed for those that left
+        # (not cleared and rebuilt: creating 2,000 children took 11 ms a tick with
+        # 1,000 workers, longer while submission threads hold the GIL).
+        shown = {w.name for w in ws if w.active}
+        for name in self._shown_workers - shown:
+            self.metrics.worker_tasks.remove(name)
+            self.metrics.worker_rate.remove(name)
+        self._shown_workers = shown
         for w in ws:
             if w.active:
                 self.metrics.worker_tasks.labels(w.name).set(w.tasks_completed)

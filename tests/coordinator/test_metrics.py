@@ -85,3 +85,33 @@ def test_metrics_move_with_training(harness):
     assert [r["version"] for r in st["runs"]] == [2]
     assert [hh["version"] for hh in st["runs"][0]["history"]] == [1, 2]
     assert st["workers"][0]["name"] == "gpu-0"
+
+
+def test_per_worker_series_follow_workers_coming_and_going(harness):
+    h = harness
+    FakeWorker(h, "stays")
+    leaving = FakeWorker(h, "leaves")
+    h.coordinator.tick()
+    names = {dict(k[1]).get("worker") for k in _scrape(h)
+             if k[0] == "signal_worker_tokens_per_second"}
+    assert names == {"stays", "leaves"}
+    # Silent past the active window: its series go, the other's stay.
+    h.coordinator.scheduler.workers[leaving.worker_id].last_seen -= 3600
+    h.coordinator.tick()
+    after = _scrape(h)
+    names = {dict(k[1]).get("worker") for k in after if k[0] == "signal_worker_tokens_per_second"}
+    assert names == {"stays"}
+    assert ("signal_worker_tasks_completed", (("worker", "leaves"),)) not in after
+    assert after[("signal_workers", (("state", "active"),))] == 1
+
+
+def test_event_loop_lag_is_observed_each_tick(tmp_path):
+    import asyncio
+
+    h = Harness(tmp_path / "data", tick_interval_s=0.02)
+    try:
+        h.call(asyncio.sleep(0.3))
+        count = _scrape(h)[("signal_event_loop_lag_seconds_count", ())]
+        assert 3 <= count <= 16
+    finally:
+        h.close()
