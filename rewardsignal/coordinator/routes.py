@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rewardsignal import __version__
@@ -58,7 +59,7 @@ async def read_raw(request: web.Request) -> bytearray:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
     buf = bytearray(size or 0)
     view, filled = memoryview(buf), 0
-    while chunk := await request.content.readany():
+    while chunk := await _next_chunk(request):
         end = filled + len(chunk)
         if end > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=end)
@@ -73,6 +74,15 @@ async def read_raw(request: web.Request) -> bytearray:
     if filled != len(buf):
         raise ValidationError(f"body ended after {filled} of {len(buf)} bytes")
     return buf
+
+
+async def _next_chunk(request: web.Request) -> bytes:
+    try:
+        return await request.content.readany()
+    except (ConnectionResetError, HttpProcessingError) as exc:
+        # A sender that died mid-upload, or broken chunked framing: the sender's
+        # problem, answered (if anyone is listening) rather than logged as ours.
+        raise ValidationError(f"request body cut off or malformed: {exc}") from None
 
 
 async def read_body(request: web.Request) -> object:

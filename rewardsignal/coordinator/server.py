@@ -7,11 +7,28 @@ import logging
 import signal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from rewardsignal.coordinator.app import make_app
 from rewardsignal.coordinator.config import CoordinatorConfig
 
 log = logging.getLogger("signal.coordinator")
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (bad framing, a broken chunk size)
+    at ERROR with a traceback. On a public port anyone can send those: make them
+    one WARNING line naming the sender and the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            detail = str(exc.message).strip().splitlines()[0] if exc.message else ""
+            record.msg = f"{record.getMessage()}: malformed HTTP ({exc.code}) {detail}"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _stored_keys(config: CoordinatorConfig) -> tuple[bool, bool]:
@@ -50,6 +67,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 async def serve(config: CoordinatorConfig) -> None:
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     users, workers = _stored_keys(config)
     config.check_exposure(stored_user_keys=users, stored_worker_keys=workers)
     app = make_app(config)

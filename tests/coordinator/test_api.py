@@ -306,3 +306,4 @@ def test_optim_step_on_zero_weight_batches_is_a_clear_400(harness):
     code, body = h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5")
     assert code == 400 and "carry no loss weight" in body["error"]["message"]
     assert h.coordinator.runs[run_id].version == 0
+
