@@ -5,8 +5,10 @@ not stop it; measured: 100 parallel 7 MB uploads held ~750 MB in a bare aiohttp
 server whose handlers admitted two at a time, even with ``Expect:
 100-continue``). So a worker asks for a slot first (a small long-poll) and
 sends its update only once it holds one: memory is a few updates, whatever the
-number of workers. A slot not used within ``hold_s`` goes back (the worker
-died between asking and sending).
+number of workers. A slot not used within ``hold_s`` goes back: the worker
+died between asking and sending, or went away while its long-poll was being
+granted. Workers pack their update before they ask, so a live one starts
+sending at once; a short hold keeps a dead one from idling a slot for long.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 
 
 class UploadSlots:
-    def __init__(self, count: int, hold_s: float = 120.0) -> None:
+    def __init__(self, count: int, hold_s: float = 10.0) -> None:
         self._sem = asyncio.Semaphore(count)
         self._held: dict[str, float] = {}  # slot id -> deadline
         self.hold_s = hold_s
