@@ -3,7 +3,9 @@
 One coordinator process; N lightweight asyncio workers register, long-poll for
 tasks and submit a realistic LoRA-sized update (signal-small with LoRA r=64:
 3.5M parameters, fp16 = 7 MB) for every task, for a bounded time. A driver keeps
-forward_backward requests queued so there is always work.
+forward_backward requests queued so there is always work, and a second run
+steps (forward_backward + optim_step) all along, so versions, AdamW and
+checkpoint writes happen under the swarm as well.
 
 Lease latency is measured where a real worker would see it: by a few probe
 workers in a process of their own (``--probes``), doing the same cycle as the
@@ -170,8 +172,20 @@ class Swarm:
                 self.errors.append(type(exc).__name__)
 
 
+async def _wait(s: aiohttp.ClientSession, url: str, request_id: str, deadline: float) -> str:
+    """Wait for a request as the SDK would; its final status ("" at the deadline)."""
+    while time.monotonic() < deadline:
+        async with s.get(f"{url}/v1/requests/{request_id}", params={"timeout_s": "5"}) as r:
+            if r.status != 202:
+                return (await r.json()).get("status", str(r.status))
+    return ""
+
+
 async def drive(url: str, run_id: str, deadline: float, batch: int) -> int:
-    """Keep three forward_backward requests in flight until the deadline."""
+    """Keep three forward_backward requests in flight until the deadline. With a
+    batch of one datum per worker (the default) work is always waiting, so lease
+    latency is service time; smaller batches let the queue run dry at times and
+    leases then include waiting for work."""
     sent = 0
     async with aiohttp.ClientSession() as s:
         pending: set[asyncio.Task] = set()
@@ -181,11 +195,7 @@ async def drive(url: str, run_id: str, deadline: float, batch: int) -> int:
                               json={"batch": [{"text": f"load {i}"} for i in range(batch)],
                                     "timeout_s": 3600}) as r:
                 request_id = (await r.json())["request_id"]
-            while time.monotonic() < deadline:  # wait for it, as the SDK would
-                async with s.get(f"{url}/v1/requests/{request_id}",
-                                 params={"timeout_s": "5"}) as r:
-                    if r.status != 202:
-                        return
+            await _wait(s, url, request_id, deadline)
 
         while time.monotonic() < deadline:
             while len(pending) < 3:
@@ -195,6 +205,26 @@ async def drive(url: str, run_id: str, deadline: float, batch: int) -> int:
         for t in pending:
             t.cancel()
     return sent
+
+
+async def step(url: str, run_id: str, deadline: float, batch: int) -> tuple[int, list[str]]:
+    """A second run trained as users do: forward_backward then optim_step, over and
+    over, so versions, AdamW and checkpoint writes run under the swarm too.
+    Returns (steps completed, failures)."""
+    steps, failures = 0, []
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            for op, body in (("forward_backward",
+                              {"batch": [{"text": f"step {steps} {i}"} for i in range(batch)]}),
+                             ("optim_step", {})):
+                async with s.post(f"{url}/v1/runs/{run_id}/{op}",
+                                  json={**body, "timeout_s": 3600}) as r:
+                    request_id = (await r.json())["request_id"]
+                status = await _wait(s, url, request_id, deadline)
+                if status not in ("done", ""):
+                    failures.append(f"{op} {status}")
+            steps += status == "done"
+    return steps, failures
 
 
 async def probe_async(args) -> None:
@@ -238,6 +268,9 @@ async def main_async(args) -> None:
             async with session.post(url + "/v1/runs", json={"base_model": MODEL,
                                                             "lora_r": args.lora_r}) as r:
                 run = await r.json()
+            async with session.post(url + "/v1/runs", json={"base_model": MODEL,
+                                                            "lora_r": args.lora_r}) as r:
+                stepped = await r.json()
             params, update_bytes, tensor_bin = await _update_bin(session, url, run["run_id"])
             # The coordinator with its run set up (interpreter, torch, the base model
             # it loaded to initialise the adapter): what the swarm adds is on top.
@@ -259,7 +292,9 @@ async def main_async(args) -> None:
             sub0, bytes0 = swarm.submissions, swarm.bytes_sent
             bulk_lag: list[float] = []
             ticker = asyncio.create_task(_loop_lag(bulk_lag, deadline))
-            fbs = await drive(url, run["run_id"], deadline, batch=args.workers)
+            fbs, (steps, step_failures) = await asyncio.gather(
+                drive(url, run["run_id"], deadline, batch=args.batch or args.workers),
+                step(url, stepped["run_id"], deadline, batch=32))
             elapsed = time.monotonic() - measure_from
             await asyncio.gather(*workers, ticker, return_exceptions=True)
             probed = (json.loads(await asyncio.to_thread(lambda: probe.communicate(timeout=300)[0]))
@@ -277,7 +312,7 @@ async def main_async(args) -> None:
         rss = _vm_bytes(coord.pid, "VmHWM")
         subs = swarm.submissions - sub0 + probed["submissions"]
         mb = (swarm.bytes_sent - bytes0 + probed["submissions"] * len(tensor_bin)) / 1e6
-        errors = swarm.errors + probed["errors"]
+        errors = swarm.errors + probed["errors"] + step_failures
         probe_q = _quantiles(probed["lease_latencies"])
         bulk_q = _quantiles(swarm.lease_latencies)
         report = {
@@ -285,6 +320,7 @@ async def main_async(args) -> None:
             "upload_slots": args.upload_slots,
             "update_params": params, "update_mb_fp16": update_bytes / 1e6,
             "seconds": round(elapsed, 1), "forward_backward_requests": fbs,
+            "optim_steps_on_second_run": steps,
             "submissions": subs, "submissions_per_s": round(subs / elapsed, 1),
             "mb_per_s_ingested": round(mb / elapsed, 1),
             "probe_leases": len(probed["lease_latencies"]),
@@ -321,6 +357,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=50,
                     help="workers (out of --workers) measuring lease latency from a process "
                          "of their own")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="datums per forward_backward of the busy run (default: --workers)")
     ap.add_argument("--upload-slots", type=int, default=2,
                     help="the coordinator's --upload-slots (default 2, its default)")
     ap.add_argument("--probe-url", help=argparse.SUPPRESS)  # set when run as the probe
@@ -330,6 +368,8 @@ def main() -> None:
         raise SystemExit("--workers must be in [1, 5000] and --seconds in [1, 600]")
     if not 0 <= args.probes < args.workers and not args.probe_url:
         raise SystemExit("--probes must be in [0, --workers)")
+    if not 0 <= args.batch <= 65_536:
+        raise SystemExit("--batch must be in [0, 65536] (0: one datum per worker)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     asyncio.run(probe_async(args) if args.probe_url else main_async(args))
 

@@ -520,7 +520,7 @@ async def upload_slot(request: web.Request) -> web.Response:
     """Long-poll for a slot to upload a submission into (see ``slots``)."""
     request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
-    coord.scheduler.worker(request.match_info["worker_id"])
+    coord.scheduler.note_uploading(coord.scheduler.worker(request.match_info["worker_id"]))
     slot = await coord.upload_slots.reserve(_query_float(request, "timeout_s", 20.0,
                                                          _MAX_WAIT_S))
     if slot is None:

@@ -77,6 +77,22 @@ def test_straggler_is_reissued_and_first_result_wins():
     asyncio.run(go())
 
 
+def test_a_task_waiting_to_upload_is_no_straggler():
+    async def go():
+        s = _scheduler()
+        a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
+                       tokens=5, preferred_worker=a.worker_id)
+        got_a = await s.lease(a, 0.1)
+        assert got_a[0] is t
+        s.note_uploading(a)  # a computed it and waits for an upload slot
+        assert await s.lease(b, 0.3) is None  # long past straggler_min_s: no copy for b
+        assert len(t.leases) == 1
+
+    asyncio.run(go())
+
+
 def test_stealing_waits_for_the_preferred_worker_briefly():
     async def go():
         s = _scheduler()
