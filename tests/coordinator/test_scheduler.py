@@ -56,15 +56,27 @@ def test_workers_only_get_models_they_serve():
     asyncio.run(go())
 
 
+def _two_workers_and_a_task():
+    """Workers a and b, and a task meant for a (call inside a running loop)."""
+    s = _scheduler()
+    a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+    b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
+    t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
+                   tokens=5, preferred_worker=a.worker_id)
+    return s, a, b, t
+
+
+async def _a_holds_a_task():
+    """The same, with the task leased by a."""
+    s, a, b, t = _two_workers_and_a_task()
+    got_a = await s.lease(a, 0.1)
+    assert got_a[0] is t
+    return s, a, b, t, got_a
+
+
 def test_straggler_is_reissued_and_first_result_wins():
     async def go():
-        s = _scheduler()
-        a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
-        b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
-        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
-                       tokens=5, preferred_worker=a.worker_id)
-        got_a = await s.lease(a, 0.1)
-        assert got_a[0] is t
+        s, a, b, t, got_a = await _a_holds_a_task()
         # b is idle and a is late: after straggler_min_s b gets the same task.
         started = time.monotonic()
         got_b = await s.lease(b, 2.0)
@@ -79,13 +91,7 @@ def test_straggler_is_reissued_and_first_result_wins():
 
 def test_a_task_waiting_to_upload_is_no_straggler():
     async def go():
-        s = _scheduler()
-        a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
-        b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
-        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
-                       tokens=5, preferred_worker=a.worker_id)
-        got_a = await s.lease(a, 0.1)
-        assert got_a[0] is t
+        s, a, b, t, got_a = await _a_holds_a_task()
         s.note_uploading(a)  # a computed it and waits for an upload slot
         assert await s.lease(b, 0.3) is None  # long past straggler_min_s: no copy for b
         assert len(t.leases) == 1
@@ -95,11 +101,7 @@ def test_a_task_waiting_to_upload_is_no_straggler():
 
 def test_stealing_waits_for_the_preferred_worker_briefly():
     async def go():
-        s = _scheduler()
-        a = s.register(name="a", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
-        b = s.register(name="b", device="cpu", hardware={}, max_tokens_per_task=100, models=None)
-        t = s.add_task(kind="forward", run_id="r", base_model="m", version=0, payload={},
-                       tokens=5, preferred_worker=a.worker_id)
+        s, a, b, t = _two_workers_and_a_task()
         assert s._pick_pending(b) is None  # fresh shard: keep it for a
         t.created -= 1.0
         assert s._pick_pending(b) is t  # a did not come for it: b steals
