@@ -175,6 +175,16 @@ class CheckpointStore:
                                       "a backup or load an earlier version")
         return manifest
 
+    def adapter_sha256(self, run_id: str, version: int) -> str:
+        """The adapter file's sha256 from the manifest (not re-hashed: the weights
+        ETag and every task message carry it)."""
+        try:
+            manifest = json.loads((self.path(run_id, version) / MANIFEST_FILE).read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"run {run_id} has no weights for version {version} (pruned "
+                                "or not yet written)") from None
+        return manifest["files"][ADAPTER_FILE]["sha256"]
+
     def load(self, run_id: str, version: int) -> Checkpoint:
         manifest = self.verify(run_id, version)
         path = self.path(run_id, version)

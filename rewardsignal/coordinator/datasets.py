@@ -18,7 +18,7 @@ class DatasetStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def save(self, owner: str, raw: bytes, name: str = "dataset.jsonl") -> dict:
+    def save(self, owner: str, raw: bytes | bytearray, name: str = "dataset.jsonl") -> dict:
         """Check every line parses as a JSON object (errors name the line), then
         store. Example shapes are checked against the run's tokenizer when a job
         uses the dataset."""

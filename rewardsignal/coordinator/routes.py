@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rewardsignal import __version__
 from rewardsignal.aggregation.optim import AdamWConfig
-from rewardsignal.checkpoints.store import check_name
+from rewardsignal.checkpoints.store import ADAPTER_FILE, check_name
 from rewardsignal.coordinator import submissions
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.errors import NotFoundError, ValidationError, http_status_for
@@ -65,7 +65,7 @@ async def read_raw(request: web.Request) -> bytearray:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=end)
         if end <= len(buf):
             view[filled:end] = chunk
-        else:  # no or a short Content-Length (aiohttp stops at the declared length)
+        else:  # no Content-Length (chunked): grow (aiohttp stops at a declared length)
             view.release()
             buf[filled:] = chunk
             view = memoryview(buf)
@@ -296,7 +296,7 @@ async def _federated_job(b: Body, coord, run, owner: str):
 
 async def upload_dataset(request: web.Request) -> web.Response:
     owner = request.app[AUTH].user(request)
-    raw = bytes(await read_raw(request))
+    raw = await read_raw(request)
     name = request.query.get("name", "dataset.jsonl")[:128]
     meta = await asyncio.to_thread(request.app[COORDINATOR].datasets.save, owner, raw, name)
     return web.json_response(meta, status=201)
@@ -433,19 +433,13 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
             raise NotFoundError(f"unknown run {run_id} (no lease of this worker needs it)")
     else:
         coord.run_for(request.app[AUTH].user(request), run_id)
-    path = coord.store.path(run_id, version)
-    manifest_file = path / "manifest.json"
-    if not manifest_file.is_file():
-        raise NotFoundError(f"run {run_id} has no weights for version {version} (pruned or "
-                            "not yet written)")
-    etag = '"' + json.loads(manifest_file.read_text())["files"]["adapter_model.safetensors"][
-        "sha256"] + '"'
+    etag = '"' + coord.store.adapter_sha256(run_id, version) + '"'
     headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
     # A content-hash ETag (not aiohttp's mtime-based one) so caches agree across
     # coordinator restarts, restores from backup and replicas.
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
-    file = path / "adapter_model.safetensors"
+    file = coord.store.path(run_id, version) / ADAPTER_FILE
     # Streamed, not web.Response(body=...): aiohttp keeps a connection's last
     # response alive while the connection idles, and a Response would pin its body.
     resp = web.StreamResponse(headers=headers)

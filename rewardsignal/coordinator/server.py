@@ -31,6 +31,11 @@ class _MalformedRequestFilter(logging.Filter):
         return True
 
 
+# One instance: addFilter ignores a filter already present, so serving twice in a
+# process (tests) does not stack them.
+_MALFORMED_REQUEST_FILTER = _MalformedRequestFilter()
+
+
 def _stored_keys(config: CoordinatorConfig) -> tuple[bool, bool]:
     from pathlib import Path
 
@@ -67,7 +72,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 async def serve(config: CoordinatorConfig) -> None:
-    logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUEST_FILTER)
     users, workers = _stored_keys(config)
     config.check_exposure(stored_user_keys=users, stored_worker_keys=workers)
     app = make_app(config)

@@ -5,7 +5,6 @@ Decoding and tensor checks run in a thread (``asyncio.to_thread``)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 
@@ -21,8 +20,7 @@ log = logging.getLogger("signal.coordinator")
 
 def task_message(coord, task: Task, lease_id: str) -> dict:
     run = coord.runs[task.run_id]
-    manifest = coord.store.path(run.run_id, task.version) / "manifest.json"
-    sha = json.loads(manifest.read_text())["files"]["adapter_model.safetensors"]["sha256"]
+    sha = coord.store.adapter_sha256(run.run_id, task.version)
     return {"task_id": task.task_id, "lease_id": lease_id, "kind": task.kind,
             "run_id": run.run_id, "base_model": run.spec.base_model,
             "fingerprint": run.spec.fingerprint, "version": task.version,
