@@ -1,8 +1,7 @@
 """Signal: federated LoRA fine-tuning on volunteer GPUs."""
 
-__version__ = "0.1.0"
-
-from rewardsignal.errors import SignalError  # noqa: E402
-from rewardsignal.sdk import AsyncSignalClient, SignalClient  # noqa: E402
+from rewardsignal._version import __version__
+from rewardsignal.errors import SignalError
+from rewardsignal.sdk import AsyncSignalClient, SignalClient
 
 __all__ = ["AsyncSignalClient", "SignalClient", "SignalError", "__version__"]

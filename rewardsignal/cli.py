@@ -214,8 +214,7 @@ def _run_keys(args: argparse.Namespace) -> int:
     import secrets
     import time
 
-    from rewardsignal.coordinator.auth import key_hash
-    from rewardsignal.coordinator.db import create_key, list_keys, revoke_key
+    from rewardsignal.coordinator.store.keys import create_key, key_hash, list_keys, revoke_key
 
     db = Path(args.data_dir) / "signal.db"
     if args.keys_command == "create":
@@ -332,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         kp.add_argument("--data-dir", type=Path, default=_env("SIGNAL_DATA_DIR", Path,
                                                               Path("./signal-data")),
                         help="the coordinator's data directory (default ./signal-data)")
-        if name != "list":
-            kp.add_argument("name" if name == "revoke" else "--name",
-                            **({"required": True} if name == "create" else {}),
-                            help="the key's name")
+        if name == "create":
+            kp.add_argument("--name", required=True, help="the key's name")
+        elif name == "revoke":
+            kp.add_argument("name", help="the key's name")
         if name == "create":
             kp.add_argument("--worker", action="store_true",
                             help="make a worker token instead of a user API key")

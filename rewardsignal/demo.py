@@ -26,6 +26,7 @@ def _start_coordinator(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen
                              "0", "--data-dir", str(data_dir)], stdout=subprocess.PIPE,
                             stderr=log, text=True)
     deadline = time.monotonic() + 120
+    assert proc.stdout is not None  # stdout=PIPE
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         m = _ANNOUNCE.search(line or "")

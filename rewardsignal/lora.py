@@ -49,7 +49,9 @@ class LoraSpec:
 def peft_config(spec: LoraSpec):
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+    # PEFT annotates lora_alpha as int, but only ever computes alpha / r with it.
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha,  # type: ignore[arg-type]
+                      lora_dropout=spec.dropout,
                       target_modules=list(spec.target_modules), bias="none",
                       task_type="CAUSAL_LM")
 

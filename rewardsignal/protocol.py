@@ -8,6 +8,7 @@ crosses the network is ever unpickled.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgpack
@@ -63,10 +64,42 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(data: bytes, *, max_bytes: int) -> Any:
+def unpack(data: bytes | bytearray, *, max_bytes: int) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=max_bytes,
                                max_str_len=max_bytes, max_array_len=1 << 24,
                                max_map_len=1 << 20)
     except Exception as exc:  # msgpack raises many unrelated types for garbage
         raise ValidationError(f"body is not valid msgpack: {type(exc).__name__}") from None
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """A leased task, coordinator -> worker (``docs/protocol.md``: the lease
+    endpoint). ``payload`` is the kind's own JSON body."""
+
+    task_id: str
+    lease_id: str
+    kind: str                 # forward_backward | forward | sample | train
+    run_id: str
+    base_model: str
+    fingerprint: str
+    version: int
+    lora: dict
+    weights_url: str
+    weights_sha256: str
+    lease_timeout_s: float
+    payload: dict
+
+    def to_json(self) -> dict:
+        # Shallow on purpose: ``dataclasses.asdict`` would deep-copy the payload.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: object) -> TaskMessage:
+        if not isinstance(d, dict):
+            raise ValidationError("task message must be an object")
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise ValidationError(f"task message lacks {missing}")
+        return cls(**{f.name: d[f.name] for f in fields(cls)})

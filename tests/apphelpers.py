@@ -29,7 +29,7 @@ class Harness:
 
     @property
     def coordinator(self):
-        from rewardsignal.coordinator.routes import COORDINATOR
+        from rewardsignal.coordinator.api.appkeys import COORDINATOR
 
         return self.app[COORDINATOR]
 

@@ -69,12 +69,12 @@ def check_norm(update: Tensors, weight: float, norm_max: float) -> float:
 
 
 def validate_update(update: Tensors, *, weight: float, expected_shapes: dict[str, tuple],
-                    task_version: int, current_version: int, fingerprint: str,
-                    expected_fingerprint: str, limits: UpdateLimits) -> tuple[int, float]:
-    """All checks, cheapest first. Returns (staleness, norm per unit weight)."""
+                    task_version: int, current_version: int, limits: UpdateLimits
+                    ) -> tuple[int, float]:
+    """The tensor checks, cheapest first (the base fingerprint is checked once,
+    on the whole message, before this). Returns (staleness, norm per unit weight)."""
     if not isinstance(weight, int | float) or not math.isfinite(weight):
         raise RejectedUpdate("malformed", f"weight sum must be a finite number, got {weight!r}")
-    check_fingerprint(fingerprint, expected_fingerprint)
     staleness = check_staleness(task_version, current_version, limits.max_staleness)
     check_tensors(update, expected_shapes)
     norm = check_norm(update, weight, limits.norm_max)

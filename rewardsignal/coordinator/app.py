@@ -6,12 +6,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from rewardsignal.coordinator.auth import Auth
+from rewardsignal.coordinator.api import add_routes
+from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
+from rewardsignal.coordinator.api.auth import Auth
+from rewardsignal.coordinator.api.middlewares import make_error_middleware
 from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.metrics import Metrics
-from rewardsignal.coordinator.middlewares import make_error_middleware
-from rewardsignal.coordinator.routes import AUTH, COORDINATOR, METRICS, add_routes
-from rewardsignal.coordinator.service import Coordinator
 
 
 def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = None

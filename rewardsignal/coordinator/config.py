@@ -36,6 +36,7 @@ class CoordinatorConfig:
     num_tasks_per_round: int = 4           # NUM_TASKS_PER_ROUND (federated jobs' default)
     min_updates_per_round: int = 1         # MIN_UPDATES_PER_ROUND
     round_timeout_s: float = 600.0         # ROUND_TIMEOUT_SEC
+    keep_finished_requests: int = 10_000   # finished requests kept for late clients
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,6 +55,7 @@ class CoordinatorConfig:
             (1 <= self.min_updates_per_round <= self.num_tasks_per_round,
              "min_updates_per_round must be in [1, num_tasks_per_round]"),
             (self.round_timeout_s > 0, "round_timeout_s must be > 0"),
+            (self.keep_finished_requests >= 1, "keep_finished_requests must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

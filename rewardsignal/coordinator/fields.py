@@ -3,6 +3,7 @@ naming the field, and unknown fields are refused rather than ignored."""
 
 from __future__ import annotations
 
+import builtins
 import math
 from typing import Any
 
@@ -28,8 +29,8 @@ class Body:
             return default
         return value
 
-    def str(self, key: str, default: Any = _MISSING, *, choices: tuple[str, ...] | None = None,
-            max_len: int = 256) -> Any:
+    def str(self, key: builtins.str, default: Any = _MISSING, *, choices: tuple[builtins.str, ...] | None = None,
+            max_len: builtins.int = 256) -> Any:
         v = self._get(key, default)
         if v is default and default is not _MISSING:
             return v
@@ -40,8 +41,8 @@ class Body:
             raise ValidationError(f"field {key!r} must be one of {list(choices)}, got {v!r}")
         return v
 
-    def int(self, key: str, default: Any = _MISSING, *, lo: int | None = None,
-            hi: int | None = None) -> Any:
+    def int(self, key: builtins.str, default: Any = _MISSING, *, lo: builtins.int | None = None,
+            hi: builtins.int | None = None) -> Any:
         v = self._get(key, default)
         if v is default and default is not _MISSING:
             return v
@@ -51,12 +52,12 @@ class Body:
             raise ValidationError(f"field {key!r} must be in [{lo}, {hi}], got {v}")
         return v
 
-    def float(self, key: str, default: Any = _MISSING, *, lo: float | None = None,
-              hi: float | None = None, lo_open: bool = False) -> Any:
+    def float(self, key: builtins.str, default: Any = _MISSING, *, lo: builtins.float | None = None,
+              hi: builtins.float | None = None, lo_open: bool = False) -> Any:
         v = self._get(key, default)
         if v is default and default is not _MISSING:
             return v
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, int | builtins.float) or not math.isfinite(v):
             raise ValidationError(f"field {key!r} must be a finite number, got {v!r}")
         if lo is not None and (v < lo or (lo_open and v == lo)):
             raise ValidationError(f"field {key!r} must be {'>' if lo_open else '>='} {lo}, "
@@ -65,7 +66,7 @@ class Body:
             raise ValidationError(f"field {key!r} must be <= {hi}, got {v}")
         return float(v)
 
-    def list(self, key: str, default: Any = _MISSING, *, max_len: int = 1 << 20) -> Any:
+    def list(self, key: builtins.str, default: Any = _MISSING, *, max_len: builtins.int = 1 << 20) -> Any:
         v = self._get(key, default)
         if v is default and default is not _MISSING:
             return v
@@ -75,7 +76,7 @@ class Body:
             raise ValidationError(f"field {key!r} has {len(v)} items; at most {max_len} allowed")
         return v
 
-    def dict(self, key: str, default: Any = _MISSING) -> Any:
+    def dict(self, key: builtins.str, default: Any = _MISSING) -> Any:
         v = self._get(key, default)
         if v is default and default is not _MISSING:
             return v

@@ -5,8 +5,10 @@ What was committed comes back exactly once:
 - gradients accepted since that checkpoint are added back; ones computed on an
   older version were consumed by the step that made a newer one, and are dropped;
 - every accepted request that had not finished is queued again in its original
-  order; an ``optim_step`` whose checkpoint already landed is answered from it
-  instead of being applied twice;
+  order, its arguments read back by its operation; a request whose effect is
+  already durable (an ``optim_step`` whose checkpoint landed, a
+  ``forward_backward`` whose gradient was kept) is answered from that state
+  instead of being applied twice (``Operation.recovered``);
 - a federated job resumes at its first uncommitted round;
 - workers keep their ids (they carry on polling without re-registering).
 """
@@ -14,117 +16,86 @@ What was committed comes back exactly once:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
-from safetensors.torch import load_file
-
-from rewardsignal.aggregation.optim import AdamWConfig
-from rewardsignal.coordinator.runs import Run, RunSpec
+from rewardsignal.coordinator import ops
+from rewardsignal.coordinator.federated.job import FederatedJob
+from rewardsignal.coordinator.runs.accumulator import Contribution
+from rewardsignal.coordinator.runs.processor import Op
+from rewardsignal.coordinator.runs.state import Run, RunSpec
+from rewardsignal.coordinator.services import Services
 from rewardsignal.data.examples import example_to_datum
 
 log = logging.getLogger("signal.coordinator")
 
 
-def args_to_json(kind: str, args: dict) -> dict:
-    if kind in ("forward_backward", "forward"):
-        return {**args, "datums": [d.to_json() for d in args["datums"]]}
-    if kind == "optim_step":
-        return {"optimizer": args["optimizer"].to_json()}
-    return args
+async def restore(ctx: Services, adopt: Callable[[Run], None]) -> None:
+    manifests = await _restore_runs(ctx, adopt)
+    for w in await ctx.db.workers():
+        ctx.scheduler.restore_worker(w["worker_id"], w)
+    for state in await ctx.db.jobs():
+        if state["run_id"] in ctx.runs:
+            job = await asyncio.to_thread(_load_job, ctx, state)
+            ctx.jobs[job.job_id] = job
+    await _requeue_requests(ctx, manifests)
 
 
-def args_from_json(coord, run: Run, kind: str, args: dict) -> dict:
-    if kind in ("forward_backward", "forward"):
-        tok = coord.tokenizer(run.spec.base_model)
-        return {**args, "datums": [example_to_datum(d, tok) for d in args["datums"]]}
-    if kind == "optim_step":
-        return {"optimizer": AdamWConfig(**args["optimizer"])}
-    return args
-
-
-def job_datums_path(coord, job_id: str) -> Path:
-    return Path(coord.config.data_dir) / "jobs" / f"{job_id}.json"
-
-
-async def restore(coord) -> None:
-    from rewardsignal.coordinator.service import Op
-
-    for spec_json in await coord.db.runs():
+async def _restore_runs(ctx: Services, adopt: Callable[[Run], None]) -> dict[str, dict]:
+    """Each run at its newest valid checkpoint; the manifests of those."""
+    manifests: dict[str, dict] = {}
+    for spec_json in await ctx.db.runs():
         spec = RunSpec.from_json(spec_json)
-        run = await asyncio.to_thread(coord.records.load, spec)
-        if run is None:
+        loaded = await ctx.versions.load(spec)
+        if loaded is None:
             log.warning("run %s has no valid checkpoint; skipped", spec.run_id)
             continue
-        coord._adopt(run)
-        await _restore_gradients(coord, run)
+        run, manifests[spec.run_id] = loaded
+        adopt(run)
+        await _restore_gradients(ctx, run)
         log.info("run resumed run_id=%s version=%d pending_forward_backward=%d", run.run_id,
                  run.version, run.accum.calls)
+    return manifests
 
-    for w in await coord.db.workers():
-        coord.scheduler.restore_worker(w["worker_id"], w)
 
-    for state in await coord.db.jobs():
-        if state["status"] in ("queued", "running") and state["run_id"] in coord.runs:
-            job = await asyncio.to_thread(_load_job, coord, state)
-            coord.jobs[job.job_id] = job
-        elif state["run_id"] in coord.runs:
-            coord.jobs[state["job_id"]] = await asyncio.to_thread(_load_job, coord, state)
+async def _restore_gradients(ctx: Services, run: Run) -> None:
+    await ctx.pending.drop_before(run.run_id, run.version)
+    for row, grads in await ctx.pending.load(run.run_id):
+        c = Contribution(row["request_id"], grads, row["weight"], row["reduction"],
+                         row["tokens"], row["loss_sum"], row["loss_weight"])
+        await asyncio.to_thread(run.accum.add, c)
+        run.recovered_grads.add(row["request_id"])
 
+
+async def _requeue_requests(ctx: Services, manifests: dict[str, dict]) -> None:
     requeued = 0
-    latest: dict[str, dict] = {}  # run id -> manifest of its current version, read once
-    for row in await coord.db.open_requests():
-        run = coord.runs.get(row["run_id"])
+    for row in await ctx.db.open_requests():
+        run = ctx.runs.get(row["run_id"])
         if run is None:
-            await coord.db.finish_request(row["request_id"], "failed", {"error": {
+            await ctx.db.finish_request(row["request_id"], "failed", {"error": {
                 "code": "not_found", "message": "the run is gone"}})
             continue
-        if run.run_id not in latest:
-            latest[run.run_id] = await asyncio.to_thread(coord.store.verify, run.run_id,
-                                                         run.version)
-        if (row["kind"] == "optim_step"
-                and latest[run.run_id].get("request_id") == row["request_id"]):
-            entry = run.history[-1] if run.history else {}
-            await coord.db.finish_request(row["request_id"], "done", {
-                "version": run.version, "loss": entry.get("loss"), "step": run.opt_step,
-                "recovered": True})
+        operation = ops.get(row["kind"])
+        done = operation.recovered(run, row["request_id"], manifests[run.run_id])
+        if done is not None:
+            await ctx.db.finish_request(row["request_id"], "done", done)
             continue
-        if row["kind"] == "forward_backward" and row["request_id"] in run.recovered_grads:
-            await coord.db.finish_request(row["request_id"], "done", {
-                "recovered": True, "version": run.version,
-                "note": "gradient kept across a coordinator restart; logprobs were lost"})
-            continue
-        req = coord.requests.create(row["owner"], run.run_id, row["kind"],
-                                    request_id=row["request_id"])
-        args = args_from_json(coord, run, row["kind"], row["args"])
-        run.ops.put_nowait(Op(row["kind"], req, args, row["timeout_s"]))
+        req = ctx.requests.create(row["owner"], run.run_id, row["kind"],
+                                  request_id=row["request_id"])
+        args = await asyncio.to_thread(operation.load, ctx, run, row["args"])
+        assert run.processor is not None
+        run.processor.put(Op(operation, req, args, row["timeout_s"]))
         requeued += 1
     if requeued:
         log.info("requeued %d requests accepted before the restart", requeued)
 
 
-async def _restore_gradients(coord, run: Run) -> None:
-    for stale in await coord.db.drop_pending_grads(run.run_id, run.version):
-        Path(stale).unlink(missing_ok=True)
-    for row in await coord.db.pending_grads(run.run_id):
-        grads = await asyncio.to_thread(load_file, row["path"])
-        await asyncio.to_thread(run.accum.add, grads, row["weight"], row["reduction"])
-        run.accum.calls += 1
-        run.accum.tokens += row["tokens"]
-        run.accum.loss_sum += row["loss_sum"]
-        run.accum.loss_weight += row["loss_weight"]
-        run.recovered_grads.add(row["request_id"])
-
-
-def _load_job(coord, state: dict):
-    from rewardsignal.coordinator.federated import FederatedJob
-
-    raw = json.loads(job_datums_path(coord, state["job_id"]).read_text())
-    tok = coord.tokenizer(coord.runs[state["run_id"]].spec.base_model)
+def _load_job(ctx: Services, state: dict) -> FederatedJob:
+    run = ctx.runs[state["run_id"]]
+    raw = ctx.job_store.read_datums(state["job_id"])
+    tok = ctx.tokenizers.get(run.spec.base_model)
     job = FederatedJob.from_state(state, [example_to_datum(d, tok) for d in raw["train"]],
                                   [example_to_datum(d, tok) for d in raw["eval"]])
-    run = coord.runs[state["run_id"]]
     # A round whose checkpoint landed but whose job record did not: count it.
     last = run.history[-1] if run.history else {}
     if last.get("job_id") == job.job_id and last.get("round", 0) > job.round:

@@ -39,7 +39,7 @@ _MALFORMED_REQUEST_FILTER = _MalformedRequestFilter()
 def _stored_keys(config: CoordinatorConfig) -> tuple[bool, bool]:
     from pathlib import Path
 
-    from rewardsignal.coordinator.db import list_keys
+    from rewardsignal.coordinator.store.keys import list_keys
 
     db = Path(config.data_dir) / "signal.db"
     if not db.exists():
@@ -80,7 +80,7 @@ async def serve(config: CoordinatorConfig) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # the real port when --port 0
+    port = runner.addresses[0][1]  # the real port when --port 0
     if not (config.api_keys or users):
         log.warning("no API keys configured: serving loopback only, with no authentication")
     # Tests and the demo read this line to learn the port; keep its shape.

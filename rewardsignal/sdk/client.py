@@ -212,7 +212,7 @@ class AsyncRun:
         loss.backward()
         surrogate = [{"model_input": d["model_input"],
                       "loss_fn_inputs": {"target_tokens": d["loss_fn_inputs"]["target_tokens"],
-                                         "weights": (-lp.grad).tolist()}}
+                                         "weights": _neg_grad(lp)}}
                      for d, lp in zip(fwd["datums"], logprobs, strict=True)]
         res = await self.forward_backward(surrogate, reduction="sum", timeout_s=timeout_s)
         return {"loss": float(loss.detach()), "num_tokens": res["num_tokens"],
@@ -336,3 +336,12 @@ class AsyncFederatedJob:
             st = await self.client._http("GET", f"/v1/jobs/{self.job_id}",
                                          params={"timeout_s": f"{chunk:.3f}",
                                                  "after": st["stamp"]}, timeout_s=chunk + 30)
+
+
+def _neg_grad(logprobs_T) -> list[float]:
+    """-d loss / d logprobs: the token weights of the linear surrogate (zero where
+    the loss did not use a datum at all, so its ``grad`` stayed None)."""
+    import torch
+
+    grad = logprobs_T.grad
+    return (-grad if grad is not None else torch.zeros_like(logprobs_T)).tolist()

@@ -16,7 +16,7 @@ import torch
 
 from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
-from rewardsignal.worker.losses import compute_loss
+from rewardsignal.losses import compute_loss
 
 # Any id works for padding: padded positions are masked out of attention and loss.
 _PAD_ID = 0

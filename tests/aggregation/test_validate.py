@@ -5,7 +5,7 @@ import torch
 
 from rewardsignal.aggregation.codecs import decode, encode
 from rewardsignal.aggregation.tensors import global_norm
-from rewardsignal.aggregation.validate import UpdateLimits, validate_update
+from rewardsignal.aggregation.validate import UpdateLimits, check_fingerprint, validate_update
 from rewardsignal.errors import RejectedUpdate
 
 SHAPES = {"a": (2, 3), "b": (4,)}
@@ -15,10 +15,12 @@ def _update(v=0.5):
     return {"a": torch.full((2, 3), v), "b": torch.full((4,), v)}
 
 
-def _check(update, **kw):
+def _check(update, fingerprint="fp", **kw):
+    """What a submission goes through: the message's fingerprint, then the tensors."""
     args = dict(weight=2.0, expected_shapes=SHAPES, task_version=3, current_version=3,
-                fingerprint="fp", expected_fingerprint="fp", limits=UpdateLimits())
+                limits=UpdateLimits())
     args.update(kw)
+    check_fingerprint(fingerprint, "fp")
     return validate_update(update, **args)
 
 

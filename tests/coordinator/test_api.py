@@ -80,7 +80,7 @@ def test_run_operations_reject_bad_input(harness, op, body, match):
     msg = _error(harness, "POST", f"/v1/runs/{run_id}/{op}", status, json=body)
     assert match in msg
     run = harness.coordinator.runs[run_id]
-    assert run.version == 0 and run.accum.empty and run.ops.empty()
+    assert run.version == 0 and run.accum.empty and run.processor.queue.empty()
 
 
 def test_oversized_body_is_413(tmp_path):
@@ -90,7 +90,7 @@ def test_oversized_body_is_413(tmp_path):
         big = {"batch": [{"text": "x" * 10000}]}
         _error(h, "POST", f"/v1/runs/{run_id}/forward_backward", 413, "payload_too_large",
                json=big)
-        assert h.coordinator.runs[run_id].ops.empty()
+        assert h.coordinator.runs[run_id].processor.queue.empty()
 
         async def chunks(n: int):  # no Content-Length: the limit is enforced as it arrives
             for _ in range(n):
@@ -100,7 +100,7 @@ def test_oversized_body_is_413(tmp_path):
                data=chunks(10))
         _, small = h.request("POST", "/v1/datasets?name=ok.jsonl", data=chunks(2), expect=201)
         assert small["num_examples"] == 2
-        stored = sorted(p.name for p in h.coordinator.datasets.root.glob("*.json"))
+        stored = sorted(p.name for p in h.coordinator.services.datasets.root.glob("*.json"))
         assert stored == [small["dataset_id"] + ".json"]  # the refused upload left nothing
     finally:
         h.close()
@@ -223,8 +223,7 @@ def test_weights_are_immutable_and_cacheable(harness):
 
 
 def test_stored_keys_and_revocation(tmp_path):
-    from rewardsignal.coordinator.auth import key_hash
-    from rewardsignal.coordinator.db import create_key, revoke_key
+    from rewardsignal.coordinator.store.keys import create_key, key_hash, revoke_key
 
     db = tmp_path / "data" / "signal.db"
     create_key(db, "carol", "user", key_hash("sk-carol"))

@@ -47,7 +47,7 @@ def _snapshot(h: Harness) -> tuple:
     return (tuple(sorted((r.run_id, r.version, r.accum.calls, tuple(sorted(r.adapter)))
                          for r in c.runs.values())),
             len(c.scheduler.workers), len(c.jobs), len(c.requests._items),
-            len(list(c.datasets.root.glob("*.jsonl"))) if c.datasets.root.exists() else 0)
+            len(list(c.services.datasets.root.glob("*.jsonl"))) if c.services.datasets.root.exists() else 0)
 
 
 def _mutate(valid: dict, key, value) -> dict:

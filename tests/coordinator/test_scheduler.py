@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rewardsignal.coordinator.scheduler import Scheduler
+from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.data.types import Datum
 
 

@@ -9,7 +9,7 @@ import time
 import torch
 from apphelpers import FakeWorker, Harness
 
-from rewardsignal.coordinator.slots import UploadSlots
+from rewardsignal.coordinator.scheduling.slots import UploadSlots
 from rewardsignal.protocol import MSGPACK, pack, tensors_to_bytes
 
 
@@ -40,7 +40,7 @@ def _slot(h, w: FakeWorker, timeout_s: float) -> str | None:
 def test_a_slot_goes_back_after_the_upload_or_when_its_holder_vanishes(tmp_path):
     h = Harness(tmp_path / "data", upload_slots=1)
     try:
-        h.coordinator.upload_slots.hold_s = 0.3
+        h.coordinator.services.upload_slots.hold_s = 0.3
         _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
                            expect=201)
         a, b = FakeWorker(h, "a"), FakeWorker(h, "b")

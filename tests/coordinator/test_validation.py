@@ -111,12 +111,12 @@ def test_unknown_lease_and_duplicate_are_no_ops(harness):
     h.request("GET", f"/v1/requests/{request_id}?timeout_s=5", expect=200)
     accum = h.coordinator.runs[run_id].accum
     weight_after_first = accum.weight_mean
-    grad_after_first = {k: v.clone() for k, v in accum.grad_mean.items()}
+    grad_after_first = {k: v.clone() for k, v in accum.mean.value().items()}
     # A replay of the same submission is acknowledged and ignored.
     code, body = worker.submit(task, **_valid(h, run_id, task, scale=5.0))
     assert (code, body["status"]) == (200, "duplicate")
     assert accum.weight_mean == weight_after_first
-    assert all(torch.equal(accum.grad_mean[k], grad_after_first[k]) for k in grad_after_first)
+    assert all(torch.equal(accum.mean.value()[k], grad_after_first[k]) for k in grad_after_first)
 
 
 def test_missing_fields_in_submission(harness):

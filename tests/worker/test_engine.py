@@ -10,8 +10,8 @@ from reference import ReferenceTrainer
 
 from rewardsignal.data import examples_to_datums, sample_examples
 from rewardsignal.lora import init_adapter
+from rewardsignal.losses import compute_loss
 from rewardsignal.worker.engine import Engine
-from rewardsignal.worker.losses import compute_loss
 
 
 @pytest.fixture(scope="module")

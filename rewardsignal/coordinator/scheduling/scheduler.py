@@ -16,17 +16,19 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Any
 
-from rewardsignal.data.sharding import shard_by_token_budget, split_by_shares
+from rewardsignal.aggregation.validate import UpdateLimits
+from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.scheduling.planning import plan_shards
+from rewardsignal.coordinator.scheduling.stragglers import Stragglers
+from rewardsignal.coordinator.scheduling.tasks import Lease, Sink, Task
+from rewardsignal.coordinator.scheduling.workers import ACTIVE_WINDOW_S, WorkerInfo
 from rewardsignal.data.types import Datum
 from rewardsignal.errors import ConflictError, NotFoundError, TaskFailedError
 
 log = logging.getLogger("signal.scheduler")
 
-# How long a worker may go without any request before it no longer counts as active.
-_ACTIVE_WINDOW_S = 60.0
 # A shard meant for another (active) worker may be stolen after waiting this long.
 _STEAL_AFTER_S = 0.5
 # How far into the pending queue a worker looks for a task it may steal.
@@ -35,100 +37,16 @@ _SCAN_LIMIT = 256
 _REMEMBER_DONE = 50_000
 
 
-@dataclass
-class WorkerInfo:
-    worker_id: str
-    name: str
-    device: str
-    hardware: dict
-    max_tokens_per_task: int
-    models: tuple[str, ...] | None
-    registered_at: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.monotonic)
-    last_seen_wall: float = field(default_factory=time.time)
-    tokens_per_s: float | None = None
-    tasks_completed: int = 0
-    tokens_processed: int = 0
-    rejections_in_row: int = 0
-    rejections_total: int = 0
-    quarantined_until: float = 0.0
-    quarantine_reason: str = ""
-    current_task: str | None = None
-
-    def touch(self) -> None:
-        self.last_seen = time.monotonic()
-        self.last_seen_wall = time.time()
-
-    @property
-    def active(self) -> bool:
-        return time.monotonic() - self.last_seen < _ACTIVE_WINDOW_S
-
-    @property
-    def quarantined(self) -> bool:
-        return time.monotonic() < self.quarantined_until
-
-    def serves(self, model_id: str) -> bool:
-        return self.models is None or model_id in self.models
-
-    def to_json(self) -> dict:
-        status = ("quarantined" if self.quarantined else "busy" if self.current_task
-                  else "idle" if self.active else "gone")
-        return {"worker_id": self.worker_id, "name": self.name, "device": self.device,
-                "hardware": self.hardware, "max_tokens_per_task": self.max_tokens_per_task,
-                "tasks_completed": self.tasks_completed,
-                "tokens_processed": self.tokens_processed,
-                "tokens_per_s": round(self.tokens_per_s, 1) if self.tokens_per_s else None,
-                "rejections": self.rejections_total, "status": status,
-                "last_seen": self.last_seen_wall, "registered_at": self.registered_at}
-
-
-@dataclass
-class Lease:
-    lease_id: str
-    worker_id: str
-    started: float
-    deadline: float
-    parked: bool = False  # the long-poll found nothing on arrival and waited for work
-    uploading: bool = False  # computed; its holder is waiting for or using an upload slot
-
-
-@dataclass
-class Task:
-    task_id: str
-    kind: str                     # forward_backward | forward | sample
-    run_id: str
-    base_model: str
-    version: int
-    payload: dict[str, Any]       # JSON-able body the worker receives
-    tokens: int
-    future: asyncio.Future
-    preferred_worker: str | None = None
-    created: float = field(default_factory=time.monotonic)
-    attempts: int = 0
-    leases: dict[str, Lease] = field(default_factory=dict)
-    last_error: str = ""
-    job_id: str | None = None     # the federated job a train task belongs to
-    limits: Any = None            # per-job UpdateLimits for train tasks
-    sink: Any = None              # where an accepted gradient is summed (GradientSum)
-    claimed: bool = False         # a submission passed validation and is being applied
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-
 class Scheduler:
     def __init__(self, *, lease_timeout_s: float, max_attempts: int, default_task_tokens: int,
                  straggler_factor: float, straggler_min_s: float, quarantine_after: int,
-                 quarantine_s: float, metrics=None) -> None:
+                 quarantine_s: float, metrics: Metrics | None = None) -> None:
         self.workers: dict[str, WorkerInfo] = {}
         self.tasks: dict[str, Task] = {}
         self.pending: deque[str] = deque()
         self.lease_timeout_s = lease_timeout_s
         self.max_attempts = max_attempts
         self.default_task_tokens = default_task_tokens
-        self.straggler_factor = straggler_factor
-        self.straggler_min_s = straggler_min_s
         self.quarantine_after = quarantine_after
         self.quarantine_s = quarantine_s
         self.metrics = metrics
@@ -138,7 +56,8 @@ class Scheduler:
         # (no thundering herd of a thousand idle workers re-scanning the queue).
         self._waiters: OrderedDict[int, asyncio.Future] = OrderedDict()
         self._preferred: dict[str, deque[str]] = {}
-        self._stragglers: tuple[float, list[Task]] = (0.0, [])
+        self.stragglers = Stragglers(self.tasks, self.workers, factor=straggler_factor,
+                                     min_s=straggler_min_s)
 
     # -- workers -----------------------------------------------------------------
     def register(self, *, name: str, device: str, hardware: dict, max_tokens_per_task: int,
@@ -155,7 +74,7 @@ class Scheduler:
         w = WorkerInfo(worker_id, info["name"], info["device"], info.get("hardware", {}),
                        info.get("max_tokens_per_task", self.default_task_tokens),
                        tuple(info["models"]) if info.get("models") else None)
-        w.last_seen -= _ACTIVE_WINDOW_S  # not active until it shows up
+        w.last_seen -= ACTIVE_WINDOW_S  # not active until it shows up
         self.workers[worker_id] = w
 
     def worker(self, worker_id: str) -> WorkerInfo:
@@ -181,26 +100,13 @@ class Scheduler:
 
     # -- planning --------------------------------------------------------------------
     def plan_shards(self, datums: list[Datum], model_id: str) -> list[tuple[list[int], str | None]]:
-        """Split a batch so each eligible worker gets a share proportional to its
-        measured throughput, cut further to its declared task size."""
-        workers = self.eligible_workers(model_id)
-        if not workers:
-            return [(s, None) for s in shard_by_token_budget(datums, self.default_task_tokens)]
-        known = [w.tokens_per_s for w in workers if w.tokens_per_s]
-        fallback = sorted(known)[len(known) // 2] if known else 1.0
-        shares = [w.tokens_per_s or fallback for w in workers]
-        plan: list[tuple[list[int], str | None]] = []
-        parts = split_by_shares(datums, shares)
-        for w, part in zip(workers, parts, strict=False):
-            sub = [datums[i] for i in part]
-            for shard in shard_by_token_budget(sub, w.max_tokens_per_task):
-                plan.append(([part[i] for i in shard], w.worker_id))
-        return plan
+        return plan_shards(datums, self.eligible_workers(model_id), self.default_task_tokens)
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,
                  payload: dict, tokens: int, preferred_worker: str | None = None,
-                 job_id: str | None = None, limits: Any = None, sink: Any = None) -> Task:
+                 job_id: str | None = None, limits: UpdateLimits | None = None,
+                 sink: Sink | None = None) -> Task:
         task = Task("t-" + secrets.token_hex(8), kind, run_id, base_model, version, payload,
                     tokens, asyncio.get_running_loop().create_future(), preferred_worker,
                     job_id=job_id, limits=limits, sink=sink)
@@ -261,39 +167,6 @@ class Scheduler:
                 return t
         return None
 
-    def _straggler_candidates(self) -> list[Task]:
-        """Leased tasks running far past their expected time, recomputed at most
-        twice a second however many workers ask."""
-        now = time.monotonic()
-        stamp, found = self._stragglers
-        if now - stamp < 0.5:
-            return found
-        found = []
-        for t in self.tasks.values():
-            # Federated train tasks are not duplicated: a round already tolerates a
-            # missing worker (it closes at its timeout with the others).
-            if t.done or t.kind == "train" or len(t.leases) != 1:
-                continue
-            (lease,) = t.leases.values()
-            if lease.uploading:  # done computing: a copy would only queue a second upload
-                continue
-            holder = self.workers.get(lease.worker_id)
-            rate = holder.tokens_per_s if holder and holder.tokens_per_s else None
-            expected = t.tokens / rate if rate else self.straggler_min_s
-            if now - lease.started > max(self.straggler_min_s, self.straggler_factor * expected):
-                found.append(t)
-        self._stragglers = (now, found)
-        return found
-
-    def _pick_straggler(self, w: WorkerInfo) -> Task | None:
-        for t in self._straggler_candidates():
-            if t.done or len(t.leases) != 1 or not w.serves(t.base_model):
-                continue
-            (lease,) = t.leases.values()
-            if lease.worker_id != w.worker_id:
-                return t
-        return None
-
     def _grant(self, t: Task, w: WorkerInfo, *, speculative: bool, parked: bool
                ) -> tuple[Task, Lease]:
         now = time.monotonic()
@@ -320,7 +193,7 @@ class Scheduler:
             t = self._pick_pending(w)
             if t is not None:
                 return self._grant(t, w, speculative=False, parked=parked)
-            t = self._pick_straggler(w)
+            t = self.stragglers.pick(w)
             if t is not None:
                 return self._grant(t, w, speculative=True, parked=parked)
             w.current_task = None
@@ -369,6 +242,13 @@ class Scheduler:
                     lease.deadline = deadline
                     n += 1
         return n
+
+    def holds_lease(self, worker_id: str, run_id: str) -> bool:
+        """Whether ``worker_id`` holds a lease on a task of ``run_id`` (what lets a
+        worker download that run's weights)."""
+        return any(t.run_id == run_id and any(le.worker_id == worker_id
+                                              for le in t.leases.values())
+                   for t in self.tasks.values())
 
     def complete(self, t: Task, lease_id: str, result: Any, *, tokens: int,
                  duration_s: float) -> None:

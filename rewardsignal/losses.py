@@ -1,4 +1,5 @@
-"""Per-token losses computed on workers, as pure functions of target logprobs.
+"""Per-token losses, as pure functions of target logprobs: computed on workers,
+checked by the coordinator before it queues any task (both import this module).
 
 Every loss returns ``(loss_sum, weight_sum)``: the *sum* of weighted per-token
 losses over the shard and the sum of |weights| (the token count for plain
@@ -7,6 +8,8 @@ makes N workers exactly equal to one process on the whole batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -59,6 +62,15 @@ def check_loss_fn(name: str, config: dict | None) -> dict:
             "clip_high_threshold", 1.2):
         raise ValidationError("clip_low_threshold must not exceed clip_high_threshold")
     return config
+
+
+def check_loss_inputs(name: str, extras: Sequence[Mapping[str, object]]) -> None:
+    """Every datum carries the inputs ``name`` needs (``loss_fn_inputs.*``)."""
+    for i, extra in enumerate(extras):
+        missing = [k for k in REQUIRED_INPUTS[name] if k not in extra]
+        if missing:
+            raise ValidationError(f"batch[{i}]: loss_fn {name} needs loss_fn_inputs."
+                                  f"{missing[0]}")
 
 
 def compute_loss(name: str, logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,

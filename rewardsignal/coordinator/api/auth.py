@@ -1,27 +1,25 @@
 """API keys (users) and worker tokens (workers): two scopes, stored hashed.
 
 Keys come from the command line / environment and from the ``keys`` table of
-the coordinator's database (``signal keys create``). Database keys are re-read
-whenever another process commits to the database (SQLite's ``data_version``),
-so a key created or revoked while the coordinator runs takes effect at once.
+the coordinator's database (``signal keys create``). Stored keys are looked up
+on a thread of their own (never on the event loop) and re-read whenever another
+process commits to the database, so a key created or revoked while the
+coordinator runs takes effect from the next request on.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import hmac
-import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
 
+from rewardsignal.coordinator.store.keys import KeyStore, key_hash
 from rewardsignal.errors import AuthError
 
 LOCAL_OWNER = "local"
-
-
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Auth:
@@ -29,28 +27,15 @@ class Auth:
                  db_path: Path | None = None) -> None:
         self._static = {"user": {key_hash(k) for k in api_keys},
                         "worker": {key_hash(k) for k in worker_tokens}}
-        self._db_path = db_path
-        self._conn: sqlite3.Connection | None = None
-        self._db_version = -1
-        self._db_keys: dict[str, set[str]] = {"user": set(), "worker": set()}
+        self._stored = KeyStore(db_path) if db_path is not None else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keys")
 
-    def _keys(self, scope: str) -> set[str]:
-        if self._db_path is not None and self._db_path.exists():
-            if self._conn is None:
-                from rewardsignal.coordinator.db import connect
-
-                self._conn = connect(self._db_path)
-            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != self._db_version:
-                fresh: dict[str, set[str]] = {"user": set(), "worker": set()}
-                for s, h in self._conn.execute(
-                        "SELECT scope, hash FROM keys WHERE revoked IS NULL"):
-                    fresh[s].add(h)
-                self._db_keys, self._db_version = fresh, version
-        return self._static[scope] | self._db_keys[scope]
-
-    def has_keys(self, scope: str) -> bool:
-        return bool(self._keys(scope))
+    async def _keys(self, scope: str) -> set[str]:
+        if self._stored is None:
+            return self._static[scope]
+        stored = await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                  self._stored.current)
+        return self._static[scope] | stored[scope]
 
     @staticmethod
     def _bearer(request: web.Request) -> str | None:
@@ -66,9 +51,9 @@ class Auth:
         h = key_hash(token)
         return next((a for a in allowed if hmac.compare_digest(a, h)), None)
 
-    def user(self, request: web.Request) -> str:
+    async def user(self, request: web.Request) -> str:
         """The owner id of the caller's key (``local`` when no keys are set)."""
-        users = self._keys("user")
+        users = await self._keys("user")
         if not users:
             return LOCAL_OWNER
         token = self._bearer(request)
@@ -77,12 +62,12 @@ class Auth:
         h = self._match(token, users)
         if h is None:
             hint = (" (that is a worker token, which cannot use user endpoints)"
-                    if self._match(token, self._keys("worker")) else "")
+                    if self._match(token, await self._keys("worker")) else "")
             raise AuthError("invalid or revoked API key" + hint)
         return h[:16]
 
-    def worker(self, request: web.Request) -> None:
-        workers = self._keys("worker")
+    async def worker(self, request: web.Request) -> None:
+        workers = await self._keys("worker")
         if not workers:
             return
         if self._match(self._bearer(request), workers) is None:
@@ -90,6 +75,9 @@ class Auth:
                             "--token")
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        def close_store() -> None:
+            if self._stored is not None:
+                self._stored.close()
+
+        self._pool.submit(close_store).result()
+        self._pool.shutdown(wait=True)

@@ -1,4 +1,4 @@
-"""Futures of accepted SDK requests, waited on by long-polling clients."""
+"""Futures of accepted requests (SDK calls), waited on by long-polling clients."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from rewardsignal.errors import NotFoundError, SignalError
-
-# Finished requests kept for clients that come back late for their result.
-_KEEP_FINISHED = 10_000
 
 
 @dataclass
@@ -38,8 +35,12 @@ class Request:
 
 
 class RequestRegistry:
-    def __init__(self) -> None:
+    """Requests in memory; ``keep_finished`` finished ones stay for clients that
+    come back late for their result (the database keeps as many across restarts)."""
+
+    def __init__(self, keep_finished: int) -> None:
         self._items: OrderedDict[str, Request] = OrderedDict()
+        self.keep_finished = keep_finished
 
     def create(self, owner: str, run_id: str, kind: str, *, request_id: str | None = None
                ) -> Request:
@@ -51,7 +52,7 @@ class RequestRegistry:
 
     def _trim(self) -> None:
         finished = [k for k, r in self._items.items() if r.future.done()]
-        for k in finished[: max(0, len(finished) - _KEEP_FINISHED)]:
+        for k in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._items[k]
 
     def get(self, request_id: str, owner: str) -> Request:

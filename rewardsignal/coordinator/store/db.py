@@ -12,6 +12,7 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL);
 """
 
-# Finished requests kept for clients that come back late (older ones are pruned).
-_KEEP_FINISHED = 10_000
-
 
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,13 +52,17 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Database:
-    def __init__(self, path: Path) -> None:
+    """``keep_finished``: finished requests kept for clients that come back late
+    for their result (older ones are pruned)."""
+
+    def __init__(self, path: Path, keep_finished: int = 10_000) -> None:
         self.path = Path(path)
+        self.keep_finished = keep_finished
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._seq = 0
 
-    async def _do(self, fn, *args) -> Any:
+    async def _do(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _c(self) -> sqlite3.Connection:
@@ -112,7 +114,7 @@ class Database:
                       "WHERE request_id = ?", (status, json.dumps(result), time.time(),
                                                request_id))
             c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
-                      "MAX(seq) FROM requests) - ?", (_KEEP_FINISHED,))
+                      "MAX(seq) FROM requests) - ?", (self.keep_finished,))
 
         await self._do(finish)
 
@@ -178,35 +180,3 @@ class Database:
         rows = await self._do(lambda: self._c().execute(
             "SELECT state FROM jobs ORDER BY updated").fetchall())
         return [json.loads(r[0]) for r in rows]
-
-
-# -- keys: used synchronously by the CLI and by the coordinator's auth -------------------------
-def create_key(db_path: Path, name: str, scope: str, key_hash: str) -> None:
-    conn = connect(db_path)
-    try:
-        conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, NULL)",
-                     (name, scope, key_hash, time.time()))
-    except sqlite3.IntegrityError:
-        raise ValueError(f"a key named {name!r} already exists") from None
-    finally:
-        conn.close()
-
-
-def list_keys(db_path: Path) -> list[dict]:
-    conn = connect(db_path)
-    try:
-        return [{"name": r[0], "scope": r[1], "created": r[2], "revoked": r[3]}
-                for r in conn.execute("SELECT name, scope, created, revoked FROM keys "
-                                      "ORDER BY created")]
-    finally:
-        conn.close()
-
-
-def revoke_key(db_path: Path, name: str) -> bool:
-    conn = connect(db_path)
-    try:
-        cur = conn.execute("UPDATE keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
-                           (time.time(), name))
-        return cur.rowcount == 1
-    finally:
-        conn.close()

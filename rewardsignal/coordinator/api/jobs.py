@@ -1,0 +1,69 @@
+"""Request, dataset and federated-job endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR
+from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, query_float, read_raw
+from rewardsignal.coordinator.federated.job import FederatedJob
+from rewardsignal.errors import NotFoundError, http_status_for
+
+
+async def wait_request(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    timeout_s = query_float(request, "timeout_s", 30.0, MAX_WAIT_S)
+    coord = request.app[COORDINATOR]
+    request_id = request.match_info["request_id"]
+    try:
+        req = await coord.requests.wait(request_id, owner, timeout_s)
+        body = req.to_json()
+    except NotFoundError:
+        # Finished before the coordinator last restarted: the database has it.
+        old = await coord.services.db.finished_request(request_id)
+        if old is None or old["owner"] != owner:
+            raise
+        body = {"request_id": request_id, "run_id": old["run_id"], "kind": old["kind"],
+                "status": old["status"],
+                **({"result": old["result"]} if old["status"] == "done" else old["result"])}
+    if body["status"] == "failed":
+        return web.json_response(body, status=http_status_for(body["error"]["code"]))
+    return web.json_response(body, status=200 if body["status"] == "done" else 202)
+
+
+async def upload_dataset(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    raw = await read_raw(request)
+    name = request.query.get("name", "dataset.jsonl")[:128]
+    datasets = request.app[COORDINATOR].services.datasets
+    meta = await asyncio.to_thread(datasets.save, owner, raw, name)
+    return web.json_response(meta, status=201)
+
+
+async def _job(request: web.Request) -> FederatedJob:
+    owner = await request.app[AUTH].user(request)
+    job = request.app[COORDINATOR].jobs.get(request.match_info["job_id"])
+    if job is None or job.owner != owner:
+        raise NotFoundError(f"unknown job {request.match_info['job_id']}")
+    return job
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """Long-poll: answers at once, or (with ``timeout_s``) when the job changes."""
+    job = await _job(request)
+    timeout_s = query_float(request, "timeout_s", 0.0, MAX_WAIT_S)
+    seen = request.query.get("after")
+    if timeout_s > 0 and seen == job.stamp() and not job.to_json()["finished"]:
+        try:
+            await asyncio.wait_for(job.changed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+    return web.json_response({**job.to_json(), "stamp": job.stamp()})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    job = await _job(request)
+    job.cancel()
+    return web.json_response({**job.to_json(), "stamp": job.stamp()})

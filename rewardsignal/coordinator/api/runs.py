@@ -1,0 +1,116 @@
+"""Run endpoints: create, list, read; queue an operation (any the registry
+knows); saved states; weights (for users and for workers holding a lease)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from rewardsignal.coordinator import ops
+from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
+from rewardsignal.coordinator.api.bodies import read_body
+from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.runs.create import read_run_request
+from rewardsignal.errors import NotFoundError, ValidationError
+
+
+async def create_run(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    b = Body(await read_body(request))
+    run_request = await asyncio.to_thread(read_run_request, b)
+    run = await request.app[COORDINATOR].create_run(owner, run_request)
+    return web.json_response(run.to_json(), status=201)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    runs = request.app[COORDINATOR].runs_of(owner)
+    return web.json_response({"runs": [r.to_json() for r in runs]})
+
+
+async def get_run(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    run = request.app[COORDINATOR].run_for(owner, request.match_info["run_id"])
+    return web.json_response(run.to_json())
+
+
+async def run_op(request: web.Request) -> web.Response:
+    """POST /v1/runs/{run_id}/{op}: check the arguments now (a bad request changes
+    nothing), queue the operation, answer 202 with a request id to wait on."""
+    owner = await request.app[AUTH].user(request)
+    coord = request.app[COORDINATOR]
+    operation = ops.get(request.match_info["op"])
+    run = coord.run_for(owner, request.match_info["run_id"])
+    b = Body(await read_body(request))
+    timeout_s = b.float("timeout_s", None, lo=0, lo_open=True, hi=7 * 86400)
+    args = await operation.parse(coord.services, run, owner, b)
+    b.done()
+    req, extra = await coord.submit(owner, run, operation, args, timeout_s)
+    return web.json_response({**req.to_json(), **extra}, status=202)
+
+
+async def get_artifact(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    coord = request.app[COORDINATOR]
+    run = coord.run_for(owner, request.match_info["run_id"])
+    meta, _ = await asyncio.to_thread(coord.services.artifacts.get, run.run_id,
+                                      request.match_info["name"])
+    return web.json_response(meta)
+
+
+async def get_artifact_file(request: web.Request) -> web.StreamResponse:
+    owner = await request.app[AUTH].user(request)
+    coord = request.app[COORDINATOR]
+    run = coord.run_for(owner, request.match_info["run_id"])
+    path, size = await asyncio.to_thread(coord.services.artifacts.file, run.run_id,
+                                         request.match_info["name"],
+                                         request.match_info["filename"])
+    request.app[METRICS].bytes_out.labels("artifact").inc(size)
+    return web.FileResponse(path)
+
+
+async def _check_weights_access(request: web.Request, run_id: str) -> None:
+    coord = request.app[COORDINATOR]
+    worker_id = request.headers.get("X-Signal-Worker")
+    if worker_id:
+        await request.app[AUTH].worker(request)
+        w = coord.scheduler.worker(worker_id)
+        if not coord.scheduler.holds_lease(w.worker_id, run_id) or run_id not in coord.runs:
+            raise NotFoundError(f"unknown run {run_id} (no lease of this worker needs it)")
+    else:
+        coord.run_for(await request.app[AUTH].user(request), run_id)
+
+
+async def get_weights(request: web.Request) -> web.StreamResponse:
+    """Immutable per version: users (their own runs) and workers (runs they hold
+    a lease on). Streamed, not ``web.Response(body=...)``: aiohttp keeps a
+    connection's last response alive while the connection idles, and a Response
+    would pin its body."""
+    run_id = request.match_info["run_id"]
+    try:
+        version = int(request.match_info["version"])
+    except ValueError:
+        raise ValidationError("version must be an integer") from None
+    await _check_weights_access(request, run_id)
+    versions = request.app[COORDINATOR].services.versions
+    # A content-hash ETag (not aiohttp's mtime-based one) so caches agree across
+    # coordinator restarts, restores from backup and replicas.
+    etag = '"' + await versions.adapter_sha256(run_id, version) + '"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    file = versions.adapter_file(run_id, version)
+    resp = web.StreamResponse(headers=headers)
+    resp.content_type = "application/vnd.safetensors"
+    if request.method == "HEAD":
+        resp.content_length = (await asyncio.to_thread(file.stat)).st_size
+        await resp.prepare(request)
+        return resp
+    body = await asyncio.to_thread(file.read_bytes)
+    request.app[METRICS].bytes_out.labels("weights").inc(len(body))
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    await resp.write(body)
+    await resp.write_eof()
+    return resp

@@ -1,0 +1,119 @@
+"""Worker endpoints: register, lease (long-poll), heartbeat, upload slot,
+submit. Submissions are msgpack maps with safetensors bytes inside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiohttp import web
+
+from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR
+from rewardsignal.coordinator.api.bodies import (
+    MAX_WAIT_S,
+    decode_body,
+    query_float,
+    read_body,
+    read_raw,
+)
+from rewardsignal.coordinator.coordinator import Coordinator
+from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.errors import ValidationError
+from rewardsignal.protocol import MSGPACK, TaskMessage, pack
+
+
+async def register_worker(request: web.Request) -> web.Response:
+    await request.app[AUTH].worker(request)
+    b = Body(await read_body(request))
+    name = b.str("name", max_len=128)
+    device = b.str("device", max_len=64)
+    hardware = b.dict("hardware", {})
+    if len(json.dumps(hardware)) > 16_384:
+        raise ValidationError("field 'hardware' is too large")
+    max_tokens = b.int("max_tokens_per_task", 8192, lo=16, hi=1 << 24)
+    models = b.list("models", None, max_len=256)
+    if models is not None and not all(isinstance(m, str) for m in models):
+        raise ValidationError("field 'models' must be a list of model ids")
+    b.str("protocol", "1")
+    b.done()
+    w = await request.app[COORDINATOR].register_worker(
+        name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens,
+        models=tuple(models) if models is not None else None)
+    return web.json_response({"worker_id": w.worker_id}, status=201)
+
+
+async def _task_message(coord: Coordinator, task: Task, lease_id: str) -> TaskMessage:
+    run = coord.runs[task.run_id]
+    return TaskMessage(
+        task_id=task.task_id, lease_id=lease_id, kind=task.kind, run_id=run.run_id,
+        base_model=run.spec.base_model, fingerprint=run.spec.fingerprint,
+        version=task.version, lora=run.spec.lora.to_json(),
+        weights_url=f"/v1/runs/{run.run_id}/weights/{task.version}",
+        weights_sha256=await coord.services.versions.adapter_sha256(run.run_id, task.version),
+        lease_timeout_s=coord.config.lease_timeout_s, payload=task.payload)
+
+
+async def lease_task(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    await request.app[AUTH].worker(request)
+    coord = request.app[COORDINATOR]
+    w = coord.scheduler.worker(request.match_info["worker_id"])
+    if w.quarantined:
+        return web.json_response({"error": {"code": "quarantined",
+                                            "message": w.quarantine_reason}}, status=403)
+    timeout_s = query_float(request, "timeout_s", 20.0, MAX_WAIT_S)
+    got = await coord.scheduler.lease(w, timeout_s)
+    if got is None:
+        return web.Response(status=204)
+    task, lease = got
+    msg = await _task_message(coord, task, lease.lease_id)
+    resp = web.json_response(msg.to_json())
+    # How long handing out work takes: split by whether the lease found nothing it
+    # could take on arrival and parked (then the time is mostly waiting for work).
+    coord.metrics.lease_seconds.labels("yes" if lease.parked else "no"
+                                       ).observe(time.monotonic() - started)
+    return resp
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    await request.app[AUTH].worker(request)
+    coord = request.app[COORDINATOR]
+    w = coord.scheduler.worker(request.match_info["worker_id"])
+    return web.json_response({"leases_extended": coord.scheduler.heartbeat(w)})
+
+
+async def upload_slot(request: web.Request) -> web.Response:
+    """Long-poll for a slot to upload a submission into (see ``scheduling.slots``)."""
+    await request.app[AUTH].worker(request)
+    coord = request.app[COORDINATOR]
+    coord.scheduler.note_uploading(coord.scheduler.worker(request.match_info["worker_id"]))
+    slots = coord.services.upload_slots
+    slot = await slots.reserve(query_float(request, "timeout_s", 20.0, MAX_WAIT_S))
+    if slot is None:
+        return web.Response(status=204)
+    return web.json_response({"slot": slot, "hold_s": slots.hold_s})
+
+
+async def submit_result(request: web.Request) -> web.Response:
+    coord = request.app[COORDINATOR]
+    slots = coord.services.upload_slots
+    if not slots.take(request.query.get("slot")):
+        await slots.acquire()  # no reserved slot: wait for one here
+    try:
+        await request.app[AUTH].worker(request)
+        raw = await read_raw(request)
+        # A multi-MB map: parse it off the event loop.
+        msg = await asyncio.to_thread(decode_body, raw, request.content_type,
+                                      coord.config.max_body_bytes)
+        del raw  # the decoded map holds its own copy of the tensors
+        if not isinstance(msg, dict):
+            raise ValidationError("submission must be a msgpack map")
+        w = coord.scheduler.worker(str(msg.get("worker_id")))
+        out = await coord.ingest.submit(w, request.match_info["task_id"], msg)
+    finally:
+        slots.release()
+    if request.content_type == MSGPACK:
+        return web.Response(body=pack(out), content_type=MSGPACK)
+    return web.json_response(out)

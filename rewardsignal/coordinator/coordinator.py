@@ -1,0 +1,150 @@
+"""The coordinator: a thin facade that wires its parts (``Services``) and owns
+the lifecycle: recovery at start, each run's ordered processor, the ticker.
+
+Domain work lives in the parts: operations in ``ops``, run state and versions
+in ``runs``, rounds in ``federated``, tasks and leases in ``scheduling``,
+submission checks in ``ingest``, disk and database in ``store``. HTTP lives in
+``api``; blocking work goes through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from rewardsignal.coordinator import recovery
+from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.federated.job import FederatedJob
+from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.monitor import Monitor
+from rewardsignal.coordinator.ops import Operation, runner
+from rewardsignal.coordinator.runs.create import RunRequest, build_run
+from rewardsignal.coordinator.runs.processor import Op, RunProcessor
+from rewardsignal.coordinator.runs.requests import Request, RequestRegistry
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.scheduler import Scheduler
+from rewardsignal.coordinator.scheduling.workers import WorkerInfo
+from rewardsignal.coordinator.services import Services
+from rewardsignal.errors import NotFoundError
+
+log = logging.getLogger("signal.coordinator")
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.services = Services.build(config, self.metrics)
+        self.ingest = self.services.ingest()
+        self.monitor = Monitor(self.services.scheduler, self.services.upload_slots,
+                               self.metrics)
+        self._ticker: asyncio.Task | None = None
+
+    # The parts most callers (and tests) reach for.
+    @property
+    def runs(self) -> dict[str, Run]:
+        return self.services.runs
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.services.scheduler
+
+    @property
+    def jobs(self) -> dict[str, FederatedJob]:
+        return self.services.jobs
+
+    @property
+    def requests(self) -> RequestRegistry:
+        return self.services.requests
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.services.db.open()
+        await recovery.restore(self.services, self._adopt)
+        self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        await asyncio.gather(*[r.processor.stop() for r in self.runs.values() if r.processor])
+        await self.services.db.close()
+
+    def _adopt(self, run: Run) -> None:
+        async def execute(op: Op) -> None:
+            await runner.execute(self.services, run, op)
+
+        run.processor = RunProcessor(execute)
+        run.processor.start()
+        self.runs[run.run_id] = run
+        self.metrics.version.labels(run.run_id).set(run.version)
+
+    async def _tick_forever(self) -> None:
+        interval = self.config.tick_interval_s
+        while True:
+            due = time.monotonic() + interval
+            await asyncio.sleep(interval)
+            # How late the loop woke us: time every callback waits to be served.
+            self.metrics.loop_lag.observe(max(0.0, time.monotonic() - due))
+            self.tick()
+
+    def tick(self) -> None:
+        self.monitor.tick()
+
+    # -- runs and requests -----------------------------------------------------------------
+    async def create_run(self, owner: str, req: RunRequest) -> Run:
+        run = await asyncio.to_thread(build_run, owner, req)
+        await asyncio.to_thread(self.services.tokenizers.get, req.base_model)
+        await self.services.versions.write(run)
+        await self.services.db.save_run(run.run_id, owner, run.spec.to_json())
+        self._adopt(run)
+        log.info("run created run_id=%s base=%s lora_r=%d params=%d", run.run_id,
+                 req.base_model, req.lora.r, sum(v.numel() for v in run.adapter.values()))
+        return run
+
+    def run_for(self, owner: str, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        # Another user's run is indistinguishable from a missing one.
+        if run is None or run.spec.owner != owner:
+            raise NotFoundError(f"unknown run {run_id}")
+        return run
+
+    def runs_of(self, owner: str) -> list[Run]:
+        return [r for r in self.runs.values() if r.spec.owner == owner]
+
+    async def submit(self, owner: str, run: Run, operation: Operation, args: Any,
+                     timeout_s: float | None) -> tuple[Request, dict]:
+        """Accept an operation: it is written to the database before it is queued
+        (and before the caller hears 202), so a restart re-runs it."""
+        extra = await operation.accept(self.services, run, owner, args)
+        req = self.services.requests.create(owner, run.run_id, operation.name)
+        timeout_s = timeout_s or self.config.request_timeout_s
+        await self.services.db.add_request(req.request_id, owner, run.run_id, operation.name,
+                                           operation.dump(args), timeout_s)
+        assert run.processor is not None
+        run.processor.put(Op(operation, req, args, timeout_s))
+        return req, extra
+
+    async def register_worker(self, *, name: str, device: str, hardware: dict,
+                              max_tokens_per_task: int, models: tuple[str, ...] | None
+                              ) -> WorkerInfo:
+        w = self.services.scheduler.register(
+            name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens_per_task,
+            models=models)
+        await self.services.db.save_worker(w.worker_id, name, {
+            "name": name, "device": device, "hardware": hardware,
+            "max_tokens_per_task": max_tokens_per_task,
+            "models": list(models) if models is not None else None})
+        return w
+
+    def status(self, owner: str) -> dict:
+        """Everything the dashboard shows, scoped to the caller's runs and jobs."""
+        jobs = [j.to_json() for j in self.jobs.values() if j.owner == owner]
+        for j in jobs:
+            j.pop("config", None)
+        return {"runs": [r.to_json() for r in self.runs_of(owner)],
+                "workers": [w.to_json() for w in self.scheduler.workers.values()],
+                "jobs": jobs[-50:], "rejections": dict(self.services.rejections),
+                "tasks": self.scheduler.counts(), "time": time.time()}

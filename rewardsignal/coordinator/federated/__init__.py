@@ -1,0 +1,1 @@
+"""Federated rounds: jobs, the round loop (issue / collect / close) and combination strategies."""

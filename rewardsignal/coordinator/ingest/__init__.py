@@ -1,0 +1,1 @@
+"""Ingest: the checks a worker submission passes, and its acceptance."""

@@ -1,0 +1,95 @@
+"""Acceptance of worker submissions: the lease is live, the pure checks pass
+(in a thread), exactly one submission per task is claimed on the event loop,
+and its gradient is summed where its request wants it. Rejections are counted
+by reason, told to the job they hurt, and count towards quarantine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from rewardsignal.aggregation.validate import UpdateLimits
+from rewardsignal.coordinator.federated.job import FederatedJob
+from rewardsignal.coordinator.ingest.checks import Checked, RunView, check_submission
+from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.scheduler import Scheduler
+from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.coordinator.scheduling.workers import WorkerInfo
+from rewardsignal.errors import ConflictError, RejectedUpdate
+
+log = logging.getLogger("signal.coordinator")
+
+
+@dataclass
+class Ingest:
+    scheduler: Scheduler
+    runs: dict[str, Run]
+    jobs: dict[str, FederatedJob]
+    metrics: Metrics
+    limits: UpdateLimits
+    rejections: Counter
+
+    def _reject(self, reason: str) -> None:
+        self.metrics.updates_rejected.labels(reason).inc()
+        self.rejections[reason] += 1
+
+    async def submit(self, worker: WorkerInfo, task_id: str, msg: dict) -> dict:
+        if task_id in self.scheduler.finished:
+            self.metrics.duplicates.inc()
+            return {"status": "duplicate"}
+        lease_id = str(msg.get("lease_id"))
+        try:
+            task = self.scheduler.check_lease(task_id, lease_id, worker.worker_id)
+        except ConflictError:
+            self._reject("unknown_lease")
+            raise
+        if "error" in msg:
+            error = str(msg.get("error"))[:500]
+            log.warning("task failed on worker task=%s worker=%s error=%s", task_id,
+                        worker.name, error)
+            self.scheduler.release(task, lease_id, f"worker {worker.name}: {error}")
+            return {"status": "released"}
+        checked = await self._check(worker, task, lease_id, msg)
+        if task.done or task.claimed:  # another lease won while this one was checked
+            self.metrics.duplicates.inc()
+            return {"status": "duplicate"}
+        task.claimed = True  # claimed on the event loop: exactly one submission gets past here
+        if task.sink is not None and checked.tensors is not None:
+            await asyncio.to_thread(task.sink.add, checked.tensors, owned=True)
+        self.scheduler.complete(task, lease_id, checked.result, tokens=task.tokens,
+                                duration_s=_duration(msg))
+        self.metrics.updates_accepted.labels(task.kind).inc()
+        return {"status": "accepted"}
+
+    async def _check(self, worker: WorkerInfo, task: Task, lease_id: str, msg: dict) -> Checked:
+        run = self.runs[task.run_id]
+        view = RunView(run.spec.fingerprint, run.version, run.shapes)
+        raw = msg.get("tensors")
+        if isinstance(raw, bytes) and task.kind in ("forward_backward", "train"):
+            kind = "delta" if task.kind == "train" else "gradient"
+            self.metrics.bytes_in.labels(kind, str(msg.get("codec", "fp32"))[:8]).inc(len(raw))
+        del raw  # decoding drops the message's copy; this one must not outlive it
+        try:
+            checked = await asyncio.to_thread(check_submission, task, view, msg, self.limits)
+        except RejectedUpdate as exc:
+            job = self.jobs.get(task.job_id or "")
+            if job is not None:
+                job.note_rejection(exc.reason)
+            self._reject(exc.reason)
+            self.scheduler.note_rejection(worker, exc.reason)
+            self.scheduler.release(task, lease_id, exc.message)
+            log.warning("update rejected task=%s worker=%s reason=%s detail=%s", task.task_id,
+                        worker.name, exc.reason, exc.detail)
+            raise
+        if checked.staleness is not None and checked.norm is not None:
+            self.metrics.staleness.observe(checked.staleness)
+            self.metrics.update_norm.observe(checked.norm)
+        return checked
+
+
+def _duration(msg: dict) -> float:
+    d = msg.get("duration_s")
+    return float(d) if isinstance(d, int | float) and not isinstance(d, bool) else 0.0

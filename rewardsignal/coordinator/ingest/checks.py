@@ -1,0 +1,134 @@
+"""The checks a worker's submission passes before it may touch a run, as pure
+functions of the task, what the coordinator knows of the run, and the message.
+
+Each check raises ``RejectedUpdate(reason, message)``. Decoding and tensor
+checks are CPU work: callers run ``check_submission`` in a thread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rewardsignal.aggregation.codecs import decode
+from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.aggregation.validate import UpdateLimits, check_fingerprint, validate_update
+from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.errors import RejectedUpdate, ValidationError
+from rewardsignal.protocol import tensors_from_bytes
+
+TRAIN_METRICS = ("train_loss_mean", "train_loss_last", "grad_norm_mean", "steps", "num_samples",
+                 "tokens", "duration_s")
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What the checks need to know of the run a task belongs to."""
+
+    fingerprint: str
+    version: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+@dataclass
+class Checked:
+    """A submission that passed: ``result`` is what the task's future resolves
+    to; ``tensors`` the decoded gradient (summed, not stored on the future)."""
+
+    result: dict
+    tensors: Tensors | None = field(default=None, repr=False)
+    staleness: int | None = None
+    norm: float | None = None
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def decode_tensors(msg: dict) -> Tensors:
+    """The submitted tensors in fp32. The raw bytes are dropped from ``msg`` once
+    decoded so only the fp32 copy stays alive."""
+    codec = str(msg.get("codec", "fp32"))
+    raw = msg.pop("tensors", None)
+    if not isinstance(raw, bytes):
+        raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
+    try:
+        return decode(tensors_from_bytes(raw), codec)
+    except ValidationError as exc:
+        raise RejectedUpdate("malformed", exc.message) from None
+
+
+def check_submission(task: Task, run: RunView, msg: dict, limits: UpdateLimits) -> Checked:
+    """Decode and validate a submission for ``task``; cheapest checks first."""
+    fp = msg.get("fingerprint")
+    check_fingerprint(fp if isinstance(fp, str) else repr(fp), run.fingerprint)
+    if msg.get("version") != task.version:
+        raise RejectedUpdate("stale", f"computed on version {msg.get('version')!r}, the task "
+                             f"named version {task.version}")
+    result = msg.get("result")
+    if not isinstance(result, dict):
+        raise RejectedUpdate("malformed", "missing 'result' object")
+    if task.kind == "sample":
+        return Checked(check_sample(result, task.payload))
+    if task.kind == "train":
+        metrics = check_train_metrics(result)
+        return _with_tensors(task, run, msg, task.limits or limits, weight=1.0,
+                             result={"metrics": metrics, "version": task.version},
+                             key="delta")
+    checked = check_forward(result, task.payload["datums"])
+    if task.kind != "forward_backward":
+        return Checked(checked)
+    return _with_tensors(task, run, msg, limits, weight=checked["weight_sum"], result=checked,
+                         key=None)
+
+
+def _with_tensors(task: Task, run: RunView, msg: dict, limits: UpdateLimits, *, weight: float,
+                  result: dict, key: str | None) -> Checked:
+    tensors = decode_tensors(msg)
+    staleness, norm = validate_update(
+        tensors, weight=weight, expected_shapes=run.shapes, task_version=task.version,
+        current_version=run.version, limits=limits)
+    if key is not None:  # a federated delta travels on the task's result
+        return Checked({**result, key: tensors}, None, staleness, norm)
+    return Checked(result, tensors, staleness, norm)
+
+
+def check_forward(result: dict, datums: list[dict]) -> dict:
+    lps = result.get("logprobs")
+    if not _finite(result.get("loss_sum")) or not _finite(result.get("weight_sum")):
+        raise RejectedUpdate("nonfinite", "loss_sum and weight_sum must be finite numbers")
+    if not isinstance(lps, list) or len(lps) != len(datums):
+        raise RejectedUpdate("malformed", f"expected logprobs for {len(datums)} datums")
+    for lp, d in zip(lps, datums, strict=True):
+        if not isinstance(lp, list) or len(lp) != len(d["model_input"]):
+            raise RejectedUpdate("shape", "logprobs length does not match the datum")
+        if not all(_finite(x) for x in lp):
+            raise RejectedUpdate("nonfinite", "logprobs contain NaN or infinity")
+    return {"loss_sum": float(result["loss_sum"]), "weight_sum": float(result["weight_sum"]),
+            "logprobs": lps}
+
+
+def check_train_metrics(result: dict) -> dict:
+    for key in TRAIN_METRICS:
+        if not _finite(result.get(key)):
+            raise RejectedUpdate("malformed", f"train metrics need a finite {key!r}")
+    if result["tokens"] <= 0 or result["steps"] <= 0:
+        raise RejectedUpdate("malformed", "train metrics report no work")
+    return {k: float(result[k]) for k in TRAIN_METRICS}
+
+
+def check_sample(result: dict, payload: dict) -> dict:
+    outs = result.get("outputs")
+    n = len(payload["prompt_tokens"])
+    if not isinstance(outs, list) or len(outs) != n:
+        raise RejectedUpdate("malformed", f"expected {n} sample outputs")
+    for o in outs:
+        if (not isinstance(o, dict) or not isinstance(o.get("text"), str)
+                or not isinstance(o.get("tokens"), list) or not isinstance(o.get("logprobs"), list)
+                or len(o["tokens"]) != len(o["logprobs"])
+                or len(o["tokens"]) > payload["max_tokens"]
+                or not all(isinstance(t, int) for t in o["tokens"])
+                or not all(_finite(x) for x in o["logprobs"])):
+            raise RejectedUpdate("malformed", "sample output must have text, tokens and "
+                                 "matching finite logprobs")
+    return {"outputs": outs}

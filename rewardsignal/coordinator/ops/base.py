@@ -1,0 +1,56 @@
+"""What an operation is: everything about one kind of request in one place.
+
+An operation declares how its arguments are read and validated (``parse``:
+nothing is queued when it raises), how they are stored durably and read back
+after a restart (``dump`` / ``load``), whether it is a barrier, whether the
+request timeout bounds it, how a restart may answer it from durable state
+(``recovered``), and how it runs (``execute``). Front ends, the ordered
+processor and recovery look operations up in ``REGISTRY``; none of them lists
+operations.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.runs.requests import Request
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.services import Services
+
+
+class Operation(ABC):
+    name: ClassVar[str]
+    # Waits for everything queued before it on the run, and runs alone.
+    barrier: ClassVar[bool] = False
+    # The request timeout applies (False: the operation bounds itself).
+    bounded: ClassVar[bool] = True
+
+    @abstractmethod
+    async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:
+        """Validated arguments from a request body; raises ``ValidationError``.
+        Blocking work (tokenising) goes through a thread."""
+
+    async def accept(self, ctx: Services, run: Run, owner: str, args: Any) -> dict:
+        """Side effects once the arguments are valid, before the request is
+        stored and queued; extra fields for the 202 answer."""
+        return {}
+
+    def dump(self, args: Any) -> dict:
+        """The arguments as JSON, stored with the request."""
+        return dict(args)
+
+    def load(self, ctx: Services, run: Run, data: dict) -> Any:
+        """``dump``'s inverse, after a restart (blocking: runs in a thread)."""
+        return data
+
+    def recovered(self, run: Run, request_id: str, manifest: dict) -> dict | None:
+        """After a restart: this request's result if durable state shows it
+        already took effect (so it is not applied twice); None to run it again.
+        ``manifest`` is that of the run's current checkpoint."""
+        return None
+
+    @abstractmethod
+    async def execute(self, ctx: Services, run: Run, request: Request, args: Any) -> dict:
+        """Run the operation; its result is the request's result."""

@@ -1,0 +1,114 @@
+"""``forward_backward`` and ``forward``: a batch split into shards over the
+workers; logprobs and loss sums come back per shard, and (backward) the shard
+gradients are summed as they are accepted, then made durable and added to the
+run's accumulator before the request answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.ops.base import Operation
+from rewardsignal.coordinator.ops.tasks import gather_tasks
+from rewardsignal.coordinator.runs.accumulator import Contribution, GradientSum
+from rewardsignal.coordinator.runs.requests import Request
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.services import Services
+from rewardsignal.data.examples import example_to_datum
+from rewardsignal.data.types import Datum
+from rewardsignal.losses import LOSS_FNS, check_loss_fn, check_loss_inputs
+
+MAX_BATCH = 65_536
+
+
+@dataclass(frozen=True)
+class ForwardArgs:
+    datums: list[Datum]
+    loss_fn: str
+    loss_fn_config: dict
+    reduction: str
+
+
+class Forward(Operation):
+    name = "forward"
+    backward = False
+
+    async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> ForwardArgs:
+        loss_fn = body.str("loss_fn", "cross_entropy", choices=LOSS_FNS)
+        config = check_loss_fn(loss_fn, body.dict("loss_fn_config", {}))
+        reduction = (body.str("reduction", "mean", choices=("mean", "sum")) if self.backward
+                     else "mean")
+        # Tokenising (chat templates) is CPU work: off the event loop.
+        datums = await asyncio.to_thread(ctx.tokenizers.datums, run,
+                                         body.list("batch", max_len=MAX_BATCH))
+        check_loss_inputs(loss_fn, [d.extra for d in datums])
+        return ForwardArgs(datums, loss_fn, config, reduction)
+
+    def dump(self, args: ForwardArgs) -> dict:
+        return {"datums": [d.to_json() for d in args.datums], "loss_fn": args.loss_fn,
+                "loss_fn_config": args.loss_fn_config, "reduction": args.reduction}
+
+    def load(self, ctx: Services, run: Run, data: dict) -> ForwardArgs:
+        tok = ctx.tokenizers.get(run.spec.base_model)
+        return ForwardArgs([example_to_datum(d, tok) for d in data["datums"]], data["loss_fn"],
+                           data["loss_fn_config"], data["reduction"])
+
+    async def execute(self, ctx: Services, run: Run, request: Request,
+                      args: ForwardArgs) -> dict:
+        started = time.monotonic()
+        datums = args.datums
+        plan = ctx.scheduler.plan_shards(datums, run.spec.base_model)
+        # Shard gradients are added into this sum as they are accepted (in the
+        # submission path), so none of them waits around in memory.
+        sink = GradientSum() if self.backward else None
+        tasks = [ctx.scheduler.add_task(
+            kind=self.name, run_id=run.run_id, base_model=run.spec.base_model,
+            version=run.version, tokens=sum(len(datums[i]) for i in idx),
+            preferred_worker=worker, sink=sink,
+            payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": args.loss_fn,
+                     "loss_fn_config": args.loss_fn_config})
+            for idx, worker in plan]
+        logprobs: list[Any] = [None] * len(datums)
+        loss_sum = weight_sum = 0.0
+        async for i, res in gather_tasks(ctx.scheduler, tasks):
+            for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
+                logprobs[j] = lp
+            loss_sum += res["loss_sum"]
+            weight_sum += res["weight_sum"]
+        num_tokens = sum(len(d) for d in datums)
+        if sink is not None:
+            await self._accumulate(ctx, run, Contribution(
+                request.request_id, sink.value(), weight_sum, args.reduction, num_tokens,
+                loss_sum, weight_sum))
+            ctx.metrics.fb_duration.labels(run.run_id).observe(time.monotonic() - started)
+        loss = loss_sum / weight_sum if weight_sum else 0.0
+        run.last_loss = loss
+        ctx.metrics.train_loss.labels(run.run_id).set(loss)
+        return {"loss": loss, "loss_sum": loss_sum, "weight_sum": weight_sum,
+                "num_tokens": num_tokens, "logprobs": logprobs, "version": run.version,
+                "num_shards": len(tasks),
+                "datums": [d.to_json() for d in datums] if not self.backward else None}
+
+    async def _accumulate(self, ctx: Services, run: Run, c: Contribution) -> None:
+        # Durable before it counts: a restart finds this gradient and either adds
+        # it back (not yet stepped) or drops it (already in a version).
+        await ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
+                               version=run.version, grads=c.grads, weight=c.weight,
+                               reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
+                               loss_weight=c.loss_weight)
+        await asyncio.to_thread(run.accum.add, c)
+        ctx.metrics.tokens.labels(run.run_id).inc(c.tokens)
+
+
+class ForwardBackward(Forward):
+    name = "forward_backward"
+    backward = True
+
+    def recovered(self, run: Run, request_id: str, manifest: dict) -> dict | None:
+        if request_id not in run.recovered_grads:
+            return None
+        return {"recovered": True, "version": run.version,
+                "note": "gradient kept across a coordinator restart; logprobs were lost"}

@@ -1,0 +1,68 @@
+"""``optim_step``: AdamW on the gradient accumulated since the last step, then
+version v+1 (checkpoint written before it becomes visible)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
+from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.ops.base import Operation
+from rewardsignal.coordinator.runs.accumulator import Accumulator
+from rewardsignal.coordinator.runs.create import read_adamw
+from rewardsignal.coordinator.runs.requests import Request
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.services import Services
+from rewardsignal.errors import ValidationError
+
+log = logging.getLogger("signal.coordinator")
+
+
+class OptimStep(Operation):
+    name = "optim_step"
+    barrier = True
+
+    async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> AdamWConfig:
+        return read_adamw(body, run.spec.optimizer)
+
+    def dump(self, args: AdamWConfig) -> dict:
+        return {"optimizer": args.to_json()}
+
+    def load(self, ctx: Services, run: Run, data: dict) -> AdamWConfig:
+        return AdamWConfig(**data["optimizer"])
+
+    def recovered(self, run: Run, request_id: str, manifest: dict) -> dict | None:
+        # Its checkpoint landed just before the crash: answer from it.
+        if manifest.get("request_id") != request_id:
+            return None
+        entry = run.history[-1] if run.history else {}
+        return {"version": run.version, "loss": entry.get("loss"), "step": run.opt_step,
+                "recovered": True}
+
+    async def execute(self, ctx: Services, run: Run, request: Request,
+                      args: AdamWConfig) -> dict:
+        started = time.monotonic()
+        if run.accum.empty:
+            raise ValidationError("nothing to apply: call forward_backward before optim_step")
+        accum = run.accum
+        grads = await asyncio.to_thread(accum.gradient)
+        params, state, step = await asyncio.to_thread(adamw_step, run.adapter, grads,
+                                                      run.opt_state, run.opt_step, args)
+        loss = accum.loss
+        entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
+                 "time": time.time()}
+        # Keep any other state the run carries (a federated job's outer momentum).
+        state = {**run.opt_state, **state}
+        await ctx.versions.commit(run, params, state, history_entry=entry, opt_step=step,
+                                  metrics={"loss": loss, "tokens": accum.tokens},
+                                  request_id=request.request_id)
+        run.accum = Accumulator()
+        await ctx.pending.drop_before(run.run_id, run.version)
+        ctx.metrics.steps.labels(run.run_id).inc()
+        ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
+        log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
+                 f"{loss:.4f}" if loss is not None else "-", entry["tokens"])
+        return {"version": run.version, "loss": loss, "step": step,
+                "learning_rate": args.learning_rate}

@@ -1,0 +1,54 @@
+"""Running one queued operation: its timeout, and its outcome made the
+request's result (in memory for waiting clients, in the database for ones
+that come back after a restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from rewardsignal.coordinator.ops.base import Operation
+from rewardsignal.coordinator.runs.processor import Op
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.services import Services
+from rewardsignal.errors import NoWorkerError, RequestTimeoutError, SignalError
+
+log = logging.getLogger("signal.coordinator")
+
+
+def _timeout_error(ctx: Services, run: Run, op: Op) -> SignalError:
+    base = run.spec.base_model
+    if not ctx.scheduler.eligible_workers(base):
+        return NoWorkerError(
+            f"no worker can serve base model {base}: none connected within "
+            f"{op.timeout_s:g}s. Start one with `signal-worker --coordinator URL`.")
+    return RequestTimeoutError(f"{op.operation.name} did not finish within {op.timeout_s:g}s")
+
+
+async def execute(ctx: Services, run: Run, op: Op) -> None:
+    operation = op.operation
+    assert isinstance(operation, Operation)
+    fut = op.request.future
+    try:
+        timeout = op.timeout_s if operation.bounded else None
+        result = await asyncio.wait_for(operation.execute(ctx, run, op.request, op.args),
+                                        timeout)
+    except TimeoutError:
+        err = _timeout_error(ctx, run, op)
+        log.warning("request failed request=%s run=%s reason=%s", op.request.request_id,
+                    run.run_id, err.code)
+        if not fut.done():
+            fut.set_exception(err)
+    except SignalError as exc:
+        if not fut.done():
+            fut.set_exception(exc)
+    except Exception as exc:  # a bug, not bad input: log it fully, fail only this request
+        log.exception("request crashed request=%s run=%s", op.request.request_id, run.run_id)
+        if not fut.done():
+            fut.set_exception(SignalError(f"internal error: {type(exc).__name__}: {exc}"))
+    else:
+        if not fut.done():
+            fut.set_result(result)
+    body = op.request.to_json()
+    outcome: dict = body["result"] if body["status"] == "done" else {"error": body["error"]}
+    await ctx.db.finish_request(op.request.request_id, body["status"], outcome)

@@ -1,0 +1,2 @@
+"""Runs: their state, accumulated gradients, requests, versions and the ordered
+processing of their operations."""

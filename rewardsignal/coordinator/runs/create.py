@@ -1,0 +1,62 @@
+"""A new run: its arguments read from a request body, then its version-0 state
+(fingerprint, adapter shapes, seeded initial adapter) built off the event loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rewardsignal.aggregation.optim import AdamWConfig
+from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.runs.state import Run, RunSpec, new_run_id
+from rewardsignal.lora import LoraSpec, adapter_shapes, init_adapter
+from rewardsignal.models import fingerprint, model_info, resolve_model_path
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    base_model: str
+    lora: LoraSpec
+    optimizer: AdamWConfig
+    max_length: int
+
+
+def read_adamw(b: Body, defaults: AdamWConfig) -> AdamWConfig:
+    """AdamW hyper-parameters from a body (``create_run`` and ``optim_step``)."""
+    clip = b.float("grad_clip_norm", None, lo=0, lo_open=True)
+    return AdamWConfig(
+        learning_rate=b.float("learning_rate", defaults.learning_rate, lo=0, hi=10),
+        beta1=b.float("beta1", defaults.beta1, lo=0, hi=0.999999),
+        beta2=b.float("beta2", defaults.beta2, lo=0, hi=0.99999999),
+        eps=b.float("eps", defaults.eps, lo=0, lo_open=True, hi=1.0),
+        weight_decay=b.float("weight_decay", defaults.weight_decay, lo=0, hi=10),
+        grad_clip_norm=clip if clip is not None else defaults.grad_clip_norm)
+
+
+def read_run_request(b: Body) -> RunRequest:
+    """Blocking (resolves the model on disk): call it in a thread."""
+    base = b.str("base_model")
+    resolve_model_path(base)  # NotFoundError -> 404 with advice
+    info = model_info(base)
+    r = b.int("lora_r", 8, lo=1, hi=1024)
+    targets = b.list("lora_target_modules", None, max_len=64)
+    lora = LoraSpec(r=r, alpha=b.float("lora_alpha", 2.0 * r, lo=0, lo_open=True),
+                    dropout=b.float("lora_dropout", 0.0, lo=0, hi=0.99),
+                    target_modules=tuple(targets) if targets is not None
+                    else info.default_target_modules,
+                    seed=b.int("seed", 0, lo=0, hi=2**63 - 1))
+    optimizer = read_adamw(b, AdamWConfig())
+    max_length = b.int("max_length", 2048, lo=2, hi=1 << 20)
+    b.done()
+    return RunRequest(base, lora, optimizer, max_length)
+
+
+def build_run(owner: str, req: RunRequest) -> Run:
+    """Version 0 of a new run (blocking: hashes the base, builds the adapter)."""
+    fp = fingerprint(req.base_model)
+    shapes = adapter_shapes(req.base_model, req.lora)
+    adapter = init_adapter(req.base_model, req.lora)
+    spec = RunSpec(new_run_id(), owner, req.base_model, fp, req.lora, req.optimizer,
+                   req.max_length, time.time())
+    return Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
+               shapes=dict(shapes))

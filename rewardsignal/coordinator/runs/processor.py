@@ -1,0 +1,74 @@
+"""Each run's operations, applied in the order they were accepted.
+
+Operations that are not barriers overlap (forward passes: gradients add
+commutatively and all of them see the same version), up to a bound; a barrier
+(``optim_step``, ``save_state``, a federated job) waits for everything queued
+before it and runs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from rewardsignal.coordinator.runs.requests import Request
+
+# Forward passes of one run computed at once: each holds one adapter-sized partial
+# sum until it completes, so this bounds coordinator memory per run.
+MAX_INFLIGHT_PER_RUN = 4
+
+
+class Ordered(Protocol):
+    """What the processor needs to know of an operation."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def barrier(self) -> bool: ...
+
+
+@dataclass
+class Op:
+    operation: Ordered
+    request: Request
+    args: Any
+    timeout_s: float
+
+
+class RunProcessor:
+    def __init__(self, execute: Callable[[Op], Coroutine[Any, Any, None]],
+                 max_inflight: int = MAX_INFLIGHT_PER_RUN) -> None:
+        self.queue: asyncio.Queue[Op] = asyncio.Queue()
+        self._execute = execute
+        self._max_inflight = max_inflight
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    def put(self, op: Op) -> None:
+        self.queue.put_nowait(op)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        inflight: set[asyncio.Task] = set()
+        while True:
+            op = await self.queue.get()
+            barrier = op.operation.barrier
+            if barrier and inflight:
+                await asyncio.wait(inflight)
+            while len(inflight) >= self._max_inflight:
+                await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            t = asyncio.create_task(self._execute(op))
+            if barrier:
+                await t
+            else:
+                inflight.add(t)
+                t.add_done_callback(inflight.discard)

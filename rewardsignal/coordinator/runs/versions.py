@@ -1,0 +1,109 @@
+"""A run's versions: checkpoints written before a version becomes visible, and
+each version's adapter sha256 kept in memory from the moment it is committed.
+
+The sha256 names a version on the wire (task messages, the weights ETag); it is
+cached here so that leases and weight downloads never read a manifest on the
+event loop. All disk work runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.checkpoints import CheckpointStore
+from rewardsignal.checkpoints.store import ADAPTER_FILE
+from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.runs.state import Run, RunSpec
+from rewardsignal.lora import adapter_config_json
+
+# (run, version) -> adapter sha256 entries kept; far more than any run's live
+# versions (older ones are re-read from their manifest, off the loop, if asked).
+_SHA_CACHE = 4096
+
+
+class Versions:
+    def __init__(self, store: CheckpointStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._sha: OrderedDict[tuple[str, int], str] = OrderedDict()
+
+    def _remember(self, run_id: str, version: int, sha: str) -> None:
+        self._sha[(run_id, version)] = sha
+        while len(self._sha) > _SHA_CACHE:
+            self._sha.popitem(last=False)
+
+    async def adapter_sha256(self, run_id: str, version: int) -> str:
+        sha = self._sha.get((run_id, version))
+        if sha is None:
+            sha = await asyncio.to_thread(self.store.adapter_sha256, run_id, version)
+            self._remember(run_id, version, sha)
+        return sha
+
+    def adapter_file(self, run_id: str, version: int) -> Path:
+        return self.store.path(run_id, version) / ADAPTER_FILE
+
+    def _write_sync(self, run: Run, metrics: dict | None, request_id: str | None
+                    ) -> tuple[Path, str, int]:
+        path = self.store.write(
+            run.run_id, run.version, adapter=run.adapter, optimizer=run.opt_state,
+            adapter_config=adapter_config_json(run.spec.lora, run.spec.base_model),
+            parent_version=run.version - 1 if run.version else None, metrics=metrics,
+            meta={"optimizer_step": run.opt_step, "run": run.spec.to_json(),
+                  "history": run.history[-1000:], "request_id": request_id})
+        size = sum(p.stat().st_size for p in path.iterdir())
+        return path, self.store.adapter_sha256(run.run_id, run.version), size
+
+    async def write(self, run: Run, *, metrics: dict | None = None,
+                    request_id: str | None = None) -> Path:
+        """Write ``run`` at its current version (in a thread)."""
+        t0 = time.monotonic()
+        path, sha, size = await asyncio.to_thread(self._write_sync, run, metrics, request_id)
+        self._remember(run.run_id, run.version, sha)
+        self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
+        self.metrics.checkpoint_bytes.labels(run.run_id).set(size)
+        return path
+
+    async def commit(self, run: Run, params: Tensors, state: Tensors, *, history_entry: dict,
+                     opt_step: int | None = None, metrics: dict | None = None,
+                     request_id: str | None = None) -> Path:
+        """Make version v+1 from new weights and optimizer state. The checkpoint
+        is written before the version becomes visible: a crash in between leaves
+        the old version current and this one unannounced."""
+        staged = dataclasses.replace(
+            run, version=run.version + 1, adapter=params, opt_state=state,
+            opt_step=run.opt_step if opt_step is None else opt_step,
+            history=[*run.history, history_entry])
+        path = await self.write(staged, metrics=metrics or {"loss": history_entry.get("loss")},
+                                request_id=request_id)
+        run.version, run.adapter, run.opt_state, run.opt_step = (
+            staged.version, params, state, staged.opt_step)
+        run.history.append(history_entry)
+        if history_entry.get("loss") is not None:
+            run.last_loss = history_entry["loss"]
+        self.metrics.version.labels(run.run_id).set(run.version)
+        return path
+
+    def _load_sync(self, spec: RunSpec) -> tuple[Run, dict] | None:
+        version = self.store.latest(spec.run_id)
+        if version is None:
+            return None
+        ck = self.store.load(spec.run_id, version)
+        run = Run(spec=spec, version=version, adapter=ck.adapter, opt_state=ck.optimizer,
+                  opt_step=int(ck.manifest.get("optimizer_step", 0)),
+                  shapes={k: tuple(v.shape) for k, v in ck.adapter.items()},
+                  history=list(ck.manifest.get("history", [])))
+        return run, ck.manifest
+
+    async def load(self, spec: RunSpec) -> tuple[Run, dict] | None:
+        """The run at its newest valid checkpoint, with that checkpoint's manifest
+        (None if version 0 never landed)."""
+        loaded = await asyncio.to_thread(self._load_sync, spec)
+        if loaded is not None:
+            run, manifest = loaded
+            self._remember(run.run_id, run.version, manifest["files"][ADAPTER_FILE]["sha256"])
+        return loaded

@@ -1,0 +1,1 @@
+"""Scheduling: workers, tasks, leases, shard planning, stragglers, upload slots."""

@@ -1,0 +1,52 @@
+"""Tasks (units of work a worker leases) and their leases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.aggregation.validate import UpdateLimits
+
+
+class Sink(Protocol):
+    """Where an accepted gradient is summed (a request's ``GradientSum``)."""
+
+    def add(self, tensors: Tensors, *, owned: bool = False) -> None: ...
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    worker_id: str
+    started: float
+    deadline: float
+    parked: bool = False  # the long-poll found nothing on arrival and waited for work
+    uploading: bool = False  # computed; its holder is waiting for or using an upload slot
+
+
+@dataclass
+class Task:
+    task_id: str
+    kind: str                     # forward_backward | forward | sample | train
+    run_id: str
+    base_model: str
+    version: int
+    payload: dict[str, Any]       # JSON-able body the worker receives
+    tokens: int
+    future: asyncio.Future
+    preferred_worker: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    leases: dict[str, Lease] = field(default_factory=dict)
+    last_error: str = ""
+    job_id: str | None = None     # the federated job a train task belongs to
+    limits: UpdateLimits | None = None  # per-job limits for train tasks
+    sink: Sink | None = None      # where an accepted gradient is summed
+    claimed: bool = False         # a submission passed validation and is being applied
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()

@@ -1,0 +1,1 @@
+"""Durable coordinator state: the database, keys, datasets, artifacts, pending gradients, job data."""

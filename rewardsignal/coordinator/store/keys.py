@@ -1,0 +1,77 @@
+"""Stored API keys and worker tokens (hashed): created, listed and revoked by the
+CLI while a coordinator may be running (its auth sees the change at once)."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+
+from rewardsignal.coordinator.store.db import connect
+
+
+def create_key(db_path: Path, name: str, scope: str, key_hash: str) -> None:
+    conn = connect(db_path)
+    try:
+        conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, NULL)",
+                     (name, scope, key_hash, time.time()))
+    except sqlite3.IntegrityError:
+        raise ValueError(f"a key named {name!r} already exists") from None
+    finally:
+        conn.close()
+
+
+def list_keys(db_path: Path) -> list[dict]:
+    conn = connect(db_path)
+    try:
+        return [{"name": r[0], "scope": r[1], "created": r[2], "revoked": r[3]}
+                for r in conn.execute("SELECT name, scope, created, revoked FROM keys "
+                                      "ORDER BY created")]
+    finally:
+        conn.close()
+
+
+def revoke_key(db_path: Path, name: str) -> bool:
+    conn = connect(db_path)
+    try:
+        cur = conn.execute("UPDATE keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                           (time.time(), name))
+        return cur.rowcount == 1
+    finally:
+        conn.close()
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """The active stored keys by scope, re-read only when another connection has
+    committed to the database since the last look (SQLite's ``data_version``).
+    Blocking: the coordinator calls it on a thread of its own."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = db_path
+        self._conn: sqlite3.Connection | None = None
+        self._version = -1
+        self._keys: dict[str, set[str]] = {"user": set(), "worker": set()}
+
+    def current(self) -> dict[str, set[str]]:
+        if self._conn is None:
+            if not self._db_path.exists():
+                return self._keys
+            self._conn = connect(self._db_path)
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            fresh: dict[str, set[str]] = {"user": set(), "worker": set()}
+            for scope, h in self._conn.execute(
+                    "SELECT scope, hash FROM keys WHERE revoked IS NULL"):
+                fresh[scope].add(h)
+            self._keys, self._version = fresh, version
+        return self._keys
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,57 @@
+"""Gradients accepted but not yet stepped: a safetensors file per request under
+``<data_dir>/pending/<run_id>/`` plus a database row, both written before the
+gradient counts, so a restart adds it back (or drops it, once a checkpoint
+contains it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.coordinator.store.db import Database
+
+
+def _save_tensors(tensors: Tensors, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
+
+
+class PendingGradients:
+    def __init__(self, db: Database, root: Path) -> None:
+        self.db = db
+        self.root = Path(root)
+
+    async def save(self, *, request_id: str, run_id: str, version: int, grads: Tensors,
+                   weight: float, reduction: str, tokens: int, loss_sum: float,
+                   loss_weight: float) -> None:
+        path = self.root / run_id / f"{request_id}.safetensors"
+        await asyncio.to_thread(_save_tensors, grads, path)
+        await self.db.add_pending_grad({
+            "request_id": request_id, "run_id": run_id, "version": version, "path": str(path),
+            "weight": weight, "reduction": reduction, "loss_sum": loss_sum,
+            "loss_weight": loss_weight, "tokens": tokens})
+
+    async def drop_before(self, run_id: str, version: int) -> None:
+        """Forget gradients computed before ``version``: a checkpoint holds them."""
+        stale = await self.db.drop_pending_grads(run_id, version)
+        await asyncio.to_thread(_unlink_all, stale)
+
+    async def load(self, run_id: str) -> list[tuple[dict, Tensors]]:
+        """(row, gradient) of each pending gradient of ``run_id``."""
+        out = []
+        for row in await self.db.pending_grads(run_id):
+            out.append((row, await asyncio.to_thread(load_file, row["path"])))
+        return out

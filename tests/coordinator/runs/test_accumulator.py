@@ -1,0 +1,80 @@
+"""The accumulator against a hand-written reference: the step's gradient is the
+mean-reduced parts divided by their total weight plus the sum-reduced parts,
+whatever the order or grouping in which contributions arrive."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardsignal.coordinator.runs.accumulator import Accumulator, Contribution, GradientSum
+from rewardsignal.errors import ValidationError
+
+
+def _grads(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def _c(i: int, weight: float, reduction: str = "mean", tokens: int = 7) -> Contribution:
+    return Contribution(f"req-{i}", _grads(i), weight, reduction, tokens, loss_sum=2.0 * i,
+                        loss_weight=weight)
+
+
+def test_gradient_is_weighted_mean_plus_sums():
+    parts = [_c(1, 3.0), _c(2, 5.0), _c(3, 0.0, "sum"), _c(4, 2.0)]
+    acc = Accumulator()
+    for c in parts:
+        acc.add(c)
+    means = [c for c in parts if c.reduction == "mean"]
+    total = sum(c.weight for c in means)
+    for k in ("a", "b"):
+        want = sum(c.grads[k] for c in means) / total + parts[2].grads[k]
+        torch.testing.assert_close(acc.gradient()[k], want, rtol=1e-6, atol=1e-7)
+    assert (acc.calls, acc.tokens) == (4, 28)
+    assert acc.loss == pytest.approx((2 + 4 + 6 + 8) / 10.0)
+
+
+def test_order_of_contributions_does_not_matter():
+    parts = [_c(i, float(i)) for i in range(1, 6)]
+    forward, backward = Accumulator(), Accumulator()
+    for c in parts:
+        forward.add(c)
+    for c in reversed(parts):
+        backward.add(c)
+    for k, v in forward.gradient().items():
+        torch.testing.assert_close(v, backward.gradient()[k], rtol=1e-6, atol=1e-7)
+
+
+def test_contributions_are_not_mutated():
+    c1, c2 = _c(1, 1.0), _c(2, 1.0)
+    before = {k: v.clone() for k, v in c1.grads.items()}
+    acc = Accumulator()
+    acc.add(c1)
+    acc.add(c2)
+    assert all(torch.equal(c1.grads[k], before[k]) for k in before)
+
+
+def test_gradient_sum_owned_buffer_and_copy():
+    mine, theirs = _grads(1), _grads(2)
+    owned = GradientSum()
+    owned.add(mine, owned=True)
+    owned.add(theirs)
+    assert owned.value() is mine  # handed over: summed in place, no copy
+    torch.testing.assert_close(mine["a"], _grads(1)["a"] + theirs["a"])
+    copied = GradientSum()
+    original = _grads(3)
+    copied.add(original)
+    copied.add(_grads(4))
+    assert torch.equal(original["a"], _grads(3)["a"])
+
+
+def test_empty_and_zero_weight_are_clear_errors():
+    acc = Accumulator()
+    assert acc.empty and acc.loss is None
+    with pytest.raises(ValidationError):
+        GradientSum().value()
+    acc.add(_c(1, 0.0))
+    assert not acc.empty
+    with pytest.raises(ValidationError, match="no loss weight"):
+        acc.gradient()
