@@ -120,6 +120,14 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                         "5x the update size per slot (env SIGNAL_UPLOAD_SLOTS, default 2)")
     p.add_argument("--keep-last", type=_positive(int), default=5,
                    help="unnamed checkpoints kept per run (default 5)")
+    p.add_argument("--no-worker-grace-s", type=_positive(float),
+                   default=_env("SIGNAL_NO_WORKER_GRACE_S", float, 60.0),
+                   help="a request that no live worker can take fails after this many seconds "
+                        "(env SIGNAL_NO_WORKER_GRACE_S, default 60)")
+    p.add_argument("--worker-retention-s", type=_positive(float),
+                   default=_env("SIGNAL_WORKER_RETENTION_S", float, 600.0),
+                   help="workers gone this long leave the worker list, dashboard and metrics "
+                        "(env SIGNAL_WORKER_RETENTION_S, default 600)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -137,7 +145,8 @@ def coordinator_config(args: argparse.Namespace):
         upload_slots=args.upload_slots,
         keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
         min_updates_per_round=args.min_updates_per_round,
-        round_timeout_s=args.round_timeout_sec)
+        round_timeout_s=args.round_timeout_sec, no_worker_grace_s=args.no_worker_grace_s,
+        worker_retention_s=args.worker_retention_s)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

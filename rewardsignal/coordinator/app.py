@@ -34,6 +34,7 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
 
     async def wake_long_polls(app: web.Application) -> None:
         coord.scheduler.close()
+        coord.requests.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(wake_long_polls)

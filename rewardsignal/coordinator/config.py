@@ -37,6 +37,8 @@ class CoordinatorConfig:
     min_updates_per_round: int = 1         # MIN_UPDATES_PER_ROUND
     round_timeout_s: float = 600.0         # ROUND_TIMEOUT_SEC
     keep_finished_requests: int = 10_000   # finished requests kept for late clients
+    no_worker_grace_s: float = 60.0        # a request no live worker can take fails after this
+    worker_retention_s: float = 600.0      # gone workers are forgotten after this
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +58,8 @@ class CoordinatorConfig:
              "min_updates_per_round must be in [1, num_tasks_per_round]"),
             (self.round_timeout_s > 0, "round_timeout_s must be > 0"),
             (self.keep_finished_requests >= 1, "keep_finished_requests must be >= 1"),
+            (self.no_worker_grace_s > 0, "no_worker_grace_s must be > 0"),
+            (self.worker_retention_s > 0, "worker_retention_s must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rewardsignal.coordinator import recovery
@@ -22,7 +23,7 @@ from rewardsignal.coordinator.monitor import Monitor
 from rewardsignal.coordinator.ops import Operation, runner
 from rewardsignal.coordinator.runs.create import RunRequest, build_run
 from rewardsignal.coordinator.runs.processor import Op, RunProcessor
-from rewardsignal.coordinator.runs.requests import Request, RequestRegistry
+from rewardsignal.coordinator.runs.requests import RequestRegistry
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
@@ -41,6 +42,9 @@ class Coordinator:
         self.monitor = Monitor(self.services.scheduler, self.services.upload_slots,
                                self.metrics)
         self._ticker: asyncio.Task | None = None
+        # (owner, idempotency key) -> the answer of a call still being accepted
+        self._claims: dict[tuple[str, str], asyncio.Future[dict]] = {}
+        self._forgotten: list[str] = []  # pruned workers still in the database
 
     # The parts most callers (and tests) reach for.
     @property
@@ -89,16 +93,52 @@ class Coordinator:
             # How late the loop woke us: time every callback waits to be served.
             self.metrics.loop_lag.observe(max(0.0, time.monotonic() - due))
             self.tick()
+            if self._forgotten:
+                gone, self._forgotten = self._forgotten, []
+                await self.services.db.delete_workers(gone)
 
     def tick(self) -> None:
-        self.monitor.tick()
+        # Workers forgotten for good are deleted from the database by the ticker,
+        # so that a restart does not bring them back.
+        self._forgotten.extend(self.monitor.tick(self.config.worker_retention_s))
 
     # -- runs and requests -----------------------------------------------------------------
-    async def create_run(self, owner: str, req: RunRequest) -> Run:
+    async def once(self, owner: str, key: str | None,
+                   create: Callable[[], Awaitable[dict]]) -> tuple[dict, bool]:
+        """``create()``'s answer, at most once per (owner, idempotency key): a
+        retry with the same key gets the first call's answer back (and True),
+        whether the first is done, still being accepted, or from before a
+        restart. ``create`` must store the key with what it creates."""
+        if key is None:
+            return await create(), False
+        claim = (owner, key)
+        if claim in self._claims:
+            return await asyncio.shield(self._claims[claim]), True
+        found = await self.services.db.find_key(owner, key)
+        if found is not None:
+            run = self.runs.get(found["ref"]) if found["kind"] == "run" else None
+            return (run.to_json() if run is not None else found["answer"]), True
+        fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        self._claims[claim] = fut
+        try:
+            answer = await create()
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            del self._claims[claim]
+        fut.set_result(answer)
+        return answer, False
+
+    async def create_run(self, owner: str, req: RunRequest, idem_key: str | None = None) -> Run:
         run = await asyncio.to_thread(build_run, owner, req)
         await asyncio.to_thread(self.services.tokenizers.get, req.base_model)
         await self.services.versions.write(run)
-        await self.services.db.save_run(run.run_id, owner, run.spec.to_json())
+        await self.services.db.save_run(run.run_id, owner, run.spec.to_json(), idem_key)
         self._adopt(run)
         log.info("run created run_id=%s base=%s lora_r=%d params=%d", run.run_id,
                  req.base_model, req.lora.r, sum(v.numel() for v in run.adapter.values()))
@@ -115,17 +155,20 @@ class Coordinator:
         return [r for r in self.runs.values() if r.spec.owner == owner]
 
     async def submit(self, owner: str, run: Run, operation: Operation, args: Any,
-                     timeout_s: float | None) -> tuple[Request, dict]:
-        """Accept an operation: it is written to the database before it is queued
-        (and before the caller hears 202), so a restart re-runs it."""
+                     timeout_s: float | None, idem_key: str | None = None) -> dict:
+        """Accept an operation: it is written to the database (with its
+        idempotency key) before it is queued and before the caller hears 202, so
+        a restart re-runs it and a retry finds it. Returns the 202 answer."""
         extra = await operation.accept(self.services, run, owner, args)
         req = self.services.requests.create(owner, run.run_id, operation.name)
         timeout_s = timeout_s or self.config.request_timeout_s
+        answer = {**req.to_json(), **extra}
         await self.services.db.add_request(req.request_id, owner, run.run_id, operation.name,
-                                           operation.dump(args), timeout_s)
+                                           operation.dump(args), timeout_s, idem_key=idem_key,
+                                           answer=answer)
         assert run.processor is not None
         run.processor.put(Op(operation, req, args, timeout_s))
-        return req, extra
+        return answer
 
     async def register_worker(self, *, name: str, device: str, hardware: dict,
                               max_tokens_per_task: int, models: tuple[str, ...] | None

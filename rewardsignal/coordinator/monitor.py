@@ -20,17 +20,23 @@ class Monitor:
         self._was_active: dict[str, bool] = {}
         self._shown_workers: set[str] = set()  # names with per-worker series
 
-    def tick(self) -> None:
+    def tick(self, worker_retention_s: float) -> list[str]:
+        """Expire leases and slots, forget long-gone workers (their ids are
+        returned), update the gauges."""
         self.scheduler.expire_leases()
         self.upload_slots.expire()
+        pruned = self.scheduler.prune(worker_retention_s)
         counts = self.scheduler.counts()
         self.metrics.tasks_pending.set(counts["pending"])
         self.metrics.tasks_leased.set(counts["leased"])
         ws = list(self.scheduler.workers.values())
-        self.metrics.workers.labels("registered").set(len(ws))
+        self.metrics.workers.labels("registered").set(sum(not w.departed for w in ws))
         self.metrics.workers.labels("active").set(sum(w.active for w in ws))
         self.metrics.workers.labels("quarantined").set(sum(w.quarantined for w in ws))
         self._worker_series()
+        for wid in pruned:
+            self._was_active.pop(wid, None)
+        return pruned
 
     def _worker_series(self) -> None:
         # Per-worker series: set for active workers, removed for those that left

@@ -11,8 +11,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from rewardsignal.coordinator.app import make_app
 from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.store.lock import DataDirLock
+from rewardsignal.errors import ConflictError
 
 log = logging.getLogger("signal.coordinator")
+
+# Seconds handlers get to finish after SIGTERM before they are cancelled.
+_SHUTDOWN_S = 3.0
 
 
 class _MalformedRequestFilter(logging.Filter):
@@ -73,13 +78,30 @@ def _limit_malloc_arenas(arenas: int = 2) -> bool:
 
 async def serve(config: CoordinatorConfig) -> None:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUEST_FILTER)
+    lock = DataDirLock(config.data_dir)
+    lock.acquire()  # before anything reads the database: one coordinator per directory
+    try:
+        await _serve_locked(config)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(config: CoordinatorConfig) -> None:
     users, workers = _stored_keys(config)
     config.check_exposure(stored_user_keys=users, stored_worker_keys=workers)
     app = make_app(config)
-    runner = web.AppRunner(app, access_log=None)
+    # Long-polls are woken at shutdown; whatever handler is still running after
+    # this long is cancelled (accepted requests are durable and re-run on restart).
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_S)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConflictError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc} "
+                            f"(errno {exc.errno}); stop what holds the port or pick another "
+                            "--port") from None
     port = runner.addresses[0][1]  # the real port when --port 0
     if not (config.api_keys or users):
         log.warning("no API keys configured: serving loopback only, with no authentication")
@@ -92,6 +114,7 @@ async def serve(config: CoordinatorConfig) -> None:
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()
+    log.info("stopped")
 
 
 def run(config: CoordinatorConfig) -> int:

@@ -35,4 +35,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/workers/{worker_id}/lease", workers.lease_task)
     app.router.add_post("/v1/workers/{worker_id}/heartbeat", workers.heartbeat)
     app.router.add_post("/v1/workers/{worker_id}/upload-slot", workers.upload_slot)
+    app.router.add_post("/v1/workers/{worker_id}/goodbye", workers.goodbye)
     app.router.add_post("/v1/tasks/{task_id}/result", workers.submit_result)

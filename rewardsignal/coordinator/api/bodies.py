@@ -73,6 +73,22 @@ async def read_body(request: web.Request) -> object:
                        request.app[COORDINATOR].config.max_body_bytes)
 
 
+_KEY_HEADERS = ("X-Idempotency-Key", "Idempotency-Key")
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:")
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The caller's idempotency key (``X-Idempotency-Key``, or the standard
+    ``Idempotency-Key``): 1-128 characters of letters, digits and ``-_.:``."""
+    key = next((request.headers[h] for h in _KEY_HEADERS if h in request.headers), None)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 128 or not set(key) <= _KEY_CHARS:
+        raise ValidationError("X-Idempotency-Key must be 1-128 characters of letters, digits "
+                              "and '-_.:'")
+    return key
+
+
 def query_float(request: web.Request, key: str, default: float, hi: float) -> float:
     raw = request.query.get(key)
     if raw is None:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from rewardsignal.coordinator import ops
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
-from rewardsignal.coordinator.api.bodies import read_body
+from rewardsignal.coordinator.api.bodies import idempotency_key, read_body
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import read_run_request
 from rewardsignal.errors import NotFoundError, ValidationError
@@ -17,10 +17,21 @@ from rewardsignal.errors import NotFoundError, ValidationError
 
 async def create_run(request: web.Request) -> web.Response:
     owner = await request.app[AUTH].user(request)
-    b = Body(await read_body(request))
-    run_request = await asyncio.to_thread(read_run_request, b)
-    run = await request.app[COORDINATOR].create_run(owner, run_request)
-    return web.json_response(run.to_json(), status=201)
+    coord = request.app[COORDINATOR]
+    key = idempotency_key(request)
+
+    async def create() -> dict:
+        b = Body(await read_body(request))
+        run_request = await asyncio.to_thread(read_run_request, b)
+        return (await coord.create_run(owner, run_request, key)).to_json()
+
+    answer, replayed = await coord.once(owner, key, create)
+    return _answer(answer, 201, replayed)
+
+
+def _answer(body: dict, status: int, replayed: bool) -> web.Response:
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -42,12 +53,17 @@ async def run_op(request: web.Request) -> web.Response:
     coord = request.app[COORDINATOR]
     operation = ops.get(request.match_info["op"])
     run = coord.run_for(owner, request.match_info["run_id"])
-    b = Body(await read_body(request))
-    timeout_s = b.float("timeout_s", None, lo=0, lo_open=True, hi=7 * 86400)
-    args = await operation.parse(coord.services, run, owner, b)
-    b.done()
-    req, extra = await coord.submit(owner, run, operation, args, timeout_s)
-    return web.json_response({**req.to_json(), **extra}, status=202)
+    key = idempotency_key(request)
+
+    async def accept() -> dict:
+        b = Body(await read_body(request))
+        timeout_s = b.float("timeout_s", None, lo=0, lo_open=True, hi=7 * 86400)
+        args = await operation.parse(coord.services, run, owner, b)
+        b.done()
+        return await coord.submit(owner, run, operation, args, timeout_s, key)
+
+    answer, replayed = await coord.once(owner, key, accept)
+    return _answer(answer, 202, replayed)
 
 
 async def get_artifact(request: web.Request) -> web.Response:

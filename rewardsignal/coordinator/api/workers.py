@@ -84,13 +84,23 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.json_response({"leases_extended": coord.scheduler.heartbeat(w)})
 
 
+async def goodbye(request: web.Request) -> web.Response:
+    """A worker stopping cleanly: gone at once, its tasks back in the queue."""
+    await request.app[AUTH].worker(request)
+    coord = request.app[COORDINATOR]
+    w = coord.scheduler.worker(request.match_info["worker_id"])
+    return web.json_response({"released": coord.scheduler.goodbye(w)})
+
+
 async def upload_slot(request: web.Request) -> web.Response:
     """Long-poll for a slot to upload a submission into (see ``scheduling.slots``)."""
     await request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
-    coord.scheduler.note_uploading(coord.scheduler.worker(request.match_info["worker_id"]))
+    w = coord.scheduler.worker(request.match_info["worker_id"])
+    coord.scheduler.note_uploading(w)
     slots = coord.services.upload_slots
-    slot = await slots.reserve(query_float(request, "timeout_s", 20.0, MAX_WAIT_S))
+    slot = await slots.reserve(query_float(request, "timeout_s", 20.0, MAX_WAIT_S),
+                               coord.scheduler.upload_rank(w))
     if slot is None:
         return web.Response(status=204)
     return web.json_response({"slot": slot, "hold_s": slots.hold_s})

@@ -26,6 +26,9 @@ class Operation(ABC):
     barrier: ClassVar[bool] = False
     # The request timeout applies (False: the operation bounds itself).
     bounded: ClassVar[bool] = True
+    # Waits its turn in the run's queue (False: runs at once on the current
+    # version; only for operations that change nothing, like ``sample``).
+    ordered: ClassVar[bool] = True
 
     @abstractmethod
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:

@@ -67,13 +67,14 @@ class Forward(Operation):
         tasks = [ctx.scheduler.add_task(
             kind=self.name, run_id=run.run_id, base_model=run.spec.base_model,
             version=run.version, tokens=sum(len(datums[i]) for i in idx),
-            preferred_worker=worker, sink=sink,
+            preferred_worker=worker, sink=sink, group=run.spec.owner,
             payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": args.loss_fn,
                      "loss_fn_config": args.loss_fn_config})
             for idx, worker in plan]
         logprobs: list[Any] = [None] * len(datums)
         loss_sum = weight_sum = 0.0
-        async for i, res in gather_tasks(ctx.scheduler, tasks):
+        async for i, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
+                                         ctx.config.no_worker_grace_s):
             for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
                 logprobs[j] = lp
             loss_sum += res["loss_sum"]

@@ -59,20 +59,28 @@ def _read(body: Body, tok, model_id: str) -> dict:
 
 class Sample(Operation):
     name = "sample"
+    ordered = False  # reads the current version: never waits behind a federated job
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> dict:
         model_id = run.spec.base_model
         tok = await asyncio.to_thread(ctx.tokenizers.get, model_id)
-        return await asyncio.to_thread(_read, body, tok, model_id)
+        args = await asyncio.to_thread(_read, body, tok, model_id)
+        # The latest version when the request is accepted: what it samples, even
+        # if steps queued before it land first.
+        return {**args, "version": run.version}
+
+    def load(self, ctx: Services, run: Run, data: dict) -> dict:
+        return {**data, "version": data.get("version", run.version)}
 
     async def execute(self, ctx: Services, run: Run, request: Request, args: dict) -> dict:
         prompts: list[list[int]] = args["prompt_tokens"]
         task = ctx.scheduler.add_task(
             kind="sample", run_id=run.run_id, base_model=run.spec.base_model,
-            version=run.version, tokens=sum(map(len, prompts)),
-            payload={k: args[k] for k in _PARAMS})
-        async for _, res in gather_tasks(ctx.scheduler, [task]):
+            version=args["version"], tokens=sum(map(len, prompts)),
+            payload={k: args[k] for k in _PARAMS}, group=run.spec.owner)
+        async for _, res in gather_tasks(ctx.scheduler, [task], request, run.spec.base_model,
+                                         ctx.config.no_worker_grace_s):
             outs = res["outputs"]
             return {"outputs": [o["text"] for o in outs], "tokens": [o["tokens"] for o in outs],
-                    "logprobs": [o["logprobs"] for o in outs], "version": run.version}
+                    "logprobs": [o["logprobs"] for o in outs], "version": args["version"]}
         raise AssertionError("unreachable: the task resolved or raised")

@@ -3,7 +3,8 @@
 Operations that are not barriers overlap (forward passes: gradients add
 commutatively and all of them see the same version), up to a bound; a barrier
 (``optim_step``, ``save_state``, a federated job) waits for everything queued
-before it and runs alone.
+before it and runs alone. Operations that are not ordered (``sample``) skip the
+queue and run at once on the current version.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Ordered(Protocol):
     @property
     def barrier(self) -> bool: ...
 
+    @property
+    def ordered(self) -> bool: ...
+
 
 @dataclass
 class Op:
@@ -45,20 +49,31 @@ class RunProcessor:
         self._execute = execute
         self._max_inflight = max_inflight
         self._task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
 
     def put(self, op: Op) -> None:
-        self.queue.put_nowait(op)
+        if op.operation.ordered:
+            self.queue.put_nowait(op)
+            return
+        # Reads whatever version is current and changes nothing: it need not wait
+        # behind the queue (a sample during a long federated job).
+        t = asyncio.create_task(self._execute(op))
+        self._inflight.add(t)
+        t.add_done_callback(self._inflight.discard)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Cancel the loop and every operation running: what they had accepted is
+        durable and runs again after a restart."""
+        tasks = [t for t in (self._task, *self._inflight) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
-        inflight: set[asyncio.Task] = set()
+        inflight = self._inflight
         while True:
             op = await self.queue.get()
             barrier = op.operation.barrier

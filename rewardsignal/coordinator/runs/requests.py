@@ -19,10 +19,14 @@ class Request:
     kind: str
     future: asyncio.Future
     created: float = field(default_factory=time.time)
+    # Pending with no live worker able to take its tasks (shown to the client).
+    waiting_for_workers: bool = False
 
     def to_json(self) -> dict:
         base = {"request_id": self.request_id, "run_id": self.run_id, "kind": self.kind}
         if not self.future.done():
+            if self.waiting_for_workers:
+                return {**base, "status": "pending", "waiting_for_workers": True}
             return {**base, "status": "pending"}
         exc = self.future.exception() if not self.future.cancelled() else None
         if self.future.cancelled():
@@ -41,6 +45,12 @@ class RequestRegistry:
     def __init__(self, keep_finished: int) -> None:
         self._items: OrderedDict[str, Request] = OrderedDict()
         self.keep_finished = keep_finished
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Answer every long-poll now (the coordinator is shutting down; clients
+        see their request still pending and come back after the restart)."""
+        self._closing.set()
 
     def create(self, owner: str, run_id: str, kind: str, *, request_id: str | None = None
                ) -> Request:
@@ -63,8 +73,13 @@ class RequestRegistry:
 
     async def wait(self, request_id: str, owner: str, timeout_s: float) -> Request:
         req = self.get(request_id, owner)
-        if not req.future.done():
+        if not req.future.done() and not self._closing.is_set():
             # asyncio.wait never cancels what it waits on: a client that gives up
             # (or disconnects) leaves the request running.
-            await asyncio.wait({req.future}, timeout=timeout_s)
+            closing = asyncio.ensure_future(self._closing.wait())
+            try:
+                await asyncio.wait({req.future, closing}, timeout=timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closing.cancel()
         return req

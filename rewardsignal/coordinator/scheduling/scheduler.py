@@ -20,6 +20,7 @@ from typing import Any
 
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.scheduling.fairness import FairQueue
 from rewardsignal.coordinator.scheduling.planning import plan_shards
 from rewardsignal.coordinator.scheduling.stragglers import Stragglers
 from rewardsignal.coordinator.scheduling.tasks import Lease, Sink, Task
@@ -43,7 +44,7 @@ class Scheduler:
                  quarantine_s: float, metrics: Metrics | None = None) -> None:
         self.workers: dict[str, WorkerInfo] = {}
         self.tasks: dict[str, Task] = {}
-        self.pending: deque[str] = deque()
+        self.pending = FairQueue()
         self.lease_timeout_s = lease_timeout_s
         self.max_attempts = max_attempts
         self.default_task_tokens = default_task_tokens
@@ -55,7 +56,8 @@ class Scheduler:
         # Long-polling leases park a future here; new work wakes one per task
         # (no thundering herd of a thousand idle workers re-scanning the queue).
         self._waiters: OrderedDict[int, asyncio.Future] = OrderedDict()
-        self._preferred: dict[str, deque[str]] = {}
+        # worker id -> run id -> task ids planned for that worker
+        self._preferred: dict[str, dict[str, deque[str]]] = {}
         self.stragglers = Stragglers(self.tasks, self.workers, factor=straggler_factor,
                                      min_s=straggler_min_s)
 
@@ -84,6 +86,27 @@ class Scheduler:
         w.touch()
         return w
 
+    def goodbye(self, w: WorkerInfo) -> int:
+        """``w`` is stopping: gone at once, and the tasks it held go back to the
+        queue now rather than when their leases expire. Returns how many."""
+        w.departed = True
+        w.current_task = None
+        held = [(t, lid) for t in list(self.tasks.values())
+                for lid, lease in list(t.leases.items()) if lease.worker_id == w.worker_id]
+        for t, lease_id in held:
+            self.release(t, lease_id, f"worker {w.name} stopped")
+        log.info("worker left id=%s name=%s released=%d", w.worker_id, w.name, len(held))
+        return len(held)
+
+    def prune(self, retention_s: float) -> list[str]:
+        """Forget workers not seen for ``retention_s``; their ids."""
+        now = time.monotonic()
+        gone = [wid for wid, w in self.workers.items() if now - w.last_seen > retention_s]
+        for wid in gone:
+            del self.workers[wid]
+            self._preferred.pop(wid, None)
+        return gone
+
     def eligible_workers(self, model_id: str) -> list[WorkerInfo]:
         return [w for w in self.workers.values()
                 if w.active and not w.quarantined and w.serves(model_id)]
@@ -106,14 +129,17 @@ class Scheduler:
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,
                  payload: dict, tokens: int, preferred_worker: str | None = None,
                  job_id: str | None = None, limits: UpdateLimits | None = None,
-                 sink: Sink | None = None) -> Task:
+                 sink: Sink | None = None, group: str = "") -> Task:
+        """``group``: who the work is for (the run's owner); runs and groups share
+        the fleet fairly (``fairness``)."""
         task = Task("t-" + secrets.token_hex(8), kind, run_id, base_model, version, payload,
                     tokens, asyncio.get_running_loop().create_future(), preferred_worker,
-                    job_id=job_id, limits=limits, sink=sink)
+                    job_id=job_id, limits=limits, sink=sink, group=group)
         self.tasks[task.task_id] = task
-        self.pending.append(task.task_id)
+        self.pending.append(task)
         if preferred_worker is not None:
-            self._preferred.setdefault(preferred_worker, deque()).append(task.task_id)
+            by_run = self._preferred.setdefault(preferred_worker, {})
+            by_run.setdefault(run_id, deque()).append(task.task_id)
         self._notify()
         return task
 
@@ -127,10 +153,7 @@ class Scheduler:
         self.finished[task.task_id] = None
         while len(self.finished) > _REMEMBER_DONE:
             self.finished.popitem(last=False)
-        try:
-            self.pending.remove(task.task_id)
-        except ValueError:
-            pass
+        self.pending.remove(task)
 
     def _notify(self, n: int = 1) -> None:
         """Wake ``n`` parked leases to look for work."""
@@ -146,16 +169,31 @@ class Scheduler:
         self._notify(len(self._waiters))
 
     def _pick_pending(self, w: WorkerInfo) -> Task | None:
-        own = self._preferred.get(w.worker_id)
+        """The least-served run's next task this worker may take: one planned for
+        it, else one it may steal."""
+        now = time.monotonic()
+        for run_id in self.pending.order():
+            t = self._own(w, run_id) or self._stealable(w, run_id, now)
+            if t is not None:
+                return t
+        return None
+
+    def _own(self, w: WorkerInfo, run_id: str) -> Task | None:
+        by_run = self._preferred.get(w.worker_id)
+        own = by_run.get(run_id) if by_run else None
         while own:
             t = self.tasks.get(own.popleft())
             # Still waiting (not leased, finished or handed to someone else)?
             if (t is not None and not t.done and not t.leases
                     and t.preferred_worker == w.worker_id):
                 return t
-        now = time.monotonic()
+        if by_run is not None and own is not None:
+            del by_run[run_id]
+        return None
+
+    def _stealable(self, w: WorkerInfo, run_id: str, now: float) -> Task | None:
         # The queue's head is enough: past it sit younger shards of the same requests.
-        for tid in itertools.islice(self.pending, _SCAN_LIMIT):
+        for tid in itertools.islice(self.pending.queue(run_id), _SCAN_LIMIT):
             t = self.tasks[tid]
             if not w.serves(t.base_model):
                 continue
@@ -174,7 +212,8 @@ class Scheduler:
                       parked)
         t.leases[lease.lease_id] = lease
         if not speculative:
-            self.pending.remove(t.task_id)
+            self.pending.remove(t)
+            self.pending.charge(t)
         w.current_task = t.task_id
         if speculative:
             log.info("straggler task=%s re-issued to worker=%s", t.task_id, w.name)
@@ -213,6 +252,13 @@ class Scheduler:
                 self._waiters.pop(id(fut), None)
                 if not fut.done():
                     fut.cancel()
+
+    def upload_rank(self, w: WorkerInfo) -> tuple[float, float]:
+        """Where ``w``'s upload stands in the fair order (its current task's run)."""
+        t = self.tasks.get(w.current_task or "")
+        if t is None:
+            return (float("inf"), float("inf"))
+        return self.pending.rank(t.run_id, t.group)
 
     def note_uploading(self, w: WorkerInfo) -> None:
         """``w`` asked for an upload slot: its current task is computed, so it is no
@@ -287,7 +333,7 @@ class Scheduler:
         if self.metrics:
             self.metrics.tasks_retried.inc()
         t.preferred_worker = None
-        self.pending.appendleft(t.task_id)
+        self.pending.append(t, front=True)
         self._notify()
 
     def expire_leases(self) -> int:

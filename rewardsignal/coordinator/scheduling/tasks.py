@@ -45,6 +45,7 @@ class Task:
     job_id: str | None = None     # the federated job a train task belongs to
     limits: UpdateLimits | None = None  # per-job limits for train tasks
     sink: Sink | None = None      # where an accepted gradient is summed
+    group: str = ""               # who the work is for (the run's owner): fair shares
     claimed: bool = False         # a submission passed validation and is being applied
 
     @property

@@ -29,14 +29,16 @@ class WorkerInfo:
     quarantined_until: float = 0.0
     quarantine_reason: str = ""
     current_task: str | None = None
+    departed: bool = False  # said goodbye (a worker stopping cleanly)
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
         self.last_seen_wall = time.time()
+        self.departed = False  # it is evidently still there
 
     @property
     def active(self) -> bool:
-        return time.monotonic() - self.last_seen < ACTIVE_WINDOW_S
+        return not self.departed and time.monotonic() - self.last_seen < ACTIVE_WINDOW_S
 
     @property
     def quarantined(self) -> bool:
@@ -46,8 +48,8 @@ class WorkerInfo:
         return self.models is None or model_id in self.models
 
     def to_json(self) -> dict:
-        status = ("quarantined" if self.quarantined else "busy" if self.current_task
-                  else "idle" if self.active else "gone")
+        status = ("gone" if not self.active else "quarantined" if self.quarantined
+                  else "busy" if self.current_task else "idle")
         return {"worker_id": self.worker_id, "name": self.name, "device": self.device,
                 "hardware": self.hardware, "max_tokens_per_task": self.max_tokens_per_task,
                 "tasks_completed": self.tasks_completed,

@@ -38,7 +38,14 @@ CREATE TABLE IF NOT EXISTS workers (
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, owner TEXT NOT NULL, state TEXT NOT NULL,
     updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (
+    owner TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, ref TEXT NOT NULL,
+    answer TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (owner, key));
 """
+
+# How long an idempotency key is honoured: a retry with the same key within this
+# window gets the original request (or run) back instead of a new one.
+KEY_TTL_S = 7 * 86400
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -70,7 +77,25 @@ class Database:
             self._conn = connect(self.path)
             row = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM requests").fetchone()
             self._seq = row[0]
+            self._conn.execute("DELETE FROM idempotency WHERE created < ?",
+                               (time.time() - KEY_TTL_S,))
         return self._conn
+
+    def _claim_key(self, c: sqlite3.Connection, owner: str, key: str | None, kind: str,
+                   ref: str, answer: dict) -> None:
+        """Inside the caller's transaction: record ``key``, so that the row it
+        guards and the key commit (or not) together."""
+        if key is not None:
+            c.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?)",
+                      (owner, key, kind, ref, json.dumps(answer), time.time()))
+
+    async def find_key(self, owner: str, key: str) -> dict | None:
+        """What ``key`` of ``owner`` created: ``{kind, ref, answer}``, or None."""
+        row = await self._do(lambda: self._c().execute(
+            "SELECT kind, ref, answer FROM idempotency WHERE owner = ? AND key = ?",
+            (owner, key)).fetchone())
+        return None if row is None else {"kind": row[0], "ref": row[1],
+                                          "answer": json.loads(row[2])}
 
     async def open(self) -> None:
         await self._do(self._c)
@@ -85,10 +110,17 @@ class Database:
         self._pool.shutdown(wait=True)
 
     # -- runs ------------------------------------------------------------------------
-    async def save_run(self, run_id: str, owner: str, spec: dict) -> None:
-        await self._do(lambda: self._c().execute(
-            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?)",
-            (run_id, owner, json.dumps(spec), time.time())))
+    async def save_run(self, run_id: str, owner: str, spec: dict,
+                       idem_key: str | None = None) -> None:
+        def save() -> None:
+            c = self._c()
+            with c:
+                c.execute("BEGIN IMMEDIATE")
+                c.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?)",
+                          (run_id, owner, json.dumps(spec), time.time()))
+                self._claim_key(c, owner, idem_key, "run", run_id, {"run_id": run_id})
+
+        await self._do(save)
 
     async def runs(self) -> list[dict]:
         rows = await self._do(lambda: self._c().execute(
@@ -97,13 +129,19 @@ class Database:
 
     # -- requests ----------------------------------------------------------------------
     async def add_request(self, request_id: str, owner: str, run_id: str, kind: str,
-                          args: dict, timeout_s: float | None) -> None:
+                          args: dict, timeout_s: float | None, *, idem_key: str | None = None,
+                          answer: dict | None = None) -> None:
+        """Store an accepted request (and its idempotency key with the answer the
+        client was given, in the same transaction)."""
         def add() -> None:
             c = self._c()
-            self._seq += 1
-            c.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, "
-                      "NULL)", (request_id, self._seq, owner, run_id, kind, json.dumps(args),
-                                timeout_s, time.time()))
+            with c:
+                c.execute("BEGIN IMMEDIATE")
+                self._seq += 1
+                c.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, "
+                          "?, NULL)", (request_id, self._seq, owner, run_id, kind,
+                                       json.dumps(args), timeout_s, time.time()))
+                self._claim_key(c, owner, idem_key, "request", request_id, answer or {})
 
         await self._do(add)
 
@@ -165,6 +203,10 @@ class Database:
         await self._do(lambda: self._c().execute(
             "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
             (worker_id, name, json.dumps(info), time.time())))
+
+    async def delete_workers(self, worker_ids: list[str]) -> None:
+        await self._do(lambda: self._c().executemany(
+            "DELETE FROM workers WHERE worker_id = ?", [(w,) for w in worker_ids]))
 
     async def workers(self) -> list[dict]:
         rows = await self._do(lambda: self._c().execute(
