@@ -146,11 +146,15 @@ def run_signal(args, batch, prompts) -> dict:
     with Cluster(1, device=args.device, worker_args=worker_args, worker_log=log) as cluster:
         run = cluster.client.create_run(base_model=args.model, lora_r=args.lora_r,
                                         learning_rate=args.lr, max_length=args.seq_len)
+        fb_times, opt_times = [], []
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
             fb = run.forward_backward(batch=batch)
+            t1 = time.perf_counter()
             run.optim_step()
             times.append(time.perf_counter() - t0)
+            fb_times.append(t1 - t0)
+            opt_times.append(times[-1] - fb_times[-1])
             progress(f"signal step {i + 1}/{args.warmup + args.steps}: {times[-1]:.3f} s "
                      f"({tokens / times[-1]:,.0f} tok/s, loss {fb['loss']:.4f})")
         run.sample(prompt_tokens=prompts[:1], max_tokens=8, temperature=0)
@@ -161,7 +165,8 @@ def run_signal(args, batch, prompts) -> dict:
         progress(f"signal sampling: {n} tokens in {sample_s:.2f} s")
     text = open(log).read()
     m = re.search(r"peak GPU memory allocated [\d.]+ GiB \((\d+) bytes\)", text)
-    return {"times": times[args.warmup:], "tokens": tokens, "peak": int(m.group(1)) if m else None,
+    return {"times": times[args.warmup:], "fb_times": fb_times[args.warmup:],
+            "opt_times": opt_times[args.warmup:], "tokens": tokens, "peak": int(m.group(1)) if m else None,
             "sample_tokens": n, "sample_s": sample_s, "log": log}
 
 
@@ -212,6 +217,9 @@ def main() -> int:
     print(f"signal (coordinator + 1 worker):     {sig_tps:,.0f} tok/s  "
           f"{[round(t, 3) for t in sig['times']]} s/step")
     print(f"ratio signal / reference tokens/s: {sig_tps / ref_tps:.3f}  (target >= 0.9)")
+    fb_s, opt_s = statistics.median(sig["fb_times"]), statistics.median(sig["opt_times"])
+    print(f"signal step split (medians): forward_backward {fb_s:.3f} s (reference whole step "
+          f"{statistics.median(ref['times']):.3f} s), optim_step {opt_s:.3f} s")
 
     def gib(b):
         return "n/a" if b is None else f"{b / 2**30:.2f} GiB"

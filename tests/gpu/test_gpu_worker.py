@@ -38,12 +38,14 @@ LR = 2e-3
 # and fp32 LoRA on one GPU. bf16 rounding differs with batch shapes (the worker
 # sees each half of the batch, the reference the whole, padded differently),
 # and AdamW turns a gradient that is noise-sized into a full lr-sized step of
-# either sign, so the max abs difference of single weights is bounded by
-# about 2 x lr x STEPS whatever happens; the relative norm of the difference
-# against the whole update is the sharp check. Bounds: a few times what was
-# measured on an H100 (2026-11-23, figures in bench/RESULTS.md).
-MAX_LORA_DIFF = 2 * LR * STEPS
-MAX_REL_DIFF = 0.2
+# either sign, so single weights can differ by up to about 2 x lr x STEPS
+# whatever happens; the norm of the difference relative to the whole update is
+# the sharp check. Measured on an H100 (2026-11-23, torch 2.11.0+cu130):
+# max abs diff 7.65e-3, |diff| / |update| 2.30e-2, max loss gap 2.17e-3 (on a
+# loss of 5.86 falling to 1.87). Bounds: about 4x those.
+MAX_LORA_DIFF = 2 * LR * STEPS  # 0.032
+MAX_REL_DIFF = 0.1
+MAX_LOSS_GAP = 0.01
 
 
 def _weights(client: SignalClient, run_id: str, version: int) -> dict[str, torch.Tensor]:
@@ -95,7 +97,7 @@ def test_bf16_run_on_a_gpu_worker_trains_and_matches_single_process_peft(tmp_pat
         assert losses[-1] < 0.8 * losses[0], losses  # it trains
         assert rel_diff <= MAX_REL_DIFF, rel_diff
         assert max_diff <= MAX_LORA_DIFF, max_diff
-        assert loss_gap <= 0.01 * losses[0], (losses, ref_losses)
+        assert loss_gap <= MAX_LOSS_GAP, (losses, ref_losses)
     finally:
         client.close()
         worker.stop()
