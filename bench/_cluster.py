@@ -11,8 +11,8 @@ import time
 
 class Cluster:
     def __init__(self, n_workers: int, *, threads: int | None = None,
-                 coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = ()
-                 ) -> None:
+                 coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (),
+                 device: str = "cpu", worker_log: str | None = None) -> None:
         from rewardsignal import SignalClient
 
         self.data_dir = tempfile.mkdtemp(prefix="signal-bench-")
@@ -31,11 +31,15 @@ class Cluster:
             self.close()
             raise SystemExit("coordinator did not start")
         extra = ("--threads", str(threads)) if threads else ()
+        # Workers' output (status lines, the exit line with peak GPU memory) goes
+        # to worker_log when one is given.
+        self._log = open(worker_log, "w") if worker_log else None  # noqa: SIM115
+        out = self._log or subprocess.DEVNULL
         for i in range(n_workers):
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", self.url,
-                 "--device", "cpu", "--name", f"bench{i}", "--log-level", "warning", *extra,
-                 *worker_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                 "--device", device, "--name", f"bench{i}", "--log-level", "warning", *extra,
+                 *worker_args], stdout=out, stderr=out))
         self.client = SignalClient(base_url=self.url)
         deadline = time.monotonic() + 120
         while len(self.client.list_workers()) < n_workers:
@@ -66,6 +70,8 @@ class Cluster:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
 
     def __enter__(self) -> Cluster:
         return self

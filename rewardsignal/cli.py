@@ -160,6 +160,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="largest shard to accept (default: derived from free device memory)")
     p.add_argument("--micro-batch-tokens", type=_positive(int), default=None,
                    help="padded tokens per forward pass inside a task (halved on OOM)")
+    p.add_argument("--model-cache-gb", type=_positive(float), default=None,
+                   help="memory for cached base models; the least recently used is unloaded "
+                        "to make room (default: 60%% of GPU memory, 50%% of RAM on CPU)")
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads for torch (default: torch's choice; lower it when "
                         "several workers share one machine)")
@@ -182,7 +185,7 @@ def worker_config(args: argparse.Namespace):
     return WorkerConfig(coordinator=args.coordinator, token=args.token, device=args.device,
                         name=args.name, max_tokens_per_task=args.max_tokens_per_task,
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
-                        threads=args.threads,
+                        threads=args.threads, model_cache_gb=args.model_cache_gb,
                         max_tasks=args.max_tasks)
 
 

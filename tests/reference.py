@@ -17,9 +17,13 @@ from rewardsignal.models import load_model
 
 class ReferenceTrainer:
     def __init__(self, model_id: str, spec: LoraSpec, adapter_v0: dict[str, torch.Tensor],
-                 *, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> None:
-        self.model = get_peft_model(load_model(model_id), peft_config(spec))
-        set_peft_model_state_dict(self.model, {k: v.clone() for k, v in adapter_v0.items()})
+                 *, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device)
+        self.model = get_peft_model(load_model(model_id, dtype=dtype, device=device),
+                                    peft_config(spec))
+        set_peft_model_state_dict(self.model, {k: v.clone().to(self.device)
+                                               for k, v in adapter_v0.items()})
         self.params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         self.opt = torch.optim.AdamW(self.params, lr=lr, betas=betas, eps=eps,
                                      weight_decay=weight_decay)
@@ -33,6 +37,7 @@ class ReferenceTrainer:
             ids[i, : len(d)] = torch.tensor(d.input_ids)
             tgt[i, : len(d)] = torch.tensor(d.target_ids)
             w[i, : len(d)] = torch.tensor(d.weights)
+        ids, tgt, w = ids.to(self.device), tgt.to(self.device), w.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=(tgt != -100).long()).logits
         nll = F.cross_entropy(logits.float().transpose(1, 2), tgt, reduction="none",
                               ignore_index=-100)
@@ -48,4 +53,5 @@ class ReferenceTrainer:
     def adapter(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        return {k: v.detach().float().cpu().clone() for k, v in
+                get_peft_model_state_dict(self.model).items()}

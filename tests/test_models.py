@@ -94,3 +94,27 @@ def test_builtin_dir_is_an_ordinary_hf_directory(tiny_path):
     assert {"config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json"} <= names
     assert json.loads((tiny_path / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_signal_1b_has_llama_3_2_1b_shapes_without_being_built():
+    cfg = models.builtin_config("signal-1b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.intermediate_size) == (2048, 16, 32, 8, 8192)
+    assert cfg.tie_word_embeddings and cfg.vocab_size == 264  # byte-level tokenizer, offline
+    # Llama-3.2-1B has 1.236B parameters, 262.7M of them its 128,256 x 2048 embedding;
+    # ours has the same blocks and a 264-row embedding.
+    info = models.model_info("signal-1b")
+    assert info.param_count == 1_235_814_400 - 128_256 * 2048 + 264 * 2048
+    assert not models._builtin_dir("signal-1b").exists()  # only built on demand
+
+
+def test_format_3_weights_depend_only_on_names():
+    spec = models.BUILTIN_MODELS["signal-1b"]
+    shapes = {"a.weight": (64, 32), "b.weight": (16,), "c.norm.weight": (8,)}
+    first = models._generate_tensors(shapes, spec)
+    again = models._generate_tensors(dict(reversed(list(shapes.items()))), spec)
+    assert all(torch.equal(first[k], again[k]) for k in shapes)
+    assert first["a.weight"].dtype == torch.bfloat16
+    assert torch.equal(first["c.norm.weight"], torch.ones(8, dtype=torch.bfloat16))
+    assert 0.015 < float(first["a.weight"].float().std()) < 0.025
+    assert not torch.equal(first["a.weight"][:16, 0], first["b.weight"])

@@ -17,6 +17,12 @@ import torch
 from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
 from rewardsignal.losses import compute_loss
+from rewardsignal.worker.model_cache import (
+    ModelCache,
+    default_budget_bytes,
+    module_bytes,
+    release_device_memory,
+)
 
 # Any id works for padding: padded positions are masked out of attention and loss.
 _PAD_ID = 0
@@ -45,10 +51,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, *,
+                 cache_bytes: int | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
-        self._models: dict[str, object] = {}
+        free = _cuda_free_bytes(self.device) if self.device.type == "cuda" else None
+        self.models = ModelCache(cache_bytes or default_budget_bytes(self.device),
+                                 free_bytes=free, on_evict=self._unload)
         self._tokenizers: dict[str, object] = {}
         self._fingerprints: dict[str, str] = {}
         self._loaded: dict[tuple[str, str], tuple[str, int]] = {}  # adapter -> (run, version)
@@ -72,17 +81,27 @@ class Engine:
         from peft import get_peft_model
 
         key = _spec_key(spec)
-        model = self._models.get(model_id)
+        model = self.models.get(model_id)
         if model is None:
-            from rewardsignal.models import load_model
+            from rewardsignal.models import load_model, model_info
 
+            dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+            self.models.make_room(model_info(model_id).param_count * dtype_bytes)
             base = load_model(model_id, dtype=self.dtype, device=str(self.device))
+            # PEFT up-casts bf16/fp16 adapter weights to fp32 (autocast_adapter_dtype),
+            # so LoRA weights, grads and optimizer state stay fp32 over a bf16 base.
             model = get_peft_model(base, peft_config(spec), adapter_name=key)
-            self._models[model_id] = model
+            self.models.put(model_id, model, module_bytes(model))
         elif key not in model.peft_config:
             model.add_adapter(key, peft_config(spec))
         model.set_adapter(key)
         return model, key
+
+    def _unload(self, model_id: str) -> None:
+        """Forget which run versions the evicted model held and free its memory."""
+        for k in [k for k in self._loaded if k[0] == model_id]:
+            del self._loaded[k]
+        release_device_memory(self.device)
 
     def activate(self, model_id: str, spec: LoraSpec, run_id: str, version: int,
                  adapter: dict[str, torch.Tensor]):
@@ -245,6 +264,19 @@ class Engine:
             out.append({"tokens": new, "logprobs": logprobs,
                         "text": tok.decode(new, skip_special_tokens=True)})
         return out
+
+
+def _cuda_free_bytes(device: torch.device):
+    """Free device memory as this process can use it: what the driver reports
+    free plus what PyTorch's allocator holds cached but unused (activations of
+    the last task), which a new load reuses without asking the driver."""
+    idx = device.index or 0
+
+    def free() -> int:
+        cached = torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx)
+        return torch.cuda.mem_get_info(idx)[0] + cached
+
+    return free
 
 
 def _micro_batches(datums: Sequence[Datum], micro_tokens: int) -> list[list[Datum]]:

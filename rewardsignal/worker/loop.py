@@ -28,6 +28,7 @@ from rewardsignal.errors import SignalError, error_from_json
 from rewardsignal.lora import LoraSpec
 from rewardsignal.worker import hardware
 from rewardsignal.worker.engine import Engine
+from rewardsignal.worker.model_cache import release_device_memory
 from rewardsignal.worker.status import StatusLine
 
 _MAX_BACKOFF_S = 30.0
@@ -45,6 +46,7 @@ class WorkerConfig:
     micro_batch_tokens: int | None = None
     codec: str = "fp32"
     threads: int | None = None
+    model_cache_gb: float | None = None  # None: a share of device memory
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
 
 
@@ -56,7 +58,8 @@ class Worker:
             # core: oversubscription made steps 10x slower on a 2-core box.
             torch.set_num_threads(config.threads)
         self.device = hardware.resolve_device(config.device)
-        self.engine = Engine(str(self.device))
+        cache_bytes = int(config.model_cache_gb * 2**30) if config.model_cache_gb else None
+        self.engine = Engine(str(self.device), cache_bytes=cache_bytes)
         self.name = config.name or f"{socket.gethostname()}-{self.device.type}"
         self.status = StatusLine(self.name)
         self.worker_id: str | None = None
@@ -153,8 +156,17 @@ class Worker:
             except asyncio.CancelledError:
                 pass
         self._compute_pool.shutdown(wait=False, cancel_futures=True)
-        self.status.event(f"stopped after {self.tasks_done} tasks")
+        self.status.event(f"stopped after {self.tasks_done} tasks{self._peak_memory_note()}")
         return 0
+
+    def _peak_memory_note(self) -> str:
+        """Peak device memory PyTorch allocated in this process (weights, adapters,
+        activations; not the allocator's cache nor the CUDA context), so it can be
+        compared with ``torch.cuda.max_memory_allocated`` of a reference loop."""
+        if self.device.type != "cuda":
+            return ""
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return f"; peak GPU memory allocated {peak / 2**30:.2f} GiB ({peak} bytes)"
 
     def _on_sigint(self) -> None:
         if self._busy and not self.stopping:
@@ -329,10 +341,11 @@ class Worker:
             except torch.OutOfMemoryError:
                 if micro <= longest:
                     raise
-                micro //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.status.event(f"out of memory; retrying with micro-batches of {micro} tokens")
+            # Outside the except block: its traceback, whose frames hold the failed
+            # pass's activations, is gone, so releasing the cache frees them.
+            micro //= 2
+            release_device_memory(self.device)
+            self.status.event(f"out of memory; retrying with micro-batches of {micro} tokens")
 
 
 def _decode(resp: aiohttp.ClientResponse, body: bytes):
