@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -179,7 +180,7 @@ def builtin_config(model_id: str):
     vocab = 256 + len(SPECIAL_TOKENS)
     # Only a non-default theta is passed, so older built-ins' config.json (part of
     # their fingerprint) stays byte for byte what it was.
-    rope = {} if spec.rope_theta == _SPEC_DEFAULTS["rope_theta"] else {
+    rope: dict[str, Any] = {} if spec.rope_theta == _SPEC_DEFAULTS["rope_theta"] else {
         "rope_theta": spec.rope_theta}
     return LlamaConfig(
         vocab_size=(vocab + 7) // 8 * 8, hidden_size=spec.hidden_size,
@@ -292,7 +293,9 @@ def load_model(model_id: str, *, dtype=None, device: str = "cpu"):
         attn_implementation=attention_for(device))
     model.requires_grad_(False)
     model.eval()
-    return model.to(device)
+    # transformers wraps ``to`` in a decorator whose stub types its first argument
+    # as the model; a device string is what it takes at run time.
+    return model.to(device)  # type: ignore[arg-type]
 
 
 @lru_cache(maxsize=16)

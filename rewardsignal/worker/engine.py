@@ -202,7 +202,7 @@ class Engine:
         started = time.monotonic()
         try:
             for _ in range(steps):
-                batch = []
+                batch: list[Datum] = []
                 while len(batch) < min(batch_size, len(datums)):
                     if not order:
                         order = list(range(len(datums)))

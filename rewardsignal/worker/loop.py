@@ -75,6 +75,11 @@ class Worker:
         self._compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
     # -- HTTP -------------------------------------------------------------------------------
+    @property
+    def _http(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "used only inside run()"
+        return self._session
+
     def _headers(self) -> dict:
         h = {"X-Signal-Worker": self.worker_id or ""}
         if self.config.token:
@@ -87,7 +92,7 @@ class Worker:
         if content_type:
             headers["Content-Type"] = content_type
         url = self.config.coordinator.rstrip("/") + path
-        async with self._session.request(
+        async with self._http.request(
                 method, url, json=json, data=data, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             body = await resp.read()
@@ -116,48 +121,85 @@ class Worker:
             loop.add_signal_handler(signal.SIGTERM, self._on_sigint)
         except (NotImplementedError, RuntimeError):
             pass  # not the main thread (tests drive the worker in-process)
-        backoff = 1.0
+        code = 0
         async with aiohttp.ClientSession() as self._session:
             try:
-                while not self.stopping:
-                    if self.config.max_tasks is not None and self.tasks_done >= self.config.max_tasks:
-                        break
-                    try:
-                        if self.worker_id is None:
-                            await self.register()
-                        self.status.update("idle", waiting="task")
-                        task = await self._call("POST", f"/v1/workers/{self.worker_id}/lease",
-                                                params={"timeout_s": str(_LEASE_POLL_S)},
-                                                timeout_s=_LEASE_POLL_S + 30)
-                        backoff = 1.0
-                        if task is not None:
-                            await self._handle(task)
-                    except SignalError as exc:
-                        if exc.code == "unknown_worker":
-                            self.status.event("coordinator does not know this worker (restarted?)"
-                                              "; registering again")
-                            self.worker_id = None
-                        elif exc.code == "quarantined":
-                            self.status.event(f"quarantined by the coordinator: {exc.message}; "
-                                              "check this machine, retrying later")
-                            await asyncio.sleep(min(backoff * 10, 300))
-                        elif exc.code == "unauthorized":
-                            self.status.event(f"refused: {exc.message}")
-                            return 2
-                        else:
-                            self.status.event(f"coordinator error: {exc.code}: {exc.message}")
-                            await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, _MAX_BACKOFF_S)
-                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                        self.status.event(f"coordinator unreachable ({type(exc).__name__}); "
-                                          f"retrying in {backoff:.0f}s")
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                code = await self._serve()
             except asyncio.CancelledError:
                 pass
+            finally:
+                await self._goodbye()
         self._compute_pool.shutdown(wait=False, cancel_futures=True)
         self.status.event(f"stopped after {self.tasks_done} tasks{self._peak_memory_note()}")
+        return code
+
+    async def _serve(self) -> int:
+        """Lease and compute until stopped; the exit code."""
+        backoff = 1.0
+        while not self.stopping:
+            if self.config.max_tasks is not None and self.tasks_done >= self.config.max_tasks:
+                return 0
+            try:
+                if self.worker_id is None:
+                    await self._register_or_explain()
+                self.status.update("idle", waiting="task")
+                task = await self._call("POST", f"/v1/workers/{self.worker_id}/lease",
+                                        params={"timeout_s": str(_LEASE_POLL_S)},
+                                        timeout_s=_LEASE_POLL_S + 30)
+                backoff = 1.0
+                if task is not None:
+                    await self._handle(task)
+            except _Refused as exc:
+                self.status.event(str(exc))
+                return 2
+            except SignalError as exc:
+                await self._after_error(exc, backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.status.event(f"cannot reach the coordinator at {self.config.coordinator}: "
+                                  f"{_cause(exc)}; retrying in {backoff:.0f}s (backoff doubles "
+                                  f"up to {_MAX_BACKOFF_S:.0f}s)")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
         return 0
+
+    async def _register_or_explain(self) -> None:
+        """Register; a coordinator that answers 401/404 here will not change its
+        mind by retrying, so those end the worker with one line."""
+        url = self.config.coordinator
+        try:
+            await self.register()
+        except SignalError as exc:
+            if exc.code == "unauthorized":
+                raise _Refused(f"refused by {url}: {exc.message}") from None
+            if exc.http_status == 404 or exc.code == "not_found":
+                raise _Refused(f"{url} answered 404 to POST /v1/workers/register: is it a "
+                               "Signal coordinator? Check --coordinator.") from None
+            raise
+
+    async def _after_error(self, exc: SignalError, backoff: float) -> None:
+        if exc.code == "unknown_worker":
+            self.status.event("coordinator does not know this worker (restarted?); "
+                              "registering again")
+            self.worker_id = None
+        elif exc.code == "quarantined":
+            self.status.event(f"quarantined by the coordinator: {exc.message}; "
+                              "check this machine, retrying later")
+            await asyncio.sleep(min(backoff * 10, 300))
+        else:
+            self.status.event(f"coordinator error: {exc.code}: {exc.message}")
+            await asyncio.sleep(backoff)
+
+    async def _goodbye(self) -> None:
+        """Tell the coordinator this worker is leaving (it re-queues what it held
+        at once); best effort, a few seconds at most."""
+        if self.worker_id is None:
+            return
+        try:
+            await asyncio.wait_for(self._call("POST", f"/v1/workers/{self.worker_id}/goodbye",
+                                              timeout_s=3), 3)
+        except (Exception, asyncio.CancelledError):  # leaving anyway; leases will expire
+            pass
 
     def _peak_memory_note(self) -> str:
         """Peak device memory PyTorch allocated in this process (weights, adapters,
@@ -274,7 +316,7 @@ class Worker:
     async def _download(self, task: dict) -> bytes:
         """GET the task's weights, showing bytes as they arrive."""
         url = self.config.coordinator.rstrip("/") + task["weights_url"]
-        async with self._session.get(url, headers=self._headers(),
+        async with self._http.get(url, headers=self._headers(),
                                      timeout=aiohttp.ClientTimeout(total=3600)) as resp:
             if resp.status >= 400:
                 raise error_from_json(resp.status, _decode(resp, await resp.read()))
@@ -346,6 +388,18 @@ class Worker:
             micro //= 2
             release_device_memory(self.device)
             self.status.event(f"out of memory; retrying with micro-batches of {micro} tokens")
+
+
+class _Refused(Exception):
+    """The coordinator refused this worker for good (bad token, not a coordinator)."""
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong with a connection, with the errno when there is one."""
+    os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
+    if os_error is not None and os_error.errno is not None:
+        return f"{os_error.strerror or type(os_error).__name__} (errno {os_error.errno})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _decode(resp: aiohttp.ClientResponse, body: bytes):
