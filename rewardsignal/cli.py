@@ -259,7 +259,9 @@ def _run_status(args: argparse.Namespace) -> int:
 
     from rewardsignal import SignalClient
 
-    with SignalClient(api_key=args.api_key, base_url=args.coordinator) as client:
+    # A snapshot: a short retry window, so a wrong URL fails in seconds.
+    with SignalClient(api_key=args.api_key, base_url=args.coordinator,
+                      retry_window_s=5) as client:
         st = client.status()
     now = time.time()
     print(f"coordinator {args.coordinator}: {len(st['runs'])} runs, "

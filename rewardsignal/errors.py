@@ -78,6 +78,19 @@ class NoWorkerError(SignalError, TimeoutError):
     http_status = 503
 
 
+class CoordinatorUnavailableError(SignalError, ConnectionError):
+    """The coordinator did not answer within the client's retry window. If the
+    call was accepted before, ``request_id`` names it: ``client.wait(request_id)``
+    picks it up again once the coordinator is back."""
+
+    code = "unavailable"
+    http_status = 503
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
 class RequestTimeoutError(SignalError, TimeoutError):
     code = "timeout"
     http_status = 504

@@ -114,15 +114,17 @@ class Coordinator:
         claim = (owner, key)
         if claim in self._claims:
             return await asyncio.shield(self._claims[claim]), True
-        found = await self.services.db.find_key(owner, key)
-        if found is not None:
-            run = self.runs.get(found["ref"]) if found["kind"] == "run" else None
-            return (run.to_json() if run is not None else found["answer"]), True
+        # Claimed before the first await, so a concurrent retry waits for this one.
         fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         self._claims[claim] = fut
         try:
-            answer = await create()
+            found = await self.services.db.find_key(owner, key)
+            if found is None:
+                answer, replayed = await create(), False
+            else:
+                run = self.runs.get(found["ref"]) if found["kind"] == "run" else None
+                answer, replayed = (run.to_json() if run else found["answer"]), True
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -132,7 +134,7 @@ class Coordinator:
         finally:
             del self._claims[claim]
         fut.set_result(answer)
-        return answer, False
+        return answer, replayed
 
     async def create_run(self, owner: str, req: RunRequest, idem_key: str | None = None) -> Run:
         run = await asyncio.to_thread(build_run, owner, req)

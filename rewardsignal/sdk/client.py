@@ -8,10 +8,10 @@ coordinator raised.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,19 +25,24 @@ from rewardsignal.errors import (
     ValidationError,
     error_from_json,
 )
+from rewardsignal.sdk.transport import DEFAULT_RETRY_WINDOW_S, Transport, new_idempotency_key
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _WAIT_CHUNK_S = 30.0
-_RETRIES = 5
 
 
 class AsyncSignalClient:
+    """``retry_window_s``: how long a call rides out an unreachable or restarting
+    coordinator (retrying with backoff) before it raises
+    ``CoordinatorUnavailableError``, which names the request to resume."""
+
     def __init__(self, api_key: str | None = None, base_url: str | None = None, *,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0,
+                 retry_window_s: float = DEFAULT_RETRY_WINDOW_S) -> None:
         self.api_key = api_key if api_key is not None else os.environ.get("SIGNAL_API_KEY")
         self.base_url = (base_url or os.environ.get("SIGNAL_URL") or DEFAULT_URL).rstrip("/")
         self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._transport = Transport(self.base_url, self.api_key, retry_window_s)
 
     async def __aenter__(self) -> AsyncSignalClient:
         return self
@@ -46,42 +51,16 @@ class AsyncSignalClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        await self._transport.close()
 
     async def _http(self, method: str, path: str, *, body: Any = None,
                     params: dict | None = None, timeout_s: float = 60.0,
-                    idempotent: bool | None = None, raw: bool = False) -> Any:
-        """One HTTP call. Idempotent calls (GETs) are retried on connection
-        errors with backoff, so a coordinator restart is ridden out."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        retry = (method == "GET") if idempotent is None else idempotent
-        for attempt in range(_RETRIES if retry else 1):
-            try:
-                async with self._session.request(
-                        method, self.base_url + path, json=body, params=params,
-                        headers=self._headers(),
-                        timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                    data = await resp.read()
-                    if resp.status >= 400:
-                        try:
-                            payload = json.loads(data)
-                        except ValueError:
-                            payload = None
-                        raise error_from_json(resp.status, payload)
-                    if raw:
-                        return data
-                    return json.loads(data) if data else None
-            except (aiohttp.ClientConnectionError, TimeoutError):
-                if not retry or attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(min(2 ** attempt * 0.5, 8))
-        raise AssertionError("unreachable")
+                    raw: bool = False) -> Any:
+        """One HTTP call; calls that change something carry a fresh idempotency
+        key, so that they too are retried through a coordinator restart."""
+        key = new_idempotency_key() if method == "POST" else None
+        return await self._transport.call(method, path, body=body, params=params,
+                                          timeout_s=timeout_s, idempotency_key=key, raw=raw)
 
     async def _op(self, run_id: str, op: str, body: dict, timeout_s: float | None) -> dict:
         timeout_s = timeout_s or self.timeout_s
@@ -91,19 +70,26 @@ class AsyncSignalClient:
 
     async def wait(self, request_id: str, *, timeout_s: float | None = None) -> dict:
         """Long-poll a request until it finishes; returns its result or raises
-        its typed error."""
+        its typed error. Rides out a coordinator restart (the request was stored
+        when it was accepted, and runs again after the restart)."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        told = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestTimeoutError(f"request {request_id} still pending after "
                                           f"{timeout_s}s; wait on it again with wait()")
             chunk = min(_WAIT_CHUNK_S, left)
-            reply = await self._http("GET", f"/v1/requests/{request_id}",
-                                     params={"timeout_s": f"{chunk:.3f}"},
-                                     timeout_s=chunk + 30)
+            reply = await self._transport.call(
+                "GET", f"/v1/requests/{request_id}", params={"timeout_s": f"{chunk:.3f}"},
+                timeout_s=chunk + 30, request_id=request_id)
             if reply["status"] == "done":
                 return reply["result"]
+            if reply.get("waiting_for_workers") and not told:
+                told = True
+                print(f"signal: request {request_id} is waiting for a worker that can serve "
+                      "its run (none is connected); start one with `signal-worker "
+                      "--coordinator URL`", file=sys.stderr, flush=True)
 
     # -- client-level calls --------------------------------------------------------------
     async def health(self) -> dict:
@@ -154,11 +140,9 @@ class AsyncSignalClient:
         else:
             raw = "".join(json.dumps(ex) + "\n" for ex in dataset).encode()
             name = "examples.jsonl"
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        async with self._session.post(
+        async with self._transport.session.post(
                 f"{self.base_url}/v1/datasets", data=raw, params={"name": name},
-                headers={**self._headers(), "Content-Type": "application/x-ndjson"},
+                headers={**self._transport.headers(), "Content-Type": "application/x-ndjson"},
                 timeout=aiohttp.ClientTimeout(total=3600)) as resp:
             payload = await resp.json(content_type=None)
             if resp.status >= 400:

@@ -15,6 +15,7 @@ import weakref
 from typing import Any
 
 from rewardsignal.sdk.client import AsyncFederatedJob, AsyncRun, AsyncSignalClient
+from rewardsignal.sdk.transport import DEFAULT_RETRY_WINDOW_S
 
 
 class _LoopThread:
@@ -85,9 +86,10 @@ class SignalClient(_SyncProxy):
     """``SignalClient(api_key=..., base_url=...)``: see ``AsyncSignalClient``."""
 
     def __init__(self, api_key: str | None = None, base_url: str | None = None, *,
-                 timeout_s: float = 600.0) -> None:
-        super().__init__(AsyncSignalClient(api_key, base_url, timeout_s=timeout_s),
-                         _LoopThread())
+                 timeout_s: float = 600.0,
+                 retry_window_s: float = DEFAULT_RETRY_WINDOW_S) -> None:
+        super().__init__(AsyncSignalClient(api_key, base_url, timeout_s=timeout_s,
+                                           retry_window_s=retry_window_s), _LoopThread())
         # Close the HTTP session even if the caller never calls close().
         self._finalizer = weakref.finalize(self, _shutdown, self._target, self._loop)
 

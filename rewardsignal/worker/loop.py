@@ -156,7 +156,7 @@ class Worker:
                 await self._after_error(exc, backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self.status.event(f"cannot reach the coordinator at {self.config.coordinator}: "
+                self.status.event(f"coordinator unreachable at {self.config.coordinator}: "
                                   f"{_cause(exc)}; retrying in {backoff:.0f}s (backoff doubles "
                                   f"up to {_MAX_BACKOFF_S:.0f}s)")
                 await asyncio.sleep(backoff)

@@ -306,3 +306,19 @@ def test_optim_step_on_zero_weight_batches_is_a_clear_400(harness):
     assert code == 400 and "carry no loss weight" in body["error"]["message"]
     assert h.coordinator.runs[run_id].version == 0
 
+
+
+def test_a_request_no_worker_can_take_says_so_then_fails(tmp_path):
+    h = Harness(tmp_path / "data", no_worker_grace_s=1.5)
+    try:
+        run_id = _run(h)
+        _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                           json={"batch": [{"text": "hello"}]}, expect=202)
+        code, body = h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=1.2")
+        assert code == 202 and body["waiting_for_workers"] is True
+        code, body = h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=10")
+        assert code == 503 and body["error"]["code"] == "no_worker"
+        assert run_id in body["error"]["message"] and "signal-tiny" in body["error"]["message"]
+        assert not h.coordinator.scheduler.tasks  # its shards were withdrawn
+    finally:
+        h.close()

@@ -33,15 +33,15 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
         timeout = op.timeout_s if operation.bounded else None
         result = await asyncio.wait_for(operation.execute(ctx, run, op.request, op.args),
                                         timeout)
+    except SignalError as exc:  # before TimeoutError: NoWorkerError is one too
+        if not fut.done():
+            fut.set_exception(exc)
     except TimeoutError:
         err = _timeout_error(ctx, run, op)
         log.warning("request failed request=%s run=%s reason=%s", op.request.request_id,
                     run.run_id, err.code)
         if not fut.done():
             fut.set_exception(err)
-    except SignalError as exc:
-        if not fut.done():
-            fut.set_exception(exc)
     except Exception as exc:  # a bug, not bad input: log it fully, fail only this request
         log.exception("request crashed request=%s run=%s", op.request.request_id, run.run_id)
         if not fut.done():

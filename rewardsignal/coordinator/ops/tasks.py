@@ -34,18 +34,19 @@ async def gather_tasks(scheduler: Scheduler, tasks: list[Task], request: Request
             for f in done:
                 yield index[f], f.result()
             if done or scheduler.eligible_workers(model_id):
-                idle_since, request.waiting_for_workers = None, False
+                idle_since = None
+                request.set_waiting_for_workers(False)
                 continue
             now = time.monotonic()
             idle_since = idle_since or now
-            request.waiting_for_workers = True
+            request.set_waiting_for_workers(True)
             if now - idle_since >= no_worker_grace_s:
                 raise NoWorkerError(
                     f"no live worker can serve run {request.run_id} (model {model_id}): none "
                     f"for {no_worker_grace_s:g}s. Start one with `signal-worker --coordinator "
                     "URL`, then send the request again.")
     finally:
-        request.waiting_for_workers = False
+        request.set_waiting_for_workers(False)
         for t in tasks:
             if not t.done:
                 scheduler.cancel(t, "request ended")

@@ -21,6 +21,13 @@ class Request:
     created: float = field(default_factory=time.time)
     # Pending with no live worker able to take its tasks (shown to the client).
     waiting_for_workers: bool = False
+    # Set when something a waiting client should hear changes before the end.
+    noticed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def set_waiting_for_workers(self, waiting: bool) -> None:
+        if waiting and not self.waiting_for_workers:
+            self.noticed.set()  # answer long-polls now: the client tells its user
+        self.waiting_for_workers = waiting
 
     def to_json(self) -> dict:
         base = {"request_id": self.request_id, "run_id": self.run_id, "kind": self.kind}
@@ -77,9 +84,12 @@ class RequestRegistry:
             # asyncio.wait never cancels what it waits on: a client that gives up
             # (or disconnects) leaves the request running.
             closing = asyncio.ensure_future(self._closing.wait())
+            noticed = asyncio.ensure_future(req.noticed.wait())
             try:
-                await asyncio.wait({req.future, closing}, timeout=timeout_s,
+                await asyncio.wait({req.future, closing, noticed}, timeout=timeout_s,
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 closing.cancel()
+                noticed.cancel()
+            req.noticed.clear()
         return req

@@ -1,0 +1,120 @@
+"""HTTP to a coordinator for the SDK: typed errors, idempotency keys, and a
+retry window that rides out a restarted or unreachable coordinator.
+
+Every call that changes something carries an ``X-Idempotency-Key`` made for
+that call and reused on its retries, so a retry after a lost answer gets the
+original request back instead of a second one. Connection failures (refused,
+reset, timed out) are retried with exponential backoff and jitter for up to
+``retry_window_s``; one line on stderr says so while it lasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from rewardsignal.errors import CoordinatorUnavailableError, SignalError, error_from_json
+
+DEFAULT_RETRY_WINDOW_S = 120.0
+_FIRST_DELAY_S = 0.5
+_MAX_DELAY_S = 8.0
+
+
+def new_idempotency_key() -> str:
+    return uuid.uuid4().hex
+
+
+def _cause(exc: BaseException) -> str:
+    os_error = getattr(exc, "os_error", None)
+    if os_error is not None and os_error.errno is not None:
+        return f"{os_error.strerror} (errno {os_error.errno})"
+    return type(exc).__name__
+
+
+class Transport:
+    def __init__(self, base_url: str, api_key: str | None, retry_window_s: float) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+        self.retry_window_s = retry_window_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def call(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
+                   timeout_s: float = 60.0, idempotency_key: str | None = None,
+                   request_id: str | None = None, raw: bool = False) -> Any:
+        """One call, retried on connection failures within the retry window when
+        it is safe: a GET, or a call with an idempotency key. ``request_id``
+        names the request the call is about, for the error if the window ends."""
+        headers = self.headers()
+        if idempotency_key is not None:
+            headers["X-Idempotency-Key"] = idempotency_key
+        retry = method == "GET" or idempotency_key is not None
+        give_up_at: float | None = None
+        attempt = 0
+        while True:
+            try:
+                return await self._once(method, path, body, params, headers, timeout_s, raw)
+            except SignalError:  # the coordinator answered (NoWorkerError is a TimeoutError)
+                raise
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if not retry:
+                    raise
+                now = time.monotonic()
+                if give_up_at is None:
+                    give_up_at = now + self.retry_window_s
+                    print(f"signal: cannot reach the coordinator at {self.base_url} "
+                          f"({_cause(exc)}); retrying for up to {self.retry_window_s:g}s",
+                          file=sys.stderr, flush=True)
+                if now >= give_up_at:
+                    raise self._unavailable(exc, request_id) from exc
+                delay = min(_MAX_DELAY_S, _FIRST_DELAY_S * 2 ** attempt)
+                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), give_up_at - now))
+                attempt += 1
+
+    async def _once(self, method: str, path: str, body: Any, params: dict | None,
+                    headers: dict, timeout_s: float, raw: bool) -> Any:
+        async with self.session.request(
+                method, self.base_url + path, json=body, params=params, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            data = await resp.read()
+            if resp.status >= 400:
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    payload = None
+                raise error_from_json(resp.status, payload)
+            if raw:
+                return data
+            return json.loads(data) if data else None
+
+    def _unavailable(self, exc: BaseException, request_id: str | None
+                     ) -> CoordinatorUnavailableError:
+        base = (f"cannot reach the coordinator at {self.base_url} ({_cause(exc)}) for "
+                f"{self.retry_window_s:g}s")
+        if request_id is not None:
+            return CoordinatorUnavailableError(
+                f"{base}; request {request_id} was accepted: once the coordinator is back, "
+                f"resume with client.wait({request_id!r})", request_id=request_id)
+        return CoordinatorUnavailableError(
+            f"{base}; the call was not confirmed, so it may or may not have been accepted: "
+            "check the run (run.info()) before repeating it")
