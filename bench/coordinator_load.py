@@ -15,7 +15,9 @@ small machine saturates (it pushes hundreds of MB/s); their latencies are
 reported too, with the lag of their event loop, so the two can be told apart.
 Also reported: workers held, submissions/s, MB/s ingested, errors, the
 coordinator's own view (lease handler time, event-loop lag) and its peak RSS as
-a multiple of the update size.
+a multiple of the update size, and fairness: the second run's median step time
+under the swarm over its step time with the same workers and no backlog
+(measured first, in the same run; target <= 3).
 
     python bench/coordinator_load.py [--workers 1000] [--seconds 60] [--probes 20]
 """
@@ -207,15 +209,19 @@ async def drive(url: str, run_id: str, deadline: float, batch: int) -> int:
     return sent
 
 
-async def step(url: str, run_id: str, deadline: float, batch: int) -> tuple[int, list[str]]:
+async def step(url: str, run_id: str, deadline: float, batch: int, max_steps: int = 10**9
+               ) -> tuple[list[float], list[str]]:
     """A second run trained as users do: forward_backward then optim_step, over and
     over, so versions, AdamW and checkpoint writes run under the swarm too.
-    Returns (steps completed, failures)."""
-    steps, failures = 0, []
+    Returns (seconds of each completed step, failures)."""
+    times: list[float] = []
+    failures: list[str] = []
     async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and len(times) < max_steps:
+            t0 = time.monotonic()
             for op, body in (("forward_backward",
-                              {"batch": [{"text": f"step {steps} {i}"} for i in range(batch)]}),
+                              {"batch": [{"text": f"step {len(times)} {i}"}
+                                         for i in range(batch)]}),
                              ("optim_step", {})):
                 async with s.post(f"{url}/v1/runs/{run_id}/{op}",
                                   json={**body, "timeout_s": 3600}) as r:
@@ -223,8 +229,9 @@ async def step(url: str, run_id: str, deadline: float, batch: int) -> tuple[int,
                 status = await _wait(s, url, request_id, deadline)
                 if status not in ("done", ""):
                     failures.append(f"{op} {status}")
-            steps += status == "done"
-    return steps, failures
+            if status == "done":
+                times.append(time.monotonic() - t0)
+    return times, failures
 
 
 async def probe_async(args) -> None:
@@ -282,6 +289,11 @@ async def main_async(args) -> None:
             workers = [asyncio.create_task(swarm.worker(session, i)) for i in range(bulk)]
             while swarm.registered < bulk and time.monotonic() < start + 60:
                 await asyncio.sleep(0.1)
+            # The stepping run alone: the same workers, no backlog (the reference of
+            # the fairness ratio, measured in this run).
+            alone, alone_failures = await step(url, stepped["run_id"],
+                                               time.monotonic() + 60, batch=32, max_steps=5)
+            deadline = swarm.deadline = time.monotonic() + args.seconds
             if args.probes:
                 probe = subprocess.Popen(
                     [sys.executable, __file__, "--probe-url", url, "--probe-run", run["run_id"],
@@ -292,7 +304,7 @@ async def main_async(args) -> None:
             sub0, bytes0 = swarm.submissions, swarm.bytes_sent
             bulk_lag: list[float] = []
             ticker = asyncio.create_task(_loop_lag(bulk_lag, deadline))
-            fbs, (steps, step_failures) = await asyncio.gather(
+            fbs, (under_swarm, step_failures) = await asyncio.gather(
                 drive(url, run["run_id"], deadline, batch=args.batch or args.workers),
                 step(url, stepped["run_id"], deadline, batch=32))
             elapsed = time.monotonic() - measure_from
@@ -312,7 +324,9 @@ async def main_async(args) -> None:
         rss = _vm_bytes(coord.pid, "VmHWM")
         subs = swarm.submissions - sub0 + probed["submissions"]
         mb = (swarm.bytes_sent - bytes0 + probed["submissions"] * len(tensor_bin)) / 1e6
-        errors = swarm.errors + probed["errors"] + step_failures
+        errors = swarm.errors + probed["errors"] + step_failures + alone_failures
+        alone_s = statistics.median(alone) if alone else float("nan")
+        swarm_s = statistics.median(under_swarm) if under_swarm else float("inf")
         probe_q = _quantiles(probed["lease_latencies"])
         bulk_q = _quantiles(swarm.lease_latencies)
         report = {
@@ -320,7 +334,10 @@ async def main_async(args) -> None:
             "upload_slots": args.upload_slots,
             "update_params": params, "update_mb_fp16": update_bytes / 1e6,
             "seconds": round(elapsed, 1), "forward_backward_requests": fbs,
-            "optim_steps_on_second_run": steps,
+            "optim_steps_on_second_run": len(under_swarm),
+            "second_run_step_s_alone": round(alone_s, 3),
+            "second_run_step_s_under_swarm": round(swarm_s, 3),
+            "fairness_ratio": round(swarm_s / alone_s, 2),
             "submissions": subs, "submissions_per_s": round(subs / elapsed, 1),
             "mb_per_s_ingested": round(mb / elapsed, 1),
             "probe_leases": len(probed["lease_latencies"]),
@@ -338,7 +355,8 @@ async def main_async(args) -> None:
             "swarm_rss_over_update_size": round((rss - baseline) / update_bytes, 1)}
         print(json.dumps(report, indent=2))
         print(f"targets: p99 lease latency < 250 ms (probe workers): {probe_q[1] < 250}; "
-              f"no errors: {not errors}; workers held {held}/{args.workers}")
+              f"no errors: {not errors}; workers held {held}/{args.workers}; stepping run "
+              f"under the swarm / alone {swarm_s / alone_s:.2f} (target <= 3)")
     finally:
         for p in (probe, coord):
             if p is not None and p.poll() is None:
