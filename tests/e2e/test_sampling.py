@@ -124,6 +124,28 @@ def test_compute_logprobs_and_prompt_logprobs_equal_a_forward_pass(cluster):
         assert max(abs(a - b) for a, b in zip(plp[1:], want, strict=True)) <= 1e-5
 
 
+def test_importance_ratio_is_one_on_logprobs_from_sample(cluster):
+    """Logprobs from ``sample`` at temperature 1 are the model's own, so on the
+    same version ``importance_sampling``'s ratio is 1 and its loss equals the
+    plain policy-gradient loss, -sum(advantage x weight) / sum(weight)."""
+    client, run, _, _ = cluster
+    res = run.sample(prompts=PROMPTS[:2], num_samples=2, max_tokens=8, temperature=1.0, seed=3)
+    batch, expected, weight = [], 0.0, 0.0
+    for k, (prompt, group) in enumerate(zip(res["prompt_tokens"], res["sequences"],
+                                            strict=True)):
+        for j, seq in enumerate(group):
+            tokens, n_prompt = prompt + seq["tokens"], len(prompt) - 1
+            adv = [0.0] * n_prompt + [0.5 * (k + 1) - j] * len(seq["tokens"])
+            w = [0.0] * n_prompt + [1.0] * len(seq["tokens"])
+            batch.append({"model_input": tokens[:-1], "loss_fn_inputs": {
+                "target_tokens": tokens[1:], "weights": w, "advantages": adv,
+                "logprobs": [0.0] * n_prompt + seq["logprobs"]}})
+            expected -= sum(a * x for a, x in zip(adv, w, strict=True))
+            weight += sum(w)
+    out = run.forward(batch, loss_fn="importance_sampling")
+    assert out["loss"] == pytest.approx(expected / weight, rel=1e-4, abs=1e-6)
+
+
 def test_bad_sampling_requests_are_refused_and_queue_nothing(cluster):
     client, run, _, _ = cluster
     bad = [dict(prompts=["x"], num_samples=0), dict(prompts=["x"], num_samples=1000),
