@@ -12,6 +12,7 @@ from rewardsignal.data import examples_to_datums, sample_examples
 from rewardsignal.lora import init_adapter
 from rewardsignal.losses import compute_loss
 from rewardsignal.worker.engine import Engine
+from rewardsignal.worker.sampling import SampleParams, row_seed
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +72,19 @@ def test_rl_losses_match_hand_written_formulas():
 def test_sample_is_greedy_and_deterministic_at_temperature_zero(setup, tokenizer):
     engine, model, _, _, _ = setup
     prompt = [tokenizer.bos_token_id] + tokenizer.encode("Hi", add_special_tokens=False)
-    a = engine.sample(model, "signal-tiny", [prompt], max_tokens=8, temperature=0)
-    b = engine.sample(model, "signal-tiny", [prompt], max_tokens=8, temperature=0)
+    stop = engine.stop_ids(model, "signal-tiny")
+
+    def sample(temperature: float, seed: int | None) -> list[dict]:
+        params = SampleParams(max_tokens=8, temperature=temperature, stop_ids=stop)
+        groups, _ = engine.sample(model, "signal-tiny", [prompt], [[row_seed(seed, 0, 0)]],
+                                  params)
+        return groups[0]
+
+    a = sample(0, None)
+    b = sample(0, None)
     assert a == b and 1 <= len(a[0]["tokens"]) <= 8
-    c = engine.sample(model, "signal-tiny", [prompt], max_tokens=8, temperature=1.0, seed=5)
-    d = engine.sample(model, "signal-tiny", [prompt], max_tokens=8, temperature=1.0, seed=5)
+    c = sample(1.0, 5)
+    d = sample(1.0, 5)
     assert c == d
 
 
