@@ -163,6 +163,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-cache-gb", type=_positive(float), default=None,
                    help="memory for cached base models; the least recently used is unloaded "
                         "to make room (default: 60%% of GPU memory, 50%% of RAM on CPU)")
+    p.add_argument("--memory-gb", type=_positive(float), default=_env("SIGNAL_MEMORY_GB", float),
+                   help="memory this worker offers: the coordinator sends it only runs whose "
+                        "estimated need fits (env SIGNAL_MEMORY_GB; default: the GPU's memory, "
+                        "or RAM on CPU)")
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads for torch (default: torch's choice; lower it when "
                         "several workers share one machine)")
@@ -186,7 +190,7 @@ def worker_config(args: argparse.Namespace):
                         name=args.name, max_tokens_per_task=args.max_tokens_per_task,
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
                         threads=args.threads, model_cache_gb=args.model_cache_gb,
-                        max_tasks=args.max_tasks)
+                        memory_gb=args.memory_gb, max_tasks=args.max_tasks)
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:

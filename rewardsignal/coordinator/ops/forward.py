@@ -60,7 +60,7 @@ class Forward(Operation):
                       args: ForwardArgs) -> dict:
         started = time.monotonic()
         datums = args.datums
-        plan = ctx.scheduler.plan_shards(datums, run.spec.base_model)
+        plan = ctx.scheduler.plan_shards(datums, run.spec.base_model, run.run_id)
         # Shard gradients are added into this sum as they are accepted (in the
         # submission path), so none of them waits around in memory.
         sink = GradientSum() if self.backward else None
