@@ -271,20 +271,41 @@ def _run_status(args: argparse.Namespace) -> int:
     print(f"coordinator {args.coordinator}: {len(st['runs'])} runs, "
           f"{sum(w['status'] != 'gone' for w in st['workers'])} workers, tasks "
           f"{st['tasks']['pending']} pending / {st['tasks']['leased']} leased\n")
-    print(_table(["RUN", "BASE MODEL", "VERSION", "LOSS", "LORA R", "PENDING FB"],
-                 [[r["run_id"], r["base_model"], r["version"],
-                   f"{r['last_loss']:.4f}" if r["last_loss"] is not None else None, r["lora_r"],
-                   r["pending_forward_backward"]] for r in st["runs"]]))
+    print(_table(["RUN", "BASE MODEL", "PRECISION", "VERSION", "LOSS", "LORA R", "PENDING FB",
+                  "WORKERS ABLE"],
+                 [[r["run_id"], r["base_model"],
+                   r.get("base_dtype", "auto") + (f"+{r['quantization']}"
+                                                  if r.get("quantization") else ""),
+                   r["version"], f"{r['last_loss']:.4f}" if r["last_loss"] is not None else None,
+                   r["lora_r"], r["pending_forward_backward"], r.get("eligible_workers")]
+                  for r in st["runs"]]))
     print()
-    print(_table(["WORKER", "DEVICE", "STATUS", "TOKENS/S", "TASKS", "REJECTED", "LAST SEEN"],
+    print(_table(["WORKER", "DEVICE", "STATUS", "MEMORY", "TOKENS/S", "TASKS", "REJECTED",
+                  "LAST SEEN", "SERVES"],
                  [[w["name"], w["hardware"].get("gpu_name") or w["device"], w["status"],
+                   f"{w['memory_bytes'] / 2**30:.1f} GiB" if w.get("memory_bytes") else None,
                    f"{w['tokens_per_s']:,.0f}" if w["tokens_per_s"] else None,
-                   w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago"]
+                   w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago",
+                   _serves(w, len(st["runs"]))]
                   for w in st["workers"]]))
+    refused = {(w["name"], run_id): why for w in st["workers"] if w["status"] != "gone"
+               for run_id, why in (w.get("cannot_serve") or {}).items()}
+    if refused:
+        print("\nwhy a worker cannot serve a run:")
+        for (name, run_id), why in sorted(refused.items()):
+            print(f"  {name} x {run_id}: {why}")
     if st["rejections"]:
         print("\nrejected updates: " + ", ".join(f"{k} {v}" for k, v in
                                                  sorted(st["rejections"].items())))
     return 0
+
+
+def _serves(worker: dict, n_runs: int) -> str:
+    """Which of the caller's runs a worker can serve, in a table cell."""
+    able = worker.get("can_serve") or []
+    if n_runs and len(able) == n_runs:
+        return "all runs"
+    return ", ".join(able) if able else "none"
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -117,7 +117,7 @@ class Worker:
         self.worker_id = reply["worker_id"]
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
                           f"(device {self.device}, {tokens} tokens per task, offers "
-                          f"{memory / 2**30:.1f} GiB)")
+                          f"{memory / 2**30:.2f} GiB)")
         if not precisions["quantization"] and not self._said_precisions:
             # Said once: the coordinator sends this worker no quantized run's tasks.
             self._said_precisions = True
