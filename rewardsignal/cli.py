@@ -174,6 +174,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="encoding of submitted gradients (default fp32, exact)")
     p.add_argument("--max-tasks", type=_positive(int), default=None,
                    help="exit after this many tasks")
+    p.add_argument("--gpus", default=None,
+                   help="all | 0,1,...: one worker process per GPU under one supervisor (each "
+                        "registers on its own; --memory-gb and the other flags apply to each)")
+    # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
+    p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -204,7 +209,44 @@ def _run_worker(args: argparse.Namespace) -> int:
     from rewardsignal.worker.loop import run_worker
 
     _setup_logging(args.log_level)
-    return run_worker(worker_config(args))
+    config = worker_config(args)
+    if args.gpus is not None:
+        return _run_box(args, config)
+    return run_worker(config)
+
+
+def _run_box(args: argparse.Namespace, config) -> int:
+    """``--gpus``: a supervisor and one worker process per GPU."""
+    import socket
+
+    from rewardsignal.errors import ValidationError
+    from rewardsignal.worker.supervisor import Supervisor, children_for, parse_gpus
+
+    if args.device != "auto":
+        raise _die("--gpus picks each worker's device: leave out --device")
+    if args.cpu_standins:
+        available = len(args.gpus.split(","))
+    else:
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        gpus = parse_gpus(args.gpus, available)
+    except ValidationError as exc:
+        raise _die(exc.message) from None
+    flags = ["--coordinator", config.coordinator, "--codec", config.codec,
+             "--log-level", args.log_level]
+    for flag, value in (("--max-tokens-per-task", config.max_tokens_per_task),
+                        ("--micro-batch-tokens", config.micro_batch_tokens),
+                        ("--threads", config.threads), ("--model-cache-gb", config.model_cache_gb),
+                        ("--memory-gb", config.memory_gb), ("--max-tasks", config.max_tasks)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if config.token:  # through the environment: not visible in the process list
+        os.environ["SIGNAL_WORKER_TOKEN"] = config.token
+    children = children_for(gpus, flags, config.name or socket.gethostname(),
+                            cpu_standins=args.cpu_standins)
+    return Supervisor(children).run()
 
 
 def _run_models(args: argparse.Namespace) -> int:

@@ -257,6 +257,10 @@ class Scheduler:
         deadline = time.monotonic() + timeout_s
         parked = False
         while True:
+            if parked and w.departed:
+                # It said goodbye while this long-poll was parked: the poll is a
+                # leftover of the process that left, and must not mark it alive.
+                return None
             w.touch()
             if w.quarantined or self.closing:
                 return None
