@@ -66,6 +66,14 @@ class Body:
             raise ValidationError(f"field {key!r} must be <= {hi}, got {v}")
         return float(v)
 
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
+        v = self._get(key, default)
+        if v is default and default is not _MISSING:
+            return v
+        if not isinstance(v, builtins.bool):
+            raise ValidationError(f"field {key!r} must be true or false, got {v!r}")
+        return v
+
     def list(self, key: builtins.str, default: Any = _MISSING, *, max_len: builtins.int = 1 << 20) -> Any:
         v = self._get(key, default)
         if v is default and default is not _MISSING:

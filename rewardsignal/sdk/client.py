@@ -224,14 +224,44 @@ class AsyncRun:
 
     async def sample(self, prompts: Sequence[str] | None = None, *,
                      prompt_tokens: Sequence[Sequence[int]] | None = None,
-                     temperature: float = 1.0, max_tokens: int = 64, top_p: float = 1.0,
-                     seed: int | None = None, timeout_s: float | None = None) -> dict:
-        """Generate with the run's current adapter. ``temperature=0`` is greedy."""
+                     num_samples: int = 1, max_tokens: int = 64, temperature: float = 1.0,
+                     top_p: float = 1.0, top_k: int = 0,
+                     stop: Sequence[str | int] | None = None, seed: int | None = None,
+                     include_prompt_logprobs: bool = False, version: int | None = None,
+                     timeout_s: float | None = None) -> dict:
+        """Generate ``num_samples`` sequences per prompt, spread over the fleet.
+
+        ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` are off. ``stop``
+        takes strings and/or token ids (the model's end-of-sequence ends a sequence
+        too). With ``seed``, each sequence's randomness comes from (seed, prompt
+        index, sample index): the same request gives the same tokens however the
+        fleet splits it. ``version`` samples an older version (default: the latest
+        when the request is accepted).
+
+        Returns ``sequences``: per prompt, ``num_samples`` dicts with ``tokens``,
+        ``logprobs`` (one per token, under the distribution it was drawn from:
+        ``log_softmax(logits / temperature)``, the model's own at temperature 1),
+        ``text`` (without the stop string) and ``stop_reason`` (``"stop"`` or
+        ``"length"``); ``prompt_tokens`` (the ids each prompt was sampled from);
+        ``prompt_logprobs`` when asked (None first); ``version``; and,
+        as before, ``outputs`` / ``tokens`` / ``logprobs`` of each prompt's first
+        sample."""
         return await self.client._op(self.run_id, "sample", {
             "prompts": list(prompts) if prompts is not None else None,
             "prompt_tokens": [list(p) for p in prompt_tokens] if prompt_tokens is not None
-            else None, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
-            "seed": seed}, timeout_s)
+            else None, "num_samples": num_samples, "temperature": temperature,
+            "max_tokens": max_tokens, "top_p": top_p, "top_k": top_k,
+            "stop": list(stop) if stop is not None else [], "seed": seed,
+            "include_prompt_logprobs": include_prompt_logprobs, "version": version}, timeout_s)
+
+    async def compute_logprobs(self, sequences: Sequence[Sequence[int]], *,
+                               version: int | None = None,
+                               timeout_s: float | None = None) -> list[list[float | None]]:
+        """Per-token logprobs of each token sequence under ``version`` (default:
+        the latest): None for the first token, then log p(token | tokens before)."""
+        res = await self.client._op(self.run_id, "compute_logprobs", {
+            "sequences": [list(s) for s in sequences], "version": version}, timeout_s)
+        return res["logprobs"]
 
     async def save_state(self, mode: str = "adapter", name: str | None = None, *,
                          timeout_s: float | None = None) -> dict:

@@ -24,6 +24,7 @@ from rewardsignal.worker.model_cache import (
     module_bytes,
     release_device_memory,
 )
+from rewardsignal.worker.sampling import SampleParams, generate
 
 # Any id works for padding: padded positions are masked out of attention and loss.
 _PAD_ID = 0
@@ -254,37 +255,19 @@ class Engine:
         return delta, metrics
 
     @torch.no_grad()
-    def sample(self, model, model_id: str, prompt_tokens: Sequence[Sequence[int]], *,
-               max_tokens: int, temperature: float, top_p: float = 1.0,
-               seed: int | None = None) -> list[dict]:
-        tok = self.tokenizer(model_id)
-        # Stop where the model's generation config says (end of turn for chat
-        # models), falling back to the tokenizer's end-of-sequence token.
-        stop_ids = model.generation_config.eos_token_id
-        if stop_ids is None:
-            stop_ids = tok.eos_token_id
-        out = []
-        for i, prompt in enumerate(prompt_tokens):
-            ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-            kwargs: dict = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id,
-                            "eos_token_id": stop_ids, "return_dict_in_generate": True,
-                            "output_logits": True}
-            if temperature > 0:
-                torch.manual_seed((seed if seed is not None else int(time.time_ns())) + i)
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-            new = gen.sequences[0, ids.shape[1]:].tolist()
-            logprobs = []
-            for step, t in enumerate(new):
-                logits = gen.logits[step][0].float()
-                if temperature > 0:
-                    logits = logits / temperature
-                logprobs.append(float(torch.log_softmax(logits, -1)[t]))
-            out.append({"tokens": new, "logprobs": logprobs,
-                        "text": tok.decode(new, skip_special_tokens=True)})
-        return out
+    def stop_ids(self, model, model_id: str) -> tuple[int, ...]:
+        """Where generation ends by default: the model's generation config (end of
+        turn for chat models), else the tokenizer's end-of-sequence token."""
+        ids = model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer(model_id).eos_token_id
+        return tuple(ids) if isinstance(ids, list | tuple) else (() if ids is None else (ids,))
+
+    def sample(self, model, model_id: str, prompts: list[list[int]], seeds: list[list[int]],
+               params: SampleParams) -> tuple[list[list[dict]], list | None]:
+        """Batched generation (``worker.sampling``) in eval mode: dropout off."""
+        model.eval()
+        return generate(model, self.tokenizer(model_id), prompts, seeds, params, self.device)
 
 
 def _cuda_free_bytes(device: torch.device):

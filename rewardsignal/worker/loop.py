@@ -30,6 +30,7 @@ from rewardsignal.precision import Precision
 from rewardsignal.worker import hardware
 from rewardsignal.worker.engine import Engine
 from rewardsignal.worker.model_cache import release_device_memory
+from rewardsignal.worker.sampling import SampleParams, row_seed
 from rewardsignal.worker.status import StatusLine
 
 _MAX_BACKOFF_S = 30.0
@@ -353,11 +354,7 @@ class Worker:
                "version": task["version"]}
         payload = task["payload"]
         if task["kind"] == "sample":
-            outs = self.engine.sample(model, base, payload["prompt_tokens"],
-                                      max_tokens=payload["max_tokens"],
-                                      temperature=payload["temperature"],
-                                      top_p=payload["top_p"], seed=payload["seed"])
-            return {**msg, "result": {"outputs": outs}}
+            return {**msg, "result": self._sample(model, base, payload)}
         tok = self.engine.tokenizer(base)
         datums = [example_to_datum(d, tok, where=f"datums[{i}]")
                   for i, d in enumerate(payload["datums"])]
@@ -379,6 +376,27 @@ class Worker:
             msg["codec"] = self.config.codec
             msg["tensors"] = protocol.tensors_to_bytes(encode(res.grads, self.config.codec))
         return msg
+
+    def _sample(self, model, base: str, payload: dict) -> dict:
+        """A group of prompts, ``num_samples`` sequences each, seeded by their
+        place in the whole request (``prompt_offset``), so the split of a request
+        over workers does not change a sequence."""
+        prompts = payload["prompt_tokens"]
+        n = payload.get("num_samples", 1)
+        offset = payload.get("prompt_offset", 0)
+        seeds = [[row_seed(payload.get("seed"), offset + p, s) for s in range(n)]
+                 for p in range(len(prompts))]
+        stop_ids = (*self.engine.stop_ids(model, base), *payload.get("stop_ids", ()))
+        params = SampleParams(
+            max_tokens=payload["max_tokens"], temperature=payload["temperature"],
+            top_p=payload.get("top_p", 1.0), top_k=payload.get("top_k", 0),
+            stop_ids=stop_ids, stop_strings=tuple(payload.get("stop_strings", ())),
+            prompt_logprobs=bool(payload.get("prompt_logprobs")))
+        samples, prompt_lps = self.engine.sample(model, base, prompts, seeds, params)
+        result: dict = {"outputs": [s for group in samples for s in group]}
+        if prompt_lps is not None:
+            result["prompt_logprobs"] = prompt_lps
+        return result
 
     def _micro_tokens(self, datums) -> int:
         micro = self.config.micro_batch_tokens or (4096 if self.device.type == "cpu" else 16384)

@@ -117,18 +117,34 @@ def check_train_metrics(result: dict) -> dict:
     return {k: float(result[k]) for k in TRAIN_METRICS}
 
 
+def _check_sequence(o: object, max_tokens: int) -> None:
+    if (not isinstance(o, dict) or not isinstance(o.get("text"), str)
+            or not isinstance(o.get("tokens"), list) or not isinstance(o.get("logprobs"), list)
+            or len(o["tokens"]) != len(o["logprobs"]) or len(o["tokens"]) > max_tokens
+            or o.get("stop_reason", "length") not in ("stop", "length")
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in o["tokens"])
+            or not all(_finite(x) for x in o["logprobs"])):
+        raise RejectedUpdate("malformed", "sample output must have text, tokens, matching "
+                             "finite logprobs and a stop_reason of 'stop' or 'length'")
+
+
 def check_sample(result: dict, payload: dict) -> dict:
+    """One sequence per (prompt, sample), prompt-major; prompt logprobs (None,
+    then one finite number per further prompt token) when they were asked for."""
     outs = result.get("outputs")
-    n = len(payload["prompt_tokens"])
+    prompts = payload["prompt_tokens"]
+    n = len(prompts) * payload.get("num_samples", 1)
     if not isinstance(outs, list) or len(outs) != n:
         raise RejectedUpdate("malformed", f"expected {n} sample outputs")
     for o in outs:
-        if (not isinstance(o, dict) or not isinstance(o.get("text"), str)
-                or not isinstance(o.get("tokens"), list) or not isinstance(o.get("logprobs"), list)
-                or len(o["tokens"]) != len(o["logprobs"])
-                or len(o["tokens"]) > payload["max_tokens"]
-                or not all(isinstance(t, int) for t in o["tokens"])
-                or not all(_finite(x) for x in o["logprobs"])):
-            raise RejectedUpdate("malformed", "sample output must have text, tokens and "
-                                 "matching finite logprobs")
-    return {"outputs": outs}
+        _check_sequence(o, payload["max_tokens"])
+    checked = {"outputs": outs}
+    if payload.get("prompt_logprobs"):
+        lps = result.get("prompt_logprobs")
+        if not isinstance(lps, list) or len(lps) != len(prompts) or not all(
+                isinstance(lp, list) and len(lp) == len(p) and lp[0] is None
+                and all(_finite(x) for x in lp[1:]) for lp, p in zip(lps, prompts, strict=False)):
+            raise RejectedUpdate("malformed", "prompt_logprobs must hold, per prompt, None "
+                                 "then one finite logprob per further prompt token")
+        checked["prompt_logprobs"] = lps
+    return checked

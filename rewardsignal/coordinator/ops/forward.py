@@ -32,6 +32,38 @@ class ForwardArgs:
     reduction: str
 
 
+@dataclass
+class Sharded:
+    logprobs: list[Any]
+    loss_sum: float
+    weight_sum: float
+    num_shards: int
+
+
+async def shard_forward(ctx: Services, run: Run, request: Request, datums: list[Datum], *,
+                        kind: str, version: int, loss_fn: str, loss_fn_config: dict,
+                        sink: GradientSum | None) -> Sharded:
+    """Split ``datums`` over the workers (forward passes at ``version``) and put
+    the per-datum logprobs back in order; loss and weight sums added up."""
+    plan = ctx.scheduler.plan_shards(datums, run.spec.base_model, run.run_id)
+    tasks = [ctx.scheduler.add_task(
+        kind=kind, run_id=run.run_id, base_model=run.spec.base_model, version=version,
+        tokens=sum(len(datums[i]) for i in idx), preferred_worker=worker, sink=sink,
+        group=run.spec.owner,
+        payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": loss_fn,
+                 "loss_fn_config": loss_fn_config})
+        for idx, worker in plan]
+    logprobs: list[Any] = [None] * len(datums)
+    loss_sum = weight_sum = 0.0
+    async for i, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
+                                     ctx.config.no_worker_grace_s):
+        for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
+            logprobs[j] = lp
+        loss_sum += res["loss_sum"]
+        weight_sum += res["weight_sum"]
+    return Sharded(logprobs, loss_sum, weight_sum, len(tasks))
+
+
 class Forward(Operation):
     name = "forward"
     backward = False
@@ -60,37 +92,24 @@ class Forward(Operation):
                       args: ForwardArgs) -> dict:
         started = time.monotonic()
         datums = args.datums
-        plan = ctx.scheduler.plan_shards(datums, run.spec.base_model, run.run_id)
         # Shard gradients are added into this sum as they are accepted (in the
         # submission path), so none of them waits around in memory.
         sink = GradientSum() if self.backward else None
-        tasks = [ctx.scheduler.add_task(
-            kind=self.name, run_id=run.run_id, base_model=run.spec.base_model,
-            version=run.version, tokens=sum(len(datums[i]) for i in idx),
-            preferred_worker=worker, sink=sink, group=run.spec.owner,
-            payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": args.loss_fn,
-                     "loss_fn_config": args.loss_fn_config})
-            for idx, worker in plan]
-        logprobs: list[Any] = [None] * len(datums)
-        loss_sum = weight_sum = 0.0
-        async for i, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
-                                         ctx.config.no_worker_grace_s):
-            for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
-                logprobs[j] = lp
-            loss_sum += res["loss_sum"]
-            weight_sum += res["weight_sum"]
+        out = await shard_forward(ctx, run, request, datums, kind=self.name,
+                                  version=run.version, loss_fn=args.loss_fn,
+                                  loss_fn_config=args.loss_fn_config, sink=sink)
         num_tokens = sum(len(d) for d in datums)
         if sink is not None:
             await self._accumulate(ctx, run, Contribution(
-                request.request_id, sink.value(), weight_sum, args.reduction, num_tokens,
-                loss_sum, weight_sum))
+                request.request_id, sink.value(), out.weight_sum, args.reduction, num_tokens,
+                out.loss_sum, out.weight_sum))
             ctx.metrics.fb_duration.labels(run.run_id).observe(time.monotonic() - started)
-        loss = loss_sum / weight_sum if weight_sum else 0.0
+        loss = out.loss_sum / out.weight_sum if out.weight_sum else 0.0
         run.last_loss = loss
         ctx.metrics.train_loss.labels(run.run_id).set(loss)
-        return {"loss": loss, "loss_sum": loss_sum, "weight_sum": weight_sum,
-                "num_tokens": num_tokens, "logprobs": logprobs, "version": run.version,
-                "num_shards": len(tasks),
+        return {"loss": loss, "loss_sum": out.loss_sum, "weight_sum": out.weight_sum,
+                "num_tokens": num_tokens, "logprobs": out.logprobs, "version": run.version,
+                "num_shards": out.num_shards,
                 "datums": [d.to_json() for d in datums] if not self.backward else None}
 
     async def _accumulate(self, ctx: Services, run: Run, c: Contribution) -> None:

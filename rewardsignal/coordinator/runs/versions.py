@@ -50,7 +50,7 @@ class Versions:
         return self.store.path(run_id, version) / ADAPTER_FILE
 
     def _write_sync(self, run: Run, metrics: dict | None, request_id: str | None
-                    ) -> tuple[Path, str, int]:
+                    ) -> tuple[Path, str, int, set[int]]:
         path = self.store.write(
             run.run_id, run.version, adapter=run.adapter, optimizer=run.opt_state,
             adapter_config=adapter_config_json(run.spec.lora, run.spec.base_model),
@@ -58,13 +58,19 @@ class Versions:
             meta={"optimizer_step": run.opt_step, "run": run.spec.to_json(),
                   "history": run.history[-1000:], "request_id": request_id})
         size = sum(p.stat().st_size for p in path.iterdir())
-        return path, self.store.adapter_sha256(run.run_id, run.version), size
+        kept = set(self.store.versions(run.run_id))  # after retention pruned the oldest
+        return path, self.store.adapter_sha256(run.run_id, run.version), size, kept
 
     async def write(self, run: Run, *, metrics: dict | None = None,
                     request_id: str | None = None) -> Path:
         """Write ``run`` at its current version (in a thread)."""
         t0 = time.monotonic()
-        path, sha, size = await asyncio.to_thread(self._write_sync, run, metrics, request_id)
+        path, sha, size, kept = await asyncio.to_thread(self._write_sync, run, metrics,
+                                                        request_id)
+        # Pruned versions are gone from disk: forget them here too (a 404, not a
+        # task no worker can fetch weights for).
+        for key in [k for k in self._sha if k[0] == run.run_id and k[1] not in kept]:
+            del self._sha[key]
         self._remember(run.run_id, run.version, sha)
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
         self.metrics.checkpoint_bytes.labels(run.run_id).set(size)

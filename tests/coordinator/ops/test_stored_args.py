@@ -20,7 +20,10 @@ BODIES = {
     "forward": {"batch": [{"messages": [{"role": "user", "content": "hi"},
                                         {"role": "assistant", "content": "yo"}]}]},
     "optim_step": {"learning_rate": 0.01, "beta1": 0.8, "grad_clip_norm": 1.5},
-    "sample": {"prompts": ["The meaning"], "max_tokens": 5, "temperature": 0.5, "seed": 3},
+    "sample": {"prompts": ["The meaning"], "max_tokens": 5, "temperature": 0.5, "seed": 3,
+               "num_samples": 4, "top_k": 20, "top_p": 0.9, "stop": ["\n", 2],
+               "include_prompt_logprobs": True, "version": 0},
+    "compute_logprobs": {"sequences": [[1, 5, 6, 7], [1, 9]], "version": 0},
     "save_state": {"mode": "merged", "name": "keep-me"},
     "train_federated": {"examples": [{"text": "a b c"}] * 4, "rounds": 2, "local_steps": 1,
                         "batch_size": 2},
@@ -73,5 +76,5 @@ def test_recovered_answers_only_what_durable_state_shows(setup):
         assert REGISTRY["forward_backward"].recovered(run, "req-z", {})["recovered"]
     finally:
         run.recovered_grads.discard("req-z")
-    for name in ("forward", "sample", "save_state", "train_federated"):
+    for name in ("forward", "sample", "compute_logprobs", "save_state", "train_federated"):
         assert REGISTRY[name].recovered(run, "req-x", {"request_id": "req-x"}) is None
