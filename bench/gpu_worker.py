@@ -18,6 +18,11 @@ Without CUDA it says so and exits 0 (--device cpu runs it anyway, to debug
 the script with a tiny model; its figures mean nothing).
 
     python bench/gpu_worker.py [--model signal-1b] [--batch 128] [--seq-len 1024]
+                               [--quantization nf4] [--base-dtype bf16]
+
+``--quantization nf4`` (needs bitsandbytes) loads the frozen base as QLoRA does
+on both sides: the reference through the same ``load_model``, Signal as a run
+created with ``quantization="nf4"``.
 """
 
 from __future__ import annotations
@@ -61,17 +66,21 @@ class Reference:
     """Plain PEFT + torch.optim.AdamW on one device: bf16 base, fp32 LoRA."""
 
     def __init__(self, model_id: str, batch: list[dict], r: int, lr: float, device: str,
-                 micro_tokens: int) -> None:
+                 micro_tokens: int, base_dtype: str = "auto",
+                 quantization: str | None = None) -> None:
         from peft import get_peft_model
 
         from rewardsignal.lora import LoraSpec, peft_config
         from rewardsignal.models import load_model, model_info
+        from rewardsignal.precision import TORCH_NAMES
         from rewardsignal.worker.engine import default_dtype
 
         self.device = torch.device(device)
         spec = LoraSpec(r=r, alpha=2.0 * r,
                         target_modules=model_info(model_id).default_target_modules)
-        base = load_model(model_id, dtype=default_dtype(self.device), device=device)
+        dtype = (default_dtype(self.device) if base_dtype == "auto"
+                 else getattr(torch, TORCH_NAMES[base_dtype]))
+        base = load_model(model_id, dtype=dtype, device=device, quantization=quantization)
         self.model = get_peft_model(base, peft_config(spec))
         params = [p for p in self.model.parameters() if p.requires_grad]
         assert all(p.dtype == torch.float32 for p in params), "LoRA must be fp32"
@@ -118,7 +127,7 @@ def run_reference(args, batch, prompts) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     ref = Reference(args.model, batch, args.lora_r, args.lr, args.device,
-                    args.micro_batch_tokens)
+                    args.micro_batch_tokens, args.base_dtype, args.quantization)
     times = []
     for i in range(args.warmup + args.steps):
         times.append(ref.step())
@@ -145,7 +154,9 @@ def run_signal(args, batch, prompts) -> dict:
     times = []
     with Cluster(1, device=args.device, worker_args=worker_args, worker_log=log) as cluster:
         run = cluster.client.create_run(base_model=args.model, lora_r=args.lora_r,
-                                        learning_rate=args.lr, max_length=args.seq_len)
+                                        learning_rate=args.lr, max_length=args.seq_len,
+                                        base_dtype=args.base_dtype,
+                                        quantization=args.quantization)
         fb_times, opt_times = [], []
         for i in range(args.warmup + args.steps):
             t0 = time.perf_counter()
@@ -183,6 +194,10 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sample-prompts", type=int, default=8)
     ap.add_argument("--sample-tokens", type=int, default=128)
+    ap.add_argument("--base-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="the frozen base's dtype on both sides (auto: bf16 on GPUs)")
+    ap.add_argument("--quantization", default=None, choices=["nf4", "int8"],
+                    help="load the base quantized with bitsandbytes on both sides (QLoRA)")
     ap.add_argument("--device", default="cuda",
                     help="cuda (default); cpu only to debug this script with a tiny model")
     args = ap.parse_args()
@@ -209,6 +224,8 @@ def main() -> int:
               f"torch {torch.__version__}, CUDA {torch.version.cuda}")
     else:
         print(f"device: cpu (debug run: figures mean nothing), torch {torch.__version__}")
+    print(f"base precision {args.base_dtype}" + (f"+{args.quantization}" if args.quantization
+                                                  else "") + "; ", end="")
     print(f"model {args.model}, batch {args.batch} x {args.seq_len} = {ref['tokens']} tokens "
           f"per step, micro-batches of {args.micro_batch_tokens} tokens, lora_r {args.lora_r}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
@@ -226,6 +243,13 @@ def main() -> int:
 
     print(f"peak GPU memory allocated (torch.cuda.max_memory_allocated): reference "
           f"{gib(ref['peak'])}, signal worker {gib(sig['peak'])}")
+    from rewardsignal.memory import estimate_train_memory_bytes
+
+    dtype = "bf16" if args.base_dtype == "auto" else args.base_dtype
+    est = estimate_train_memory_bytes(args.model, dtype=dtype, quantization=args.quantization,
+                                      lora_r=args.lora_r, tokens=args.micro_batch_tokens)
+    print(f"placement's estimate for one {args.micro_batch_tokens}-token micro-batch: "
+          f"{gib(est)} (vs the measured peaks above)")
     r_sps = ref["sample_tokens"] / ref["sample_s"]
     s_sps = sig["sample_tokens"] / sig["sample_s"]
     print(f"sampling, {args.sample_prompts} prompts x up to {args.sample_tokens} new tokens, "

@@ -163,6 +163,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-cache-gb", type=_positive(float), default=None,
                    help="memory for cached base models; the least recently used is unloaded "
                         "to make room (default: 60%% of GPU memory, 50%% of RAM on CPU)")
+    p.add_argument("--memory-gb", type=_positive(float), default=_env("SIGNAL_MEMORY_GB", float),
+                   help="memory this worker offers: the coordinator sends it only runs whose "
+                        "estimated need fits (env SIGNAL_MEMORY_GB; default: the GPU's memory, "
+                        "or RAM on CPU)")
     p.add_argument("--threads", type=_positive(int), default=None,
                    help="CPU threads for torch (default: torch's choice; lower it when "
                         "several workers share one machine)")
@@ -170,6 +174,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="encoding of submitted gradients (default fp32, exact)")
     p.add_argument("--max-tasks", type=_positive(int), default=None,
                    help="exit after this many tasks")
+    p.add_argument("--gpus", default=None,
+                   help="all | 0,1,...: one worker process per GPU under one supervisor (each "
+                        "registers on its own; --memory-gb and the other flags apply to each)")
+    # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
+    p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
@@ -186,7 +195,7 @@ def worker_config(args: argparse.Namespace):
                         name=args.name, max_tokens_per_task=args.max_tokens_per_task,
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
                         threads=args.threads, model_cache_gb=args.model_cache_gb,
-                        max_tasks=args.max_tasks)
+                        memory_gb=args.memory_gb, max_tasks=args.max_tasks)
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
@@ -200,7 +209,44 @@ def _run_worker(args: argparse.Namespace) -> int:
     from rewardsignal.worker.loop import run_worker
 
     _setup_logging(args.log_level)
-    return run_worker(worker_config(args))
+    config = worker_config(args)
+    if args.gpus is not None:
+        return _run_box(args, config)
+    return run_worker(config)
+
+
+def _run_box(args: argparse.Namespace, config) -> int:
+    """``--gpus``: a supervisor and one worker process per GPU."""
+    import socket
+
+    from rewardsignal.errors import ValidationError
+    from rewardsignal.worker.supervisor import Supervisor, children_for, parse_gpus
+
+    if args.device != "auto":
+        raise _die("--gpus picks each worker's device: leave out --device")
+    if args.cpu_standins:
+        available = len(args.gpus.split(","))
+    else:
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        gpus = parse_gpus(args.gpus, available)
+    except ValidationError as exc:
+        raise _die(exc.message) from None
+    flags = ["--coordinator", config.coordinator, "--codec", config.codec,
+             "--log-level", args.log_level]
+    for flag, value in (("--max-tokens-per-task", config.max_tokens_per_task),
+                        ("--micro-batch-tokens", config.micro_batch_tokens),
+                        ("--threads", config.threads), ("--model-cache-gb", config.model_cache_gb),
+                        ("--memory-gb", config.memory_gb), ("--max-tasks", config.max_tasks)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if config.token:  # through the environment: not visible in the process list
+        os.environ["SIGNAL_WORKER_TOKEN"] = config.token
+    children = children_for(gpus, flags, config.name or socket.gethostname(),
+                            cpu_standins=args.cpu_standins)
+    return Supervisor(children).run()
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -267,20 +313,41 @@ def _run_status(args: argparse.Namespace) -> int:
     print(f"coordinator {args.coordinator}: {len(st['runs'])} runs, "
           f"{sum(w['status'] != 'gone' for w in st['workers'])} workers, tasks "
           f"{st['tasks']['pending']} pending / {st['tasks']['leased']} leased\n")
-    print(_table(["RUN", "BASE MODEL", "VERSION", "LOSS", "LORA R", "PENDING FB"],
-                 [[r["run_id"], r["base_model"], r["version"],
-                   f"{r['last_loss']:.4f}" if r["last_loss"] is not None else None, r["lora_r"],
-                   r["pending_forward_backward"]] for r in st["runs"]]))
+    print(_table(["RUN", "BASE MODEL", "PRECISION", "VERSION", "LOSS", "LORA R", "PENDING FB",
+                  "WORKERS ABLE"],
+                 [[r["run_id"], r["base_model"],
+                   r.get("base_dtype", "auto") + (f"+{r['quantization']}"
+                                                  if r.get("quantization") else ""),
+                   r["version"], f"{r['last_loss']:.4f}" if r["last_loss"] is not None else None,
+                   r["lora_r"], r["pending_forward_backward"], r.get("eligible_workers")]
+                  for r in st["runs"]]))
     print()
-    print(_table(["WORKER", "DEVICE", "STATUS", "TOKENS/S", "TASKS", "REJECTED", "LAST SEEN"],
+    print(_table(["WORKER", "DEVICE", "STATUS", "MEMORY", "TOKENS/S", "TASKS", "REJECTED",
+                  "LAST SEEN", "SERVES"],
                  [[w["name"], w["hardware"].get("gpu_name") or w["device"], w["status"],
+                   f"{w['memory_bytes'] / 2**30:.1f} GiB" if w.get("memory_bytes") else None,
                    f"{w['tokens_per_s']:,.0f}" if w["tokens_per_s"] else None,
-                   w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago"]
+                   w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago",
+                   _serves(w, len(st["runs"]))]
                   for w in st["workers"]]))
+    refused = {(w["name"], run_id): why for w in st["workers"] if w["status"] != "gone"
+               for run_id, why in (w.get("cannot_serve") or {}).items()}
+    if refused:
+        print("\nwhy a worker cannot serve a run:")
+        for (name, run_id), why in sorted(refused.items()):
+            print(f"  {name} x {run_id}: {why}")
     if st["rejections"]:
         print("\nrejected updates: " + ", ".join(f"{k} {v}" for k, v in
                                                  sorted(st["rejections"].items())))
     return 0
+
+
+def _serves(worker: dict, n_runs: int) -> str:
+    """Which of the caller's runs a worker can serve, in a table cell."""
+    able = worker.get("can_serve") or []
+    if n_runs and len(able) == n_runs:
+        return "all runs"
+    return ", ".join(able) if able else "none"
 
 
 def _run_train(args: argparse.Namespace) -> int:

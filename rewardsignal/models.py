@@ -280,19 +280,36 @@ def attention_for(device: str) -> str:
     return "sdpa" if str(device).startswith("cuda") else "eager"
 
 
-def load_model(model_id: str, *, dtype=None, device: str = "cpu"):
+def load_model(model_id: str, *, dtype=None, device: str = "cpu",
+               quantization: str | None = None):
     """The frozen base model through ``from_pretrained``, its attention chosen
-    by ``attention_for(device)``."""
+    by ``attention_for(device)``. ``quantization`` ("nf4" | "int8") loads the
+    linear weights through bitsandbytes (CUDA only); ``dtype`` is then the dtype
+    of everything else and of the matmuls."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    dtype = dtype or torch.float32
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        if not str(device).startswith("cuda"):
+            raise ValidationError(f"a {quantization} base needs a CUDA device (bitsandbytes), "
+                                  f"not {device}")
+        from rewardsignal.precision import bnb_config
+
+        # Quantized weights are made on the device while loading; they cannot be
+        # moved afterwards with ``.to``.
+        extra = {"quantization_config": bnb_config(quantization, dtype),
+                 "device_map": {"": torch.device(device).index or 0}}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model_id), dtype=dtype or torch.float32,
-        attn_implementation=attention_for(device))
+        resolve_model_path(model_id), dtype=dtype, attn_implementation=attention_for(device),
+        **extra)
     model.requires_grad_(False)
     model.eval()
+    if quantization is not None:
+        return model
     # transformers wraps ``to`` in a decorator whose stub types its first argument
     # as the model; a device string is what it takes at run time.
     return model.to(device)  # type: ignore[arg-type]
@@ -326,15 +343,21 @@ def fingerprint(model_id: str) -> str:
     return _fingerprint_cached(str(root), stamp)
 
 
+def model_config(model_id: str):
+    """The model's transformers config, read without loading any weights."""
+    from transformers import AutoConfig
+
+    if is_builtin(model_id):
+        return builtin_config(model_id)
+    return AutoConfig.from_pretrained(resolve_model_path(model_id))
+
+
 @lru_cache(maxsize=16)
 def model_info(model_id: str) -> ModelInfo:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if is_builtin(model_id):
-        config = builtin_config(model_id)
-    else:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_id))
+    config = model_config(model_id)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     linear_names = {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
@@ -347,26 +370,6 @@ def model_info(model_id: str) -> ModelInfo:
         num_layers=int(getattr(config, "num_hidden_layers", 0)),
         hidden_size=int(getattr(config, "hidden_size", 0)),
         vocab_size=int(config.vocab_size), default_target_modules=targets)
-
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def estimate_train_memory_bytes(model_id: str, *, dtype: str = "bfloat16", lora_r: int = 8,
-                                tokens_per_task: int = 2048) -> int:
-    """Rough upper bound of device memory to train a LoRA on ``model_id``: frozen
-    base weights at ``dtype``, fp32 LoRA weights + grads, and activations kept
-    for backward (~34 values per hidden unit per token per layer, a standard
-    estimate for decoder blocks without activation checkpointing)."""
-    if dtype not in _DTYPE_BYTES:
-        raise ValidationError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {dtype!r}")
-    info = model_info(model_id)
-    width = _DTYPE_BYTES[dtype]
-    base = info.param_count * width
-    lora = 2 * lora_r * info.hidden_size * len(info.default_target_modules) * info.num_layers
-    activations = 34 * info.hidden_size * info.num_layers * tokens_per_task * width
-    logits = tokens_per_task * info.vocab_size * 4 * 2
-    return int(1.1 * (base + lora * 4 * 2 + activations + logits))
 
 
 def list_models() -> list[dict]:

@@ -8,7 +8,7 @@ crosses the network is ever unpickled.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import msgpack
@@ -90,6 +90,10 @@ class TaskMessage:
     weights_sha256: str
     lease_timeout_s: float
     payload: dict
+    # The run's base precision (``rewardsignal.precision``); absent from messages
+    # of coordinators that predate it, which meant the worker's own choice.
+    base_dtype: str = "auto"
+    quantization: str | None = None
 
     def to_json(self) -> dict:
         # Shallow on purpose: ``dataclasses.asdict`` would deep-copy the payload.
@@ -99,7 +103,7 @@ class TaskMessage:
     def from_json(cls, d: object) -> TaskMessage:
         if not isinstance(d, dict):
             raise ValidationError("task message must be an object")
-        missing = [f.name for f in fields(cls) if f.name not in d]
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
         if missing:
             raise ValidationError(f"task message lacks {missing}")
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})

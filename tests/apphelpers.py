@@ -61,10 +61,13 @@ class Harness:
 
 
 class FakeWorker:
-    def __init__(self, h: Harness, name: str = "fake") -> None:
+    def __init__(self, h: Harness, name: str = "fake", **register) -> None:
+        """``register``: more fields of the registration body (``precisions``,
+        ``memory_bytes``, ``device``)."""
         self.h = h
         _, body = h.request("POST", "/v1/workers/register", expect=201,
-                            json={"name": name, "device": "cpu", "max_tokens_per_task": 100000})
+                            json={"name": name, "device": "cpu", "max_tokens_per_task": 100000,
+                                  **register})
         self.worker_id = body["worker_id"]
 
     def lease(self, timeout_s: float = 2.0):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from rewardsignal import models
+from rewardsignal import memory, models
 
 
 def _build_in_fresh_home(tmp_path, name):
@@ -74,10 +74,11 @@ def test_model_info_and_memory_estimate():
     tiny, small = models.model_info("signal-tiny"), models.model_info("signal-small")
     assert 10e6 <= small.param_count <= 30e6
     assert tiny.default_target_modules[:2] == ("q_proj", "k_proj")
-    fp32 = models.estimate_train_memory_bytes("signal-small", dtype="float32")
-    bf16 = models.estimate_train_memory_bytes("signal-small", dtype="bfloat16")
-    assert fp32 > bf16 > small.param_count * 2
-    assert models.estimate_train_memory_bytes("signal-small", tokens_per_task=8192) > bf16
+    fp32 = memory.estimate_train_memory_bytes("signal-small", dtype="fp32")
+    bf16 = memory.estimate_train_memory_bytes("signal-small", dtype="bf16")
+    nf4 = memory.estimate_train_memory_bytes("signal-small", dtype="bf16", quantization="nf4")
+    assert fp32 > bf16 > nf4 > small.param_count * 0.5
+    assert memory.estimate_train_memory_bytes("signal-small", tokens=8192) > bf16
 
 
 def test_unknown_model_id_is_a_clear_error():

@@ -8,20 +8,32 @@ from pathlib import Path
 
 from rewardsignal.checkpoints.store import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 
+EXPORT_META_FILE = "signal_export.json"
 
-def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+
+def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, *,
+                   precision: dict | None = None) -> Path:
     """Copy the PEFT files of a checkpoint (``PeftModel.from_pretrained`` and vLLM
-    load this directory as is)."""
+    load this directory as is). The base precision the adapter was trained
+    against goes into ``signal_export.json`` beside them, not into
+    ``adapter_config.json``, which PEFT reads."""
     src, out = Path(checkpoint_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):
         shutil.copyfile(src / name, out / name)
+    if precision is not None:
+        (out / EXPORT_META_FILE).write_text(json.dumps(
+            {"source_checkpoint": str(checkpoint_dir), "precision": precision}, indent=2))
     return out
 
 
-def export_merged(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path) -> Path:
+def export_merged(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path, *,
+                  precision: dict | None = None) -> Path:
     """Merge the LoRA into the base weights and write a ``save_pretrained`` model
-    directory (with tokenizer) that ``AutoModelForCausalLM`` loads directly."""
+    directory (with tokenizer) that ``AutoModelForCausalLM`` loads directly.
+    The merge is done on the full-precision base whatever the run trained on
+    (merging into quantized weights would round the adapter away); the run's
+    precision is recorded in ``signal_export.json``."""
     from peft import PeftModel
 
     from rewardsignal.models import load_model, load_tokenizer
@@ -31,6 +43,7 @@ def export_merged(checkpoint_dir: str | Path, base_model: str, out_dir: str | Pa
     merged = model.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(base_model).save_pretrained(out)
-    (out / "signal_export.json").write_text(json.dumps(
-        {"base_model": base_model, "source_checkpoint": str(checkpoint_dir)}, indent=2))
+    (out / EXPORT_META_FILE).write_text(json.dumps(
+        {"base_model": base_model, "source_checkpoint": str(checkpoint_dir),
+         "precision": precision}, indent=2))
     return out

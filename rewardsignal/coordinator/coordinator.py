@@ -25,10 +25,12 @@ from rewardsignal.coordinator.runs.create import RunRequest, build_run
 from rewardsignal.coordinator.runs.processor import Op, RunProcessor
 from rewardsignal.coordinator.runs.requests import RequestRegistry
 from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.placement import Requirement
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import NotFoundError
+from rewardsignal.memory import gpu_config_memory_bytes
 
 log = logging.getLogger("signal.coordinator")
 
@@ -83,6 +85,11 @@ class Coordinator:
         run.processor = RunProcessor(execute)
         run.processor.start()
         self.runs[run.run_id] = run
+        spec = run.spec
+        self.scheduler.place(run.run_id, Requirement(
+            spec.base_model, spec.precision, run.shape, spec.lora.r, spec.lora.target_modules,
+            spec.max_length,
+            gpu_config_memory_bytes(spec.gpu_config) if spec.gpu_config else None))
         self.metrics.version.labels(run.run_id).set(run.version)
 
     async def _tick_forever(self) -> None:
@@ -173,23 +180,55 @@ class Coordinator:
         return answer
 
     async def register_worker(self, *, name: str, device: str, hardware: dict,
-                              max_tokens_per_task: int, models: tuple[str, ...] | None
-                              ) -> WorkerInfo:
+                              max_tokens_per_task: int, models: tuple[str, ...] | None,
+                              capabilities: dict | None = None) -> WorkerInfo:
         w = self.services.scheduler.register(
             name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens_per_task,
-            models=models)
+            models=models, capabilities=capabilities)
         await self.services.db.save_worker(w.worker_id, name, {
             "name": name, "device": device, "hardware": hardware,
             "max_tokens_per_task": max_tokens_per_task,
-            "models": list(models) if models is not None else None})
+            "models": list(models) if models is not None else None,
+            "capabilities": w.capabilities()})
         return w
+
+    def placement_warnings(self, run: Run) -> list[str]:
+        """What a new run's creator should know about where it can run: said, not
+        refused, since volunteers may join later."""
+        warnings = []
+        spec = run.spec
+        if spec.gpu_config and gpu_config_memory_bytes(spec.gpu_config) is None:
+            warnings.append(f"gpu_config {spec.gpu_config!r}: unknown GPU, so no memory "
+                            "minimum was taken from it (name its size, e.g. 'A100-80GB:2')")
+        live = [w for w in self.scheduler.workers.values() if w.active]
+        reasons = {w.name: self.scheduler.refusal(w, run.run_id, spec.base_model)
+                   for w in live}
+        if not any(r is None for r in reasons.values()):
+            why = "; ".join(f"{name}: {r}" for name, r in sorted(reasons.items())[:8])
+            warnings.append(
+                f"no registered worker can host run {run.run_id} ({spec.base_model} at "
+                f"{spec.precision.label()}) " + (f"({why})" if why else "(none is registered)")
+                + "; its requests wait for one that can (start `signal-worker` on a box with "
+                "enough memory" + (", with bitsandbytes on CUDA" if spec.precision.quantization
+                                   else "") + ")")
+        return warnings
 
     def status(self, owner: str) -> dict:
         """Everything the dashboard shows, scoped to the caller's runs and jobs."""
         jobs = [j.to_json() for j in self.jobs.values() if j.owner == owner]
         for j in jobs:
             j.pop("config", None)
-        return {"runs": [r.to_json() for r in self.runs_of(owner)],
-                "workers": [w.to_json() for w in self.scheduler.workers.values()],
+        runs = self.runs_of(owner)
+        workers = []
+        for w in self.scheduler.workers.values():
+            # Which of the caller's runs this worker can serve, and why not the others.
+            why = {r.run_id: self.scheduler.refusal(w, r.run_id, r.spec.base_model)
+                   for r in runs}
+            workers.append({**w.to_json(), "can_serve": [k for k, v in why.items() if v is None],
+                            "cannot_serve": {k: v for k, v in why.items() if v is not None}})
+        able = {r.run_id: sum(1 for w in workers if w["status"] in ("idle", "busy")
+                              and r.run_id in w["can_serve"]) for r in runs}
+        return {"runs": [{**r.to_json(), "eligible_workers": able[r.run_id]} for r in runs],
+                "workers": workers,
                 "jobs": jobs[-50:], "rejections": dict(self.services.rejections),
                 "tasks": self.scheduler.counts(), "time": time.time()}

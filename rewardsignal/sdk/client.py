@@ -110,13 +110,23 @@ class AsyncSignalClient:
                          lora_alpha: float | None = None, lora_dropout: float = 0.0,
                          lora_target_modules: Sequence[str] | None = None,
                          learning_rate: float = 1e-4, seed: int = 0, max_length: int = 2048,
-                         **optimizer: float) -> AsyncRun:
+                         base_dtype: str = "auto", quantization: str | None = None,
+                         gpu_config: str | None = None, **optimizer: float) -> AsyncRun:
+        """A new run. ``base_dtype`` ("auto" | "bf16" | "fp16" | "fp32") and
+        ``quantization`` (None | "nf4" | "int8", on CUDA workers with bitsandbytes)
+        say how workers load the frozen base; LoRA stays fp32. ``gpu_config``
+        ("A100-80GB:2") is a placement hint: the least memory a worker needs. If
+        no registered worker can host the run, the coordinator's warnings are
+        printed (the run is created all the same: workers may join later)."""
         body = {"base_model": base_model, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "learning_rate": learning_rate, "seed": seed,
-                "max_length": max_length,
+                "max_length": max_length, "base_dtype": base_dtype,
+                "quantization": quantization, "gpu_config": gpu_config,
                 "lora_target_modules": list(lora_target_modules) if lora_target_modules
                 else None, **optimizer}
         info = await self._http("POST", "/v1/runs", body=body, timeout_s=600)
+        for warning in info.get("warnings") or ():
+            print(f"signal: warning: {warning}", file=sys.stderr, flush=True)
         return AsyncRun(self, info["run_id"])
 
     async def get_run(self, run_id: str) -> dict:

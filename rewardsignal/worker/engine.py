@@ -17,6 +17,7 @@ import torch
 from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
 from rewardsignal.losses import compute_loss
+from rewardsignal.precision import TORCH_NAMES, Precision
 from rewardsignal.worker.model_cache import (
     ModelCache,
     default_budget_bytes,
@@ -43,6 +44,11 @@ def _spec_key(spec: LoraSpec) -> str:
     return "a" + hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def _cache_key(model_id: str, precision: Precision) -> str:
+    """One cached base per (model, precision); the default keeps the bare id."""
+    return model_id if precision.is_default else f"{model_id}@{precision.label()}"
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """Frozen-base dtype: bf16 on GPUs that support it, fp16 on older GPUs, fp32
     on CPU (where the numerics rule is checked exactly)."""
@@ -64,12 +70,19 @@ class Engine:
         self._loaded: dict[tuple[str, str], tuple[str, int]] = {}  # adapter -> (run, version)
 
     # -- base models and adapters ------------------------------------------------
-    def fingerprint(self, model_id: str) -> str:
+    @property
+    def auto_dtype(self) -> str:
+        """What a run at base_dtype "auto" loads here ("bf16" | "fp16" | "fp32")."""
+        return {v: k for k, v in TORCH_NAMES.items()}[str(self.dtype).removeprefix("torch.")]
+
+    def fingerprint(self, model_id: str, precision: Precision = Precision()) -> str:
+        """The base's fingerprint combined with the precision it is loaded at, as
+        the coordinator combines them for the run (``Precision.fingerprint``)."""
         if model_id not in self._fingerprints:
             from rewardsignal.models import fingerprint
 
             self._fingerprints[model_id] = fingerprint(model_id)
-        return self._fingerprints[model_id]
+        return precision.fingerprint(self._fingerprints[model_id])
 
     def tokenizer(self, model_id: str):
         if model_id not in self._tokenizers:
@@ -78,21 +91,25 @@ class Engine:
             self._tokenizers[model_id] = load_tokenizer(model_id)
         return self._tokenizers[model_id]
 
-    def _peft_model(self, model_id: str, spec: LoraSpec):
+    def _peft_model(self, model_id: str, spec: LoraSpec, precision: Precision):
         from peft import get_peft_model
 
         key = _spec_key(spec)
-        model = self.models.get(model_id)
+        cache_key = _cache_key(model_id, precision)
+        model = self.models.get(cache_key)
         if model is None:
-            from rewardsignal.models import load_model, model_info
+            from rewardsignal.memory import shape_of, weight_bytes
+            from rewardsignal.models import load_model
 
-            dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
-            self.models.make_room(model_info(model_id).param_count * dtype_bytes)
-            base = load_model(model_id, dtype=self.dtype, device=str(self.device))
+            dtype = precision.resolve(self.auto_dtype)
+            self.models.make_room(weight_bytes(shape_of(model_id), dtype, precision.quantization))
+            base = load_model(model_id, dtype=getattr(torch, TORCH_NAMES[dtype]),
+                              device=str(self.device), quantization=precision.quantization)
             # PEFT up-casts bf16/fp16 adapter weights to fp32 (autocast_adapter_dtype),
-            # so LoRA weights, grads and optimizer state stay fp32 over a bf16 base.
+            # so LoRA weights, grads and optimizer state stay fp32 over a bf16 base
+            # (and over a quantized one, whose LoRA layers are PEFT's bnb layers).
             model = get_peft_model(base, peft_config(spec), adapter_name=key)
-            self.models.put(model_id, model, module_bytes(model))
+            self.models.put(cache_key, model, module_bytes(model))
         elif key not in model.peft_config:
             model.add_adapter(key, peft_config(spec))
         model.set_adapter(key)
@@ -105,9 +122,11 @@ class Engine:
         release_device_memory(self.device)
 
     def activate(self, model_id: str, spec: LoraSpec, run_id: str, version: int,
-                 adapter: dict[str, torch.Tensor]):
-        """Put the run's adapter weights for ``version`` into the cached model."""
-        model, key = self._peft_model(model_id, spec)
+                 adapter: dict[str, torch.Tensor], precision: Precision = Precision()):
+        """Put the run's adapter weights for ``version`` into the cached model of
+        ``model_id`` at ``precision``."""
+        model, key = self._peft_model(model_id, spec, precision)
+        model_id = _cache_key(model_id, precision)
         if self._loaded.get((model_id, key)) != (run_id, version):
             params = {saved_name(n, key): p for n, p in model.named_parameters()
                       if f".{key}." in n}
@@ -222,8 +241,10 @@ class Engine:
                 samples += len(batch)
             delta = {n: (p.detach() - start[n]).float().cpu() for n, p in params.items()}
         finally:
-            # The local steps moved the cached adapter: forget which version it holds.
-            self._loaded.pop((model_id, key), None)
+            # The local steps moved the cached adapter: forget which version it holds
+            # (in whichever precision's model it lives).
+            for k in [k for k in self._loaded if k[1] == key]:
+                del self._loaded[k]
             for p in params.values():
                 p.grad = None
         metrics = {"train_loss_mean": sum(losses) / len(losses), "train_loss_last": losses[-1],

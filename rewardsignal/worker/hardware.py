@@ -54,3 +54,32 @@ def default_task_tokens(device: torch.device) -> int:
         return _CPU_TASK_TOKENS
     free, _ = torch.cuda.mem_get_info(device.index or 0)
     return int(min(max(free * 0.7 // _BYTES_PER_TOKEN_GPU, 1024), 65536))
+
+
+def precisions(device: torch.device, auto_dtype: str) -> dict:
+    """The base precisions this worker can load, as declared at registration.
+    bitsandbytes is looked for, not imported: importing it initialises CUDA
+    libraries, which only a worker serving a quantized run needs."""
+    import importlib.util
+
+    if device.type == "cuda":
+        dtypes = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+        if importlib.util.find_spec("bitsandbytes") is None:
+            quant, note = [], ("bitsandbytes is not installed (pip install "
+                               "'rewardsignal[quant]')")
+        else:
+            quant, note = ["nf4", "int8"], ""
+    else:
+        dtypes, quant = ["fp32", "bf16"], []
+        note = f"quantized bases need a CUDA GPU (bitsandbytes); this worker runs on {device}"
+    return {"auto": auto_dtype, "base_dtypes": dtypes, "quantization": quant, "note": note}
+
+
+def offered_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
+    """Memory this worker offers the coordinator's placement: ``--memory-gb`` when
+    given, else the GPU's total memory, else the machine's RAM."""
+    if memory_gb is not None:
+        return int(memory_gb * 2**30)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

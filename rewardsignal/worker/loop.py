@@ -26,6 +26,7 @@ from rewardsignal import protocol
 from rewardsignal.data.examples import example_to_datum
 from rewardsignal.errors import SignalError, error_from_json
 from rewardsignal.lora import LoraSpec
+from rewardsignal.precision import Precision
 from rewardsignal.worker import hardware
 from rewardsignal.worker.engine import Engine
 from rewardsignal.worker.model_cache import release_device_memory
@@ -48,6 +49,7 @@ class WorkerConfig:
     codec: str = "fp32"
     threads: int | None = None
     model_cache_gb: float | None = None  # None: a share of device memory
+    memory_gb: float | None = None  # memory offered to placement; None: the device's
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
 
 
@@ -69,6 +71,7 @@ class Worker:
         self._session: aiohttp.ClientSession | None = None
         self._main: asyncio.Task | None = None
         self._busy = False
+        self._said_precisions = False
         self.tasks_done = 0
         # All torch work on one long-lived thread: every new thread that enters
         # a parallel region gets its own OpenMP team, and idle teams spinning
@@ -106,12 +109,20 @@ class Worker:
 
     async def register(self) -> None:
         tokens = self.config.max_tokens_per_task or hardware.default_task_tokens(self.device)
+        precisions = hardware.precisions(self.device, self.engine.auto_dtype)
+        memory = hardware.offered_memory_bytes(self.device, self.config.memory_gb)
         reply = await self._call("POST", "/v1/workers/register", json={
             "name": self.name, "device": str(self.device),
-            "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens})
+            "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens,
+            "precisions": precisions, "memory_bytes": memory})
         self.worker_id = reply["worker_id"]
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
-                          f"(device {self.device}, {tokens} tokens per task)")
+                          f"(device {self.device}, {tokens} tokens per task, offers "
+                          f"{memory / 2**30:.2f} GiB)")
+        if not precisions["quantization"] and not self._said_precisions:
+            # Said once: the coordinator sends this worker no quantized run's tasks.
+            self._said_precisions = True
+            self.status.event(f"this worker cannot serve nf4/int8 runs: {precisions['note']}")
 
     # -- main loop -----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -336,8 +347,11 @@ class Worker:
 
         base = task["base_model"]
         spec = LoraSpec.from_json(task["lora"])
-        model, key = self.engine.activate(base, spec, task["run_id"], task["version"], adapter)
-        msg = {"fingerprint": self.engine.fingerprint(base), "version": task["version"]}
+        precision = Precision.from_json(task)
+        model, key = self.engine.activate(base, spec, task["run_id"], task["version"], adapter,
+                                          precision)
+        msg = {"fingerprint": self.engine.fingerprint(base, precision),
+               "version": task["version"]}
         payload = task["payload"]
         if task["kind"] == "sample":
             return {**msg, "result": self._sample(model, base, payload)}

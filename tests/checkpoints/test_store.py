@@ -93,7 +93,11 @@ def test_peft_export_loads_with_plain_peft(tmp_path, adapter, tiny_spec):
     store = CheckpointStore(tmp_path / "ck")
     path = _write(store, 0, adapter, tiny_spec)
     # The checkpoint directory itself loads unchanged, and so does an export.
-    for d in (path, export_adapter(path, tmp_path / "exported")):
+    precision = {"base_dtype": "bf16", "quantization": "nf4"}
+    exported = export_adapter(path, tmp_path / "exported", precision=precision)
+    # The precision it was trained against is beside the PEFT files, not in them.
+    assert json.loads((exported / "signal_export.json").read_text())["precision"] == precision
+    for d in (path, exported):
         model = PeftModel.from_pretrained(load_model("signal-tiny"), str(d))
         state = get_peft_model_state_dict(model)
         assert state.keys() == adapter.keys()

@@ -23,7 +23,8 @@ async def create_run(request: web.Request) -> web.Response:
     async def create() -> dict:
         b = Body(await read_body(request))
         run_request = await asyncio.to_thread(read_run_request, b)
-        return (await coord.create_run(owner, run_request, key)).to_json()
+        run = await coord.create_run(owner, run_request, key)
+        return {**run.to_json(), "warnings": coord.placement_warnings(run)}
 
     answer, replayed = await coord.once(owner, key, create)
     return _answer(answer, 201, replayed)

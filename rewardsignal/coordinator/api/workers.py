@@ -21,6 +21,7 @@ from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.errors import ValidationError
+from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
 from rewardsignal.protocol import MSGPACK, TaskMessage, pack
 
 
@@ -36,12 +37,36 @@ async def register_worker(request: web.Request) -> web.Response:
     models = b.list("models", None, max_len=256)
     if models is not None and not all(isinstance(m, str) for m in models):
         raise ValidationError("field 'models' must be a list of model ids")
+    caps = _read_capabilities(b)
     b.str("protocol", "1")
     b.done()
     w = await request.app[COORDINATOR].register_worker(
         name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens,
-        models=tuple(models) if models is not None else None)
+        models=tuple(models) if models is not None else None, capabilities=caps)
     return web.json_response({"worker_id": w.worker_id}, status=201)
+
+
+def _read_capabilities(b: Body) -> dict:
+    """What a worker says it can load and hold: ``precisions`` {"auto": dtype it
+    loads for "auto", "base_dtypes": [...], "quantization": [...], "note": why it
+    cannot quantize} and ``memory_bytes``. Absent: a worker from before run
+    precision, which serves only default-precision runs and has no memory bound."""
+    caps: dict = {"memory_bytes": b.int("memory_bytes", None, lo=1, hi=1 << 50)}
+    p = b.dict("precisions", None)
+    if p is None:
+        return caps
+    pb = Body(p, "precisions")
+    dtypes = pb.list("base_dtypes", [], max_len=8)
+    quant = pb.list("quantization", [], max_len=8)
+    if not set(dtypes) <= set(BASE_DTYPES):
+        raise ValidationError(f"precisions.base_dtypes must be among {list(BASE_DTYPES)}")
+    if not set(quant) <= set(QUANTIZATIONS):
+        raise ValidationError(f"precisions.quantization must be among {list(QUANTIZATIONS)}")
+    caps.update(base_dtypes=sorted(set(dtypes) | {"auto"}), quantization=sorted(set(quant)),
+                auto_dtype=pb.str("auto", "", choices=tuple(TORCH_NAMES)),
+                quantization_note=pb.str("note", "", max_len=512))
+    pb.done()
+    return caps
 
 
 async def _task_message(coord: Coordinator, task: Task, lease_id: str) -> TaskMessage:
@@ -52,7 +77,8 @@ async def _task_message(coord: Coordinator, task: Task, lease_id: str) -> TaskMe
         version=task.version, lora=run.spec.lora.to_json(),
         weights_url=f"/v1/runs/{run.run_id}/weights/{task.version}",
         weights_sha256=await coord.services.versions.adapter_sha256(run.run_id, task.version),
-        lease_timeout_s=coord.config.lease_timeout_s, payload=task.payload)
+        lease_timeout_s=coord.config.lease_timeout_s, payload=task.payload,
+        base_dtype=run.spec.precision.base_dtype, quantization=run.spec.precision.quantization)
 
 
 async def lease_task(request: web.Request) -> web.Response:

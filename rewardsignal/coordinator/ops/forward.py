@@ -45,7 +45,7 @@ async def shard_forward(ctx: Services, run: Run, request: Request, datums: list[
                         sink: GradientSum | None) -> Sharded:
     """Split ``datums`` over the workers (forward passes at ``version``) and put
     the per-datum logprobs back in order; loss and weight sums added up."""
-    plan = ctx.scheduler.plan_shards(datums, run.spec.base_model)
+    plan = ctx.scheduler.plan_shards(datums, run.spec.base_model, run.run_id)
     tasks = [ctx.scheduler.add_task(
         kind=kind, run_id=run.run_id, base_model=run.spec.base_model, version=version,
         tokens=sum(len(datums[i]) for i in idx), preferred_worker=worker, sink=sink,

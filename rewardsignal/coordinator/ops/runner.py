@@ -18,9 +18,10 @@ log = logging.getLogger("signal.coordinator")
 
 def _timeout_error(ctx: Services, run: Run, op: Op) -> SignalError:
     base = run.spec.base_model
-    if not ctx.scheduler.eligible_workers(base):
+    if not ctx.scheduler.eligible_workers(base, run.run_id):
         return NoWorkerError(
-            f"no worker can serve base model {base}: none connected within "
+            f"no worker can serve base model {base} (run {run.run_id}, "
+            f"{run.spec.precision.label()} base): none connected within "
             f"{op.timeout_s:g}s. Start one with `signal-worker --coordinator URL`.")
     return RequestTimeoutError(f"{op.operation.name} did not finish within {op.timeout_s:g}s")
 

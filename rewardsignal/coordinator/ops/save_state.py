@@ -32,7 +32,8 @@ class SaveState(Operation):
         name = args.get("name") or (f"v{run.version:06d}" + ("-merged" if mode == "merged"
                                                                else ""))
         meta = await asyncio.to_thread(ctx.artifacts.save, run.run_id, run.version,
-                                       run.spec.base_model, mode, name)
+                                       run.spec.base_model, mode, name,
+                                       precision=run.spec.precision.to_json())
         log.info("state saved run=%s version=%d name=%s mode=%s", run.run_id, run.version, name,
                  mode)
         return meta

@@ -22,7 +22,8 @@ async def gather_tasks(scheduler: Scheduler, tasks: list[Task], request: Request
                        ) -> AsyncIterator[tuple[int, Any]]:
     """Yield (index, result) as tasks finish; cancel the rest on exit (the
     request failed or timed out: its remaining shards are withdrawn). While no
-    live worker can serve ``model_id`` the request shows ``waiting_for_workers``;
+    live worker can serve the run (``model_id``, at its precision and size: see
+    ``scheduling.placement``) the request shows ``waiting_for_workers``;
     after ``no_worker_grace_s`` of that it fails with ``NoWorkerError``."""
     index = {t.future: i for i, t in enumerate(tasks)}
     pending = set(index)
@@ -33,7 +34,7 @@ async def gather_tasks(scheduler: Scheduler, tasks: list[Task], request: Request
                                                return_when=asyncio.FIRST_COMPLETED)
             for f in done:
                 yield index[f], f.result()
-            if done or scheduler.eligible_workers(model_id):
+            if done or scheduler.eligible_workers(model_id, request.run_id):
                 idle_since = None
                 request.set_waiting_for_workers(False)
                 continue

@@ -10,7 +10,9 @@ from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.state import Run, RunSpec, new_run_id
 from rewardsignal.lora import LoraSpec, adapter_shapes, init_adapter
+from rewardsignal.memory import gpu_config_memory_bytes, shape_of
 from rewardsignal.models import fingerprint, model_info, resolve_model_path
+from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, Precision
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class RunRequest:
     lora: LoraSpec
     optimizer: AdamWConfig
     max_length: int
+    precision: Precision = Precision()
+    gpu_config: str | None = None
 
 
 def read_adamw(b: Body, defaults: AdamWConfig) -> AdamWConfig:
@@ -47,16 +51,21 @@ def read_run_request(b: Body) -> RunRequest:
                     seed=b.int("seed", 0, lo=0, hi=2**63 - 1))
     optimizer = read_adamw(b, AdamWConfig())
     max_length = b.int("max_length", 2048, lo=2, hi=1 << 20)
+    precision = Precision(b.str("base_dtype", "auto", choices=BASE_DTYPES),
+                          b.str("quantization", None, choices=QUANTIZATIONS))
+    gpu_config = b.str("gpu_config", None, max_len=64)
+    if gpu_config is not None:
+        gpu_config_memory_bytes(gpu_config)  # malformed -> 400; unknown GPUs are a warning
     b.done()
-    return RunRequest(base, lora, optimizer, max_length)
+    return RunRequest(base, lora, optimizer, max_length, precision, gpu_config)
 
 
 def build_run(owner: str, req: RunRequest) -> Run:
     """Version 0 of a new run (blocking: hashes the base, builds the adapter)."""
-    fp = fingerprint(req.base_model)
+    fp = req.precision.fingerprint(fingerprint(req.base_model))
     shapes = adapter_shapes(req.base_model, req.lora)
     adapter = init_adapter(req.base_model, req.lora)
     spec = RunSpec(new_run_id(), owner, req.base_model, fp, req.lora, req.optimizer,
-                   req.max_length, time.time())
+                   req.max_length, time.time(), req.precision, req.gpu_config)
     return Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
-               shapes=dict(shapes))
+               shapes=dict(shapes), shape=shape_of(req.base_model))

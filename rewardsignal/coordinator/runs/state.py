@@ -17,6 +17,8 @@ from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator.runs.accumulator import Accumulator
 from rewardsignal.lora import LoraSpec
+from rewardsignal.memory import ModelShape
+from rewardsignal.precision import Precision
 
 if TYPE_CHECKING:
     from rewardsignal.coordinator.runs.processor import RunProcessor
@@ -32,18 +34,26 @@ class RunSpec:
     optimizer: AdamWConfig
     max_length: int
     created_at: float
+    # How workers load the frozen base; ``fingerprint`` is the base's fingerprint
+    # combined with it (``Precision.fingerprint``): what a worker must report.
+    precision: Precision = Precision()
+    gpu_config: str | None = None  # the hosted API's placement hint, as given
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "owner": self.owner, "base_model": self.base_model,
                 "fingerprint": self.fingerprint, "lora": self.lora.to_json(),
                 "optimizer": self.optimizer.to_json(), "max_length": self.max_length,
-                "created_at": self.created_at}
+                "created_at": self.created_at, "precision": self.precision.to_json(),
+                "gpu_config": self.gpu_config}
 
     @classmethod
     def from_json(cls, d: dict) -> RunSpec:
+        # Specs stored before precision was part of a run have neither field: the
+        # default precision, whose fingerprint is the bare base fingerprint stored.
         return cls(d["run_id"], d["owner"], d["base_model"], d["fingerprint"],
                    LoraSpec.from_json(d["lora"]), AdamWConfig(**d["optimizer"]),
-                   d["max_length"], d["created_at"])
+                   d["max_length"], d["created_at"], Precision.from_json(d.get("precision")),
+                   d.get("gpu_config"))
 
 
 def new_run_id() -> str:
@@ -63,6 +73,8 @@ class Run:
     processor: RunProcessor | None = None
     last_loss: float | None = None
     recovered_grads: set[str] = field(default_factory=set)
+    # The base's sizes, for placement (None: its config could not be read).
+    shape: ModelShape | None = None
 
     @property
     def run_id(self) -> str:
@@ -76,6 +88,7 @@ class Run:
                 "seed": self.spec.lora.seed, "learning_rate": self.spec.optimizer.learning_rate,
                 "max_length": self.spec.max_length, "created_at": self.spec.created_at,
                 "fingerprint": self.spec.fingerprint, "last_loss": self.last_loss,
+                **self.spec.precision.to_json(), "gpu_config": self.spec.gpu_config,
                 "pending_forward_backward": self.accum.calls,
                 "num_parameters": sum(v.numel() for v in self.adapter.values()),
                 "history": self.history[-200:]}

@@ -19,7 +19,9 @@ from rewardsignal.checkpoints import CheckpointStore
 from rewardsignal.checkpoints.store import ADAPTER_FILE
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run, RunSpec
+from rewardsignal.errors import SignalError
 from rewardsignal.lora import adapter_config_json
+from rewardsignal.memory import ModelShape, shape_of
 
 # (run, version) -> adapter sha256 entries kept; far more than any run's live
 # versions (older ones are re-read from their manifest, off the loop, if asked).
@@ -102,7 +104,7 @@ class Versions:
         run = Run(spec=spec, version=version, adapter=ck.adapter, opt_state=ck.optimizer,
                   opt_step=int(ck.manifest.get("optimizer_step", 0)),
                   shapes={k: tuple(v.shape) for k, v in ck.adapter.items()},
-                  history=list(ck.manifest.get("history", [])))
+                  history=list(ck.manifest.get("history", [])), shape=_shape(spec.base_model))
         return run, ck.manifest
 
     async def load(self, spec: RunSpec) -> tuple[Run, dict] | None:
@@ -113,3 +115,12 @@ class Versions:
             run, manifest = loaded
             self._remember(run.run_id, run.version, manifest["files"][ADAPTER_FILE]["sha256"])
         return loaded
+
+
+def _shape(model_id: str) -> ModelShape | None:
+    """The base's sizes for placement; a base whose config cannot be read now
+    (moved, offline) leaves the run placeable by precision only."""
+    try:
+        return shape_of(model_id)
+    except (SignalError, OSError, ValueError):
+        return None

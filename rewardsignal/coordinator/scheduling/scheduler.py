@@ -21,6 +21,7 @@ from typing import Any
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.scheduling.fairness import FairQueue
+from rewardsignal.coordinator.scheduling.placement import Requirement, refusal
 from rewardsignal.coordinator.scheduling.planning import plan_shards
 from rewardsignal.coordinator.scheduling.stragglers import Stragglers
 from rewardsignal.coordinator.scheduling.tasks import Lease, Sink, Task
@@ -58,24 +59,30 @@ class Scheduler:
         self._waiters: OrderedDict[int, asyncio.Future] = OrderedDict()
         # worker id -> run id -> task ids planned for that worker
         self._preferred: dict[str, dict[str, deque[str]]] = {}
+        # run id -> what a worker needs to serve it (placement)
+        self.requirements: dict[str, Requirement] = {}
         self.stragglers = Stragglers(self.tasks, self.workers, factor=straggler_factor,
-                                     min_s=straggler_min_s)
+                                     min_s=straggler_min_s, serves=self.can_serve)
 
     # -- workers -----------------------------------------------------------------
     def register(self, *, name: str, device: str, hardware: dict, max_tokens_per_task: int,
-                 models: tuple[str, ...] | None) -> WorkerInfo:
+                 models: tuple[str, ...] | None, capabilities: dict | None = None
+                 ) -> WorkerInfo:
         worker_id = "w-" + secrets.token_hex(6)
-        w = WorkerInfo(worker_id, name, device, hardware, max_tokens_per_task, models)
+        w = WorkerInfo(worker_id, name, device, hardware, max_tokens_per_task, models
+                       ).with_capabilities(capabilities)
         self.workers[worker_id] = w
-        log.info("worker joined id=%s name=%s device=%s max_tokens=%d", worker_id, name, device,
-                 max_tokens_per_task)
+        log.info("worker joined id=%s name=%s device=%s max_tokens=%d memory=%s quantization=%s",
+                 worker_id, name, device, max_tokens_per_task, w.memory_bytes,
+                 ",".join(w.quantization) or "none")
         return w
 
     def restore_worker(self, worker_id: str, info: dict) -> None:
         """A worker registered before a restart: known again, active once it calls."""
         w = WorkerInfo(worker_id, info["name"], info["device"], info.get("hardware", {}),
                        info.get("max_tokens_per_task", self.default_task_tokens),
-                       tuple(info["models"]) if info.get("models") else None)
+                       tuple(info["models"]) if info.get("models") else None
+                       ).with_capabilities(info.get("capabilities"))
         w.last_seen -= ACTIVE_WINDOW_S  # not active until it shows up
         self.workers[worker_id] = w
 
@@ -107,9 +114,28 @@ class Scheduler:
             self._preferred.pop(wid, None)
         return gone
 
-    def eligible_workers(self, model_id: str) -> list[WorkerInfo]:
+    # -- placement ---------------------------------------------------------------------
+    def place(self, run_id: str, requirement: Requirement) -> None:
+        """Record what a worker needs to serve ``run_id`` (at creation and recovery)."""
+        self.requirements[run_id] = requirement
+
+    def refusal(self, w: WorkerInfo, run_id: str, model_id: str) -> str | None:
+        """Why ``w`` cannot serve the run; None when it can."""
+        req = self.requirements.get(run_id)
+        if req is None:
+            return None if w.serves(model_id) else f"does not serve base model {model_id}"
+        return refusal(w, req)
+
+    def can_serve(self, w: WorkerInfo, t: Task) -> bool:
+        return self.refusal(w, t.run_id, t.base_model) is None
+
+    def eligible_workers(self, model_id: str, run_id: str | None = None) -> list[WorkerInfo]:
+        """Live workers that can take the run's tasks (``run_id``), or, without
+        one, any task on ``model_id``."""
         return [w for w in self.workers.values()
-                if w.active and not w.quarantined and w.serves(model_id)]
+                if w.active and not w.quarantined and (
+                    w.serves(model_id) if run_id is None
+                    else self.refusal(w, run_id, model_id) is None)]
 
     def note_rejection(self, w: WorkerInfo, reason: str) -> None:
         w.rejections_in_row += 1
@@ -122,8 +148,10 @@ class Scheduler:
                         w.quarantine_reason)
 
     # -- planning --------------------------------------------------------------------
-    def plan_shards(self, datums: list[Datum], model_id: str) -> list[tuple[list[int], str | None]]:
-        return plan_shards(datums, self.eligible_workers(model_id), self.default_task_tokens)
+    def plan_shards(self, datums: list[Datum], model_id: str, run_id: str | None = None
+                    ) -> list[tuple[list[int], str | None]]:
+        return plan_shards(datums, self.eligible_workers(model_id, run_id),
+                           self.default_task_tokens)
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,
@@ -173,6 +201,9 @@ class Scheduler:
         it, else one it may steal."""
         now = time.monotonic()
         for run_id in self.pending.order():
+            req = self.requirements.get(run_id)
+            if req is not None and refusal(w, req) is not None:
+                continue  # placement: this worker cannot hold the run
             t = self._own(w, run_id) or self._stealable(w, run_id, now)
             if t is not None:
                 return t
@@ -226,6 +257,10 @@ class Scheduler:
         deadline = time.monotonic() + timeout_s
         parked = False
         while True:
+            if parked and w.departed:
+                # It said goodbye while this long-poll was parked: the poll is a
+                # leftover of the process that left, and must not mark it alive.
+                return None
             w.touch()
             if w.quarantined or self.closing:
                 return None

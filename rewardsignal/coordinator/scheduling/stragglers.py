@@ -4,6 +4,7 @@ worker may compute a second time (first result wins)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
@@ -11,8 +12,10 @@ from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 
 class Stragglers:
     def __init__(self, tasks: dict[str, Task], workers: dict[str, WorkerInfo], *, factor: float,
-                 min_s: float) -> None:
+                 min_s: float, serves: Callable[[WorkerInfo, Task], bool] | None = None) -> None:
         self.tasks = tasks
+        # Placement: whether a worker can take a task (the scheduler's rule).
+        self.serves = serves or (lambda w, t: w.serves(t.base_model))
         self.workers = workers
         self.factor = factor
         self.min_s = min_s
@@ -44,7 +47,7 @@ class Stragglers:
 
     def pick(self, w: WorkerInfo) -> Task | None:
         for t in self.candidates():
-            if t.done or len(t.leases) != 1 or not w.serves(t.base_model):
+            if t.done or len(t.leases) != 1 or not self.serves(w, t):
                 continue
             (lease,) = t.leases.values()
             if lease.worker_id != w.worker_id:

@@ -18,6 +18,13 @@ class WorkerInfo:
     hardware: dict
     max_tokens_per_task: int
     models: tuple[str, ...] | None
+    # What it can load (declared at registration; a worker that declares nothing
+    # predates run precision and serves only runs at the default, "auto").
+    base_dtypes: tuple[str, ...] | None = None
+    quantization: tuple[str, ...] = ()
+    quantization_note: str = ""  # why it cannot quantize, in its own words
+    auto_dtype: str = ""  # what "auto" loads there; "" derives it from the device
+    memory_bytes: int | None = None  # memory it offers; None: not declared
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_wall: float = field(default_factory=time.time)
@@ -30,6 +37,10 @@ class WorkerInfo:
     quarantine_reason: str = ""
     current_task: str | None = None
     departed: bool = False  # said goodbye (a worker stopping cleanly)
+
+    def __post_init__(self) -> None:
+        if not self.auto_dtype:
+            self.auto_dtype = "bf16" if self.device.startswith("cuda") else "fp32"
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -56,4 +67,24 @@ class WorkerInfo:
                 "tokens_processed": self.tokens_processed,
                 "tokens_per_s": round(self.tokens_per_s, 1) if self.tokens_per_s else None,
                 "rejections": self.rejections_total, "status": status,
+                "base_dtypes": list(self.base_dtypes or ["auto"]),
+                "quantization": list(self.quantization), "memory_bytes": self.memory_bytes,
                 "last_seen": self.last_seen_wall, "registered_at": self.registered_at}
+
+    def capabilities(self) -> dict:
+        """What it declared it can load and hold (stored, and read back by
+        ``with_capabilities`` after a restart)."""
+        return {"base_dtypes": list(self.base_dtypes) if self.base_dtypes is not None else None,
+                "quantization": list(self.quantization),
+                "quantization_note": self.quantization_note, "auto_dtype": self.auto_dtype,
+                "memory_bytes": self.memory_bytes}
+
+    def with_capabilities(self, caps: dict | None) -> WorkerInfo:
+        caps = caps or {}
+        dtypes = caps.get("base_dtypes")
+        self.base_dtypes = tuple(dtypes) if dtypes is not None else None
+        self.quantization = tuple(caps.get("quantization") or ())
+        self.quantization_note = caps.get("quantization_note") or ""
+        self.auto_dtype = caps.get("auto_dtype") or self.auto_dtype
+        self.memory_bytes = caps.get("memory_bytes")
+        return self

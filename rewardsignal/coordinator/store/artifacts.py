@@ -17,7 +17,8 @@ class ArtifactStore:
         self.root = Path(root)
         self.checkpoints = checkpoints
 
-    def save(self, run_id: str, version: int, base_model: str, mode: str, name: str) -> dict:
+    def save(self, run_id: str, version: int, base_model: str, mode: str, name: str, *,
+             precision: dict | None = None) -> dict:
         """Export ``version`` as ``name`` (idempotent for the same version and
         mode; another version under a taken name is a conflict)."""
         # Pinning keeps the full checkpoint (optimizer state too) past retention.
@@ -33,12 +34,12 @@ class ArtifactStore:
         src = self.checkpoints.path(run_id, version)
         tmp = out.with_name(f".tmp-{name}")
         if mode == "merged":
-            export_merged(src, base_model, tmp)
+            export_merged(src, base_model, tmp, precision=precision)
         else:
-            export_adapter(src, tmp)
+            export_adapter(src, tmp, precision=precision)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         meta = {"name": name, "run_id": run_id, "version": version, "mode": mode,
-                "checkpoint_path": f"signal://{run_id}/{name}",
+                "precision": precision, "checkpoint_path": f"signal://{run_id}/{name}",
                 "files": [{"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                           for p in files]}
         (tmp / "artifact.json").write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,69 @@
+"""Placement: which workers can hold a run. A stage of scheduling that every
+lease, shard plan and straggler copy goes through.
+
+A worker can serve a run when it serves the base model, can load the base at
+the run's precision (it declared the dtypes and quantizations it can load at
+registration), and offers enough memory for the base at that precision, the
+LoRA and the activations of one full-length sequence (``rewardsignal.memory``).
+Workers that declared no memory are not held to a memory bound: they predate
+placement and their out-of-memory splitting still applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rewardsignal.coordinator.scheduling.workers import WorkerInfo
+from rewardsignal.memory import ModelShape, train_memory_bytes
+from rewardsignal.precision import Precision
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a run asks of a worker."""
+
+    model_id: str
+    precision: Precision
+    shape: ModelShape | None  # None: the config was unreadable; no memory bound
+    lora_r: int
+    targets: tuple[str, ...]
+    max_length: int
+    min_memory_bytes: int | None = None  # from a gpu_config hint
+
+    def need_bytes(self, w: WorkerInfo) -> int | None:
+        """Memory ``w`` needs for this run: its ``auto`` dtype resolved, and eager
+        attention's T x T scores counted on workers that are not on CUDA."""
+        if self.shape is None:
+            return None
+        dtype = self.precision.resolve(w.auto_dtype)
+        eager = 0 if w.device.startswith("cuda") else self.max_length
+        return train_memory_bytes(self.shape, dtype=dtype,
+                                  quantization=self.precision.quantization, lora_r=self.lora_r,
+                                  targets=self.targets, tokens=self.max_length,
+                                  eager_seq_len=eager)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def refusal(w: WorkerInfo, req: Requirement) -> str | None:
+    """Why ``w`` cannot serve a run with ``req``; None when it can."""
+    if not w.serves(req.model_id):
+        return f"does not serve base model {req.model_id}"
+    p = req.precision
+    if p.quantization is not None and p.quantization not in w.quantization:
+        return f"cannot load {p.quantization} bases ({w.quantization_note or 'not declared'})"
+    if p.base_dtype != "auto" and p.base_dtype not in (w.base_dtypes or ()):
+        return f"cannot load {p.base_dtype} bases (loads {', '.join(w.base_dtypes or ['auto'])})"
+    if w.memory_bytes is None:
+        return None
+    if req.min_memory_bytes is not None and w.memory_bytes < req.min_memory_bytes:
+        return (f"offers {_gib(w.memory_bytes)}, below the run's gpu_config hint "
+                f"({_gib(req.min_memory_bytes)})")
+    need = req.need_bytes(w)
+    if need is not None and need > w.memory_bytes:
+        return (f"needs about {_gib(need)} at {p.resolve(w.auto_dtype)}"
+                f"{'+' + p.quantization if p.quantization else ''}, offers "
+                f"{_gib(w.memory_bytes)}")
+    return None
