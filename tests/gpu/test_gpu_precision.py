@@ -11,24 +11,19 @@ Skipped without CUDA (nf4 also without bitsandbytes).
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import sys
 
 import pytest
 import torch
+from gpuenv import DEVICE, GPU_MARKS
 from harness import Proc, start_coordinator, start_worker, wait_workers
 
 from rewardsignal import SignalClient
 from rewardsignal.data import sample_examples
 
-DEVICE = os.environ.get("SIGNAL_TEST_GPU_DEVICE", "cuda")
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (CUDA is not available here)"),
-]
+pytestmark = GPU_MARKS
 
 MODEL = "signal-small"
 STEPS = 6

@@ -9,10 +9,10 @@ itself; the out-of-memory test still needs CUDA).
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from gpuenv import DEVICE, GPU_MARKS
 from harness import start_coordinator, start_worker, wait_workers
 from reference import ReferenceTrainer
 
@@ -23,12 +23,7 @@ from rewardsignal.models import load_tokenizer
 from rewardsignal.protocol import tensors_from_bytes
 from rewardsignal.worker.engine import default_dtype
 
-DEVICE = os.environ.get("SIGNAL_TEST_GPU_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (CUDA is not available here)"),
-]
+pytestmark = GPU_MARKS
 
 MODEL = "signal-small"
 STEPS = 8
