@@ -15,7 +15,7 @@ import torch
 
 from rewardsignal.errors import ValidationError
 
-LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
+LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 
 
 def cross_entropy(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
@@ -39,9 +39,30 @@ def ppo(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor, extra: dict[str, to
     return -(weights_BT * surrogate_BT).sum()
 
 
-_FNS = {"cross_entropy": cross_entropy, "importance_sampling": importance_sampling, "ppo": ppo}
-REQUIRED_INPUTS = {"cross_entropy": (), "importance_sampling": ("logprobs", "advantages"),
-                   "ppo": ("logprobs", "advantages")}
+def cispo(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor, extra: dict[str, torch.Tensor],
+          config: dict) -> torch.Tensor:
+    """The clipped ratio, held constant, weighs the log-likelihood's gradient."""
+    low = float(config.get("clip_low_threshold", 0.8))
+    high = float(config.get("clip_high_threshold", 1.2))
+    ratio_BT = torch.exp(logprobs_BT - extra["logprobs"]).clamp(low, high).detach()
+    return -(weights_BT * ratio_BT * logprobs_BT * extra["advantages"]).sum()
+
+
+def dro(logprobs_BT: torch.Tensor, weights_BT: torch.Tensor, extra: dict[str, torch.Tensor],
+        config: dict) -> torch.Tensor:
+    """Advantage-weighted log-likelihood with a quadratic penalty on the log
+    ratio to the sampler (``beta``, default 0.05)."""
+    beta = float(config.get("beta", 0.05))
+    log_ratio_BT = logprobs_BT - extra["logprobs"]
+    objective_BT = logprobs_BT * extra["advantages"] - 0.5 * beta * log_ratio_BT ** 2
+    return -(weights_BT * objective_BT).sum()
+
+
+_FNS = {"cross_entropy": cross_entropy, "importance_sampling": importance_sampling, "ppo": ppo,
+        "cispo": cispo, "dro": dro}
+_RL_INPUTS = ("logprobs", "advantages")
+REQUIRED_INPUTS = {"cross_entropy": (), "importance_sampling": _RL_INPUTS, "ppo": _RL_INPUTS,
+                   "cispo": _RL_INPUTS, "dro": _RL_INPUTS}
 
 
 def check_loss_fn(name: str, config: dict | None) -> dict:
@@ -51,14 +72,15 @@ def check_loss_fn(name: str, config: dict | None) -> dict:
     config = config or {}
     if not isinstance(config, dict):
         raise ValidationError("loss_fn_config must be an object")
-    allowed = {"ppo": {"clip_low_threshold", "clip_high_threshold"}}.get(name, set())
+    clip = {"clip_low_threshold", "clip_high_threshold"}
+    allowed = {"ppo": clip, "cispo": clip, "dro": {"beta"}}.get(name, set())
     unknown = set(config) - allowed
     if unknown:
         raise ValidationError(f"unknown loss_fn_config key(s) for {name}: {sorted(unknown)}")
     for k, v in config.items():
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 100:
             raise ValidationError(f"loss_fn_config.{k} must be a positive number, got {v!r}")
-    if name == "ppo" and config.get("clip_low_threshold", 0.8) > config.get(
+    if name in ("ppo", "cispo") and config.get("clip_low_threshold", 0.8) > config.get(
             "clip_high_threshold", 1.2):
         raise ValidationError("clip_low_threshold must not exceed clip_high_threshold")
     return config

@@ -13,6 +13,7 @@ from rewardsignal.coordinator.api.middlewares import make_error_middleware
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.tinker import routes as tinker_routes
 
 
 def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = None
@@ -39,4 +40,5 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(wake_long_polls)
     add_routes(app)
+    tinker_routes.add_routes(app)
     return app

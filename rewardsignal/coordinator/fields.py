@@ -92,6 +92,10 @@ class Body:
             raise ValidationError(f"field {key!r} must be an object")
         return v
 
+    def raw(self, key: builtins.str, default: Any = _MISSING) -> Any:
+        """The value as sent, unchecked (the caller checks its type)."""
+        return self._get(key, default)
+
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:

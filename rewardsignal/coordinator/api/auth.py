@@ -39,10 +39,12 @@ class Auth:
 
     @staticmethod
     def _bearer(request: web.Request) -> str | None:
+        """``Authorization: Bearer <key>``, or ``X-API-Key: <key>`` (what the
+        Tinker SDK sends)."""
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             return header[len("Bearer "):].strip()
-        return None
+        return request.headers.get("X-API-Key") or None
 
     @staticmethod
     def _match(token: str | None, allowed: set[str]) -> str | None:
@@ -58,7 +60,8 @@ class Auth:
             return LOCAL_OWNER
         token = self._bearer(request)
         if token is None:
-            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>' (or "
+                            "'X-API-Key: <key>')")
         h = self._match(token, users)
         if h is None:
             hint = (" (that is a worker token, which cannot use user endpoints)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.compute_logprobs import ComputeLogprobs
 from rewardsignal.coordinator.ops.forward import Forward, ForwardBackward
+from rewardsignal.coordinator.ops.load_state import LoadState
 from rewardsignal.coordinator.ops.optim_step import OptimStep
 from rewardsignal.coordinator.ops.sample import Sample
 from rewardsignal.coordinator.ops.save_state import SaveState
@@ -19,7 +20,7 @@ from rewardsignal.errors import NotFoundError
 
 _OPERATIONS: tuple[Operation, ...] = (
     ForwardBackward(), Forward(), OptimStep(), Sample(), ComputeLogprobs(), SaveState(),
-    TrainFederated())
+    LoadState(), TrainFederated())
 REGISTRY: dict[str, Operation] = {op.name: op for op in _OPERATIONS}
 
 

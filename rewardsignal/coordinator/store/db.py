@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS idempotency (
     owner TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, ref TEXT NOT NULL,
     answer TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (owner, key));
+CREATE TABLE IF NOT EXISTS frontend (
+    namespace TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, value TEXT NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (namespace, key));
 """
 
 # How long an idempotency key is honoured: a retry with the same key within this
@@ -222,3 +225,16 @@ class Database:
         rows = await self._do(lambda: self._c().execute(
             "SELECT state FROM jobs ORDER BY updated").fetchall())
         return [json.loads(r[0]) for r in rows]
+
+    # -- names a front end gives to runs and versions (e.g. Tinker model ids) -----------
+    async def put_name(self, namespace: str, key: str, owner: str, value: dict) -> None:
+        await self._do(lambda: self._c().execute(
+            "INSERT OR REPLACE INTO frontend VALUES (?, ?, ?, ?, ?)",
+            (namespace, key, owner, json.dumps(value), time.time())))
+
+    async def names(self, namespace: str) -> list[tuple[str, str, dict]]:
+        """(key, owner, value) of every name in ``namespace``, oldest first."""
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT key, owner, value FROM frontend WHERE namespace = ? ORDER BY created",
+            (namespace,)).fetchall())
+        return [(k, o, json.loads(v)) for k, o, v in rows]

@@ -25,6 +25,7 @@ BODIES = {
                "include_prompt_logprobs": True, "version": 0},
     "compute_logprobs": {"sequences": [[1, 5, 6, 7], [1, 9]], "version": 0},
     "save_state": {"mode": "merged", "name": "keep-me"},
+    "load_state": {"version": 0, "optimizer": True},
     "train_federated": {"examples": [{"text": "a b c"}] * 4, "rounds": 2, "local_steps": 1,
                         "batch_size": 2},
 }
@@ -70,6 +71,8 @@ def test_recovered_answers_only_what_durable_state_shows(setup):
     assert REGISTRY["optim_step"].recovered(run, "req-x", {"request_id": "req-y"}) is None
     done = REGISTRY["optim_step"].recovered(run, "req-x", {"request_id": "req-x"})
     assert done is not None and done["recovered"] and done["version"] == run.version
+    assert REGISTRY["load_state"].recovered(run, "req-x", {"request_id": "req-y"}) is None
+    assert REGISTRY["load_state"].recovered(run, "req-x", {"request_id": "req-x"})["recovered"]
     assert REGISTRY["forward_backward"].recovered(run, "req-z", {}) is None
     run.recovered_grads.add("req-z")
     try:
