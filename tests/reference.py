@@ -29,6 +29,11 @@ class ReferenceTrainer:
                                      weight_decay=weight_decay)
 
     def mean_loss(self, datums: list[Datum]) -> torch.Tensor:
+        return self.loss(datums, "mean")
+
+    def loss(self, datums: list[Datum], reduction: str) -> torch.Tensor:
+        """Weighted token cross-entropy: its ``sum``, or divided by the total
+        |weight| (``mean``)."""
         width = max(len(d) for d in datums)
         ids = torch.zeros(len(datums), width, dtype=torch.long)
         tgt = torch.full((len(datums), width), -100, dtype=torch.long)
@@ -41,11 +46,12 @@ class ReferenceTrainer:
         logits = self.model(input_ids=ids, attention_mask=(tgt != -100).long()).logits
         nll = F.cross_entropy(logits.float().transpose(1, 2), tgt, reduction="none",
                               ignore_index=-100)
-        return (nll * w).sum() / w.abs().sum()
+        total = (nll * w).sum()
+        return total if reduction == "sum" else total / w.abs().sum()
 
-    def step(self, datums: list[Datum]) -> float:
+    def step(self, datums: list[Datum], reduction: str = "mean") -> float:
         self.opt.zero_grad()
-        loss = self.mean_loss(datums)
+        loss = self.loss(datums, reduction)
         loss.backward()
         self.opt.step()
         return float(loss)

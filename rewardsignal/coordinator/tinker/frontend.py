@@ -181,6 +181,7 @@ class TinkerFrontEnd:
         base = run.spec.base_model
         tokenizer = str(resolve_model_path(base)) if is_builtin(base) else base
         return {"type": "get_info", "model_id": m.model_id, "is_lora": True,
+                "signal_run_id": run.run_id,
                 "lora_rank": run.spec.lora.r, "model_name": base,
                 "model_data": {"model_name": base, "tokenizer_id": tokenizer, "arch": "lora"}}
 

@@ -9,6 +9,7 @@ conflict is a 400, since the SDK retries 409s for minutes.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from rewardsignal.coordinator.tinker.futures import error_result
 from rewardsignal.errors import ConflictError, SignalError, ValidationError
 from rewardsignal.models import BUILTIN_MODELS
 
+log = logging.getLogger("signal.tinker")
 TINKER = web.AppKey("tinker", TinkerFrontEnd)
 PREFIX = "/api/v1"
 # How long retrieve_future holds a poll before answering try_again (the SDK
@@ -97,7 +99,10 @@ async def telemetry(request: web.Request) -> web.Response:
 
 async def finish_session(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
-    tk.session(owner, request.match_info["session_id"])
+    sid = tk.session(owner, request.match_info["session_id"])
+    body = await _json(request)
+    reason = body.dict("reason", {}).get("type")
+    log.info("tinker session finished id=%s reason=%s", sid, reason)
     return web.json_response({})
 
 
