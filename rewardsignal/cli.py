@@ -278,7 +278,10 @@ def _run_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "create":
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", args.name):
             raise _die("--name must be 1-64 letters, digits, '_', '.', '@', '-'")
-        key = ("wt-" if args.worker else "sk-") + secrets.token_urlsafe(32)
+        if not re.fullmatch(r"[a-z]{1,16}", args.prefix or "x"):
+            raise _die("--prefix must be 1-16 lowercase letters (e.g. tml for the Tinker SDK)")
+        prefix = args.prefix or ("wt" if args.worker else "sk")
+        key = f"{prefix}-" + secrets.token_urlsafe(32)
         try:
             create_key(db, args.name, "worker" if args.worker else "user", key_hash(key))
         except ValueError as exc:
@@ -419,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "create":
             kp.add_argument("--worker", action="store_true",
                             help="make a worker token instead of a user API key")
+            kp.add_argument("--prefix", default=None,
+                            help="the key's prefix (default sk, or wt with --worker); 'tml' "
+                            "makes a key the Tinker SDK accepts (docs/tinker.md)")
     k.set_defaults(func=_run_keys)
     st = sub.add_parser("status", help="a table of runs and workers on a coordinator")
     st.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),

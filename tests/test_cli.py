@@ -78,6 +78,10 @@ def test_keys_create_list_revoke(tmp_path):
     assert res.stdout.strip().startswith("wt-")
     assert "already exists" in _cli("keys", "create", "--data-dir", str(tmp_path), "--name",
                                     "alice").stderr
+    res = _cli("keys", "create", "--data-dir", str(tmp_path), "--name", "tk", "--prefix", "tml")
+    assert res.returncode == 0 and res.stdout.strip().startswith("tml-")
+    res = _cli("keys", "create", "--data-dir", str(tmp_path), "--name", "x", "--prefix", "TM-")
+    assert res.returncode == 2 and "--prefix must be" in res.stderr
     listing = _cli("keys", "list", "--data-dir", str(tmp_path)).stdout
     assert "alice" in listing and "fleet" in listing and "active" in listing
     assert key_not_in(listing)
@@ -89,4 +93,4 @@ def test_keys_create_list_revoke(tmp_path):
 
 def key_not_in(text: str) -> bool:
     """Listing shows names, never key material."""
-    return "sk-" not in text and "wt-" not in text
+    return "sk-" not in text and "wt-" not in text and "tml-" not in text

@@ -225,3 +225,16 @@ def test_close_finishes_the_session(cluster):
     with tinker.ServiceClient(base_url=url, api_key="tml-test") as sc:
         sc.create_lora_training_client(base_model="signal-tiny", rank=2)
     cluster["coord"].wait_for(r"tinker session finished id=\S+ reason=success", 30)
+
+
+def test_keys_reach_the_tinker_routes_as_x_api_key(tmp_path):
+    coord, url = start_coordinator(tmp_path / "data", "--api-key", "tml-right")
+    try:
+        good = tinker.ServiceClient(base_url=url, api_key="tml-right")
+        caps = good.get_server_capabilities()
+        assert "signal-tiny" in {m.model_name for m in caps.supported_models}
+        bad = tinker.ServiceClient(base_url=url, api_key="tml-wrong")
+        with pytest.raises(tinker.AuthenticationError, match="invalid or revoked API key"):
+            bad.get_server_capabilities()
+    finally:
+        coord.stop()
