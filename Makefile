@@ -8,11 +8,13 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test test-fast bench lint check clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml requirements/cookbook.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps tinker-cookbook==0.6.1
+	$(BIN)/python -m pip install -q -r requirements/cookbook.txt
 	touch $@
 
 venv: $(BIN)/.installed

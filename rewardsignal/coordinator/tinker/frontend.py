@@ -14,6 +14,7 @@ and ids a client holds still resolve after a coordinator restart.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -153,8 +154,9 @@ class TinkerFrontEnd:
             raise ValidationError(f"lora_config.rank must be an integer in [1, 1024], got {rank!r}")
         seed = lora.get("seed") or 0
         spec = LoraSpec(r=rank, alpha=LORA_ALPHA, dropout=0.0, target_modules=targets, seed=seed)
+        max_length = await asyncio.to_thread(_context, base_model)
         run = await self.coord.create_run(owner, RunRequest(base_model, spec, AdamWConfig(),
-                                                            context_length(base_model)))
+                                                            max_length))
         flags = {k: bool(lora.get(k, True)) for k in ("train_attn", "train_mlp", "train_unembed")}
         await self.coord.services.db.put_name("tinker-model", model_id, owner,
                                               {"run_id": run.run_id, "flags": flags})
@@ -415,6 +417,20 @@ class TinkerFrontEnd:
         if len(seen) > 4096:
             del seen[min(seen)]
         return {"request_id": request_id, "sample_sequence_ids": ids}
+
+
+def _context(base_model: str) -> int:
+    """The longest sequence a model's runs take: its configured context (read
+    from its ``config.json``), at most 32768 tokens (the placement memory
+    estimate assumes sequences this long can come); 2048 when not stated."""
+    if is_builtin(base_model):
+        return context_length(base_model)
+    config = resolve_model_path(base_model) / "config.json"
+    try:
+        n = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        n = None
+    return min(int(n), 32768) if isinstance(n, int) and n > 1 else 2048
 
 
 def _prompt_tokens(prompt: dict) -> list[int]:

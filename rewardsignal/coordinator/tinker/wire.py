@@ -15,6 +15,7 @@ import numpy as np
 
 from rewardsignal.coordinator.tinker import schema
 from rewardsignal.errors import ValidationError
+from rewardsignal.losses import LOSS_FNS
 
 _NUMPY = {schema.DTYPE_FLOAT32: np.float32, schema.DTYPE_INT64: np.int64,
           schema.DTYPE_INT32: np.int32}
@@ -92,9 +93,14 @@ def read_forward_backward(body: bytes) -> ForwardBackwardCall:
         config[key] = value.number if value.WhichOneof("value") == "number" else value.text
     for key in msg.loss_fn_config:
         config.setdefault(key, msg.loss_fn_config[key])
+    loss_fn = msg.loss_fn or "cross_entropy"
+    if loss_fn not in LOSS_FNS:
+        raise ValidationError(f"loss_fn {loss_fn!r} is not supported by Signal (its formula is "
+                              f"not published); use one of {list(LOSS_FNS)}, or "
+                              "forward_backward_custom")
     batch = [_datum(d, f"data[{i}]") for i, d in enumerate(msg.data)]
-    return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.forward_only, msg.loss_fn or
-                               "cross_entropy", config, batch)
+    return ForwardBackwardCall(msg.model_id, msg.seq_id, msg.forward_only, loss_fn, config,
+                               batch)
 
 
 def _batched(arrays: list[np.ndarray], dtype: int, np_dtype: type) -> tuple[bytes, bytes, int]:
