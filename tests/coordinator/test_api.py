@@ -83,6 +83,25 @@ def test_run_operations_reject_bad_input(harness, op, body, match):
     assert run.version == 0 and run.accum.empty and run.processor.queue.empty()
 
 
+@pytest.mark.parametrize("body, status, match", [
+    ({"version": 0, "name": "x"}, 400, "exactly one of"),
+    ({"name": "never-saved"}, 404, "no saved state named"),
+    ({"version": 99}, 404, "99"),
+    ({"version": 0, "from_run": "run-elsewhere"}, 404, "unknown run"),
+    ({"version": 0, "from_run": "OTHER_SHAPE"}, 400, "does not have run"),
+])
+def test_load_state_rejects_what_it_cannot_load(harness, body, status, match):
+    run_id = _run(harness)
+    if body.get("from_run") == "OTHER_SHAPE":
+        _, other = harness.request("POST", "/v1/runs", json={"base_model": "signal-tiny",
+                                                            "lora_r": 3}, expect=201)
+        body = {**body, "from_run": other["run_id"]}
+    msg = _error(harness, "POST", f"/v1/runs/{run_id}/load_state", status, json=body)
+    assert match in msg
+    run = harness.coordinator.runs[run_id]
+    assert run.version == 0 and run.processor.queue.empty()
+
+
 def test_oversized_body_is_413(tmp_path):
     h = Harness(tmp_path / "data", max_body_bytes=4096)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
-from harness import start_coordinator, start_worker, wait_workers
+from harness import free_port, start_coordinator, start_worker, wait_workers
 from reference import ReferenceTrainer
 from tinker import types
 
@@ -236,5 +236,24 @@ def test_keys_reach_the_tinker_routes_as_x_api_key(tmp_path):
         bad = tinker.ServiceClient(base_url=url, api_key="tml-wrong")
         with pytest.raises(tinker.AuthenticationError, match="invalid or revoked API key"):
             bad.get_server_capabilities()
+    finally:
+        coord.stop()
+
+
+def test_models_and_checkpoint_paths_survive_a_coordinator_restart(tmp_path):
+    port = free_port()
+    coord, url = start_coordinator(tmp_path / "data", "--port", port)
+    try:
+        sc = tinker.ServiceClient(base_url=url, api_key="tml-test")
+        tc = sc.create_lora_training_client(base_model="signal-tiny", rank=2)
+        path = tc.save_state("before").result().path  # needs no worker: the coordinator saves
+        run_id = _run_id(url, tc)
+        coord.stop()
+        coord, url = start_coordinator(tmp_path / "data", "--port", port)
+        again = tinker.ServiceClient(base_url=url, api_key="tml-test")
+        info = _post(url, "/api/v1/weights_info", {"tinker_path": path})
+        assert info["lora_rank"] == 2 and info["base_model"] == "signal-tiny"
+        restored = again.create_training_client_from_state(path)
+        assert _max_diff(_weights(url, _run_id(url, restored)), _weights(url, run_id)) == 0.0
     finally:
         coord.stop()
