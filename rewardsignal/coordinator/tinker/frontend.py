@@ -1,6 +1,6 @@
-"""The Tinker front end's state: sessions, models (each one a Signal run),
-sampling sessions (a run at a pinned version), and how each Tinker call
-becomes an operation of the registry.
+"""The Tinker front end's state: sessions, models (each one a Signal run;
+sampling sessions are in ``sampling``), and how each Tinker call becomes an
+operation of the registry.
 
 Nothing here trains or samples: every call that does work is one operation
 (``forward``, ``forward_backward``, ``optim_step``, ``save_state``,
@@ -14,86 +14,34 @@ and ids a client holds still resolve after a coordinator restart.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.coordinator import ops
 from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
-from rewardsignal.coordinator.ops.sample import MAX_NUM_SAMPLES, context_length
 from rewardsignal.coordinator.runs.create import RunRequest
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.tinker import wire
 from rewardsignal.coordinator.tinker.futures import Futures, Sequencer, Turn
+from rewardsignal.coordinator.tinker.names import (
+    LORA_ALPHA,
+    Model,
+    max_length_of,
+    parse_path,
+    state_name,
+    target_modules,
+    tinker_path,
+)
+from rewardsignal.coordinator.tinker.sampling import Samplers
 from rewardsignal.errors import NotFoundError, ValidationError
 from rewardsignal.lora import LoraSpec
-from rewardsignal.models import is_builtin, model_info, resolve_model_path
+from rewardsignal.models import is_builtin, resolve_model_path
 
 log = logging.getLogger("signal.tinker")
-
-# Tinker's LoRA scale is alpha / rank with a fixed alpha.
-LORA_ALPHA = 32.0
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-SEGMENTS = {"weights": "w", "sampler_weights": "s"}  # tinker path segment -> name prefix
-
-
-@dataclass
-class Model:
-    model_id: str
-    owner: str
-    run_id: str
-    flags: dict  # train_attn / train_mlp / train_unembed
-
-
-@dataclass
-class Sampler:
-    sampler_id: str
-    owner: str
-    run_id: str
-    version: int
-    model_path: str | None
-
-
-def tinker_path(model_id: str, segment: str, name: str) -> str:
-    return f"tinker://{model_id}/{segment}/{name}"
-
-
-def parse_path(path: object) -> tuple[str, str, str]:
-    """``tinker://<model_id>/<weights|sampler_weights>/<name>`` -> its parts."""
-    if not isinstance(path, str) or not path.startswith("tinker://"):
-        raise ValidationError(f"path must be a tinker:// path, got {path!r}")
-    parts = path[len("tinker://"):].split("/")
-    if len(parts) != 3 or parts[1] not in SEGMENTS or not parts[0] or not parts[2]:
-        raise ValidationError(f"path {path!r} is not tinker://<model_id>/"
-                              "{weights|sampler_weights}/<name>")
-    return parts[0], parts[1], parts[2]
-
-
-def state_name(segment: str, name: str) -> str:
-    """The run's saved-state name for a Tinker checkpoint name."""
-    full = f"{SEGMENTS[segment]}.{name}"
-    if len(full) > 64 or not all(c.isalnum() or c in "_.-" for c in name):
-        raise ValidationError(f"checkpoint name {name!r}: use at most 62 letters, digits, "
-                              "'_', '.', '-'")
-    return full
-
-
-def target_modules(base_model: str, lora: dict) -> tuple[str, ...]:
-    present = set(model_info(base_model).default_target_modules)
-    wanted = [m for flag, mods in (("train_attn", ATTN), ("train_mlp", MLP))
-              if lora.get(flag, True) for m in mods if m in present]
-    if lora.get("train_unembed", True):
-        wanted.append("lm_head")
-    if not wanted:
-        raise ValidationError("lora_config trains nothing: set train_attn, train_mlp or "
-                              "train_unembed")
-    return tuple(wanted)
 
 
 class TinkerFrontEnd:
@@ -102,10 +50,8 @@ class TinkerFrontEnd:
         self.futures = Futures()
         self.sessions: dict[str, str] = {}  # session id -> owner
         self.models: dict[str, Model] = {}
-        self.samplers: dict[str, Sampler] = {}
         self._seq: dict[str, Sequencer] = {}
-        self._sampling: dict[str, dict[int, tuple[str, list[str]]]] = {}
-        self._base_runs: dict[tuple[str, str], str] = {}
+        self.sampling = Samplers(coord, self.futures)
 
     async def start(self) -> None:
         db = self.coord.services.db
@@ -113,10 +59,7 @@ class TinkerFrontEnd:
             self.sessions[key] = owner
         for key, owner, v in await db.names("tinker-model"):
             self.models[key] = Model(key, owner, v["run_id"], v["flags"])
-        for key, owner, v in await db.names("tinker-sampler"):
-            self.samplers[key] = Sampler(key, owner, v["run_id"], v["version"], v["path"])
-        for key, owner, v in await db.names("tinker-base-run"):
-            self._base_runs[(owner, key.split("|", 1)[1])] = v["run_id"]
+        await self.sampling.start()
 
     # -- sessions -----------------------------------------------------------------------
     async def create_session(self, owner: str) -> str:
@@ -154,7 +97,7 @@ class TinkerFrontEnd:
             raise ValidationError(f"lora_config.rank must be an integer in [1, 1024], got {rank!r}")
         seed = lora.get("seed") or 0
         spec = LoraSpec(r=rank, alpha=LORA_ALPHA, dropout=0.0, target_modules=targets, seed=seed)
-        max_length = await asyncio.to_thread(_context, base_model)
+        max_length = await asyncio.to_thread(max_length_of, base_model)
         run = await self.coord.create_run(owner, RunRequest(base_model, spec, AdamWConfig(),
                                                             max_length))
         flags = {k: bool(lora.get(k, True)) for k in ("train_attn", "train_mlp", "train_unembed")}
@@ -257,7 +200,7 @@ class TinkerFrontEnd:
                 return {"type": "save_weights_for_sampler" if for_sampler else "save_weights",
                         "path": path}
             session = m.model_id.split(":train:")[0]
-            sampler = await self._new_sampler(owner, session, seq_for_sampler, run.run_id,
+            sampler = await self.sampling.new(owner, session, seq_for_sampler, run.run_id,
                                               meta["version"], None)
             return {"type": "save_weights_for_sampler", "path": None,
                     "sampling_session_id": sampler.sampler_id}
@@ -315,136 +258,10 @@ class TinkerFrontEnd:
 
         return await asyncio.to_thread(read)
 
-    # -- sampling -------------------------------------------------------------------------
-    async def _new_sampler(self, owner: str, session_id: str, seq: int | None, run_id: str,
-                           version: int, path: str | None) -> Sampler:
-        sampler_id = f"{session_id}:sample:{seq if seq is not None else secrets.token_hex(4)}"
-        if sampler_id in self.samplers:
-            return self.samplers[sampler_id]
-        await self.coord.services.db.put_name("tinker-sampler", sampler_id, owner, {
-            "run_id": run_id, "version": version, "path": path})
-        s = Sampler(sampler_id, owner, run_id, version, path)
-        self.samplers[sampler_id] = s
-        return s
-
-    async def _base_run(self, owner: str, base_model: str) -> Run:
-        """A rank-1 run whose adapter is still zero: sampling it is sampling the base."""
-        run_id = self._base_runs.get((owner, base_model))
-        if run_id is not None and run_id in self.coord.runs:
-            return self.coord.runs[run_id]
-        await asyncio.to_thread(resolve_model_path, base_model)
-        spec = LoraSpec(r=1, alpha=1.0, dropout=0.0,
-                        target_modules=model_info(base_model).default_target_modules, seed=0)
-        run = await self.coord.create_run(owner, RunRequest(base_model, spec, AdamWConfig(),
-                                                            1 << 20))
-        await self.coord.services.db.put_name("tinker-base-run", f"{owner}|{base_model}", owner,
-                                              {"run_id": run.run_id})
-        self._base_runs[(owner, base_model)] = run.run_id
-        return run
+    async def _checkpoint(self, owner: str, path: object) -> tuple[Run, str]:
+        _, run, saved, _ = await self.resolve(owner, path)
+        return run, saved
 
     async def create_sampling_session(self, owner: str, b: Body) -> dict:
         session_id = self.session(owner, b.str("session_id"))
-        seq = b.int("sampling_session_seq_id", lo=0)
-        path = b.str("model_path", None, max_len=1024)
-        base = b.str("base_model", None, max_len=512)
-        if path is not None:
-            _, run, saved, _ = await self.resolve(owner, path)
-            names = await asyncio.to_thread(self.coord.services.versions.store.names,
-                                            run.run_id)
-            sampler = await self._new_sampler(owner, session_id, seq, run.run_id, names[saved],
-                                              path)
-        elif base is not None:
-            run = await self._base_run(owner, base)
-            sampler = await self._new_sampler(owner, session_id, seq, run.run_id, 0, None)
-        else:
-            raise ValidationError("give model_path or base_model")
-        return {"type": "create_sampling_session", "sampling_session_id": sampler.sampler_id}
-
-    def sampler(self, owner: str, sampler_id: str) -> tuple[Sampler, Run]:
-        s = self.samplers.get(sampler_id)
-        run = self.coord.runs.get(s.run_id) if s is not None else None
-        if s is None or s.owner != owner or run is None:
-            raise NotFoundError(f"unknown sampling session {sampler_id!r}")
-        return s, run
-
-    def sampler_info(self, owner: str, sampler_id: str) -> dict:
-        s, run = self.sampler(owner, sampler_id)
-        return {"sampler_id": s.sampler_id, "base_model": run.spec.base_model,
-                "model_path": s.model_path}
-
-    async def sample(self, owner: str, b: Body) -> dict:
-        s, run = self.sampler(owner, b.str("sampling_session_id"))
-        seq = b.int("seq_id", lo=0)
-        seen = self._sampling.setdefault(s.sampler_id, {})
-        if seq in seen:  # a re-sent call (429 back-off, or a retry): the same future
-            request_id, ids = seen[seq]
-            return {"request_id": request_id, "sample_sequence_ids": ids}
-        n = b.int("num_samples", 1, lo=1, hi=MAX_NUM_SAMPLES)
-        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
-            if b.int(unsupported, 0, lo=0):
-                raise ValidationError(f"{unsupported} is not supported by Signal (top-k "
-                                      "logprobs are not computed)")
-        if b.raw("target_prompt_logprobs", None) is not None:
-            raise ValidationError("target_prompt_logprobs is not supported by Signal")
-        tokens = _prompt_tokens(b.dict("prompt"))
-        params = Body(b.dict("sampling_params", {}), "sampling_params")
-        stop = params.raw("stop", None)
-        top_k = params.int("top_k", -1, lo=-1)
-        body: dict = {"prompt_tokens": [tokens], "num_samples": n,
-                      "max_tokens": params.int("max_tokens", 64, lo=1, hi=4096),
-                      "temperature": params.float("temperature", 1.0, lo=0, hi=100),
-                      "top_p": params.float("top_p", 1.0, lo=0, lo_open=True, hi=1.0),
-                      "top_k": max(top_k, 0), "version": s.version,
-                      "include_prompt_logprobs": b.bool("prompt_logprobs", False)}
-        seed = params.int("seed", None, lo=0, hi=2**63 - 1)
-        if seed is not None:
-            body["seed"] = seed
-        if stop is not None:
-            body["stop"] = [stop] if isinstance(stop, str) else stop
-        op = ops.get("sample")
-        parsed = Body(body)
-        args = await op.parse(self.coord.services, run, owner, parsed)
-        answer = await self.coord.submit(owner, run, op, args, None)
-        req = self.coord.requests.get(answer["request_id"], owner)
-
-        async def work() -> bytes:
-            result = await asyncio.shield(req.future)
-            return wire.sample_output(result, body["include_prompt_logprobs"])
-
-        request_id = self.futures.run(owner, work())
-        ids = [f"{request_id}:{i}" for i in range(n)]
-        seen[seq] = (request_id, ids)
-        if len(seen) > 4096:
-            del seen[min(seen)]
-        return {"request_id": request_id, "sample_sequence_ids": ids}
-
-
-def _context(base_model: str) -> int:
-    """The longest sequence a model's runs take: its configured context (read
-    from its ``config.json``), at most 32768 tokens (the placement memory
-    estimate assumes sequences this long can come); 2048 when not stated."""
-    if is_builtin(base_model):
-        return context_length(base_model)
-    config = resolve_model_path(base_model) / "config.json"
-    try:
-        n = json.loads(config.read_text()).get("max_position_embeddings")
-    except (OSError, ValueError):
-        n = None
-    return min(int(n), 32768) if isinstance(n, int) and n > 1 else 2048
-
-
-def _prompt_tokens(prompt: dict) -> list[int]:
-    chunks = prompt.get("chunks")
-    if not isinstance(chunks, list) or not chunks:
-        raise ValidationError("prompt.chunks must be a non-empty list")
-    tokens: list[int] = []
-    for i, c in enumerate(chunks):
-        if not isinstance(c, dict) or c.get("type", "encoded_text") != "encoded_text":
-            raise ValidationError(f"prompt.chunks[{i}]: only encoded_text chunks are supported "
-                                  "(text models only)")
-        t = c.get("tokens")
-        if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                              for x in t):
-            raise ValidationError(f"prompt.chunks[{i}].tokens must be a list of token ids")
-        tokens += t
-    return tokens
+        return await self.sampling.create(owner, session_id, b, self._checkpoint)

@@ -111,7 +111,7 @@ async def get_session(request: web.Request) -> web.Response:
     sid = tk.session(owner, request.match_info["session_id"])
     return web.json_response({
         "training_run_ids": [m for m in tk.models if m.startswith(sid + ":")],
-        "sampler_ids": [s for s in tk.samplers if s.startswith(sid + ":")]})
+        "sampler_ids": [s for s in tk.sampling.samplers if s.startswith(sid + ":")]})
 
 
 # -- training -----------------------------------------------------------------------------
@@ -164,12 +164,12 @@ async def create_sampling_session(request: web.Request) -> web.Response:
 
 async def get_sampler(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
-    return web.json_response(tk.sampler_info(owner, request.match_info["sampler_id"]))
+    return web.json_response(tk.sampling.info(owner, request.match_info["sampler_id"]))
 
 
 async def asample(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
-    return web.json_response(await tk.sample(owner, await _json(request)))
+    return web.json_response(await tk.sampling.sample(owner, await _json(request)))
 
 
 # -- futures ------------------------------------------------------------------------------
