@@ -164,12 +164,16 @@ class Coordinator:
         return [r for r in self.runs.values() if r.spec.owner == owner]
 
     async def submit(self, owner: str, run: Run, operation: Operation, args: Any,
-                     timeout_s: float | None, idem_key: str | None = None) -> dict:
+                     timeout_s: float | None, idem_key: str | None = None, *,
+                     request_id: str | None = None) -> dict:
         """Accept an operation: it is written to the database (with its
         idempotency key) before it is queued and before the caller hears 202, so
-        a restart re-runs it and a retry finds it. Returns the 202 answer."""
+        a restart re-runs it and a retry finds it. Returns the 202 answer.
+        ``request_id``: one the caller handed out already (a front end whose
+        clients learn the id before the operation is queued)."""
         extra = await operation.accept(self.services, run, owner, args)
-        req = self.services.requests.create(owner, run.run_id, operation.name)
+        req = self.services.requests.create(owner, run.run_id, operation.name,
+                                            request_id=request_id)
         timeout_s = timeout_s or self.config.request_timeout_s
         answer = {**req.to_json(), **extra}
         await self.services.db.add_request(req.request_id, owner, run.run_id, operation.name,

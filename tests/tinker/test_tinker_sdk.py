@@ -11,6 +11,7 @@ tokens).
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -240,20 +241,39 @@ def test_keys_reach_the_tinker_routes_as_x_api_key(tmp_path):
         coord.stop()
 
 
-def test_models_and_checkpoint_paths_survive_a_coordinator_restart(tmp_path):
+def test_calls_and_names_survive_a_coordinator_restart(tmp_path):
+    """A forward_backward accepted while no worker is up survives a restart:
+    the same client's future completes once a worker joins, its next calls go
+    on in order, and checkpoint paths still resolve."""
     port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port)
+    worker = None
     try:
         sc = tinker.ServiceClient(base_url=url, api_key="tml-test")
         tc = sc.create_lora_training_client(base_model="signal-tiny", rank=2)
         path = tc.save_state("before").result().path  # needs no worker: the coordinator saves
         run_id = _run_id(url, tc)
+        batch = [_tinker_datum(d) for d in _batches(1, 2)[0]]
+        pending = tc.forward_backward(batch, "cross_entropy")
+        deadline = time.monotonic() + 30
+        while json.loads(urllib.request.urlopen(f"{url}/v1/status", timeout=10).read())[
+                "tasks"]["pending"] == 0:  # accepted and waiting for a worker
+            assert time.monotonic() < deadline, "the forward_backward never reached the queue"
+            time.sleep(0.1)
         coord.stop()
         coord, url = start_coordinator(tmp_path / "data", "--port", port)
+        worker = start_worker(url, "w0")
+        out = pending.result(timeout=180)
+        assert [o["logprobs"].shape for o in out.loss_fn_outputs] == [
+            [d.model_input.length] for d in batch]
+        tc.optim_step(types.AdamParams(**ADAM)).result(timeout=60)
+        assert _version_of(url, run_id) == 1
         again = tinker.ServiceClient(base_url=url, api_key="tml-test")
         info = _post(url, "/api/v1/weights_info", {"tinker_path": path})
         assert info["lora_rank"] == 2 and info["base_model"] == "signal-tiny"
         restored = again.create_training_client_from_state(path)
-        assert _max_diff(_weights(url, _run_id(url, restored)), _weights(url, run_id)) == 0.0
+        assert _max_diff(_weights(url, _run_id(url, restored)), _weights(url, run_id, "0")) == 0
     finally:
+        if worker is not None:
+            worker.stop()
         coord.stop()

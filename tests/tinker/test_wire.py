@@ -62,8 +62,7 @@ def test_garbage_is_a_clear_error():
 
 def test_results_decode_with_the_sdk():
     out = deserialize_forward_backward_output(wire.forward_output(
-        {"logprobs": [[-1.0, -2.0], [-0.5]], "loss_sum": 3.5, "num_tokens": 3},
-        "cross_entropy"))
+        {"logprobs": [[-1.0, -2.0], [-0.5]], "loss_sum": 3.5, "num_tokens": 3}))
     assert [o["logprobs"].to_numpy().tolist() for o in out.loss_fn_outputs] == [[-1.0, -2.0],
                                                                                  [-0.5]]
     assert out.metrics == {"loss:sum": 3.5, "tokens:sum": 3.0}

@@ -92,6 +92,14 @@ class Database:
             c.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?)",
                       (owner, key, kind, ref, json.dumps(answer), time.time()))
 
+    async def key_suffixes(self, owner: str, prefix: str) -> list[str]:
+        """What follows ``prefix`` in each of ``owner``'s idempotency keys that
+        start with it."""
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT key FROM idempotency WHERE owner = ? AND key >= ? AND key < ?",
+            (owner, prefix, prefix + "\U0010ffff")).fetchall())
+        return [r[0][len(prefix):] for r in rows]
+
     async def find_key(self, owner: str, key: str) -> dict | None:
         """What ``key`` of ``owner`` created: ``{kind, ref, answer}``, or None."""
         row = await self._do(lambda: self._c().execute(

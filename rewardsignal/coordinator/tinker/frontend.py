@@ -17,7 +17,6 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.coordinator import ops
@@ -26,9 +25,10 @@ from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import RunRequest
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.tinker import wire
-from rewardsignal.coordinator.tinker.futures import Futures, Sequencer, Turn
+from rewardsignal.coordinator.tinker.futures import Futures, Sequencer, Turn, error_result
 from rewardsignal.coordinator.tinker.names import (
     LORA_ALPHA,
+    SEGMENTS,
     Model,
     max_length_of,
     parse_path,
@@ -37,11 +37,19 @@ from rewardsignal.coordinator.tinker.names import (
     tinker_path,
 )
 from rewardsignal.coordinator.tinker.sampling import Samplers
-from rewardsignal.errors import NotFoundError, ValidationError
+from rewardsignal.errors import NotFoundError, SignalError, ValidationError
 from rewardsignal.lora import LoraSpec
 from rewardsignal.models import is_builtin, resolve_model_path
 
 log = logging.getLogger("signal.tinker")
+# Saved-state names of unnamed sampler snapshots: this plus the sampling
+# session's number (save_weights_and_get_sampling_client).
+SNAPSHOT = "snapshot-"
+
+
+def _key_prefix(model_id: str) -> str:
+    """Idempotency keys of a model's calls: this plus the call's seq_id."""
+    return f"tinker/{model_id}/"
 
 
 class TinkerFrontEnd:
@@ -81,11 +89,6 @@ class TinkerFrontEnd:
             raise NotFoundError(f"unknown model {model_id!r}")
         return m, run
 
-    def _sequencer(self, model_id: str, first: int) -> Sequencer:
-        if model_id not in self._seq:
-            self._seq[model_id] = Sequencer(self.futures, first)
-        return self._seq[model_id]
-
     async def _new_model(self, owner: str, session_id: str, model_seq_id: int, base_model: str,
                          lora: dict) -> Model:
         model_id = f"{session_id}:train:{model_seq_id}"
@@ -116,7 +119,7 @@ class TinkerFrontEnd:
 
         async def work() -> dict:
             m = await self._new_model(owner, session_id, seq, base, lora)
-            self._sequencer(m.model_id, 1)
+            self._seq.setdefault(m.model_id, Sequencer(self.futures, 1))
             return {"model_id": m.model_id, "type": "create_model"}
 
         return self.futures.run(owner, work())
@@ -131,41 +134,61 @@ class TinkerFrontEnd:
                 "model_data": {"model_name": base, "tokenizer_id": tokenizer, "arch": "lora"}}
 
     # -- operations on a model -----------------------------------------------------------
-    async def _queue(self, owner: str, run: Run, op_name: str, body: dict, turn: Turn,
-                     ) -> dict:
-        """Parse ``body`` as ``op_name`` would from ``/v1``, queue it in turn,
-        and wait for its result."""
-        op = ops.get(op_name)
-        b = Body(body)
-        args = await op.parse(self.coord.services, run, owner, b)
-        b.done()
-        async with turn:
-            answer = await self.coord.submit(owner, run, op, args, None)
-        req = self.coord.requests.get(answer["request_id"], owner)
-        return await asyncio.shield(req.future)
+    async def _sequencer(self, owner: str, model_id: str) -> Sequencer:
+        seq = self._seq.get(model_id)
+        if seq is None:
+            # After a restart: the calls queued before it are in the database.
+            queued = await self.coord.services.db.key_suffixes(owner, _key_prefix(model_id))
+            first = max((int(x) for x in queued if x.isdigit()), default=0) + 1
+            seq = self._seq.setdefault(model_id, Sequencer(self.futures, first))
+        return seq
 
-    def _ordered(self, owner: str, model_id: object, seq_id: object,
-                 work: Callable[[Model, Run, Turn], Awaitable[Any]]) -> str:
-        m, run = self.model(owner, model_id)
+    async def _ordered(self, owner: str, m: Model, seq_id: object, op_name: str,
+                       body: dict, sequencer: Sequencer | None = None,
+                       before: Callable[[], Awaitable[Run]] | None = None) -> str:
+        """Queue ``op_name`` with ``body`` on the model's run in ``seq_id`` order.
+        The Tinker request id is the Signal request's, and the call's
+        idempotency key is (model, seq_id): a re-sent call, before or after a
+        restart, gets the first one's request."""
         if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 0:
             raise ValidationError(f"seq_id must be a non-negative integer, got {seq_id!r}")
-        return self._sequencer(m.model_id, 1).offer(owner, seq_id,
-                                                    lambda turn: work(m, run, turn))
+        sequencer = sequencer or await self._sequencer(owner, m.model_id)
+        key = f"{_key_prefix(m.model_id)}{seq_id}"
+        if seq_id < sequencer.next_seq and not sequencer.seen(seq_id):
+            found = await self.coord.services.db.find_key(owner, key)
+            if found is not None:
+                return found["ref"]
+        request_id = "req-" + secrets.token_hex(8)
 
-    def forward_backward(self, owner: str, call: wire.ForwardBackwardCall) -> str:
-        async def work(m: Model, run: Run, turn: Turn) -> bytes:
-            body = {"batch": call.batch, "loss_fn": call.loss_fn,
-                    "loss_fn_config": call.loss_fn_config}
-            if not call.forward_only:
-                body["reduction"] = "sum"  # Tinker's losses are sums over tokens
-            result = await self._queue(owner, run, "forward" if call.forward_only
-                                       else "forward_backward", body, turn)
-            return wire.forward_output(result, call.loss_fn)
+        async def start(turn: Turn) -> dict | bytes:
+            run = await before() if before is not None else self.coord.runs[m.run_id]
+            op = ops.get(op_name)
+            b = Body(body)
+            args = await op.parse(self.coord.services, run, owner, b)
+            b.done()
 
-        return self._ordered(owner, call.model_id, call.seq_id, work)
+            async def accept() -> dict:
+                async with turn:
+                    return await self.coord.submit(owner, run, op, args, None, key,
+                                                   request_id=request_id)
 
-    def optim_step(self, owner: str, b: Body) -> str:
-        model_id, seq_id = b.str("model_id"), b.int("seq_id", lo=0)
+            answer, _ = await self.coord.once(owner, key, accept)
+            req = self.coord.requests.get(answer["request_id"], owner)
+            return await self.to_tinker(req.kind, await asyncio.shield(req.future), run.run_id)
+
+        return sequencer.offer(owner, seq_id, start, request_id)
+
+    async def forward_backward(self, owner: str, call: wire.ForwardBackwardCall) -> str:
+        m, _ = self.model(owner, call.model_id)
+        body = {"batch": call.batch, "loss_fn": call.loss_fn,
+                "loss_fn_config": call.loss_fn_config}
+        if not call.forward_only:
+            body["reduction"] = "sum"  # Tinker's losses are sums over tokens
+        return await self._ordered(owner, m, call.seq_id, "forward" if call.forward_only
+                                   else "forward_backward", body)
+
+    async def optim_step(self, owner: str, b: Body) -> str:
+        m, _ = self.model(owner, b.str("model_id"))
         p = Body(b.dict("adam_params"), "adam_params")
         clip = p.float("grad_clip_norm", 0.0, lo=0)
         body = {"learning_rate": p.float("learning_rate", lo=0, hi=10),
@@ -175,37 +198,72 @@ class TinkerFrontEnd:
                 "weight_decay": p.float("weight_decay", 0.0, lo=0, hi=10),
                 **({"grad_clip_norm": clip} if clip > 0 else {})}
         p.done()
+        return await self._ordered(owner, m, b.int("seq_id", lo=0), "optim_step", body)
 
-        async def work(m: Model, run: Run, turn: Turn) -> dict:
-            result = await self._queue(owner, run, "optim_step", body, turn)
-            metrics = {} if result.get("loss") is None else {"loss:mean": result["loss"]}
-            return {"type": "optim_step", "metrics": metrics}
-
-        return self._ordered(owner, model_id, seq_id, work)
-
-    def save(self, owner: str, b: Body, *, for_sampler: bool) -> str:
-        model_id, seq_id = b.str("model_id"), b.int("seq_id", lo=0)
+    async def save(self, owner: str, b: Body, *, for_sampler: bool) -> str:
+        m, _ = self.model(owner, b.str("model_id"))
         name = b.str("path", None, max_len=62)
         segment = "sampler_weights" if for_sampler else "weights"
-        if name is None and not for_sampler:
+        if name is not None:
+            saved = state_name(segment, name)
+        elif for_sampler:
+            # A snapshot for a sampling session: the name carries the session's
+            # number, so its id can be made again from the saved state alone.
+            saved = f"{SNAPSHOT}{b.int('sampling_session_seq_id', lo=0)}"
+        else:
             raise ValidationError("save_weights needs a name ('path')")
-        saved = state_name(segment, name) if name is not None else None
-        seq_for_sampler = b.int("sampling_session_seq_id", None, lo=0)
+        return await self._ordered(owner, m, b.int("seq_id", lo=0), "save_state",
+                                   {"mode": "adapter", "name": saved})
 
-        async def work(m: Model, run: Run, turn: Turn) -> dict:
-            body = {"mode": "adapter", **({"name": saved} if saved else {})}
-            meta = await self._queue(owner, run, "save_state", body, turn)
-            if name is not None:
-                path = tinker_path(m.model_id, segment, name)
-                return {"type": "save_weights_for_sampler" if for_sampler else "save_weights",
-                        "path": path}
-            session = m.model_id.split(":train:")[0]
-            sampler = await self.sampling.new(owner, session, seq_for_sampler, run.run_id,
-                                              meta["version"], None)
-            return {"type": "save_weights_for_sampler", "path": None,
-                    "sampling_session_id": sampler.sampler_id}
+    async def to_tinker(self, kind: str, result: dict, run_id: str) -> dict | bytes:
+        """A Signal operation's result as the Tinker call that queued it answers."""
+        if kind in ("forward", "forward_backward"):
+            return wire.forward_output(result)
+        if kind == "optim_step":
+            return {"type": "optim_step",
+                    "metrics": {} if result.get("loss") is None else {"loss:mean": result["loss"]}}
+        if kind == "sample":
+            return wire.sample_output(result, "prompt_logprobs" in result)
+        model_id = next((m.model_id for m in self.models.values() if m.run_id == run_id), None)
+        if kind == "load_state":
+            return {"type": "load_weights", "model_id": model_id}
+        if kind == "save_state" and model_id is not None:
+            name = result["name"]
+            if name.startswith(SNAPSHOT):
+                owner = self.models[model_id].owner
+                sampler = await self.sampling.new(
+                    owner, model_id.split(":train:")[0], int(name[len(SNAPSHOT):]), run_id,
+                    result["version"], None)
+                return {"type": "save_weights_for_sampler", "sampling_session_id":
+                        sampler.sampler_id}
+            prefix, _, short = name.partition(".")
+            segment = next(k for k, v in SEGMENTS.items() if v == prefix)
+            return {"type": "save_weights" if prefix == "w" else "save_weights_for_sampler",
+                    "path": tinker_path(model_id, segment, short)}
+        raise NotFoundError(f"request of kind {kind} was not made through the Tinker API")
 
-        return self._ordered(owner, model_id, seq_id, work)
+    async def recovered(self, owner: str, request_id: str, timeout_s: float
+                        ) -> dict | bytes | None:
+        """A request this front end no longer holds a future for (the coordinator
+        restarted since): its Signal request, live or finished, converted; None
+        while it still runs."""
+        try:
+            req = self.coord.requests.get(request_id, owner)
+        except NotFoundError:
+            old = await self.coord.services.db.finished_request(request_id)
+            if old is None or old["owner"] != owner:
+                raise
+            if old["status"] != "done":
+                err = old["result"].get("error", {})
+                return error_result(SignalError(err.get("message", "failed"),
+                                                code=err.get("code")))
+            return await self.to_tinker(old["kind"], old["result"], old["run_id"])
+        done, _ = await asyncio.wait({req.future}, timeout=timeout_s)
+        if not done:
+            return None
+        if req.future.cancelled() or req.future.exception() is not None:
+            return error_result(req.future.exception() or SignalError("cancelled"))
+        return await self.to_tinker(req.kind, req.future.result(), req.run_id)
 
     async def resolve(self, owner: str, path: object) -> tuple[Model, Run, str, str]:
         """A tinker path -> (model, run, saved-state name, segment)."""
@@ -222,29 +280,29 @@ class TinkerFrontEnd:
         optimizer = b.bool("optimizer", False)
         source, source_run, saved, _ = await self.resolve(owner, path)
         body = {"from_run": source_run.run_id, "name": saved, "optimizer": optimizer}
-
-        async def work(m: Model, run: Run, turn: Turn) -> dict:
-            await self._queue(owner, run, "load_state", body, turn)
-            return {"type": "load_weights", "path": path, "model_id": m.model_id}
-
         model_id = b.str("model_id", None)
         if model_id is not None:
-            return self._ordered(owner, model_id, b.int("seq_id", lo=0), work)
+            m, _ = self.model(owner, model_id)
+            return await self._ordered(owner, m, b.int("seq_id", lo=0), "load_state", body)
         # A new model from the checkpoint (create_training_client_from_state):
         # the load is its seq 0, and its later calls wait for it.
         session_id = self.session(owner, b.str("session_id"))
         seq = b.int("model_seq_id", lo=0)
+        model_id = f"{session_id}:train:{seq}"
+        if model_id in self.models:  # a re-send: the model exists, its seq 0 is known
+            return await self._ordered(owner, self.models[model_id], 0, "load_state", body)
         lora = {"rank": source_run.spec.lora.r, "seed": source_run.spec.lora.seed,
                 **source.flags}
-        created = asyncio.get_running_loop().create_future()
+        sequencer = self._seq.setdefault(model_id, Sequencer(self.futures, 0))
+        placeholder = Model(model_id, owner, "", source.flags)
 
-        async def create_then_load(turn: Turn) -> dict:
+        async def create() -> Run:
             m = await self._new_model(owner, session_id, seq, source_run.spec.base_model, lora)
-            created.set_result(m)
-            return await work(m, self.coord.runs[m.run_id], turn)
+            placeholder.run_id = m.run_id
+            return self.coord.runs[m.run_id]
 
-        model_id = f"{session_id}:train:{seq}"
-        return self._sequencer(model_id, 0).offer(owner, 0, create_then_load)
+        return await self._ordered(owner, placeholder, 0, "load_state", body, sequencer,
+                                   before=create)
 
     async def checkpoint_names(self, run_id: str) -> dict[str, tuple[int, float]]:
         """A run's saved states: name -> (version, time saved)."""

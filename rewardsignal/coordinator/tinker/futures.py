@@ -43,9 +43,9 @@ class Futures:
         self._owners: dict[str, str] = {}
         self.keep = keep
 
-    def run(self, owner: str, work: Awaitable[Any]) -> str:
+    def run(self, owner: str, work: Awaitable[Any], request_id: str | None = None) -> str:
         """A new future resolved by ``work`` (a dict, or protobuf bytes)."""
-        request_id = "tk-" + secrets.token_hex(10)
+        request_id = request_id or "tk-" + secrets.token_hex(10)
         fut: asyncio.Future = asyncio.ensure_future(work)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         self._items[request_id] = fut
@@ -117,7 +117,11 @@ class Sequencer:
         self._ids: OrderedDict[int, str] = OrderedDict()
         self._last: asyncio.Future | None = None  # the latest started call's Turn.done
 
-    def offer(self, owner: str, seq_id: int, start: Start) -> str:
+    def seen(self, seq_id: int) -> bool:
+        return seq_id in self._ids
+
+    def offer(self, owner: str, seq_id: int, start: Start, request_id: str | None = None
+              ) -> str:
         """The call's request id. ``start(turn)`` runs once every lower seq_id
         has started, and queues its operation inside ``async with turn``; its
         result is the call's result. A seq_id seen before gets the first
@@ -131,7 +135,7 @@ class Sequencer:
             raise ValidationError(f"{MAX_WAITING} calls are waiting for seq_id "
                                   f"{self.next_seq}, which never came")
         gate: asyncio.Future = asyncio.get_running_loop().create_future()
-        request_id = self.futures.run(owner, self._after(gate))
+        request_id = self.futures.run(owner, self._after(gate), request_id)
         self._waiting[seq_id] = (gate, start)
         self._ids[seq_id] = request_id
         while len(self._ids) > REMEMBERED:

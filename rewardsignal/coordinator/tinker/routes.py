@@ -19,7 +19,7 @@ from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.tinker import wire
 from rewardsignal.coordinator.tinker.frontend import TinkerFrontEnd
 from rewardsignal.coordinator.tinker.futures import error_result
-from rewardsignal.errors import ConflictError, SignalError, ValidationError
+from rewardsignal.errors import ConflictError, NotFoundError, SignalError, ValidationError
 from rewardsignal.models import BUILTIN_MODELS
 
 log = logging.getLogger("signal.tinker")
@@ -133,22 +133,22 @@ async def forward_backward(request: web.Request) -> web.Response:
     if PROTOBUF not in request.headers.get("Content-Type", ""):
         raise ValidationError(f"forward_backward takes a protobuf body ({PROTOBUF})")
     call = wire.read_forward_backward(await request.read())
-    return _future(tk.forward_backward(owner, call), model_id=call.model_id)
+    return _future(await tk.forward_backward(owner, call), model_id=call.model_id)
 
 
 async def optim_step(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
-    return _future(tk.optim_step(owner, await _json(request)))
+    return _future(await tk.optim_step(owner, await _json(request)))
 
 
 async def save_weights(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
-    return _future(tk.save(owner, await _json(request), for_sampler=False))
+    return _future(await tk.save(owner, await _json(request), for_sampler=False))
 
 
 async def save_for_sampler(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
-    return _future(tk.save(owner, await _json(request), for_sampler=True))
+    return _future(await tk.save(owner, await _json(request), for_sampler=True))
 
 
 async def load_weights(request: web.Request) -> web.Response:
@@ -177,9 +177,12 @@ async def retrieve_future(request: web.Request) -> web.Response:
     owner, tk = await _ctx(request)
     request_id = (await _json(request)).str("request_id")
     try:
-        result = await tk.futures.wait(request_id, owner, HOLD_S)
+        try:
+            result = await tk.futures.wait(request_id, owner, HOLD_S)
+        except NotFoundError:  # from before a restart: the operation itself is durable
+            result = await tk.recovered(owner, request_id, HOLD_S)
     except SignalError as exc:
-        # Gone (restart, or long ago): 410 makes a sampling client submit again.
+        # Gone (pruned long ago): 410 makes a sampling client submit again.
         return web.json_response(error_result(exc), status=410)
     if result is None:
         return web.json_response({"type": "try_again", "request_id": request_id,

@@ -137,7 +137,7 @@ class Samplers:
             result = await asyncio.shield(req.future)
             return wire.sample_output(result, body["include_prompt_logprobs"])
 
-        request_id = self.futures.run(owner, work())
+        request_id = self.futures.run(owner, work(), answer["request_id"])
         ids = [f"{request_id}:{i}" for i in range(n)]
         seen[seq] = (request_id, ids)
         if len(seen) > 4096:

@@ -110,7 +110,7 @@ def _batched(arrays: list[np.ndarray], dtype: int, np_dtype: type) -> tuple[byte
     return (b"".join(p.tobytes() for p in parts), sizes.tobytes(), dtype)
 
 
-def forward_output(result: dict, loss_fn: str) -> bytes:
+def forward_output(result: dict) -> bytes:
     """``ForwardBackwardOutput``: per datum its targets' ``logprobs`` (float32),
     and ``loss:sum`` (the Tinker losses are sums)."""
     out = schema.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
