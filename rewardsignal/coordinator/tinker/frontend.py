@@ -242,6 +242,18 @@ class TinkerFrontEnd:
                     "path": tinker_path(model_id, segment, short)}
         raise NotFoundError(f"request of kind {kind} was not made through the Tinker API")
 
+    def queue_state(self, owner: str, request_id: str) -> dict:
+        """What a still-running call waits on, as the SDK reports it."""
+        try:
+            waiting = self.coord.requests.get(request_id, owner).waiting_for_workers
+        except NotFoundError:  # not queued yet: waiting for a lower seq_id
+            waiting = False
+        if waiting:
+            return {"queue_state": "paused_capacity", "queue_state_reason":
+                    "no live worker can serve this model yet; start one with "
+                    "`signal-worker --coordinator URL`"}
+        return {"queue_state": "active"}
+
     async def recovered(self, owner: str, request_id: str, timeout_s: float
                         ) -> dict | bytes | None:
         """A request this front end no longer holds a future for (the coordinator

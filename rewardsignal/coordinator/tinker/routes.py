@@ -186,7 +186,7 @@ async def retrieve_future(request: web.Request) -> web.Response:
         return web.json_response(error_result(exc), status=410)
     if result is None:
         return web.json_response({"type": "try_again", "request_id": request_id,
-                                  "queue_state": "active"})
+                                  **tk.queue_state(owner, request_id)})
     if isinstance(result, bytes):
         return web.Response(body=result, content_type=PROTOBUF)
     return web.json_response(result)
