@@ -162,7 +162,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="padded tokens per forward pass inside a task (halved on OOM)")
     p.add_argument("--model-cache-gb", type=_positive(float), default=None,
                    help="memory for cached base models; the least recently used is unloaded "
-                        "to make room (default: 60%% of GPU memory, 50%% of RAM on CPU)")
+                        "to make room (default: 60%% of GPU memory, 50%% of RAM on CPU, of "
+                        "--memory-gb when given; at most --memory-gb)")
     p.add_argument("--memory-gb", type=_positive(float), default=_env("SIGNAL_MEMORY_GB", float),
                    help="memory this worker offers: the coordinator sends it only runs whose "
                         "estimated need fits (env SIGNAL_MEMORY_GB; default: the GPU's memory, "
@@ -191,6 +192,9 @@ def worker_config(args: argparse.Namespace):
                          "e.g. signal-worker --coordinator http://127.0.0.1:8000")
     if not args.coordinator.startswith(("http://", "https://")):
         raise _die(f"--coordinator must be an http(s) URL, got {args.coordinator!r}")
+    if args.model_cache_gb and args.memory_gb and args.model_cache_gb > args.memory_gb:
+        raise _die(f"--model-cache-gb {args.model_cache_gb:g} exceeds --memory-gb "
+                   f"{args.memory_gb:g}: the cache is part of the memory the worker offers")
     return WorkerConfig(coordinator=args.coordinator, token=args.token, device=args.device,
                         name=args.name, max_tokens_per_task=args.max_tokens_per_task,
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,

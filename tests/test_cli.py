@@ -34,6 +34,8 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     (["worker", "--coordinator", "127.0.0.1:8000"], "must be an http(s) URL"),
     (["worker", "--coordinator", "http://127.0.0.1:1", "--device", "tpu"], "--device must be"),
     (["worker", "--coordinator", "http://127.0.0.1:1", "--codec", "zip"], "invalid choice"),
+    (["worker", "--coordinator", "http://127.0.0.1:1", "--memory-gb", "2", "--model-cache-gb",
+      "4"], "--model-cache-gb 4 exceeds --memory-gb 2"),
     (["launch"], "invalid choice"),
     (["train", "--dataset", "/nonexistent.jsonl"], "no such file"),
     (["train", "--dataset", "x.jsonl", "--outer-optimizer", "adam"], "invalid choice"),

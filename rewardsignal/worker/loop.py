@@ -29,7 +29,7 @@ from rewardsignal.lora import LoraSpec
 from rewardsignal.precision import Precision
 from rewardsignal.worker import hardware
 from rewardsignal.worker.engine import Engine
-from rewardsignal.worker.model_cache import release_device_memory
+from rewardsignal.worker.model_cache import default_budget_bytes, release_device_memory
 from rewardsignal.worker.sampling import SampleParams, row_seed
 from rewardsignal.worker.status import StatusLine
 
@@ -53,6 +53,17 @@ class WorkerConfig:
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
 
 
+def cache_budget(config: WorkerConfig, device: torch.device) -> int | None:
+    """Bytes for cached base models: ``--model-cache-gb``, else a share of
+    ``--memory-gb`` when the worker offers less than it has, else None (the
+    engine takes a share of the device's memory)."""
+    if config.model_cache_gb:
+        return int(config.model_cache_gb * 2**30)
+    if config.memory_gb:
+        return default_budget_bytes(device, int(config.memory_gb * 2**30))
+    return None
+
+
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
@@ -61,8 +72,7 @@ class Worker:
             # core: oversubscription made steps 10x slower on a 2-core box.
             torch.set_num_threads(config.threads)
         self.device = hardware.resolve_device(config.device)
-        cache_bytes = int(config.model_cache_gb * 2**30) if config.model_cache_gb else None
-        self.engine = Engine(str(self.device), cache_bytes=cache_bytes)
+        self.engine = Engine(str(self.device), cache_bytes=cache_budget(config, self.device))
         self.name = config.name or f"{socket.gethostname()}-{self.device.type}"
         self.status = StatusLine(self.name)
         self.worker_id: str | None = None

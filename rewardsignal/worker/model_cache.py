@@ -26,11 +26,17 @@ _DEVICE_SHARE = 0.6
 _HOST_SHARE = 0.5
 
 
-def default_budget_bytes(device: torch.device) -> int:
+def default_budget_bytes(device: torch.device, offered_bytes: int | None = None) -> int:
+    """The cache's share of the memory the worker has: of ``offered_bytes``
+    (``--memory-gb``: what it told the coordinator it offers) when given, so
+    that the cache never takes more than the worker offered; else of the
+    device's (CUDA) or the machine's (CPU) memory."""
+    share = _DEVICE_SHARE if device.type == "cuda" else _HOST_SHARE
+    if offered_bytes is not None:
+        return int(offered_bytes * share)
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device.index or 0).total_memory
-                   * _DEVICE_SHARE)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * _HOST_SHARE)
+        return int(torch.cuda.get_device_properties(device.index or 0).total_memory * share)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
 
 
 def module_bytes(module: torch.nn.Module) -> int:

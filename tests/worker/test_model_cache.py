@@ -91,3 +91,16 @@ def engine_fp32_mean_loss(spec, adapter, datums) -> float:
     model, key = engine.activate("signal-tiny", spec, "r", 0, adapter)
     res = engine.forward_backward(model, key, datums, "cross_entropy", {}, backward=False)
     return res.loss_sum / res.weight_sum
+
+
+def test_the_cache_stays_within_the_memory_the_worker_offers():
+    from rewardsignal.worker.loop import WorkerConfig, cache_budget
+    from rewardsignal.worker.model_cache import default_budget_bytes
+
+    cpu = torch.device("cpu")
+    base = dict(coordinator="http://127.0.0.1:1", device="cpu")
+    offered = WorkerConfig(**base, memory_gb=4.0)
+    assert cache_budget(offered, cpu) == default_budget_bytes(cpu, 4 * 2**30) == 2 * 2**30
+    assert cache_budget(WorkerConfig(**base, memory_gb=4.0, model_cache_gb=1.0), cpu) == 2**30
+    assert cache_budget(WorkerConfig(**base), cpu) is None  # the engine's default: a share
+    assert default_budget_bytes(cpu) > default_budget_bytes(cpu, 2**30)  # of all RAM
