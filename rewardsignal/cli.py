@@ -12,24 +12,12 @@ import re
 import sys
 from pathlib import Path
 
+from rewardsignal import cli_runs
+from rewardsignal.cli_common import Parser, add_client_args
+from rewardsignal.cli_common import die as _die
+from rewardsignal.cli_common import env as _env
+from rewardsignal.cli_common import table as _table
 from rewardsignal.errors import SignalError
-
-
-def _die(message: str) -> SystemExit:
-    """A usage error: say what is wrong and exit 2, as argparse does."""
-    print(f"error: {message}", file=sys.stderr)
-    return SystemExit(2)
-
-
-def _env(name: str, cast=str, default=None):
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return cast(raw)
-    except ValueError:
-        raise _die(f"environment variable {name}={raw!r} is not a valid "
-                         f"{getattr(cast, '__name__', 'value')}") from None
 
 
 def _csv(name: str) -> list[str]:
@@ -93,18 +81,20 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    default=_env("DELTA_NORM_MAX", float, math.inf),
                    help="reject updates whose norm per unit of loss weight exceeds this "
                         "(env DELTA_NORM_MAX; default no limit)")
-    p.add_argument("--tick-interval-sec", type=_positive(float),
-                   default=_env("TICK_INTERVAL_SEC", float, 1.0),
-                   help="how often leases are checked for expiry (env TICK_INTERVAL_SEC)")
-    p.add_argument("--num-tasks-per-round", type=_positive(int),
+    p.add_argument("--tick-interval-s", "--tick-interval-sec", dest="tick_interval_s",
+                   type=_positive(float), default=_env("TICK_INTERVAL_SEC", float, 1.0),
+                   help="how often leases are checked for expiry, in seconds (env "
+                        "TICK_INTERVAL_SEC)")
+    p.add_argument("--num-tasks-per-round", "--tasks-per-round", dest="num_tasks_per_round",
+                   type=_positive(int),
                    default=_env("NUM_TASKS_PER_ROUND", int, 4),
                    help="federated jobs: train tasks per round (env NUM_TASKS_PER_ROUND)")
     p.add_argument("--min-updates-per-round", type=_positive(int),
                    default=_env("MIN_UPDATES_PER_ROUND", int, 1),
                    help="federated jobs: accepted updates needed to close a round at its "
                         "timeout (env MIN_UPDATES_PER_ROUND)")
-    p.add_argument("--round-timeout-sec", type=_positive(float),
-                   default=_env("ROUND_TIMEOUT_SEC", float, 600.0),
+    p.add_argument("--round-timeout-s", "--round-timeout-sec", dest="round_timeout_s",
+                   type=_positive(float), default=_env("ROUND_TIMEOUT_SEC", float, 600.0),
                    help="federated jobs: seconds before a round closes with what it has "
                         "(env ROUND_TIMEOUT_SEC)")
     p.add_argument("--lease-timeout-s", type=_positive(float),
@@ -129,7 +119,7 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="workers gone this long leave the worker list, dashboard and metrics "
                         "(env SIGNAL_WORKER_RETENTION_S, default 600)")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
 
 
 def coordinator_config(args: argparse.Namespace):
@@ -140,18 +130,20 @@ def coordinator_config(args: argparse.Namespace):
         port=args.port, api_keys=tuple(args.api_key or _csv("SIGNAL_API_KEYS")),
         worker_tokens=tuple(args.worker_token or _csv("SIGNAL_WORKER_TOKENS")),
         max_staleness=args.max_staleness, delta_norm_max=args.delta_norm_max,
-        tick_interval_s=args.tick_interval_sec, lease_timeout_s=args.lease_timeout_s,
+        tick_interval_s=args.tick_interval_s, lease_timeout_s=args.lease_timeout_s,
         max_task_attempts=args.max_task_attempts, max_body_bytes=args.max_body_mb << 20,
         upload_slots=args.upload_slots,
         keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
         min_updates_per_round=args.min_updates_per_round,
-        round_timeout_s=args.round_timeout_sec, no_worker_grace_s=args.no_worker_grace_s,
+        round_timeout_s=args.round_timeout_s, no_worker_grace_s=args.no_worker_grace_s,
         worker_retention_s=args.worker_retention_s)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=_env("SIGNAL_COORDINATOR"),
-                   help="coordinator URL, e.g. http://127.0.0.1:8000 (env SIGNAL_COORDINATOR)")
+    p.add_argument("--coordinator", "--url", dest="coordinator",
+                   default=_env("SIGNAL_URL") or _env("SIGNAL_COORDINATOR"),
+                   help="coordinator URL, e.g. http://127.0.0.1:8000 (env SIGNAL_URL; "
+                        "SIGNAL_COORDINATOR also read)")
     p.add_argument("--token", default=_env("SIGNAL_WORKER_TOKEN"),
                    help="worker token (env SIGNAL_WORKER_TOKEN)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -180,14 +172,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
     p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
 
 
 def worker_config(args: argparse.Namespace):
     from rewardsignal.worker.loop import WorkerConfig
 
     if not args.coordinator:
-        raise _die("--coordinator URL is required (or set SIGNAL_COORDINATOR), "
+        raise _die("--coordinator URL is required (or set SIGNAL_URL), "
                          "e.g. signal-worker --coordinator http://127.0.0.1:8000")
     if not args.coordinator.startswith(("http://", "https://")):
         raise _die(f"--coordinator must be an http(s) URL, got {args.coordinator!r}")
@@ -257,15 +249,6 @@ def _run_models(args: argparse.Namespace) -> int:
         print(f"{info['model_id']:14s} {info['param_count']:>11,d} params  "
               f"{fingerprint(info['model_id'])[:23]}  {path}")
     return 0
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _run_keys(args: argparse.Namespace) -> int:
@@ -350,39 +333,62 @@ def _serves(worker: dict, n_runs: int) -> str:
     return ", ".join(able) if able else "none"
 
 
+def _check_datasets(args: argparse.Namespace) -> None:
+    """Every line of the datasets parses, before anything is created (a failed
+    attempt must not leave an empty run behind); shapes are checked by the
+    coordinator against the run's tokenizer, and a run made for a job it then
+    refuses is deleted again."""
+    from rewardsignal.data.datasets import iter_jsonl
+
+    for flag, path in (("--dataset", args.dataset), ("--eval-dataset", args.eval_dataset)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise _die(f"{flag} {path}: no such file")
+        if not any(True for _ in iter_jsonl(path)):
+            raise _die(f"{flag} {path}: no examples")
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from rewardsignal import SignalClient
+    from rewardsignal.errors import ValidationError
 
-    if not Path(args.dataset).is_file():
-        raise _die(f"--dataset {args.dataset}: no such file")
-    if args.eval_dataset and not Path(args.eval_dataset).is_file():
-        raise _die(f"--eval-dataset {args.eval_dataset}: no such file")
+    _check_datasets(args)
     with SignalClient(api_key=args.api_key, base_url=args.coordinator) as client:
-        if args.run_id:
-            run = client.run(args.run_id)
-        else:
+        created = args.run_id is None
+        if created:
             run = client.create_run(base_model=args.base_model, lora_r=args.lora_r,
                                     learning_rate=args.inner_learning_rate, seed=args.seed)
+        else:
+            run = client.run(args.run_id)
+        try:
+            job = run.train_federated(
+                args.dataset, eval_dataset=args.eval_dataset, rounds=args.rounds,
+                local_steps=args.local_steps, batch_size=args.batch_size,
+                inner_learning_rate=args.inner_learning_rate,
+                outer_optimizer=args.outer_optimizer,
+                outer_learning_rate=args.outer_learning_rate, aggregator=args.aggregator,
+                trim_fraction=args.trim_fraction, tasks_per_round=args.tasks_per_round,
+                min_updates_per_round=args.min_updates_per_round,
+                round_timeout_s=args.round_timeout_s, max_staleness=args.max_staleness,
+                delta_norm_max=args.delta_norm_max, codec=args.codec, seed=args.seed)
+        except ValidationError:
+            if created:
+                run.delete()  # the job was refused: leave no empty run behind
+            raise
+        if created:
             print(f"created run {run.run_id} on {args.base_model}", flush=True)
-        job = run.train_federated(
-            args.dataset, eval_dataset=args.eval_dataset, rounds=args.rounds,
-            local_steps=args.local_steps, batch_size=args.batch_size,
-            inner_learning_rate=args.inner_learning_rate, outer_optimizer=args.outer_optimizer,
-            outer_learning_rate=args.outer_learning_rate, aggregator=args.aggregator,
-            trim_fraction=args.trim_fraction, tasks_per_round=args.tasks_per_round,
-            min_updates_per_round=args.min_updates_per_round,
-            round_timeout_s=args.round_timeout_s, max_staleness=args.max_staleness,
-            delta_norm_max=args.delta_norm_max, codec=args.codec, seed=args.seed)
         print(f"job {job.job_id} started; following it (Ctrl-C stops following, not the job)",
               flush=True)
         st = job.wait()
-    evals = [e for e in st["eval_loss"] if e is not None]
+    evals = [e for e in st["eval_loss_history"] if e is not None]
     print(f"job {st['job_id']}: {st['status']} after {st['round']}/{st['rounds']} rounds, run "
           f"{st['run_id']} at version {st['version']}; accepted {st['accepted']}, rejected "
           f"{st['rejected'] or 'none'}" + (f"; eval loss {evals[0]:.3f} -> {evals[-1]:.3f}"
                                            if len(evals) > 1 else ""))
     if st["reason"]:
         print(f"reason: {st['reason']}")
+    print(cli_runs.download_hint(st["run_id"]))
     return 0 if st["status"] == "done" else 1
 
 
@@ -393,9 +399,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signal", description="Signal: federated LoRA training "
-                                "on volunteer GPUs")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="signal", description="Signal: federated LoRA training on volunteer GPUs")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     c = sub.add_parser("coordinator", help="run the coordinator")
     add_coordinator_args(c)
     c.set_defaults(func=_run_coordinator)
@@ -421,36 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="make a worker token instead of a user API key")
     k.set_defaults(func=_run_keys)
     st = sub.add_parser("status", help="a table of runs and workers on a coordinator")
-    st.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
-                    help="coordinator URL (env SIGNAL_URL)")
-    st.add_argument("--api-key", default=_env("SIGNAL_API_KEY"), help="env SIGNAL_API_KEY")
+    add_client_args(st)
     st.set_defaults(func=_run_status)
-    t = sub.add_parser("train", help="run a federated job over a JSONL dataset")
-    t.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
-                   help="coordinator URL (env SIGNAL_URL)")
-    t.add_argument("--api-key", default=_env("SIGNAL_API_KEY"), help="env SIGNAL_API_KEY")
-    t.add_argument("--dataset", required=True, type=Path, help="training JSONL on this machine")
-    t.add_argument("--eval-dataset", type=Path, default=None, help="held-out JSONL")
-    t.add_argument("--run-id", default=None, help="continue this run instead of a new one")
-    t.add_argument("--base-model", default="signal-tiny")
-    t.add_argument("--lora-r", type=_positive(int), default=8)
-    t.add_argument("--rounds", type=_positive(int), default=10)
-    t.add_argument("--local-steps", type=_positive(int), default=8)
-    t.add_argument("--batch-size", type=_positive(int), default=8)
-    t.add_argument("--inner-learning-rate", type=_positive(float), default=1e-3)
-    t.add_argument("--outer-optimizer", choices=["fedavg", "nesterov", "fedadam"],
-                   default="fedavg")
-    t.add_argument("--outer-learning-rate", type=_positive(float), default=None)
-    t.add_argument("--aggregator", choices=["mean", "trimmed_mean", "median"], default="mean")
-    t.add_argument("--trim-fraction", type=float, default=0.2)
-    t.add_argument("--tasks-per-round", type=_positive(int), default=None)
-    t.add_argument("--min-updates-per-round", type=_positive(int), default=None)
-    t.add_argument("--round-timeout-s", type=_positive(float), default=None)
-    t.add_argument("--max-staleness", type=_non_negative_int, default=0)
-    t.add_argument("--delta-norm-max", type=_positive(float), default=None)
-    t.add_argument("--codec", choices=["fp32", "fp16", "bf16", "int8"], default="fp32")
-    t.add_argument("--seed", type=_non_negative_int, default=0)
-    t.set_defaults(func=_run_train)
+    _add_train_parser(sub)
+    cli_runs.add_parsers(sub)
     d = sub.add_parser("demo", help="coordinator + 2 workers on this machine: train, sample, save")
     d.add_argument("--steps", type=_positive(int), default=100,
                    help="optim steps (default 100)")
@@ -459,6 +438,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the demo keeps its data and the saved adapter")
     d.set_defaults(func=_run_demo)
     return p
+
+
+def _add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="run a federated job over a JSONL dataset")
+    add_client_args(t)
+    t.add_argument("--dataset", required=True, type=Path, help="training JSONL on this machine")
+    t.add_argument("--eval-dataset", type=Path, default=None,
+                   help="held-out JSONL (eval loss after each round)")
+    t.add_argument("--run-id", default=None, help="continue this run instead of a new one")
+    t.add_argument("--base-model", default="signal-tiny", help="base model of a new run")
+    t.add_argument("--lora-r", type=_positive(int), default=8, help="LoRA rank of a new run")
+    t.add_argument("--rounds", type=_positive(int), default=10, help="federated rounds")
+    t.add_argument("--local-steps", type=_positive(int), default=8,
+                   help="AdamW steps each worker takes per round")
+    t.add_argument("--batch-size", type=_positive(int), default=8,
+                   help="examples per local step")
+    t.add_argument("--inner-learning-rate", type=_positive(float), default=1e-3,
+                   help="learning rate of the local steps")
+    t.add_argument("--outer-optimizer", choices=["fedavg", "nesterov", "fedadam"],
+                   default="fedavg", help="how the combined delta is applied")
+    t.add_argument("--outer-learning-rate", type=_positive(float), default=None,
+                   help="outer learning rate (default: the optimizer's own: 1 for fedavg)")
+    t.add_argument("--aggregator", choices=["mean", "trimmed_mean", "median"], default="mean",
+                   help="how workers' deltas are combined")
+    t.add_argument("--trim-fraction", type=float, default=0.2,
+                   help="trimmed_mean: fraction cut at each end")
+    t.add_argument("--num-tasks-per-round", "--tasks-per-round", dest="tasks_per_round",
+                   type=_positive(int), default=None,
+                   help="train tasks per round (default: the coordinator's)")
+    t.add_argument("--min-updates-per-round", type=_positive(int), default=None,
+                   help="accepted updates that close a round at its timeout (default: the "
+                        "coordinator's)")
+    t.add_argument("--round-timeout-s", "--round-timeout-sec", dest="round_timeout_s",
+                   type=_positive(float), default=None,
+                   help="seconds before a round closes with what it has (default: the "
+                        "coordinator's)")
+    t.add_argument("--max-staleness", type=_non_negative_int, default=0,
+                   help="accept updates computed this many versions ago")
+    t.add_argument("--delta-norm-max", type=_positive(float), default=None,
+                   help="reject deltas whose norm exceeds this (default: no limit)")
+    t.add_argument("--codec", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="encoding of the workers' deltas")
+    t.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the run and of the data order")
+    t.set_defaults(func=_run_train)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -483,14 +507,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def coordinator_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="signal-coordinator", description="run the coordinator")
+    p = Parser(prog="signal-coordinator", description="run the coordinator")
     add_coordinator_args(p)
     p.set_defaults(func=_run_coordinator)
     return _dispatch(p.parse_args(argv))
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="signal-worker", description="run a worker")
+    p = Parser(prog="signal-worker", description="run a worker")
     add_worker_args(p)
     p.set_defaults(func=_run_worker)
     return _dispatch(p.parse_args(argv))

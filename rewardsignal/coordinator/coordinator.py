@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from rewardsignal.coordinator import recovery
@@ -152,6 +154,37 @@ class Coordinator:
         log.info("run created run_id=%s base=%s lora_r=%d params=%d", run.run_id,
                  req.base_model, req.lora.r, sum(v.numel() for v in run.adapter.values()))
         return run
+
+    async def delete_run(self, owner: str, run_id: str) -> dict:
+        """Remove a run and everything it owns: its jobs (cancelled), open requests
+        (failed), tasks, database rows (one transaction: the point of no return),
+        checkpoints, saved states, pending gradients and metric series."""
+        run = self.run_for(owner, run_id)
+        jobs = [j for j in self.jobs.values() if j.run_id == run_id]
+        for job in jobs:
+            job.cancel()
+        del self.runs[run_id]
+        if run.processor is not None:
+            await run.processor.stop()
+        failed = self.requests.fail_run(run_id, NotFoundError(f"run {run_id} was deleted"))
+        tasks = self.scheduler.forget_run(run_id)
+        for job in jobs:
+            self.jobs.pop(job.job_id, None)
+        paths = await self.services.db.delete_run(run_id)
+        await asyncio.to_thread(self._delete_files, run_id, paths, [j.job_id for j in jobs])
+        self.metrics.forget_run(run_id)
+        log.info("run deleted run_id=%s requests_failed=%d tasks_cancelled=%d", run_id, failed,
+                 tasks)
+        return {"run_id": run_id, "deleted": True, "requests_failed": failed,
+                "jobs_cancelled": len(jobs)}
+
+    def _delete_files(self, run_id: str, pending: list[str], job_ids: list[str]) -> None:
+        s = self.services
+        s.artifacts.delete_run(run_id)
+        shutil.rmtree(s.versions.store.run_dir(run_id), ignore_errors=True)
+        shutil.rmtree(s.pending.root / run_id, ignore_errors=True)
+        for path in [*pending, *(str(s.job_store.datums_path(j)) for j in job_ids)]:
+            Path(path).unlink(missing_ok=True)
 
     def run_for(self, owner: str, run_id: str) -> Run:
         run = self.runs.get(run_id)

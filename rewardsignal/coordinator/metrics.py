@@ -80,3 +80,10 @@ class Metrics:
         self.request_latency = Histogram("signal_http_request_duration_seconds",
                                          "HTTP request latency by route", ["route", "method"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
+
+    def forget_run(self, run_id: str) -> None:
+        """Remove every series labelled with a deleted run."""
+        for metric in (self.steps, self.step_duration, self.fb_duration, self.version,
+                       self.train_loss, self.tokens, self.checkpoint_bytes, self.rounds,
+                       self.round_duration, self.round_failures, self.eval_loss):
+            metric.remove(run_id)  # a series the run never reported is no error

@@ -33,6 +33,19 @@ def test_input_output_has_loss_on_output_only(tokenizer):
     assert d.num_loss_tokens == 2
 
 
+@pytest.mark.parametrize("key", ["input", "output"])
+def test_lone_input_or_output_is_text_to_learn(tokenizer, key):
+    d = example_to_datum({key: "The quick brown fox."}, tokenizer)
+    assert d == example_to_datum({"text": "The quick brown fox."}, tokenizer)
+    assert d.weights == (1.0,) * len(d)
+
+
+def test_prompt_completion_is_input_output(tokenizer):
+    d = example_to_datum({"prompt": "2+2=", "completion": "4"}, tokenizer)
+    assert d == example_to_datum({"input": "2+2=", "output": "4"}, tokenizer)
+    assert _loss_text(tokenizer, d) == "4<|eos|>"
+
+
 def test_messages_loss_on_assistant_turns_only(tokenizer):
     ex = {"messages": [{"role": "system", "content": "Be brief."},
                        {"role": "user", "content": "Hi"},
@@ -61,7 +74,10 @@ def test_tinker_datum_used_as_given(tokenizer):
     ({"text": 3}, "field 'text' must be a string"),
     ({"text": ""}, "field 'text' is empty"),
     ({"text": "a", "extra": 1}, r"unknown field\(s\) \['extra'\]"),
-    ({"input": "a"}, "missing field 'output'"),
+    ({"prompt": "a"}, "missing field 'completion'"),
+    ({"completion": "a"}, "missing field 'prompt'"),
+    ({"output": 3}, "field 'output' must be a string"),
+    ({"input": "a", "text": "b"}, r"unknown field\(s\) \['input'\]"),
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},

@@ -43,7 +43,8 @@ def test_federated_job_lowers_held_out_loss(tmp_path):
         st = job.wait(timeout=300, progress=False)
         assert st["status"] == "done", st["reason"]
         assert st["round"] == 6 and st["version"] == 6 and run.info()["version"] == 6
-        evals = st["eval_loss"]
+        evals = st["eval_loss_history"]
+        assert st["eval_loss"] == evals[-1]  # the latest number; the history beside it
         assert len(evals) == 7  # before training, then after every round
         assert evals[-1] < 0.6 * evals[0], evals
         assert st["accepted"] == 12 and st["rejected"] == {}

@@ -47,6 +47,22 @@ async def get_run(request: web.Request) -> web.Response:
     return web.json_response(run.to_json())
 
 
+async def delete_run(request: web.Request) -> web.Response:
+    """DELETE /v1/runs/{run_id}: the run, its checkpoints, saved states, pending
+    requests and gradients, jobs and metric series. Not undoable."""
+    owner = await request.app[AUTH].user(request)
+    answer = await request.app[COORDINATOR].delete_run(owner, request.match_info["run_id"])
+    return web.json_response(answer)
+
+
+async def list_artifacts(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    coord = request.app[COORDINATOR]
+    run = coord.run_for(owner, request.match_info["run_id"])
+    metas = await asyncio.to_thread(coord.services.artifacts.list, run.run_id)
+    return web.json_response({"artifacts": metas})
+
+
 async def run_op(request: web.Request) -> web.Response:
     """POST /v1/runs/{run_id}/{op}: check the arguments now (a bad request changes
     nothing), queue the operation, answer 202 with a request id to wait on."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.compute_logprobs import ComputeLogprobs
+from rewardsignal.coordinator.ops.evaluate import Evaluate
 from rewardsignal.coordinator.ops.forward import Forward, ForwardBackward
 from rewardsignal.coordinator.ops.optim_step import OptimStep
 from rewardsignal.coordinator.ops.sample import Sample
@@ -18,8 +19,8 @@ from rewardsignal.coordinator.ops.train_federated import TrainFederated
 from rewardsignal.errors import NotFoundError
 
 _OPERATIONS: tuple[Operation, ...] = (
-    ForwardBackward(), Forward(), OptimStep(), Sample(), ComputeLogprobs(), SaveState(),
-    TrainFederated())
+    ForwardBackward(), Forward(), OptimStep(), Sample(), ComputeLogprobs(), Evaluate(),
+    SaveState(), TrainFederated())
 REGISTRY: dict[str, Operation] = {op.name: op for op in _OPERATIONS}
 
 
