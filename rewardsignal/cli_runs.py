@@ -23,7 +23,7 @@ def _runs_list(args: argparse.Namespace) -> int:
     print(table(["RUN", "BASE MODEL", "VERSION", "LOSS", "LORA R", "CREATED"],
                 [[r["run_id"], r["base_model"], r["version"],
                   f"{r['last_loss']:.4f}" if r.get("last_loss") is not None else None,
-                  r["lora_r"], _when(r.get("created"))] for r in runs]))
+                  r["lora_r"], _when(r.get("created_at"))] for r in runs]))
     return 0
 
 

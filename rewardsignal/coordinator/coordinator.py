@@ -31,7 +31,7 @@ from rewardsignal.coordinator.scheduling.placement import Requirement
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
-from rewardsignal.errors import NotFoundError
+from rewardsignal.errors import NotFoundError, ValidationError
 from rewardsignal.memory import gpu_config_memory_bytes
 
 log = logging.getLogger("signal.coordinator")
@@ -146,7 +146,10 @@ class Coordinator:
         return answer, replayed
 
     async def create_run(self, owner: str, req: RunRequest, idem_key: str | None = None) -> Run:
-        run = await asyncio.to_thread(build_run, owner, req)
+        start = None
+        if req.init is not None and req.init.run_ref is not None:
+            start = await self._version_weights(owner, req, *req.init.run_ref)
+        run = await asyncio.to_thread(build_run, owner, req, start)
         await asyncio.to_thread(self.services.tokenizers.get, req.base_model)
         await self.services.versions.write(run)
         await self.services.db.save_run(run.run_id, owner, run.spec.to_json(), idem_key)
@@ -185,6 +188,18 @@ class Coordinator:
         shutil.rmtree(s.pending.root / run_id, ignore_errors=True)
         for path in [*pending, *(str(s.job_store.datums_path(j)) for j in job_ids)]:
             Path(path).unlink(missing_ok=True)
+
+    async def _version_weights(self, owner: str, req: RunRequest, run_id: str,
+                               version: int) -> dict:
+        """The adapter of one of the caller's run versions, to start a new run from."""
+        src = self.run_for(owner, run_id)
+        if src.spec.base_model != req.base_model:
+            raise ValidationError(f"{run_id} was trained on {src.spec.base_model!r}, not "
+                                  f"{req.base_model!r}")
+        if version > src.version:
+            raise NotFoundError(f"{run_id} has no version {version} (it is at {src.version})")
+        ck = await asyncio.to_thread(self.services.versions.store.load, run_id, version)
+        return ck.adapter
 
     def run_for(self, owner: str, run_id: str) -> Run:
         run = self.runs.get(run_id)

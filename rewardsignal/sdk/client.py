@@ -9,6 +9,7 @@ coordinator raised.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -117,19 +118,26 @@ class AsyncSignalClient:
                          lora_target_modules: Sequence[str] | None = None,
                          learning_rate: float = 1e-4, seed: int = 0, max_length: int = 2048,
                          base_dtype: str = "auto", quantization: str | None = None,
-                         gpu_config: str | None = None, **optimizer: float) -> AsyncRun:
+                         gpu_config: str | None = None, init_from: str | Path | None = None,
+                         **optimizer: float) -> AsyncRun:
         """A new run. ``base_dtype`` ("auto" | "bf16" | "fp16" | "fp32") and
         ``quantization`` (None | "nf4" | "int8", on CUDA workers with bitsandbytes)
         say how workers load the frozen base; LoRA stays fp32. ``gpu_config``
         ("A100-80GB:2") is a placement hint: the least memory a worker needs. If
         no registered worker can host the run, the coordinator's warnings are
-        printed (the run is created all the same: workers may join later)."""
+        printed (the run is created all the same: workers may join later).
+
+        ``init_from`` starts from existing LoRA weights instead of the seeded
+        ones: a PEFT adapter directory on this machine (sent with the request) or
+        ``"run_id@version"`` of one of your runs. The base model and the LoRA
+        shapes (``lora_r``, ``lora_alpha``, ``lora_target_modules``) must match
+        the adapter's; the optimizer state starts fresh."""
         body = {"base_model": base_model, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "learning_rate": learning_rate, "seed": seed,
                 "max_length": max_length, "base_dtype": base_dtype,
                 "quantization": quantization, "gpu_config": gpu_config,
                 "lora_target_modules": list(lora_target_modules) if lora_target_modules
-                else None, **optimizer}
+                else None, **optimizer, **_init_from(init_from)}
         info = await self._http("POST", "/v1/runs", body=body, timeout_s=600)
         for warning in info.get("warnings") or ():
             print(f"signal: warning: {warning}", file=sys.stderr, flush=True)
@@ -370,6 +378,26 @@ class AsyncRun:
                 raise SignalError(f"downloaded {f['path']} does not match its sha256; retry")
             (out / f["path"]).write_bytes(data)
         return out
+
+
+def _init_from(init_from: str | Path | None) -> dict:
+    """The create-run field for ``init_from``: a local adapter directory is read
+    here and sent (the coordinator cannot see this machine's files)."""
+    if init_from is None:
+        return {}
+    path = Path(init_from)
+    if isinstance(init_from, Path) or path.is_dir():
+        config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+        if not (config_file.is_file() and weights.is_file()):
+            raise ValidationError(f"init_from {str(path)!r} is not a PEFT adapter directory "
+                                  "(adapter_config.json + adapter_model.safetensors)")
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ValidationError(f"{config_file}: not JSON ({exc})") from None
+        return {"init_adapter": {"adapter_config": config, "source": str(path),
+                                 "weights": base64.b64encode(weights.read_bytes()).decode()}}
+    return {"init_from": str(init_from)}
 
 
 def _neg_grad(logprobs_T) -> list[float]:

@@ -302,3 +302,57 @@ def test_train_cli_checks_the_dataset_before_it_creates_a_run(cluster, tmp_path)
     res = _cli(url, "train", "--dataset", str(bad_shape), "--rounds", "1")
     assert res.returncode == 2 and "shapes.jsonl line 3: unrecognised example" in res.stderr
     assert {r["run_id"] for r in client.list_runs()} == before  # no empty run left behind
+
+
+def test_cosine_schedule_example_steps_at_the_scheduled_rates(cluster):
+    url, _ = cluster
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "lr_schedule.py"),
+                          "--steps", "6", "--warmup", "2", "--peak-lr", "0.004",
+                          "--batch-size", "2"], capture_output=True, text=True, timeout=300,
+                         env=_script_env(url))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rates = [float(x) for x in re.findall(r"lr (\d+\.\d+)", res.stdout)]
+    # Warm-up 0.002, 0.004, then half a cosine from the peak to 0 over steps 2..5:
+    # the rates the coordinator applied, as it reports them.
+    expected = [0.002, 0.004, 0.004, 0.003, 0.001, 0.0]
+    assert rates == pytest.approx(expected, abs=1e-6)
+
+
+def test_init_from_an_adapter_directory_or_a_run_version(cluster, tmp_path):
+    _, client = cluster
+    src = client.create_run(base_model="signal-tiny", lora_r=4, lora_alpha=8,
+                            learning_rate=2e-2, seed=5)
+    src.forward_backward(HELD_OUT)
+    src.optim_step()
+    adapter = src.download(src.save_state(), tmp_path / "adapter")
+    trained = _weights(client, src.run_id, 1)
+    before = {r["run_id"] for r in client.list_runs()}
+
+    from_dir = client.create_run(base_model="signal-tiny", lora_r=4, lora_alpha=8,
+                                 init_from=str(adapter))
+    from_run = client.create_run(base_model="signal-tiny", lora_r=4, lora_alpha=8,
+                                 init_from=f"{src.run_id}@1")
+    for run in (from_dir, from_run):
+        start = _weights(client, run.run_id, 0)
+        assert set(start) == set(trained)
+        assert all(bool((start[k] == trained[k]).all()) for k in trained)
+        assert run.evaluate(HELD_OUT)["loss"] == pytest.approx(
+            src.evaluate(HELD_OUT, version=1)["loss"], rel=1e-6)
+
+    made = {from_dir.run_id, from_run.run_id}
+    with pytest.raises(ValidationError, match=r"has LoRA r=4, lora_alpha=8"):
+        client.create_run(base_model="signal-tiny", lora_r=8, init_from=str(adapter))
+    with pytest.raises(ValidationError, match="shape"):
+        client.create_run(base_model="signal-tiny", lora_r=8, init_from=f"{src.run_id}@1")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": "Qwen/Qwen2.5-7B"}))
+    with pytest.raises(ValidationError, match="was trained on 'Qwen/Qwen2.5-7B'"):
+        client.create_run(base_model="signal-tiny", lora_r=4, lora_alpha=8,
+                          init_from=str(adapter))
+    with pytest.raises(ValidationError, match="run_id@version"):
+        client.create_run(base_model="signal-tiny", init_from="not-a-run")
+    with pytest.raises(NotFoundError):
+        client.create_run(base_model="signal-tiny", lora_r=4, lora_alpha=8,
+                          init_from=f"{src.run_id}@9")
+    assert {r["run_id"] for r in client.list_runs()} == before | made  # refusals made none

@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.runs.init_from import InitFrom, check_weights, read_init
 from rewardsignal.coordinator.runs.state import Run, RunSpec, new_run_id
 from rewardsignal.lora import LoraSpec, adapter_shapes, init_adapter
 from rewardsignal.memory import gpu_config_memory_bytes, shape_of
@@ -23,6 +26,7 @@ class RunRequest:
     max_length: int
     precision: Precision = Precision()
     gpu_config: str | None = None
+    init: InitFrom | None = None
 
 
 def read_adamw(b: Body, defaults: AdamWConfig) -> AdamWConfig:
@@ -56,15 +60,23 @@ def read_run_request(b: Body) -> RunRequest:
     gpu_config = b.str("gpu_config", None, max_len=64)
     if gpu_config is not None:
         gpu_config_memory_bytes(gpu_config)  # malformed -> 400; unknown GPUs are a warning
+    init = read_init(b, base, lora)
     b.done()
-    return RunRequest(base, lora, optimizer, max_length, precision, gpu_config)
+    if init is not None and init.adapter is not None:
+        check_weights(init.adapter, adapter_shapes(base, lora), init.label)  # 400 now
+    return RunRequest(base, lora, optimizer, max_length, precision, gpu_config, init)
 
 
-def build_run(owner: str, req: RunRequest) -> Run:
-    """Version 0 of a new run (blocking: hashes the base, builds the adapter)."""
+def build_run(owner: str, req: RunRequest,
+              start: dict[str, torch.Tensor] | None = None) -> Run:
+    """Version 0 of a new run (blocking: hashes the base, builds the adapter):
+    seeded, or ``start`` / the uploaded ``init_adapter`` when given."""
     fp = req.precision.fingerprint(fingerprint(req.base_model))
     shapes = adapter_shapes(req.base_model, req.lora)
-    adapter = init_adapter(req.base_model, req.lora)
+    if start is None and req.init is not None:
+        start = req.init.adapter
+    adapter = (check_weights(start, shapes, req.init.label if req.init else "init")
+               if start is not None else init_adapter(req.base_model, req.lora))
     spec = RunSpec(new_run_id(), owner, req.base_model, fp, req.lora, req.optimizer,
                    req.max_length, time.time(), req.precision, req.gpu_config)
     return Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
