@@ -313,6 +313,14 @@ def _run_status(args: argparse.Namespace) -> int:
                    w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago",
                    _serves(w, len(st["runs"]))]
                   for w in st["workers"]]))
+    if st["jobs"]:
+        print()
+        print(_table(["JOB", "RUN", "STATUS", "ROUND", "TRAIN LOSS", "EVAL LOSS", "ACCEPTED",
+                      "REJECTED"],
+                     [[j["job_id"], j["run_id"], j["status"], f"{j['round']}/{j['rounds']}",
+                       _latest(j.get("train_loss")), _latest(j.get("eval_loss")),
+                       j["accepted"], sum((j.get("rejected") or {}).values())]
+                      for j in st["jobs"]]))
     refused = {(w["name"], run_id): why for w in st["workers"] if w["status"] != "gone"
                for run_id, why in (w.get("cannot_serve") or {}).items()}
     if refused:
@@ -320,9 +328,16 @@ def _run_status(args: argparse.Namespace) -> int:
         for (name, run_id), why in sorted(refused.items()):
             print(f"  {name} x {run_id}: {why}")
     if st["rejections"]:
-        print("\nrejected updates: " + ", ".join(f"{k} {v}" for k, v in
-                                                 sorted(st["rejections"].items())))
+        print("\nrejected updates by reason:")
+        for reason, count in sorted(st["rejections"].items()):
+            print(f"  {reason}: {count}")
     return 0
+
+
+def _latest(history) -> str | None:
+    """The last number of a per-round loss list, for a table cell."""
+    values = [x for x in (history or []) if x is not None]
+    return f"{values[-1]:.4f}" if values else None
 
 
 def _serves(worker: dict, n_runs: int) -> str:

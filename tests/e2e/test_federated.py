@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -50,6 +51,10 @@ def test_federated_job_lowers_held_out_loss(tmp_path):
         assert st["accepted"] == 12 and st["rejected"] == {}
         metrics = c.client._loop.run(c.client._target._http("GET", "/metrics", raw=True))
         assert 'signal_bytes_received_total{codec="int8",kind="delta"}' in metrics.decode()
+        # A federated run exports its train loss (the last round's) like a stepped one.
+        exported = re.search(rf'signal_train_loss{{run_id="{run.run_id}"}} (\S+)',
+                             metrics.decode())
+        assert exported and float(exported.group(1)) == pytest.approx(st["train_loss"])
     finally:
         c.close()
 

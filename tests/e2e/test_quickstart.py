@@ -236,6 +236,9 @@ def test_delete_removes_the_run_and_everything_it_owns(cluster, data_dir, tmp_pa
                               tasks_per_round=1)
     job.wait(timeout=120, progress=False)
     assert [j["job_id"] for j in run.jobs()] == [job.job_id]
+    status = _cli(url, "status")
+    row = next(line for line in status.stdout.splitlines() if line.startswith(job.job_id))
+    assert run.run_id in row and "done" in row and " 1/1 " in row, status.stdout
     old = run.save_state(version=1)
     assert old["version"] == 1 and old["name"] == "v000001"
     assert [a["name"] for a in run.list_artifacts()] == ["v000001"]

@@ -225,6 +225,9 @@ async def close(deps: RoundDeps, run: Run, job: FederatedJob, rnd: Round) -> dic
 def _observe(metrics: Metrics, run: Run, job: FederatedJob, entry: dict) -> None:
     metrics.rounds.labels(run.run_id).inc()
     metrics.round_duration.labels(run.run_id).observe(entry["duration_s"])
+    # A federated run's train loss is its rounds' (token-weighted) local loss.
+    metrics.train_loss.labels(run.run_id).set(entry["train_loss"])
+    metrics.tokens.labels(run.run_id).inc(entry["tokens"])
     if entry["eval_loss"] is not None:
         metrics.eval_loss.labels(run.run_id).set(entry["eval_loss"])
     log.info("round closed job=%s round=%d version=%d accepted=%d train_loss=%.4f eval_loss=%s",
