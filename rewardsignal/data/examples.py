@@ -24,6 +24,8 @@ from rewardsignal.data.types import Datum
 from rewardsignal.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
+# id(tokenizer) -> (tokenizer, prefix): the tokenizer is kept so its id stays its own.
+_PREFIXES: dict[int, tuple[Any, tuple[int, ...]]] = {}
 _EXTRA_KEYS = ("logprobs", "advantages")
 _SHAPES = ("'text', 'input'+'output' (or a lone 'input' or 'output'), 'prompt'+'completion', "
            "'messages', or 'model_input'+'loss_fn_inputs'")
@@ -48,8 +50,37 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text when applied the usual way
+    (``tokenizer(text)``): BOS for Llama-style tokenizers, nothing for those that
+    add none (Qwen, GPT-2). Text is encoded with exactly this prefix everywhere
+    (training examples, sample prompts), so ids match what a user's own
+    ``tokenizer(text)`` and ``generate`` see."""
+    if tokenizer is None:
+        return []
+    cached = _PREFIXES.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return list(cached[1])
+    plain = list(tokenizer.encode("a", add_special_tokens=False))
+    full = list(tokenizer.encode("a"))
+    prefix: list[int] = []
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            prefix = full[:i]
+            break
+    if len(_PREFIXES) > 64:
+        _PREFIXES.clear()
+    _PREFIXES[id(tokenizer)] = (tokenizer, tuple(prefix))
+    return prefix
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``text`` as ``tokenizer(text)`` gives it, without any suffix it adds."""
+    return special_prefix(tokenizer) + _encode(tokenizer, text)
+
+
 def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return special_prefix(tokenizer)
 
 
 def _eos(tokenizer) -> list[int]:

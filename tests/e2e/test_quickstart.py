@@ -359,3 +359,40 @@ def test_init_from_an_adapter_directory_or_a_run_version(cluster, tmp_path):
         client.create_run(base_model="signal-tiny", lora_r=4, lora_alpha=8,
                           init_from=f"{src.run_id}@9")
     assert {r["run_id"] for r in client.list_runs()} == before | made  # refusals made none
+
+
+def test_downloaded_adapter_generates_what_sample_returned(cluster, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewardsignal.models import resolve_model_path
+
+    _, client = cluster
+    run = client.create_run(base_model="signal-tiny", lora_r=8, learning_rate=3e-2, seed=2)
+    for _ in range(3):
+        run.forward_backward([{"input": "The meaning of life is", "output": " to learn."}])
+        run.optim_step()
+    prompt = "The meaning of life is"
+    got = run.sample(prompts=[prompt], temperature=0, max_tokens=12)
+    base_path = resolve_model_path("signal-tiny")
+    tok = AutoTokenizer.from_pretrained(base_path)
+    ids = tok(prompt)["input_ids"]  # the usual way: BOS included by the tokenizer itself
+    assert got["prompt_tokens"][0] == ids
+    adapter = run.download(run.save_state(), tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "signal-tiny"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
+                                      str(adapter)).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)
+    new = out[0, len(ids):].tolist()
+    sampled = got["sequences"][0][0]["tokens"]
+    assert sampled == new[:len(sampled)] and sampled, (sampled, new)
+    # A built-in base is found by its path (`signal models` prints it).
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": str(base_path)}))
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+    with torch.no_grad():
+        again = auto.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)
+    assert again[0].tolist() == out[0].tolist()
