@@ -70,6 +70,9 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="where runs, checkpoints and exports live (default ./signal-data)")
     p.add_argument("--checkpoint-dir", type=Path, default=_env("CHECKPOINT_DIR", Path),
                    help="checkpoint root (env CHECKPOINT_DIR; default <data-dir>/checkpoints)")
+    p.add_argument("--models", type=Path, default=_env("SIGNAL_MODELS_FILE", Path),
+                   help="YAML file listing the base models this coordinator serves (env "
+                        "SIGNAL_MODELS_FILE; required off loopback; default: any id)")
     p.add_argument("--api-key", action="append", default=None,
                    help="user API key; repeatable (env SIGNAL_API_KEYS, comma-separated)")
     p.add_argument("--worker-token", action="append", default=None,
@@ -123,9 +126,11 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
 
 
 def coordinator_config(args: argparse.Namespace):
+    from rewardsignal.coordinator.catalog import load_catalog
     from rewardsignal.coordinator.config import CoordinatorConfig
 
     return CoordinatorConfig(
+        models=load_catalog(args.models) if args.models is not None else None,
         data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, host=args.host,
         port=args.port, api_keys=tuple(args.api_key or _csv("SIGNAL_API_KEYS")),
         worker_tokens=tuple(args.worker_token or _csv("SIGNAL_WORKER_TOKENS")),

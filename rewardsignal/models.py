@@ -400,5 +400,24 @@ def model_info(model_id: str) -> ModelInfo:
         vocab_size=int(config.vocab_size), default_target_modules=targets)
 
 
+def is_available_locally(model_id: str) -> bool:
+    """Whether ``model_info`` can answer without downloading anything: a
+    built-in, a local directory, or a hub id whose config is in the HF cache."""
+    if is_builtin(model_id) or (Path(model_id).expanduser() / "config.json").is_file():
+        return True
+    if model_id.count("/") != 1:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def model_source(model_id: str) -> str:
+    """``builtin`` | ``local`` (a directory) | ``hub`` (a Hugging Face id)."""
+    if is_builtin(model_id):
+        return "builtin"
+    return "local" if Path(model_id).expanduser().is_dir() else "hub"
+
+
 def list_models() -> list[dict]:
     return [model_info(m).to_json() for m in BUILTIN_MODELS]

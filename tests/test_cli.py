@@ -22,6 +22,12 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     res = _cli("coordinator", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path),
                "--api-key", "sk-1")
     assert res.returncode == 2 and "without --worker-token" in res.stderr
+    res = _cli("coordinator", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path),
+               "--api-key", "sk-1", "--worker-token", "wt-1")
+    assert res.returncode == 2 and "without --models FILE" in res.stderr
+    res = _cli("coordinator", "--models", str(tmp_path / "none.yaml"), "--port", "0",
+               "--data-dir", str(tmp_path))
+    assert res.returncode == 2 and "none.yaml" in res.stderr
     assert not (tmp_path / "runs").exists()  # refused before touching anything
 
 

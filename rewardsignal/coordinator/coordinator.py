@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rewardsignal.coordinator import recovery
+from rewardsignal.coordinator.catalog import ModelEntry
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.metrics import Metrics
@@ -33,8 +34,26 @@ from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import NotFoundError, ValidationError
 from rewardsignal.memory import gpu_config_memory_bytes
+from rewardsignal.models import (
+    BUILTIN_MODELS,
+    is_available_locally,
+    is_builtin,
+    model_info,
+    model_source,
+)
 
 log = logging.getLogger("signal.coordinator")
+
+
+def _describe(model_ids: list[str]) -> list[dict]:
+    """Sizes of the models known here without a download (blocking)."""
+    out = []
+    for m in model_ids:
+        try:
+            out.append(model_info(m).to_json() if is_available_locally(m) else {})
+        except Exception:  # an unreadable config is not this listing's problem
+            out.append({})
+    return out
 
 
 class Coordinator:
@@ -239,6 +258,21 @@ class Coordinator:
             "models": list(models) if models is not None else None,
             "capabilities": w.capabilities()})
         return w
+
+    async def models(self) -> list[dict]:
+        """The base models this coordinator serves (the models file, or the
+        built-ins without one): id, size, where it comes from, and how many live
+        workers can serve it and have loaded it."""
+        catalog = self.config.models
+        entries = catalog.entries if catalog is not None else tuple(
+            ModelEntry(m) for m in BUILTIN_MODELS)
+        infos = await asyncio.to_thread(_describe, [e.name for e in entries])
+        live = [w for w in self.scheduler.workers.values() if w.active]
+        return [{"param_count": None, **info, **e.to_json(), "model_id": e.name, "source": model_source(e.name),
+                 "builtin": is_builtin(e.name),
+                 "workers_able": sum(w.serves(e.name) for w in live),
+                 "workers_loaded": sum(e.name in w.bases_loaded for w in live)}
+                for e, info in zip(entries, infos, strict=True)]
 
     def placement_warnings(self, run: Run) -> list[str]:
         """What a new run's creator should know about where it can run: said, not

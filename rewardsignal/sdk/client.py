@@ -102,8 +102,15 @@ class AsyncSignalClient:
     async def health(self) -> dict:
         return await self._http("GET", "/healthz")
 
-    async def list_models(self) -> list[str]:
-        return [m["model_id"] for m in (await self._http("GET", "/v1/models"))["models"]]
+    async def list_models(self, *, details: bool = False) -> list[Any]:
+        """The base models this coordinator serves: their ids, or with
+        ``details=True`` dicts with ``model_id``, ``param_count`` (None when the
+        coordinator has not seen its config), ``source`` (builtin | hub | local),
+        ``revision`` / ``family`` / ``notes`` (from the operator's models file),
+        ``workers_able`` and ``workers_loaded`` (live workers that can serve it /
+        have been given work on it)."""
+        models = (await self._http("GET", "/v1/models"))["models"]
+        return models if details else [m["model_id"] for m in models]
 
     async def status(self) -> dict:
         """What the dashboard shows: the caller's runs and jobs, all workers,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from rewardsignal.aggregation.optim import AdamWConfig
+from rewardsignal.coordinator.catalog import ModelCatalog
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.init_from import InitFrom, check_weights, read_init
 from rewardsignal.coordinator.runs.state import Run, RunSpec, new_run_id
@@ -41,9 +42,12 @@ def read_adamw(b: Body, defaults: AdamWConfig) -> AdamWConfig:
         grad_clip_norm=clip if clip is not None else defaults.grad_clip_norm)
 
 
-def read_run_request(b: Body) -> RunRequest:
-    """Blocking (resolves the model on disk): call it in a thread."""
-    base = b.str("base_model")
+def read_run_request(b: Body, catalog: ModelCatalog | None = None) -> RunRequest:
+    """Blocking (resolves the model on disk): call it in a thread. With the
+    operator's models file (``catalog``), only the models it lists."""
+    base = b.str("base_model", max_len=256)
+    if catalog is not None:
+        catalog.get(base)  # 400 naming the file, before anything is fetched
     resolve_model_path(base)  # NotFoundError -> 404 with advice
     info = model_info(base)
     r = b.int("lora_r", 8, lo=1, hi=1024)

@@ -255,6 +255,7 @@ class Scheduler:
             self.pending.remove(t)
             self.pending.charge(t)
         w.current_task = t.task_id
+        w.bases_loaded.add(t.base_model)
         if speculative:
             log.info("straggler task=%s re-issued to worker=%s", t.task_id, w.name)
             if self.metrics:
