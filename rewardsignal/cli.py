@@ -73,6 +73,13 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=Path, default=_env("SIGNAL_MODELS_FILE", Path),
                    help="YAML file listing the base models this coordinator serves (env "
                         "SIGNAL_MODELS_FILE; required off loopback; default: any id)")
+    p.add_argument("--log-to", default=_env("SIGNAL_LOG_TO", default=""),
+                   help="experiment tracking for runs that choose none: tensorboard,wandb "
+                        "(comma-separated; needs the matching extra; env SIGNAL_LOG_TO; "
+                        "default: none)")
+    p.add_argument("--wandb-project", default=_env("WANDB_PROJECT"),
+                   help="W&B project of runs logging to wandb (env WANDB_PROJECT; default: "
+                        "'signal')")
     p.add_argument("--api-key", action="append", default=None,
                    help="user API key; repeatable (env SIGNAL_API_KEYS, comma-separated)")
     p.add_argument("--worker-token", action="append", default=None,
@@ -128,9 +135,13 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
 def coordinator_config(args: argparse.Namespace):
     from rewardsignal.coordinator.catalog import load_catalog
     from rewardsignal.coordinator.config import CoordinatorConfig
+    from rewardsignal.coordinator.tracking import check_backends
 
+    log_to = tuple(x.strip() for x in args.log_to.split(",") if x.strip())
+    check_backends(log_to, args.wandb_project if log_to else None)
     return CoordinatorConfig(
         models=load_catalog(args.models) if args.models is not None else None,
+        log_to=log_to, wandb_project=args.wandb_project,
         data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, host=args.host,
         port=args.port, api_keys=tuple(args.api_key or _csv("SIGNAL_API_KEYS")),
         worker_tokens=tuple(args.worker_token or _csv("SIGNAL_WORKER_TOKENS")),

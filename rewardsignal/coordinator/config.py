@@ -41,6 +41,8 @@ class CoordinatorConfig:
     no_worker_grace_s: float = 60.0        # a request no live worker can take fails after this
     worker_retention_s: float = 600.0      # gone workers are forgotten after this
     models: ModelCatalog | None = None     # --models FILE: the only base models served
+    log_to: tuple[str, ...] = ()           # --log-to: tracking for runs that name none
+    wandb_project: str | None = None       # --wandb-project (WANDB_PROJECT)
 
     def __post_init__(self) -> None:
         checks = [

@@ -97,6 +97,7 @@ class Coordinator:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         await asyncio.gather(*[r.processor.stop() for r in self.runs.values() if r.processor])
+        await asyncio.to_thread(self.services.trackers.close)
         await self.services.db.close()
 
     def _adopt(self, run: Run) -> None:
@@ -107,6 +108,9 @@ class Coordinator:
         run.processor.start()
         self.runs[run.run_id] = run
         spec = run.spec
+        self.services.trackers.open(
+            run.run_id, spec.log_to, run_dir=self.services.versions.store.run_dir(run.run_id),
+            wandb_project=spec.wandb_project, config=spec.to_json())
         self.scheduler.place(run.run_id, Requirement(
             spec.base_model, spec.precision, run.shape, spec.lora.r, spec.lora.target_modules,
             spec.max_length,
@@ -193,6 +197,7 @@ class Coordinator:
         for job in jobs:
             self.jobs.pop(job.job_id, None)
         paths = await self.services.db.delete_run(run_id)
+        await asyncio.to_thread(self.services.trackers.close_run, run_id)
         await asyncio.to_thread(self._delete_files, run_id, paths, [j.job_id for j in jobs])
         self.metrics.forget_run(run_id)
         log.info("run deleted run_id=%s requests_failed=%d tasks_cancelled=%d", run_id, failed,

@@ -126,6 +126,7 @@ class AsyncSignalClient:
                          learning_rate: float = 1e-4, seed: int = 0, max_length: int = 2048,
                          base_dtype: str = "auto", quantization: str | None = None,
                          gpu_config: str | None = None, init_from: str | Path | None = None,
+                         log_to: Sequence[str] | None = None, wandb_project: str | None = None,
                          **optimizer: float) -> AsyncRun:
         """A new run. ``base_dtype`` ("auto" | "bf16" | "fp16" | "fp32") and
         ``quantization`` (None | "nf4" | "int8", on CUDA workers with bitsandbytes)
@@ -138,13 +139,22 @@ class AsyncSignalClient:
         ones: a PEFT adapter directory on this machine (sent with the request) or
         ``"run_id@version"`` of one of your runs. The base model and the LoRA
         shapes (``lora_r``, ``lora_alpha``, ``lora_target_modules``) must match
-        the adapter's; the optimizer state starts fresh."""
+        the adapter's; the optimizer state starts fresh.
+
+        ``log_to=["tensorboard", "wandb"]`` logs the run's step and round metrics
+        (loss, tokens, learning rate, grad norm, eval loss, rejections) to
+        TensorBoard event files under its checkpoint directory and/or to W&B
+        (``wandb_project``), from the coordinator (which needs those extras)."""
         body = {"base_model": base_model, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "learning_rate": learning_rate, "seed": seed,
                 "max_length": max_length, "base_dtype": base_dtype,
                 "quantization": quantization, "gpu_config": gpu_config,
                 "lora_target_modules": list(lora_target_modules) if lora_target_modules
                 else None, **optimizer, **_init_from(init_from)}
+        if log_to is not None:
+            body["log_to"] = list(log_to)
+        if wandb_project is not None:
+            body["wandb_project"] = wandb_project
         info = await self._http("POST", "/v1/runs", body=body, timeout_s=600)
         for warning in info.get("warnings") or ():
             print(f"signal: warning: {warning}", file=sys.stderr, flush=True)

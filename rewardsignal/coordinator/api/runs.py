@@ -22,7 +22,10 @@ async def create_run(request: web.Request) -> web.Response:
 
     async def create() -> dict:
         b = Body(await read_body(request))
-        run_request = await asyncio.to_thread(read_run_request, b, coord.config.models)
+        cfg = coord.config
+        run_request = await asyncio.to_thread(read_run_request, b, cfg.models,
+                                              log_to=cfg.log_to,
+                                              wandb_project=cfg.wandb_project)
         run = await coord.create_run(owner, run_request, key)
         return {**run.to_json(), "warnings": coord.placement_warnings(run)}
 
