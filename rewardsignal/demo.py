@@ -46,7 +46,8 @@ def _chat_prompt(tokenizer, question: str) -> str:
 def readable(text: str) -> str:
     """A sample as a person reads it: the untrained model emits control bytes
     (the byte tokenizer decodes them as-is), shown as "·" rather than escapes."""
-    shown = "".join(c if c.isprintable() else "·" for c in text.replace("\n", " "))
+    shown = "".join(c if c.isprintable() and c != "\ufffd" else "·"
+                    for c in text.replace("\n", " "))
     return f'"{shown}"' if shown.strip("· ") else f'"{shown}" (no readable text yet)'
 
 

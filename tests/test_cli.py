@@ -116,7 +116,7 @@ def test_demo_runs_and_loss_falls(tmp_path):
     out = res.stdout
     import re
 
-    m = re.search(r"Loss (\d+\.\d+) -> (\d+\.\d+) \((\d+)% lower\)", out)
+    m = re.search(r"Loss (\d+\.\d+) -> (\d+\.\d+) \((\d+)% lower", out)
     assert m, out
     assert float(m.group(2)) < 0.7 * float(m.group(1))
     assert "mean of the last 3" in out
@@ -131,6 +131,7 @@ def test_demo_samples_print_as_text():
     assert readable("4") == '"4"'
     assert readable("\x04\x04a\nb") == '"··a b"'
     assert readable("\x04\x04") == '"··" (no readable text yet)'
+    assert readable("\x04\ufffd") == '"··" (no readable text yet)'
 
 
 def test_make_clean_removes_the_demo_directory():
