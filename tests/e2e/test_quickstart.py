@@ -281,6 +281,12 @@ def test_cli_lists_downloads_and_deletes_after_confirmation(cluster, tmp_path):
     assert got.returncode == 0, got.stderr
     config = json.loads((tmp_path / "v0" / "adapter_config.json").read_text())
     assert config["r"] == 2
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in HELD_OUT))
+    trained = _cli(url, "train", "--run-id", run.run_id, "--dataset", str(data), "--rounds", "1",
+                   "--local-steps", "1", "--batch-size", "2", "--num-tasks-per-round", "1")
+    assert trained.returncode == 0, trained.stderr
+    assert f"signal download --run {run.run_id} --out" in trained.stdout  # how to get it
     arts = _cli(url, "artifacts", "list", "--run", run.run_id)
     assert arts.returncode == 0 and "v000000" in arts.stdout and "adapter" in arts.stdout
     refused = _cli(url, "runs", "delete", run.run_id, stdin="n\n")
