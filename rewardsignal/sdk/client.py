@@ -9,7 +9,6 @@ coordinator raised.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from rewardsignal.errors import (
 from rewardsignal.sdk import hub
 from rewardsignal.sdk.evaluation import evaluate_examples
 from rewardsignal.sdk.jobs import AsyncFederatedJob
+from rewardsignal.sdk.payloads import init_from_field, neg_grad
 from rewardsignal.sdk.transport import DEFAULT_RETRY_WINDOW_S, Transport, new_idempotency_key
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -150,7 +150,7 @@ class AsyncSignalClient:
                 "max_length": max_length, "base_dtype": base_dtype,
                 "quantization": quantization, "gpu_config": gpu_config,
                 "lora_target_modules": list(lora_target_modules) if lora_target_modules
-                else None, **optimizer, **_init_from(init_from)}
+                else None, **optimizer, **init_from_field(init_from)}
         if log_to is not None:
             body["log_to"] = list(log_to)
         if wandb_project is not None:
@@ -269,7 +269,7 @@ class AsyncRun:
         loss.backward()
         surrogate = [{"model_input": d["model_input"],
                       "loss_fn_inputs": {"target_tokens": d["loss_fn_inputs"]["target_tokens"],
-                                         "weights": _neg_grad(lp)}}
+                                         "weights": neg_grad(lp)}}
                      for d, lp in zip(fwd["datums"], logprobs, strict=True)]
         res = await self.forward_backward(surrogate, reduction="sum", timeout_s=timeout_s)
         return {"loss": float(loss.detach()), "num_tokens": res["num_tokens"],
@@ -395,32 +395,3 @@ class AsyncRun:
                 raise SignalError(f"downloaded {f['path']} does not match its sha256; retry")
             (out / f["path"]).write_bytes(data)
         return out
-
-
-def _init_from(init_from: str | Path | None) -> dict:
-    """The create-run field for ``init_from``: a local adapter directory is read
-    here and sent (the coordinator cannot see this machine's files)."""
-    if init_from is None:
-        return {}
-    path = Path(init_from)
-    if isinstance(init_from, Path) or path.is_dir():
-        config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
-        if not (config_file.is_file() and weights.is_file()):
-            raise ValidationError(f"init_from {str(path)!r} is not a PEFT adapter directory "
-                                  "(adapter_config.json + adapter_model.safetensors)")
-        try:
-            config = json.loads(config_file.read_text())
-        except ValueError as exc:
-            raise ValidationError(f"{config_file}: not JSON ({exc})") from None
-        return {"init_adapter": {"adapter_config": config, "source": str(path),
-                                 "weights": base64.b64encode(weights.read_bytes()).decode()}}
-    return {"init_from": str(init_from)}
-
-
-def _neg_grad(logprobs_T) -> list[float]:
-    """-d loss / d logprobs: the token weights of the linear surrogate (zero where
-    the loss did not use a datum at all, so its ``grad`` stayed None)."""
-    import torch
-
-    grad = logprobs_T.grad
-    return (-grad if grad is not None else torch.zeros_like(logprobs_T)).tolist()
