@@ -49,7 +49,7 @@ def part_a(model: str, rounds: int) -> list[dict]:
                       codec=codec, inner_learning_rate=2e-3)
             received = c.metric("signal_bytes_received_total", kind="delta", codec=codec)
         rows.append({"codec": codec, "bytes_per_update": received / st["accepted"],
-                     "eval": st["eval_loss"][-1]})
+                     "eval": st["eval_loss"]})
         print(f"  (a) {codec}: {rows[-1]['bytes_per_update']:,.0f} B/update, final eval "
               f"{rows[-1]['eval']:.4f}", flush=True)
     base = rows[0]
@@ -95,8 +95,8 @@ def part_b(model: str, target: float, max_steps: int, max_rounds: int,
                                       outer_optimizer="nesterov", inner_learning_rate=2e-3,
                                       seed=rounds, round_timeout_s=600)
             st = job.wait(timeout=1200, progress=False)
-            if st["eval_loss"][-1] <= target:
-                fed_reached = st["eval_loss"][-1]
+            if st["eval_loss"] <= target:
+                fed_reached = st["eval_loss"]
                 break
         # Weight downloads for the evaluation tasks are not part of training traffic:
         # count deltas plus one weight download per train task.
@@ -105,7 +105,7 @@ def part_b(model: str, target: float, max_steps: int, max_rounds: int,
         fed_bytes = deltas + per_update * 2 * rounds
     fed = {"rounds": rounds, "bytes": fed_bytes, "reached": fed_reached}
     print(f"  (b) federated (K={local_steps}): {rounds} rounds, {fed_bytes / 1e6:.1f} MB, eval "
-          f"{st['eval_loss'][-1]:.4f}", flush=True)
+          f"{st['eval_loss']:.4f}", flush=True)
     return {"sync": sync, "fed": fed, "target": target,
             "ratio": sync["bytes"] / fed["bytes"] if fed["bytes"] else float("nan")}
 
@@ -164,14 +164,14 @@ def part_c(model: str, rounds: int) -> dict:
                   inner_learning_rate=2e-3)
     out = {}
     with Cluster(4, threads=1, coordinator_args=("--max-task-attempts", "50")) as c:
-        out["honest"] = _job(c, model, **common, aggregator="mean")["eval_loss"][-1]
+        out["honest"] = _job(c, model, **common, aggregator="mean")["eval_loss"]
     print(f"  (c) all honest, mean: {out['honest']:.4f}", flush=True)
     for rule in ("trimmed_mean", "mean"):
         with Cluster(3, threads=1, coordinator_args=("--max-task-attempts", "50")) as c:
             adv = Adversary(c.url, model)
             try:
                 out[rule] = _job(c, model, **common, aggregator=rule,
-                                 trim_fraction=0.25)["eval_loss"][-1]
+                                 trim_fraction=0.25)["eval_loss"]
             finally:
                 adv.stop.set()
         print(f"  (c) 1 of 4 adversarial, {rule}: {out[rule]:.4f} (poisoned updates sent: "

@@ -12,52 +12,18 @@ import re
 import sys
 from pathlib import Path
 
+from rewardsignal import cli_jobs, cli_runs
+from rewardsignal.cli_common import Parser
+from rewardsignal.cli_common import die as _die
+from rewardsignal.cli_common import env as _env
+from rewardsignal.cli_common import non_negative_int as _non_negative_int
+from rewardsignal.cli_common import positive as _positive
+from rewardsignal.cli_common import table as _table
 from rewardsignal.errors import SignalError
-
-
-def _die(message: str) -> SystemExit:
-    """A usage error: say what is wrong and exit 2, as argparse does."""
-    print(f"error: {message}", file=sys.stderr)
-    return SystemExit(2)
-
-
-def _env(name: str, cast=str, default=None):
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return cast(raw)
-    except ValueError:
-        raise _die(f"environment variable {name}={raw!r} is not a valid "
-                         f"{getattr(cast, '__name__', 'value')}") from None
 
 
 def _csv(name: str) -> list[str]:
     return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
-
-
-def _positive(cast):
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = cast.__name__
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -82,6 +48,16 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="where runs, checkpoints and exports live (default ./signal-data)")
     p.add_argument("--checkpoint-dir", type=Path, default=_env("CHECKPOINT_DIR", Path),
                    help="checkpoint root (env CHECKPOINT_DIR; default <data-dir>/checkpoints)")
+    p.add_argument("--models", type=Path, default=_env("SIGNAL_MODELS_FILE", Path),
+                   help="YAML file listing the base models this coordinator serves (env "
+                        "SIGNAL_MODELS_FILE; required off loopback; default: any id)")
+    p.add_argument("--log-to", default=_env("SIGNAL_LOG_TO", default=""),
+                   help="experiment tracking for runs that choose none: tensorboard,wandb "
+                        "(comma-separated; needs the matching extra; env SIGNAL_LOG_TO; "
+                        "default: none)")
+    p.add_argument("--wandb-project", default=_env("WANDB_PROJECT"),
+                   help="W&B project of runs logging to wandb (env WANDB_PROJECT; default: "
+                        "'signal')")
     p.add_argument("--api-key", action="append", default=None,
                    help="user API key; repeatable (env SIGNAL_API_KEYS, comma-separated)")
     p.add_argument("--worker-token", action="append", default=None,
@@ -93,18 +69,20 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    default=_env("DELTA_NORM_MAX", float, math.inf),
                    help="reject updates whose norm per unit of loss weight exceeds this "
                         "(env DELTA_NORM_MAX; default no limit)")
-    p.add_argument("--tick-interval-sec", type=_positive(float),
-                   default=_env("TICK_INTERVAL_SEC", float, 1.0),
-                   help="how often leases are checked for expiry (env TICK_INTERVAL_SEC)")
-    p.add_argument("--num-tasks-per-round", type=_positive(int),
+    p.add_argument("--tick-interval-s", "--tick-interval-sec", dest="tick_interval_s",
+                   type=_positive(float), default=_env("TICK_INTERVAL_SEC", float, 1.0),
+                   help="how often leases are checked for expiry, in seconds (env "
+                        "TICK_INTERVAL_SEC)")
+    p.add_argument("--num-tasks-per-round", "--tasks-per-round", dest="num_tasks_per_round",
+                   type=_positive(int),
                    default=_env("NUM_TASKS_PER_ROUND", int, 4),
                    help="federated jobs: train tasks per round (env NUM_TASKS_PER_ROUND)")
     p.add_argument("--min-updates-per-round", type=_positive(int),
                    default=_env("MIN_UPDATES_PER_ROUND", int, 1),
                    help="federated jobs: accepted updates needed to close a round at its "
                         "timeout (env MIN_UPDATES_PER_ROUND)")
-    p.add_argument("--round-timeout-sec", type=_positive(float),
-                   default=_env("ROUND_TIMEOUT_SEC", float, 600.0),
+    p.add_argument("--round-timeout-s", "--round-timeout-sec", dest="round_timeout_s",
+                   type=_positive(float), default=_env("ROUND_TIMEOUT_SEC", float, 600.0),
                    help="federated jobs: seconds before a round closes with what it has "
                         "(env ROUND_TIMEOUT_SEC)")
     p.add_argument("--lease-timeout-s", type=_positive(float),
@@ -129,29 +107,37 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="workers gone this long leave the worker list, dashboard and metrics "
                         "(env SIGNAL_WORKER_RETENTION_S, default 600)")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
 
 
 def coordinator_config(args: argparse.Namespace):
+    from rewardsignal.coordinator.catalog import load_catalog
     from rewardsignal.coordinator.config import CoordinatorConfig
+    from rewardsignal.coordinator.tracking import check_backends
 
+    log_to = tuple(x.strip() for x in args.log_to.split(",") if x.strip())
+    check_backends(log_to, args.wandb_project if log_to else None)
     return CoordinatorConfig(
+        models=load_catalog(args.models) if args.models is not None else None,
+        log_to=log_to, wandb_project=args.wandb_project,
         data_dir=args.data_dir, checkpoint_dir=args.checkpoint_dir, host=args.host,
         port=args.port, api_keys=tuple(args.api_key or _csv("SIGNAL_API_KEYS")),
         worker_tokens=tuple(args.worker_token or _csv("SIGNAL_WORKER_TOKENS")),
         max_staleness=args.max_staleness, delta_norm_max=args.delta_norm_max,
-        tick_interval_s=args.tick_interval_sec, lease_timeout_s=args.lease_timeout_s,
+        tick_interval_s=args.tick_interval_s, lease_timeout_s=args.lease_timeout_s,
         max_task_attempts=args.max_task_attempts, max_body_bytes=args.max_body_mb << 20,
         upload_slots=args.upload_slots,
         keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
         min_updates_per_round=args.min_updates_per_round,
-        round_timeout_s=args.round_timeout_sec, no_worker_grace_s=args.no_worker_grace_s,
+        round_timeout_s=args.round_timeout_s, no_worker_grace_s=args.no_worker_grace_s,
         worker_retention_s=args.worker_retention_s)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=_env("SIGNAL_COORDINATOR"),
-                   help="coordinator URL, e.g. http://127.0.0.1:8000 (env SIGNAL_COORDINATOR)")
+    p.add_argument("--coordinator", "--url", dest="coordinator",
+                   default=_env("SIGNAL_URL") or _env("SIGNAL_COORDINATOR"),
+                   help="coordinator URL, e.g. http://127.0.0.1:8000 (env SIGNAL_URL; "
+                        "SIGNAL_COORDINATOR also read)")
     p.add_argument("--token", default=_env("SIGNAL_WORKER_TOKEN"),
                    help="worker token (env SIGNAL_WORKER_TOKEN)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -181,14 +167,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
     p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
 
 
 def worker_config(args: argparse.Namespace):
     from rewardsignal.worker.loop import WorkerConfig
 
     if not args.coordinator:
-        raise _die("--coordinator URL is required (or set SIGNAL_COORDINATOR), "
+        raise _die("--coordinator URL is required (or set SIGNAL_URL), "
                          "e.g. signal-worker --coordinator http://127.0.0.1:8000")
     if not args.coordinator.startswith(("http://", "https://")):
         raise _die(f"--coordinator must be an http(s) URL, got {args.coordinator!r}")
@@ -263,15 +249,6 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[("-" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def _run_keys(args: argparse.Namespace) -> int:
     import secrets
     import time
@@ -307,92 +284,6 @@ def _run_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_status(args: argparse.Namespace) -> int:
-    import time
-
-    from rewardsignal import SignalClient
-
-    # A snapshot: a short retry window, so a wrong URL fails in seconds.
-    with SignalClient(api_key=args.api_key, base_url=args.coordinator,
-                      retry_window_s=5) as client:
-        st = client.status()
-    now = time.time()
-    print(f"coordinator {args.coordinator}: {len(st['runs'])} runs, "
-          f"{sum(w['status'] != 'gone' for w in st['workers'])} workers, tasks "
-          f"{st['tasks']['pending']} pending / {st['tasks']['leased']} leased\n")
-    print(_table(["RUN", "BASE MODEL", "PRECISION", "VERSION", "LOSS", "LORA R", "PENDING FB",
-                  "WORKERS ABLE"],
-                 [[r["run_id"], r["base_model"],
-                   r.get("base_dtype", "auto") + (f"+{r['quantization']}"
-                                                  if r.get("quantization") else ""),
-                   r["version"], f"{r['last_loss']:.4f}" if r["last_loss"] is not None else None,
-                   r["lora_r"], r["pending_forward_backward"], r.get("eligible_workers")]
-                  for r in st["runs"]]))
-    print()
-    print(_table(["WORKER", "DEVICE", "STATUS", "MEMORY", "TOKENS/S", "TASKS", "REJECTED",
-                  "LAST SEEN", "SERVES"],
-                 [[w["name"], w["hardware"].get("gpu_name") or w["device"], w["status"],
-                   f"{w['memory_bytes'] / 2**30:.1f} GiB" if w.get("memory_bytes") else None,
-                   f"{w['tokens_per_s']:,.0f}" if w["tokens_per_s"] else None,
-                   w["tasks_completed"], w["rejections"], f"{now - w['last_seen']:.0f}s ago",
-                   _serves(w, len(st["runs"]))]
-                  for w in st["workers"]]))
-    refused = {(w["name"], run_id): why for w in st["workers"] if w["status"] != "gone"
-               for run_id, why in (w.get("cannot_serve") or {}).items()}
-    if refused:
-        print("\nwhy a worker cannot serve a run:")
-        for (name, run_id), why in sorted(refused.items()):
-            print(f"  {name} x {run_id}: {why}")
-    if st["rejections"]:
-        print("\nrejected updates: " + ", ".join(f"{k} {v}" for k, v in
-                                                 sorted(st["rejections"].items())))
-    return 0
-
-
-def _serves(worker: dict, n_runs: int) -> str:
-    """Which of the caller's runs a worker can serve, in a table cell."""
-    able = worker.get("can_serve") or []
-    if n_runs and len(able) == n_runs:
-        return "all runs"
-    return ", ".join(able) if able else "none"
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from rewardsignal import SignalClient
-
-    if not Path(args.dataset).is_file():
-        raise _die(f"--dataset {args.dataset}: no such file")
-    if args.eval_dataset and not Path(args.eval_dataset).is_file():
-        raise _die(f"--eval-dataset {args.eval_dataset}: no such file")
-    with SignalClient(api_key=args.api_key, base_url=args.coordinator) as client:
-        if args.run_id:
-            run = client.run(args.run_id)
-        else:
-            run = client.create_run(base_model=args.base_model, lora_r=args.lora_r,
-                                    learning_rate=args.inner_learning_rate, seed=args.seed)
-            print(f"created run {run.run_id} on {args.base_model}", flush=True)
-        job = run.train_federated(
-            args.dataset, eval_dataset=args.eval_dataset, rounds=args.rounds,
-            local_steps=args.local_steps, batch_size=args.batch_size,
-            inner_learning_rate=args.inner_learning_rate, outer_optimizer=args.outer_optimizer,
-            outer_learning_rate=args.outer_learning_rate, aggregator=args.aggregator,
-            trim_fraction=args.trim_fraction, tasks_per_round=args.tasks_per_round,
-            min_updates_per_round=args.min_updates_per_round,
-            round_timeout_s=args.round_timeout_s, max_staleness=args.max_staleness,
-            delta_norm_max=args.delta_norm_max, codec=args.codec, seed=args.seed)
-        print(f"job {job.job_id} started; following it (Ctrl-C stops following, not the job)",
-              flush=True)
-        st = job.wait()
-    evals = [e for e in st["eval_loss"] if e is not None]
-    print(f"job {st['job_id']}: {st['status']} after {st['round']}/{st['rounds']} rounds, run "
-          f"{st['run_id']} at version {st['version']}; accepted {st['accepted']}, rejected "
-          f"{st['rejected'] or 'none'}" + (f"; eval loss {evals[0]:.3f} -> {evals[-1]:.3f}"
-                                           if len(evals) > 1 else ""))
-    if st["reason"]:
-        print(f"reason: {st['reason']}")
-    return 0 if st["status"] == "done" else 1
-
-
 def _run_demo(args: argparse.Namespace) -> int:
     from rewardsignal.demo import run_demo
 
@@ -400,9 +291,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="signal", description="Signal: federated LoRA training "
-                                "on volunteer GPUs")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="signal", description="Signal: federated LoRA training on volunteer GPUs")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     c = sub.add_parser("coordinator", help="run the coordinator")
     add_coordinator_args(c)
     c.set_defaults(func=_run_coordinator)
@@ -430,37 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the key's prefix (default sk, or wt with --worker); 'tml' "
                             "makes a key the Tinker SDK accepts (docs/tinker.md)")
     k.set_defaults(func=_run_keys)
-    st = sub.add_parser("status", help="a table of runs and workers on a coordinator")
-    st.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
-                    help="coordinator URL (env SIGNAL_URL)")
-    st.add_argument("--api-key", default=_env("SIGNAL_API_KEY"), help="env SIGNAL_API_KEY")
-    st.set_defaults(func=_run_status)
-    t = sub.add_parser("train", help="run a federated job over a JSONL dataset")
-    t.add_argument("--coordinator", default=_env("SIGNAL_URL", default="http://127.0.0.1:8000"),
-                   help="coordinator URL (env SIGNAL_URL)")
-    t.add_argument("--api-key", default=_env("SIGNAL_API_KEY"), help="env SIGNAL_API_KEY")
-    t.add_argument("--dataset", required=True, type=Path, help="training JSONL on this machine")
-    t.add_argument("--eval-dataset", type=Path, default=None, help="held-out JSONL")
-    t.add_argument("--run-id", default=None, help="continue this run instead of a new one")
-    t.add_argument("--base-model", default="signal-tiny")
-    t.add_argument("--lora-r", type=_positive(int), default=8)
-    t.add_argument("--rounds", type=_positive(int), default=10)
-    t.add_argument("--local-steps", type=_positive(int), default=8)
-    t.add_argument("--batch-size", type=_positive(int), default=8)
-    t.add_argument("--inner-learning-rate", type=_positive(float), default=1e-3)
-    t.add_argument("--outer-optimizer", choices=["fedavg", "nesterov", "fedadam"],
-                   default="fedavg")
-    t.add_argument("--outer-learning-rate", type=_positive(float), default=None)
-    t.add_argument("--aggregator", choices=["mean", "trimmed_mean", "median"], default="mean")
-    t.add_argument("--trim-fraction", type=float, default=0.2)
-    t.add_argument("--tasks-per-round", type=_positive(int), default=None)
-    t.add_argument("--min-updates-per-round", type=_positive(int), default=None)
-    t.add_argument("--round-timeout-s", type=_positive(float), default=None)
-    t.add_argument("--max-staleness", type=_non_negative_int, default=0)
-    t.add_argument("--delta-norm-max", type=_positive(float), default=None)
-    t.add_argument("--codec", choices=["fp32", "fp16", "bf16", "int8"], default="fp32")
-    t.add_argument("--seed", type=_non_negative_int, default=0)
-    t.set_defaults(func=_run_train)
+    cli_jobs.add_parsers(sub)
+    cli_runs.add_parsers(sub)
     d = sub.add_parser("demo", help="coordinator + 2 workers on this machine: train, sample, save")
     d.add_argument("--steps", type=_positive(int), default=100,
                    help="optim steps (default 100)")
@@ -493,14 +354,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def coordinator_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="signal-coordinator", description="run the coordinator")
+    p = Parser(prog="signal-coordinator", description="run the coordinator")
     add_coordinator_args(p)
     p.set_defaults(func=_run_coordinator)
     return _dispatch(p.parse_args(argv))
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="signal-worker", description="run a worker")
+    p = Parser(prog="signal-worker", description="run a worker")
     add_worker_args(p)
     p.set_defaults(func=_run_worker)
     return _dispatch(p.parse_args(argv))

@@ -43,6 +43,14 @@ def _chat_prompt(tokenizer, question: str) -> str:
                                          tokenize=False, add_generation_prompt=True)
 
 
+def readable(text: str) -> str:
+    """A sample as a person reads it: the untrained model emits control bytes
+    (the byte tokenizer decodes them as-is), shown as "·" rather than escapes."""
+    shown = "".join(c if c.isprintable() and c != "\ufffd" else "·"
+                    for c in text.replace("\n", " "))
+    return f'"{shown}"' if shown.strip("· ") else f'"{shown}" (no readable text yet)'
+
+
 def run_demo(*, steps: int = 100, workers: int = 2, out_dir: Path = Path("./signal-demo")) -> int:
     from rewardsignal import SignalClient
     from rewardsignal.models import load_tokenizer, resolve_model_path
@@ -99,13 +107,13 @@ def run_demo(*, steps: int = 100, workers: int = 2, out_dir: Path = Path("./sign
         after = run.sample(prompts=prompts, temperature=0, max_tokens=24)["outputs"]
         print("\nSamples (greedy), before -> after training:")
         for q, b, a in zip(_PROMPTS, before, after, strict=True):
-            print(f"  Q: {q}\n     before: {b!r}\n     after:  {a!r}")
+            print(f"  Q: {q}\n     before: {readable(b)}\n     after:  {readable(a)}")
         art = run.save_state(mode="adapter", name="demo")
         local = run.download(art, out_dir / "adapter")
         first, last = losses[0], sum(losses[-3:]) / len(losses[-3:])
-        print(f"\nLoss {first:.3f} -> {last:.3f} ({(1 - last / first) * 100:.0f}% lower) over "
-              f"{steps} steps on {workers} workers; run {run.run_id} is at version "
-              f"{out['version']}.")
+        print(f"\nLoss {first:.3f} -> {last:.3f} ({(1 - last / first) * 100:.0f}% lower; first "
+              f"step -> mean of the last 3) over {steps} steps on {workers} workers; run "
+              f"{run.run_id} is at version {out['version']}.")
         print(f"Adapter saved: {local.resolve()} (load it with PeftModel.from_pretrained)")
         print(f"Metrics were served at {url}/metrics while the demo ran.")
         client.close()

@@ -130,6 +130,8 @@ def resolve_model_path(model_id: str) -> Path:
         target = _builtin_dir(model_id)
         if not (target / "model.safetensors").exists():
             _build_builtin(model_id, target)
+        elif not (target / _TOKENIZER_MARK).exists():
+            _refresh_tokenizer(target)
         return target
     local = Path(model_id).expanduser()
     if local.is_dir() and (local / "config.json").exists():
@@ -196,8 +198,9 @@ def builtin_config(model_id: str):
 
 def build_tokenizer():
     """A byte-level ``PreTrainedTokenizerFast``: 256 byte tokens, no merges, the
-    special tokens above and a ChatML-style chat template."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    special tokens above, BOS added by ``tokenizer(text)``, and a ChatML-style
+    chat template."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
@@ -207,11 +210,35 @@ def build_tokenizer():
     tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    # ``tokenizer(text)`` starts with <|bos|>, as the models are trained and
+    # sampled (Llama tokenizers do the same).
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+        special_tokens=[("<|bos|>", vocab["<|bos|>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"], model_max_length=4096)
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+# Present in a built-in's directory once its tokenizer adds BOS itself; older
+# directories get the new tokenizer files in place (weights are untouched).
+_TOKENIZER_MARK = ".tokenizer-adds-bos"
+
+
+def _refresh_tokenizer(target: Path) -> None:
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if (target / _TOKENIZER_MARK).exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tok.", dir=target.parent))
+        try:
+            build_tokenizer().save_pretrained(tmp)
+            for f in tmp.iterdir():
+                os.replace(f, target / f.name)  # each file whole, never half-written
+            (target / _TOKENIZER_MARK).touch()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_builtin(model_id: str, target: Path) -> None:
@@ -238,6 +265,7 @@ def _build_builtin(model_id: str, target: Path) -> None:
                              pad_token_id=0).save_pretrained(tmp)
             save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
             build_tokenizer().save_pretrained(tmp)
+            (tmp / _TOKENIZER_MARK).touch()
             (tmp / "signal_builtin.json").write_text(
                 json.dumps({"model_id": model_id, **asdict(spec)}, indent=2, sort_keys=True))
             if target.exists():
@@ -370,6 +398,25 @@ def model_info(model_id: str) -> ModelInfo:
         num_layers=int(getattr(config, "num_hidden_layers", 0)),
         hidden_size=int(getattr(config, "hidden_size", 0)),
         vocab_size=int(config.vocab_size), default_target_modules=targets)
+
+
+def is_available_locally(model_id: str) -> bool:
+    """Whether ``model_info`` can answer without downloading anything: a
+    built-in, a local directory, or a hub id whose config is in the HF cache."""
+    if is_builtin(model_id) or (Path(model_id).expanduser() / "config.json").is_file():
+        return True
+    if model_id.count("/") != 1:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def model_source(model_id: str) -> str:
+    """``builtin`` | ``local`` (a directory) | ``hub`` (a Hugging Face id)."""
+    if is_builtin(model_id):
+        return "builtin"
+    return "local" if Path(model_id).expanduser().is_dir() else "hub"
 
 
 def list_models() -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -21,6 +22,12 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     res = _cli("coordinator", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path),
                "--api-key", "sk-1")
     assert res.returncode == 2 and "without --worker-token" in res.stderr
+    res = _cli("coordinator", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path),
+               "--api-key", "sk-1", "--worker-token", "wt-1")
+    assert res.returncode == 2 and "without --models FILE" in res.stderr
+    res = _cli("coordinator", "--models", str(tmp_path / "none.yaml"), "--port", "0",
+               "--data-dir", str(tmp_path))
+    assert res.returncode == 2 and "none.yaml" in res.stderr
     assert not (tmp_path / "runs").exists()  # refused before touching anything
 
 
@@ -51,6 +58,52 @@ def test_bad_environment_value_is_named():
     assert res.returncode != 0 and "MAX_STALENESS='lots'" in res.stderr
 
 
+def _parsers(parser: argparse.ArgumentParser, name: str = "signal"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_has_help_and_its_default_shows():
+    from rewardsignal.cli import build_parser
+
+    for name, parser in _parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                shown = formatter._get_help_string(action)
+                assert "default" in shown, f"{name} {action.option_strings[0]}: {shown!r}"
+    coordinator = dict(_parsers(build_parser()))["signal coordinator"].format_help()
+    assert "(default: 600.0)" in coordinator  # --round-timeout-s
+
+
+def test_duration_flags_end_in_s_and_keep_their_old_names():
+    from rewardsignal.cli import build_parser
+
+    new = build_parser().parse_args(["coordinator", "--round-timeout-s", "5",
+                                     "--tick-interval-s", "0.5"])
+    old = build_parser().parse_args(["coordinator", "--round-timeout-sec", "5",
+                                     "--tick-interval-sec", "0.5"])
+    assert (new.round_timeout_s, new.tick_interval_s) == (old.round_timeout_s,
+                                                          old.tick_interval_s) == (5.0, 0.5)
+    train = build_parser().parse_args(["train", "--dataset", "d.jsonl",
+                                       "--num-tasks-per-round", "3", "--round-timeout-sec", "9"])
+    assert (train.tasks_per_round, train.round_timeout_s) == (3, 9.0)
+
+
+def test_coordinator_url_from_signal_url_or_its_old_name():
+    for var in ("SIGNAL_URL", "SIGNAL_COORDINATOR"):
+        res = _cli("worker", env={var: "127.0.0.1:8000", "SIGNAL_URL" if var != "SIGNAL_URL"
+                                  else "SIGNAL_COORDINATOR": ""})
+        assert res.returncode == 2 and "'127.0.0.1:8000' " not in res.stdout
+        assert "must be an http(s) URL, got '127.0.0.1:8000'" in res.stderr
+
+
 def test_console_scripts_exist():
     for name in ("signal", "signal-coordinator", "signal-worker"):
         exe = os.path.join(os.path.dirname(sys.executable), name)
@@ -65,11 +118,33 @@ def test_demo_runs_and_loss_falls(tmp_path):
     out = res.stdout
     import re
 
-    m = re.search(r"Loss (\d+\.\d+) -> (\d+\.\d+) \((\d+)% lower\)", out)
+    m = re.search(r"Loss (\d+\.\d+) -> (\d+\.\d+) \((\d+)% lower", out)
     assert m, out
     assert float(m.group(2)) < 0.7 * float(m.group(1))
+    assert "mean of the last 3" in out
+    assert "\\x" not in out  # samples print as text, not escapes
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").exists()
     assert "/metrics" in out and "Coordinator and workers stopped." in out
+
+
+def test_demo_samples_print_as_text():
+    from rewardsignal.demo import readable
+
+    assert readable("4") == '"4"'
+    assert readable("\x04\x04a\nb") == '"··a b"'
+    assert readable("\x04\x04") == '"··" (no readable text yet)'
+    assert readable("\x04\ufffd") == '"··" (no readable text yet)'
+
+
+def test_make_clean_removes_the_demo_directory():
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    res = subprocess.run(["make", "-n", "clean"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and "signal-demo" in res.stdout.split()
 
 
 def test_keys_create_list_revoke(tmp_path):

@@ -120,3 +120,26 @@ def test_format_3_weights_depend_only_on_names():
     assert torch.equal(first["c.norm.weight"], torch.ones(8, dtype=torch.bfloat16))
     assert 0.015 < float(first["a.weight"].float().std()) < 0.025
     assert not torch.equal(first["a.weight"][:16, 0], first["b.weight"])
+
+
+def test_builtin_tokenizer_adds_bos_the_usual_way(tiny_path):
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    ids = tok("The meaning of life is")["input_ids"]
+    assert ids[0] == tok.bos_token_id == 1
+    assert ids[1:] == tok.encode("The meaning of life is", add_special_tokens=False)
+
+
+def test_an_older_builtin_directory_gets_the_bos_tokenizer_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGNAL_HOME", str(tmp_path))
+    path = models.resolve_model_path("signal-tiny")
+    # As an earlier build left it: no BOS post-processor, no mark.
+    tok_file = path / "tokenizer.json"
+    tok_file.write_text(json.dumps({**json.loads(tok_file.read_text()), "post_processor": None}))
+    (path / models._TOKENIZER_MARK).unlink()
+    assert AutoTokenizer.from_pretrained(path)("hi")["input_ids"][0] != 1
+    weights = (path / "model.safetensors").stat().st_mtime_ns
+
+    assert models.resolve_model_path("signal-tiny") == path
+
+    assert AutoTokenizer.from_pretrained(path)("hi")["input_ids"][0] == 1
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights  # weights untouched

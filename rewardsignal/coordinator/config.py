@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rewardsignal.coordinator.catalog import ModelCatalog
 from rewardsignal.errors import ValidationError
 
 
@@ -39,6 +40,9 @@ class CoordinatorConfig:
     keep_finished_requests: int = 10_000   # finished requests kept for late clients
     no_worker_grace_s: float = 60.0        # a request no live worker can take fails after this
     worker_retention_s: float = 600.0      # gone workers are forgotten after this
+    models: ModelCatalog | None = None     # --models FILE: the only base models served
+    log_to: tuple[str, ...] = ()           # --log-to: tracking for runs that name none
+    wandb_project: str | None = None       # --wandb-project (WANDB_PROJECT)
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +97,12 @@ class CoordinatorConfig:
                 f"refusing to listen on {self.host} without {' and '.join(missing)}: anyone who "
                 "can reach the port could train or submit updates. Pass keys (or "
                 "SIGNAL_API_KEYS / SIGNAL_WORKER_TOKENS), or bind 127.0.0.1.")
+        if self.models is None:
+            raise ValidationError(
+                f"refusing to listen on {self.host} without --models FILE: any user could make "
+                "the coordinator download and hash any model. List the base models it serves "
+                "(YAML: models: [{name: org/model}, ...]; see docs/operations.md), or bind "
+                "127.0.0.1.")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -101,4 +111,5 @@ class CoordinatorConfig:
         d["api_keys"] = len(self.api_keys)
         d["worker_tokens"] = len(self.worker_tokens)
         d["delta_norm_max"] = None if math.isinf(self.delta_norm_max) else self.delta_norm_max
+        d["models"] = self.models.path if self.models is not None else None
         return d

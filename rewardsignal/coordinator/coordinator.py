@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from rewardsignal.coordinator import recovery
+from rewardsignal.coordinator.catalog import ModelEntry
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.metrics import Metrics
@@ -29,10 +32,28 @@ from rewardsignal.coordinator.scheduling.placement import Requirement
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
-from rewardsignal.errors import NotFoundError
+from rewardsignal.errors import NotFoundError, ValidationError
 from rewardsignal.memory import gpu_config_memory_bytes
+from rewardsignal.models import (
+    BUILTIN_MODELS,
+    is_available_locally,
+    is_builtin,
+    model_info,
+    model_source,
+)
 
 log = logging.getLogger("signal.coordinator")
+
+
+def _describe(model_ids: list[str]) -> list[dict]:
+    """Sizes of the models known here without a download (blocking)."""
+    out = []
+    for m in model_ids:
+        try:
+            out.append(model_info(m).to_json() if is_available_locally(m) else {})
+        except Exception:  # an unreadable config is not this listing's problem
+            out.append({})
+    return out
 
 
 class Coordinator:
@@ -76,6 +97,7 @@ class Coordinator:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         await asyncio.gather(*[r.processor.stop() for r in self.runs.values() if r.processor])
+        await asyncio.to_thread(self.services.trackers.close)
         await self.services.db.close()
 
     def _adopt(self, run: Run) -> None:
@@ -86,6 +108,9 @@ class Coordinator:
         run.processor.start()
         self.runs[run.run_id] = run
         spec = run.spec
+        self.services.trackers.open(
+            run.run_id, spec.log_to, run_dir=self.services.versions.store.run_dir(run.run_id),
+            wandb_project=spec.wandb_project, config=spec.to_json())
         self.scheduler.place(run.run_id, Requirement(
             spec.base_model, spec.precision, run.shape, spec.lora.r, spec.lora.target_modules,
             spec.max_length,
@@ -144,7 +169,10 @@ class Coordinator:
         return answer, replayed
 
     async def create_run(self, owner: str, req: RunRequest, idem_key: str | None = None) -> Run:
-        run = await asyncio.to_thread(build_run, owner, req)
+        start = None
+        if req.init is not None and req.init.run_ref is not None:
+            start = await self._version_weights(owner, req, *req.init.run_ref)
+        run = await asyncio.to_thread(build_run, owner, req, start)
         await asyncio.to_thread(self.services.tokenizers.get, req.base_model)
         await self.services.versions.write(run)
         await self.services.db.save_run(run.run_id, owner, run.spec.to_json(), idem_key)
@@ -152,6 +180,50 @@ class Coordinator:
         log.info("run created run_id=%s base=%s lora_r=%d params=%d", run.run_id,
                  req.base_model, req.lora.r, sum(v.numel() for v in run.adapter.values()))
         return run
+
+    async def delete_run(self, owner: str, run_id: str) -> dict:
+        """Remove a run and everything it owns: its jobs (cancelled), open requests
+        (failed), tasks, database rows (one transaction: the point of no return),
+        checkpoints, saved states, pending gradients and metric series."""
+        run = self.run_for(owner, run_id)
+        jobs = [j for j in self.jobs.values() if j.run_id == run_id]
+        for job in jobs:
+            job.cancel()
+        del self.runs[run_id]
+        if run.processor is not None:
+            await run.processor.stop()
+        failed = self.requests.fail_run(run_id, NotFoundError(f"run {run_id} was deleted"))
+        tasks = self.scheduler.forget_run(run_id)
+        for job in jobs:
+            self.jobs.pop(job.job_id, None)
+        paths = await self.services.db.delete_run(run_id)
+        await asyncio.to_thread(self.services.trackers.close_run, run_id)
+        await asyncio.to_thread(self._delete_files, run_id, paths, [j.job_id for j in jobs])
+        self.metrics.forget_run(run_id)
+        log.info("run deleted run_id=%s requests_failed=%d tasks_cancelled=%d", run_id, failed,
+                 tasks)
+        return {"run_id": run_id, "deleted": True, "requests_failed": failed,
+                "jobs_cancelled": len(jobs)}
+
+    def _delete_files(self, run_id: str, pending: list[str], job_ids: list[str]) -> None:
+        s = self.services
+        s.artifacts.delete_run(run_id)
+        shutil.rmtree(s.versions.store.run_dir(run_id), ignore_errors=True)
+        shutil.rmtree(s.pending.root / run_id, ignore_errors=True)
+        for path in [*pending, *(str(s.job_store.datums_path(j)) for j in job_ids)]:
+            Path(path).unlink(missing_ok=True)
+
+    async def _version_weights(self, owner: str, req: RunRequest, run_id: str,
+                               version: int) -> dict:
+        """The adapter of one of the caller's run versions, to start a new run from."""
+        src = self.run_for(owner, run_id)
+        if src.spec.base_model != req.base_model:
+            raise ValidationError(f"{run_id} was trained on {src.spec.base_model!r}, not "
+                                  f"{req.base_model!r}")
+        if version > src.version:
+            raise NotFoundError(f"{run_id} has no version {version} (it is at {src.version})")
+        ck = await asyncio.to_thread(self.services.versions.store.load, run_id, version)
+        return ck.adapter
 
     def run_for(self, owner: str, run_id: str) -> Run:
         run = self.runs.get(run_id)
@@ -195,6 +267,21 @@ class Coordinator:
             "models": list(models) if models is not None else None,
             "capabilities": w.capabilities()})
         return w
+
+    async def models(self) -> list[dict]:
+        """The base models this coordinator serves (the models file, or the
+        built-ins without one): id, size, where it comes from, and how many live
+        workers can serve it and have loaded it."""
+        catalog = self.config.models
+        entries = catalog.entries if catalog is not None else tuple(
+            ModelEntry(m) for m in BUILTIN_MODELS)
+        infos = await asyncio.to_thread(_describe, [e.name for e in entries])
+        live = [w for w in self.scheduler.workers.values() if w.active]
+        return [{"param_count": None, **info, **e.to_json(), "model_id": e.name, "source": model_source(e.name),
+                 "builtin": is_builtin(e.name),
+                 "workers_able": sum(w.serves(e.name) for w in live),
+                 "workers_loaded": sum(e.name in w.bases_loaded for w in live)}
+                for e, info in zip(entries, infos, strict=True)]
 
     def placement_warnings(self, run: Run) -> list[str]:
         """What a new run's creator should know about where it can run: said, not

@@ -5,7 +5,17 @@ registered route templates), kinds, codecs."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# Counters' and histograms' ``*_created`` series (process-start timestamps) double
+# the exposition for nothing a dashboard uses.
+disable_created_metrics()
 
 _STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -80,3 +90,10 @@ class Metrics:
         self.request_latency = Histogram("signal_http_request_duration_seconds",
                                          "HTTP request latency by route", ["route", "method"],
                                          buckets=_LATENCY_BUCKETS, registry=r)
+
+    def forget_run(self, run_id: str) -> None:
+        """Remove every series labelled with a deleted run."""
+        for metric in (self.steps, self.step_duration, self.fb_duration, self.version,
+                       self.train_loss, self.tokens, self.checkpoint_bytes, self.rounds,
+                       self.round_duration, self.round_failures, self.eval_loss):
+            metric.remove(run_id)  # a series the run never reported is no error

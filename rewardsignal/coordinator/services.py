@@ -26,6 +26,7 @@ from rewardsignal.coordinator.store.datasets import DatasetStore
 from rewardsignal.coordinator.store.db import Database
 from rewardsignal.coordinator.store.jobs import JobStore
 from rewardsignal.coordinator.store.pending import PendingGradients
+from rewardsignal.coordinator.tracking import Trackers
 from rewardsignal.data.examples import examples_to_datums
 from rewardsignal.data.types import Datum
 
@@ -66,6 +67,7 @@ class Services:
     upload_slots: UploadSlots
     requests: RequestRegistry
     tokenizers: Tokenizers = field(default_factory=Tokenizers)
+    trackers: Trackers = field(default_factory=Trackers)
     runs: dict[str, Run] = field(default_factory=dict)
     jobs: dict[str, FederatedJob] = field(default_factory=dict)
     rejections: Counter = field(default_factory=Counter)
@@ -100,4 +102,4 @@ class Services:
 
     def round_deps(self) -> RoundDeps:
         return RoundDeps(self.scheduler, self.versions, self.metrics, self.job_store,
-                         self.config.delta_norm_max)
+                         self.config.delta_norm_max, self.trackers)

@@ -3,7 +3,10 @@
 Accepted shapes (each error names the offending field):
 
 - ``{"text": str}``: loss on every token;
-- ``{"input": str, "output": str}``: loss on the output only;
+- ``{"input": str, "output": str}`` (or ``{"prompt", "completion"}``): loss on
+  the output only;
+- ``{"input": str}`` alone or ``{"output": str}`` alone: text to learn, loss on
+  every token (as ``{"text"}``; the hosted API's quickstart sends these);
 - ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's
   chat template, loss on assistant turns only;
 - ``{"model_input": [ids] | {"chunks": [{"tokens": [ids]}]},
@@ -21,8 +24,11 @@ from rewardsignal.data.types import Datum
 from rewardsignal.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
+# id(tokenizer) -> (tokenizer, prefix): the tokenizer is kept so its id stays its own.
+_PREFIXES: dict[int, tuple[Any, tuple[int, ...]]] = {}
 _EXTRA_KEYS = ("logprobs", "advantages")
-_SHAPES = "'text', 'input'+'output', 'messages', or 'model_input'+'loss_fn_inputs'"
+_SHAPES = ("'text', 'input'+'output' (or a lone 'input' or 'output'), 'prompt'+'completion', "
+           "'messages', or 'model_input'+'loss_fn_inputs'")
 
 
 def _fail(where: str, msg: str) -> DataError:
@@ -44,8 +50,37 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text when applied the usual way
+    (``tokenizer(text)``): BOS for Llama-style tokenizers, nothing for those that
+    add none (Qwen, GPT-2). Text is encoded with exactly this prefix everywhere
+    (training examples, sample prompts), so ids match what a user's own
+    ``tokenizer(text)`` and ``generate`` see."""
+    if tokenizer is None:
+        return []
+    cached = _PREFIXES.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return list(cached[1])
+    plain = list(tokenizer.encode("a", add_special_tokens=False))
+    full = list(tokenizer.encode("a"))
+    prefix: list[int] = []
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            prefix = full[:i]
+            break
+    if len(_PREFIXES) > 64:
+        _PREFIXES.clear()
+    _PREFIXES[id(tokenizer)] = (tokenizer, tuple(prefix))
+    return prefix
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``text`` as ``tokenizer(text)`` gives it, without any suffix it adds."""
+    return special_prefix(tokenizer) + _encode(tokenizer, text)
+
+
 def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return special_prefix(tokenizer)
 
 
 def _eos(tokenizer) -> list[int]:
@@ -173,6 +208,24 @@ def _truncate(d: Datum, max_length: int | None) -> Datum:
                  {k: v[:max_length] for k, v in d.extra.items()})
 
 
+def _pair_keys(keys: set[str]) -> tuple[str, str] | None:
+    """The (prompt, completion) field names of a two-part example, if it is one."""
+    for first, second in (("input", "output"), ("prompt", "completion")):
+        if first in keys and second in keys:
+            return first, second
+    if "completion" in keys or ("prompt" in keys and not keys & {"text", "input", "output"}):
+        return "prompt", "completion"  # a missing half is named by _require_str
+    return None
+
+
+def _text_key(keys: set[str]) -> str | None:
+    """The one field of a text-to-learn example: 'text', or a lone 'input' or 'output'."""
+    for key in ("text", "input", "output"):
+        if key in keys:
+            return key
+    return None
+
+
 def example_to_datum(example: Any, tokenizer, *, max_length: int | None = None,
                      where: str = "example") -> Datum:
     """Convert one example of any accepted shape; raises ``DataError`` naming the
@@ -187,17 +240,19 @@ def example_to_datum(example: Any, tokenizer, *, max_length: int | None = None,
     if "messages" in keys:
         tokens, mask = _render_messages(example["messages"], tokenizer, where)
         extra = keys - {"messages"}
-    elif "input" in keys or "output" in keys:
-        prompt = _bos(tokenizer) + _encode(tokenizer, _require_str(example, "input", where,
+    elif pair := _pair_keys(keys):
+        first, second = pair
+        prompt = _bos(tokenizer) + _encode(tokenizer, _require_str(example, first, where,
                                                                     allow_empty=True))
-        completion = _encode(tokenizer, _require_str(example, "output", where)) + _eos(tokenizer)
+        completion = _encode(tokenizer, _require_str(example, second, where)) + _eos(tokenizer)
         tokens, mask = prompt + completion, [0.0] * len(prompt) + [1.0] * len(completion)
-        extra = keys - {"input", "output"}
-    elif "text" in keys:
-        tokens = _bos(tokenizer) + _encode(tokenizer, _require_str(example, "text", where))
+        extra = keys - set(pair)
+    elif text_key := _text_key(keys):
+        # A lone "input" or "output" is text to learn, as the hosted API reads it.
+        tokens = _bos(tokenizer) + _encode(tokenizer, _require_str(example, text_key, where))
         tokens += _eos(tokenizer)
         mask = [1.0] * len(tokens)
-        extra = keys - {"text"}
+        extra = keys - {text_key}
     else:
         raise _fail(where, f"unrecognised example; expected {_SHAPES}, got fields "
                     f"{sorted(keys)}")

@@ -8,10 +8,12 @@ coordinator raised.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +27,10 @@ from rewardsignal.errors import (
     ValidationError,
     error_from_json,
 )
+from rewardsignal.sdk import hub
+from rewardsignal.sdk.evaluation import evaluate_examples
+from rewardsignal.sdk.jobs import AsyncFederatedJob
+from rewardsignal.sdk.payloads import init_from_field, neg_grad
 from rewardsignal.sdk.transport import DEFAULT_RETRY_WINDOW_S, Transport, new_idempotency_key
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -40,7 +46,8 @@ class AsyncSignalClient:
                  timeout_s: float = 600.0,
                  retry_window_s: float = DEFAULT_RETRY_WINDOW_S) -> None:
         self.api_key = api_key if api_key is not None else os.environ.get("SIGNAL_API_KEY")
-        self.base_url = (base_url or os.environ.get("SIGNAL_URL") or DEFAULT_URL).rstrip("/")
+        self.base_url = (base_url or os.environ.get("SIGNAL_URL")
+                         or os.environ.get("SIGNAL_COORDINATOR") or DEFAULT_URL).rstrip("/")
         self.timeout_s = timeout_s
         self._transport = Transport(self.base_url, self.api_key, retry_window_s)
 
@@ -95,8 +102,15 @@ class AsyncSignalClient:
     async def health(self) -> dict:
         return await self._http("GET", "/healthz")
 
-    async def list_models(self) -> list[str]:
-        return [m["model_id"] for m in (await self._http("GET", "/v1/models"))["models"]]
+    async def list_models(self, *, details: bool = False) -> list[Any]:
+        """The base models this coordinator serves: their ids, or with
+        ``details=True`` dicts with ``model_id``, ``param_count`` (None when the
+        coordinator has not seen its config), ``source`` (builtin | hub | local),
+        ``revision`` / ``family`` / ``notes`` (from the operator's models file),
+        ``workers_able`` and ``workers_loaded`` (live workers that can serve it /
+        have been given work on it)."""
+        models = (await self._http("GET", "/v1/models"))["models"]
+        return models if details else [m["model_id"] for m in models]
 
     async def status(self) -> dict:
         """What the dashboard shows: the caller's runs and jobs, all workers,
@@ -111,19 +125,36 @@ class AsyncSignalClient:
                          lora_target_modules: Sequence[str] | None = None,
                          learning_rate: float = 1e-4, seed: int = 0, max_length: int = 2048,
                          base_dtype: str = "auto", quantization: str | None = None,
-                         gpu_config: str | None = None, **optimizer: float) -> AsyncRun:
+                         gpu_config: str | None = None, init_from: str | Path | None = None,
+                         log_to: Sequence[str] | None = None, wandb_project: str | None = None,
+                         **optimizer: float) -> AsyncRun:
         """A new run. ``base_dtype`` ("auto" | "bf16" | "fp16" | "fp32") and
         ``quantization`` (None | "nf4" | "int8", on CUDA workers with bitsandbytes)
         say how workers load the frozen base; LoRA stays fp32. ``gpu_config``
         ("A100-80GB:2") is a placement hint: the least memory a worker needs. If
         no registered worker can host the run, the coordinator's warnings are
-        printed (the run is created all the same: workers may join later)."""
+        printed (the run is created all the same: workers may join later).
+
+        ``init_from`` starts from existing LoRA weights instead of the seeded
+        ones: a PEFT adapter directory on this machine (sent with the request) or
+        ``"run_id@version"`` of one of your runs. The base model and the LoRA
+        shapes (``lora_r``, ``lora_alpha``, ``lora_target_modules``) must match
+        the adapter's; the optimizer state starts fresh.
+
+        ``log_to=["tensorboard", "wandb"]`` logs the run's step and round metrics
+        (loss, tokens, learning rate, grad norm, eval loss, rejections) to
+        TensorBoard event files under its checkpoint directory and/or to W&B
+        (``wandb_project``), from the coordinator (which needs those extras)."""
         body = {"base_model": base_model, "lora_r": lora_r, "lora_alpha": lora_alpha,
                 "lora_dropout": lora_dropout, "learning_rate": learning_rate, "seed": seed,
                 "max_length": max_length, "base_dtype": base_dtype,
                 "quantization": quantization, "gpu_config": gpu_config,
                 "lora_target_modules": list(lora_target_modules) if lora_target_modules
-                else None, **optimizer}
+                else None, **optimizer, **init_from_field(init_from)}
+        if log_to is not None:
+            body["log_to"] = list(log_to)
+        if wandb_project is not None:
+            body["wandb_project"] = wandb_project
         info = await self._http("POST", "/v1/runs", body=body, timeout_s=600)
         for warning in info.get("warnings") or ():
             print(f"signal: warning: {warning}", file=sys.stderr, flush=True)
@@ -134,6 +165,11 @@ class AsyncSignalClient:
 
     async def list_runs(self) -> list[dict]:
         return (await self._http("GET", "/v1/runs"))["runs"]
+
+    async def delete_run(self, run_id: str) -> dict:
+        """Delete a run with its checkpoints, saved states, pending requests (they
+        fail), federated jobs (cancelled) and metric series. Not undoable."""
+        return await self._http("DELETE", f"/v1/runs/{run_id}")
 
     def run(self, run_id: str) -> AsyncRun:
         """A handle on an existing run."""
@@ -171,6 +207,33 @@ class AsyncRun:
     async def info(self) -> dict:
         return await self.client.get_run(self.run_id)
 
+    async def delete(self) -> dict:
+        """Delete this run and everything it owns (see ``delete_run``)."""
+        return await self.client.delete_run(self.run_id)
+
+    async def list_artifacts(self) -> list[dict]:
+        """The run's saved states (``save_state``), oldest version first: ``name``,
+        ``version``, ``mode``, ``checkpoint_path``, ``files``."""
+        return (await self.client._http("GET", f"/v1/runs/{self.run_id}/artifacts"))[
+            "artifacts"]
+
+    async def jobs(self) -> list[dict]:
+        """The run's federated jobs, oldest first (what ``job.status()`` says)."""
+        return (await self.client._http("GET", f"/v1/runs/{self.run_id}/jobs"))["jobs"]
+
+    async def evaluate(self, data: str | Path | Sequence[Any], *, version: int | None = None,
+                       batch_size: int = 256, timeout_s: float | None = None) -> dict:
+        """Mean per-token cross-entropy and perplexity of held-out ``data`` (a JSONL
+        path on this machine, or a list of examples) under ``version`` (default:
+        the latest), split over the workers like a ``forward``; nothing changes.
+        Returns ``loss``, ``perplexity``, ``num_examples``, ``num_tokens``,
+        ``version``. Errors in a file name its 1-based line."""
+        async def chunk(batch: list, at: int | None) -> dict:
+            return await self.client._op(self.run_id, "evaluate", {
+                "batch": batch, "version": at}, timeout_s)
+
+        return await evaluate_examples(chunk, data, version=version, batch_size=batch_size)
+
     async def forward_backward(self, batch: Sequence[Any], loss_fn: str = "cross_entropy", *,
                                loss_fn_config: dict | None = None, reduction: str = "mean",
                                timeout_s: float | None = None) -> dict:
@@ -206,7 +269,7 @@ class AsyncRun:
         loss.backward()
         surrogate = [{"model_input": d["model_input"],
                       "loss_fn_inputs": {"target_tokens": d["loss_fn_inputs"]["target_tokens"],
-                                         "weights": _neg_grad(lp)}}
+                                         "weights": neg_grad(lp)}}
                      for d, lp in zip(fwd["datums"], logprobs, strict=True)]
         res = await self.forward_backward(surrogate, reduction="sum", timeout_s=timeout_s)
         return {"loss": float(loss.detach()), "num_tokens": res["num_tokens"],
@@ -264,11 +327,30 @@ class AsyncRun:
         return res["logprobs"]
 
     async def save_state(self, mode: str = "adapter", name: str | None = None, *,
-                         timeout_s: float | None = None) -> dict:
+                         version: int | None = None, push_to_hub: bool = False, hub_model_id: str | None = None,
+                         private: bool | None = None, timeout_s: float | None = None) -> dict:
         """Pin the current version under ``name`` and export it (``adapter``: a
-        PEFT adapter; ``merged``: the adapter merged into the base)."""
-        return await self.client._op(self.run_id, "save_state", {"mode": mode, "name": name},
-                                     timeout_s)
+        PEFT adapter; ``merged``: the adapter merged into the base). ``version``
+        exports an earlier version still kept instead. Returns the artifact:
+        ``name``, ``version``, ``checkpoint_path``, ``files``.
+
+        ``push_to_hub=True`` also publishes the export to the Hugging Face Hub as
+        ``hub_model_id`` (``private`` as given; the repo is created if missing):
+        the files are downloaded here and pushed from this machine with its token
+        (``HF_TOKEN``); the result's ``hub`` says where. Needs the ``hub`` extra."""
+        token = hub.check_push(hub_model_id) if push_to_hub else None
+        body: dict[str, Any] = {"mode": mode, "name": name}
+        if version is not None:
+            body["version"] = version
+        meta = await self.client._op(self.run_id, "save_state", body, timeout_s)
+        if token is not None:
+            assert hub_model_id is not None
+            with tempfile.TemporaryDirectory(prefix="signal-push-") as tmp:
+                folder = await self.download(meta, tmp)
+                meta["hub"] = await asyncio.to_thread(
+                    hub.push_folder, folder, hub_model_id, token=token, private=private,
+                    message=f"Signal run {self.run_id} version {meta['version']} ({mode})")
+        return meta
 
     async def train_federated(
             self, dataset: str | Path | Sequence[Any], *, rounds: int, local_steps: int = 8,
@@ -313,59 +395,3 @@ class AsyncRun:
                 raise SignalError(f"downloaded {f['path']} does not match its sha256; retry")
             (out / f["path"]).write_bytes(data)
         return out
-
-
-class AsyncFederatedJob:
-    """A federated job running on the coordinator."""
-
-    def __init__(self, client: AsyncSignalClient, job_id: str, request_id: str) -> None:
-        self.client = client
-        self.job_id = job_id
-        self.request_id = request_id
-
-    def __repr__(self) -> str:
-        return f"FederatedJob({self.job_id!r})"
-
-    async def status(self) -> dict:
-        """Round, version, accepted/rejected counts, train and eval loss history."""
-        return await self.client._http("GET", f"/v1/jobs/{self.job_id}")
-
-    async def cancel(self) -> dict:
-        return await self.client._http("POST", f"/v1/jobs/{self.job_id}/cancel", body={})
-
-    async def wait(self, timeout: float | None = None, *, progress: bool = True) -> dict:
-        """Block until the job ends (long-polling for changes), with a progress
-        bar of rounds and losses. Raises ``RequestTimeoutError`` after
-        ``timeout`` seconds (the job keeps running)."""
-        from rewardsignal.progress import ProgressBar
-
-        deadline = time.monotonic() + timeout if timeout else None
-        st = await self.status()
-        bar = ProgressBar(st["rounds"], desc=f"{self.job_id}") if progress else None
-        shown = 0
-        while True:
-            if bar is not None and st["round"] > shown:
-                bar.update(st["round"] - shown, train=st["train_loss"][-1] or 0.0,
-                           eval=(st["eval_loss"][-1] if st["eval_loss"]
-                                 and st["eval_loss"][-1] is not None else float("nan")),
-                           version=st["version"])
-                shown = st["round"]
-            if st["finished"]:
-                return st
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise RequestTimeoutError(f"job {self.job_id} still {st['status']} after "
-                                          f"{timeout}s (round {st['round']}/{st['rounds']})")
-            chunk = _WAIT_CHUNK_S if left is None else max(min(_WAIT_CHUNK_S, left), 0.01)
-            st = await self.client._http("GET", f"/v1/jobs/{self.job_id}",
-                                         params={"timeout_s": f"{chunk:.3f}",
-                                                 "after": st["stamp"]}, timeout_s=chunk + 30)
-
-
-def _neg_grad(logprobs_T) -> list[float]:
-    """-d loss / d logprobs: the token weights of the linear surrogate (zero where
-    the loss did not use a datum at all, so its ``grad`` stayed None)."""
-    import torch
-
-    grad = logprobs_T.grad
-    return (-grad if grad is not None else torch.zeros_like(logprobs_T)).tolist()

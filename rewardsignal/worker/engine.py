@@ -192,6 +192,9 @@ class Engine:
         params = self._lora_params(model, key)
         for p in params.values():
             p.grad = None
+        # Dropout (LoRA's and the base's) fires while training only: a forward
+        # without backward (forward, compute_logprobs, evaluation) is deterministic.
+        model.train(backward)
         loss_total, weight_total, logprobs = self._accumulate(
             model, datums, loss_fn, loss_config, backward=backward, micro_tokens=micro_tokens)
         grads = None
@@ -217,6 +220,7 @@ class Engine:
         opt = torch.optim.AdamW(list(params.values()), lr=learning_rate, betas=tuple(betas),
                                 eps=eps, weight_decay=weight_decay)
         rng = random.Random(seed)
+        model.train()
         order: list[int] = []
         losses, grad_norms, tokens, samples = [], [], 0, 0
         started = time.monotonic()

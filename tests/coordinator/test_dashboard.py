@@ -60,3 +60,39 @@ def test_dashboard_asks_for_a_key_when_required(tmp_path):
         assert "missing API key" in dom
     finally:
         h.close()
+
+
+def test_a_one_step_run_has_honest_axes_and_shows_its_state(tmp_path):
+    h = Harness(tmp_path / "data")
+    try:
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           expect=201)
+        worker = FakeWorker(h, "browser-test-gpu")
+        fake_step(h, worker, run["run_id"], loss_sum=3.0, weight_sum=2.0)
+        dom = _browse(h, "/", tmp_path, "--dump-dom")
+        labels = re.findall(r'<text[^>]*class="axis"[^>]*>([^<]*)</text>', dom)
+        # One point: its loss once (not as both ends of the axis) and its own version.
+        assert labels == ["1.500", "v1"], labels
+        assert '<span class="state">idle</span>' in dom
+        _, req = h.request("POST", f"/v1/runs/{run['run_id']}/forward_backward",
+                           json={"batch": [{"text": "hello"}]}, expect=202)
+        task = worker.lease()
+        lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+        code, _ = worker.submit(task, codec="fp32", tensors=_grads(h, run["run_id"]),
+                                result={"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp})
+        assert code == 200
+        h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+        dom = _browse(h, "/", tmp_path, "--dump-dom")
+        assert "accumulating (1 forward_backward)" in dom
+        assert "Federated jobs" in dom
+    finally:
+        h.close()
+
+
+def _grads(h: Harness, run_id: str) -> bytes:
+    import torch
+
+    from rewardsignal.protocol import tensors_to_bytes
+
+    return tensors_to_bytes({k: torch.full(s, 0.01)
+                             for k, s in h.coordinator.runs[run_id].shapes.items()})

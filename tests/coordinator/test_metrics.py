@@ -72,6 +72,7 @@ def test_metrics_move_with_training(harness):
     assert after[("signal_updates_rejected_total", (("reason", "nonfinite"),))] == 1
     assert after[("signal_updates_accepted_total", (("kind", "forward_backward"),))] == 2
     assert after[("signal_tokens_processed_total", run_label)] > 0
+    assert not [k for k in after if k[0].endswith("_created")]  # switched off
     assert after[("signal_step_duration_seconds_count", run_label)] == 2
     assert after[("signal_checkpoint_write_seconds_count", ())] == 3  # versions 0, 1, 2
     assert after[("signal_bytes_received_total", (("codec", "fp32"), ("kind", "gradient")))] > 0

@@ -33,6 +33,19 @@ def test_input_output_has_loss_on_output_only(tokenizer):
     assert d.num_loss_tokens == 2
 
 
+@pytest.mark.parametrize("key", ["input", "output"])
+def test_lone_input_or_output_is_text_to_learn(tokenizer, key):
+    d = example_to_datum({key: "The quick brown fox."}, tokenizer)
+    assert d == example_to_datum({"text": "The quick brown fox."}, tokenizer)
+    assert d.weights == (1.0,) * len(d)
+
+
+def test_prompt_completion_is_input_output(tokenizer):
+    d = example_to_datum({"prompt": "2+2=", "completion": "4"}, tokenizer)
+    assert d == example_to_datum({"input": "2+2=", "output": "4"}, tokenizer)
+    assert _loss_text(tokenizer, d) == "4<|eos|>"
+
+
 def test_messages_loss_on_assistant_turns_only(tokenizer):
     ex = {"messages": [{"role": "system", "content": "Be brief."},
                        {"role": "user", "content": "Hi"},
@@ -61,7 +74,10 @@ def test_tinker_datum_used_as_given(tokenizer):
     ({"text": 3}, "field 'text' must be a string"),
     ({"text": ""}, "field 'text' is empty"),
     ({"text": "a", "extra": 1}, r"unknown field\(s\) \['extra'\]"),
-    ({"input": "a"}, "missing field 'output'"),
+    ({"prompt": "a"}, "missing field 'completion'"),
+    ({"completion": "a"}, "missing field 'prompt'"),
+    ({"output": 3}, "field 'output' must be a string"),
+    ({"input": "a", "text": "b"}, r"unknown field\(s\) \['input'\]"),
     ({"messages": []}, "non-empty list"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
@@ -133,3 +149,26 @@ def test_split_by_shares_follows_throughput():
     assert [len(p) for p in parts] == [9, 3]
     assert [i for p in parts for i in p] == list(range(12))
     assert split_by_shares(_datums([5]), [1.0, 1.0, 1.0]) == [[0]]
+
+
+def test_text_is_encoded_as_the_tokenizer_applies_itself(tokenizer):
+    from rewardsignal.data.examples import encode_text, special_prefix
+
+    assert special_prefix(tokenizer) == [tokenizer.bos_token_id]
+    assert encode_text(tokenizer, "2+2=") == tokenizer("2+2=")["input_ids"]
+    d = example_to_datum({"text": "2+2=4"}, tokenizer)
+    assert list(d.input_ids) == tokenizer("2+2=4")["input_ids"]
+
+
+def test_a_tokenizer_that_adds_no_bos_gets_none(tiny_path):
+    from transformers import AutoTokenizer
+
+    from rewardsignal.data.examples import encode_text, special_prefix
+
+    plain = AutoTokenizer.from_pretrained(tiny_path)
+    plain.backend_tokenizer.post_processor = None  # like Qwen's or GPT-2's: no BOS added
+    assert plain("hi")["input_ids"] == plain.encode("hi", add_special_tokens=False)
+    assert special_prefix(plain) == []
+    assert encode_text(plain, "hi") == plain("hi")["input_ids"]
+    d = example_to_datum({"input": "2+2=", "output": "4"}, plain)
+    assert d.input_ids[0] != plain.bos_token_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -43,12 +44,17 @@ def test_federated_job_lowers_held_out_loss(tmp_path):
         st = job.wait(timeout=300, progress=False)
         assert st["status"] == "done", st["reason"]
         assert st["round"] == 6 and st["version"] == 6 and run.info()["version"] == 6
-        evals = st["eval_loss"]
+        evals = st["eval_loss_history"]
+        assert st["eval_loss"] == evals[-1]  # the latest number; the history beside it
         assert len(evals) == 7  # before training, then after every round
         assert evals[-1] < 0.6 * evals[0], evals
         assert st["accepted"] == 12 and st["rejected"] == {}
         metrics = c.client._loop.run(c.client._target._http("GET", "/metrics", raw=True))
         assert 'signal_bytes_received_total{codec="int8",kind="delta"}' in metrics.decode()
+        # A federated run exports its train loss (the last round's) like a stepped one.
+        exported = re.search(rf'signal_train_loss{{run_id="{run.run_id}"}} (\S+)',
+                             metrics.decode())
+        assert exported and float(exported.group(1)) == pytest.approx(st["train_loss"])
     finally:
         c.close()
 

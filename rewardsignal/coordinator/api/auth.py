@@ -20,6 +20,8 @@ from rewardsignal.coordinator.store.keys import KeyStore, key_hash
 from rewardsignal.errors import AuthError
 
 LOCAL_OWNER = "local"
+_KEY_HINT = ("pass --api-key KEY on the command line, SignalClient(api_key=KEY) in Python, "
+             "or set SIGNAL_API_KEY")
 
 
 class Auth:
@@ -61,12 +63,12 @@ class Auth:
         token = self._bearer(request)
         if token is None:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>' (or "
-                            "'X-API-Key: <key>')")
+                            "'X-API-Key: <key>'); " + _KEY_HINT)
         h = self._match(token, users)
         if h is None:
             hint = (" (that is a worker token, which cannot use user endpoints)"
                     if self._match(token, await self._keys("worker")) else "")
-            raise AuthError("invalid or revoked API key" + hint)
+            raise AuthError("invalid or revoked API key" + hint + "; " + _KEY_HINT)
         return h[:16]
 
     async def worker(self, request: web.Request) -> None:

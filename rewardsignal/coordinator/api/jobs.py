@@ -50,6 +50,16 @@ async def _job(request: web.Request) -> FederatedJob:
     return job
 
 
+async def run_jobs(request: web.Request) -> web.Response:
+    """GET /v1/runs/{run_id}/jobs: the run's federated jobs, oldest first."""
+    owner = await request.app[AUTH].user(request)
+    coord = request.app[COORDINATOR]
+    run = coord.run_for(owner, request.match_info["run_id"])
+    jobs = [{k: v for k, v in j.to_json().items() if k != "config"}
+            for j in coord.jobs.values() if j.run_id == run.run_id]
+    return web.json_response({"jobs": jobs})
+
+
 async def get_job(request: web.Request) -> web.Response:
     """Long-poll: answers at once, or (with ``timeout_s``) when the job changes."""
     job = await _job(request)

@@ -22,7 +22,10 @@ async def create_run(request: web.Request) -> web.Response:
 
     async def create() -> dict:
         b = Body(await read_body(request))
-        run_request = await asyncio.to_thread(read_run_request, b)
+        cfg = coord.config
+        run_request = await asyncio.to_thread(read_run_request, b, cfg.models,
+                                              log_to=cfg.log_to,
+                                              wandb_project=cfg.wandb_project)
         run = await coord.create_run(owner, run_request, key)
         return {**run.to_json(), "warnings": coord.placement_warnings(run)}
 
@@ -45,6 +48,22 @@ async def get_run(request: web.Request) -> web.Response:
     owner = await request.app[AUTH].user(request)
     run = request.app[COORDINATOR].run_for(owner, request.match_info["run_id"])
     return web.json_response(run.to_json())
+
+
+async def delete_run(request: web.Request) -> web.Response:
+    """DELETE /v1/runs/{run_id}: the run, its checkpoints, saved states, pending
+    requests and gradients, jobs and metric series. Not undoable."""
+    owner = await request.app[AUTH].user(request)
+    answer = await request.app[COORDINATOR].delete_run(owner, request.match_info["run_id"])
+    return web.json_response(answer)
+
+
+async def list_artifacts(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    coord = request.app[COORDINATOR]
+    run = coord.run_for(owner, request.match_info["run_id"])
+    metas = await asyncio.to_thread(coord.services.artifacts.list, run.run_id)
+    return web.json_response({"artifacts": metas})
 
 
 async def run_op(request: web.Request) -> web.Response:

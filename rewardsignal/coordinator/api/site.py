@@ -11,7 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rewardsignal._version import __version__
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
-from rewardsignal.models import list_models as builtin_models
 
 _DASHBOARD = Path(__file__).parent.parent / "static" / "dashboard.html"
 
@@ -45,8 +44,11 @@ async def status(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     await request.app[AUTH].user(request)
-    return web.json_response({"models": builtin_models(),
-                              "note": "any Hugging Face causal LM id is accepted too"})
+    coord = request.app[COORDINATOR]
+    catalog = coord.config.models
+    note = (f"only these (the operator's models file {catalog.path})" if catalog is not None
+            else "any Hugging Face causal LM id is accepted too")
+    return web.json_response({"models": await coord.models(), "note": note})
 
 
 async def list_workers(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ from rewardsignal.coordinator.runs.versions import Versions
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.store.jobs import JobStore
+from rewardsignal.coordinator.tracking import Trackers
 from rewardsignal.data.types import Datum
 from rewardsignal.errors import SignalError
 
@@ -45,6 +46,7 @@ class RoundDeps:
     metrics: Metrics
     jobs: JobStore
     delta_norm_max: float  # the coordinator's default when the job sets none
+    trackers: Trackers | None = None  # experiment tracking (TensorBoard / W&B)
 
 
 @dataclass
@@ -218,13 +220,24 @@ async def close(deps: RoundDeps, run: Run, job: FederatedJob, rnd: Round) -> dic
                                               "job_id": job.job_id, "round": job.round + 1})
     entry["eval_loss"] = await evaluate(deps, run, job) if job.eval else None
     entry["duration_s"] = time.monotonic() - rnd.started
+    norms = [m["grad_norm_mean"] for m in ms if m.get("grad_norm_mean") is not None]
     _observe(deps.metrics, run, job, entry)
+    if deps.trackers is not None:
+        deps.trackers.log(run.run_id, run.version, {
+            "round/train_loss": entry["train_loss"], "round/eval_loss": entry["eval_loss"],
+            "round/tokens": tokens, "round/accepted": entry["accepted"],
+            "round/rejected": sum(job.rejected.values()),
+            "round/grad_norm": sum(norms) / len(norms) if norms else None,
+            **{f"round/rejected/{k}": v for k, v in job.rejected.items()}})
     return entry
 
 
 def _observe(metrics: Metrics, run: Run, job: FederatedJob, entry: dict) -> None:
     metrics.rounds.labels(run.run_id).inc()
     metrics.round_duration.labels(run.run_id).observe(entry["duration_s"])
+    # A federated run's train loss is its rounds' (token-weighted) local loss.
+    metrics.train_loss.labels(run.run_id).set(entry["train_loss"])
+    metrics.tokens.labels(run.run_id).inc(entry["tokens"])
     if entry["eval_loss"] is not None:
         metrics.eval_loss.labels(run.run_id).set(entry["eval_loss"])
     log.info("round closed job=%s round=%d version=%d accepted=%d train_loss=%.4f eval_loss=%s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.compute_logprobs import ComputeLogprobs
+from rewardsignal.coordinator.ops.evaluate import Evaluate
 from rewardsignal.coordinator.ops.forward import Forward, ForwardBackward
 from rewardsignal.coordinator.ops.load_state import LoadState
 from rewardsignal.coordinator.ops.optim_step import OptimStep
@@ -19,8 +20,8 @@ from rewardsignal.coordinator.ops.train_federated import TrainFederated
 from rewardsignal.errors import NotFoundError
 
 _OPERATIONS: tuple[Operation, ...] = (
-    ForwardBackward(), Forward(), OptimStep(), Sample(), ComputeLogprobs(), SaveState(),
-    LoadState(), TrainFederated())
+    ForwardBackward(), Forward(), OptimStep(), Sample(), ComputeLogprobs(), Evaluate(),
+    SaveState(), LoadState(), TrainFederated())
 REGISTRY: dict[str, Operation] = {op.name: op for op in _OPERATIONS}
 
 

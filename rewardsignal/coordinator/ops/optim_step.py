@@ -20,6 +20,14 @@ from rewardsignal.errors import ValidationError
 log = logging.getLogger("signal.coordinator")
 
 
+def _global_norm(grads: dict) -> float:
+    """The L2 norm of the accumulated gradient (before clipping), for tracking."""
+    import torch
+
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g.float()) for g in grads.values()])))
+
+
 class OptimStep(Operation):
     name = "optim_step"
     barrier = True
@@ -60,6 +68,11 @@ class OptimStep(Operation):
                                   request_id=request.request_id)
         run.accum = Accumulator()
         await ctx.pending.drop_before(run.run_id, run.version)
+        if ctx.trackers.logs(run.run_id):
+            norm = await asyncio.to_thread(_global_norm, grads)
+            ctx.trackers.log(run.run_id, run.version, {
+                "train/loss": loss, "train/tokens": entry["tokens"],
+                "train/learning_rate": args.learning_rate, "train/grad_norm": norm})
         ctx.metrics.steps.labels(run.run_id).inc()
         ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,

@@ -22,6 +22,7 @@ from rewardsignal.coordinator.ops.tasks import gather_tasks
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
+from rewardsignal.data.examples import encode_text
 from rewardsignal.errors import ValidationError
 from rewardsignal.models import BUILTIN_MODELS, is_builtin
 
@@ -61,8 +62,9 @@ def context_length(model_id: str) -> int:
 
 
 def read_prompt_tokens(body: Body, tok) -> list[list[int]]:
-    """``prompts`` (strings, tokenised with BOS as the model expects) or
-    ``prompt_tokens`` (ids), each non-empty."""
+    """``prompts`` (strings, tokenised as ``tokenizer(prompt)`` does: with the
+    BOS the tokenizer adds itself, none where it adds none) or ``prompt_tokens``
+    (ids), each non-empty."""
     prompts = body.list("prompts", None, max_len=MAX_PROMPTS)
     prompt_tokens = body.list("prompt_tokens", None, max_len=MAX_PROMPTS)
     if (prompts is None) == (prompt_tokens is None):
@@ -70,8 +72,7 @@ def read_prompt_tokens(body: Body, tok) -> list[list[int]]:
     if prompts is not None:
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ValidationError("field 'prompts' must be a non-empty list of non-empty strings")
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        return [bos + tok.encode(p, add_special_tokens=False) for p in prompts]
+        return [encode_text(tok, p) for p in prompts]
     return check_token_lists(prompt_tokens, len(tok), "prompt_tokens")
 
 

@@ -1,5 +1,5 @@
-"""``save_state``: export the current version as a named PEFT adapter or merged
-model (pinned past checkpoint retention)."""
+"""``save_state``: export the current version (or an earlier one still kept) as a
+named PEFT adapter or merged model (pinned past checkpoint retention)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
+from rewardsignal.errors import NotFoundError
 
 log = logging.getLogger("signal.coordinator")
 
@@ -25,15 +26,21 @@ class SaveState(Operation):
         name = body.str("name", None, max_len=64)
         if name is not None:
             check_name(name)
-        return {"mode": mode, "name": name}
+        version = body.int("version", None, lo=0, hi=run.version)
+        if version is not None and version not in await asyncio.to_thread(
+                ctx.versions.store.versions, run.run_id):
+            raise NotFoundError(f"run {run.run_id} no longer keeps version {version} (only the "
+                                "newest checkpoints and saved states are kept)")
+        return {"mode": mode, "name": name, "version": version}
 
     async def execute(self, ctx: Services, run: Run, request: Request, args: dict) -> dict:
         mode = args["mode"]
-        name = args.get("name") or (f"v{run.version:06d}" + ("-merged" if mode == "merged"
-                                                               else ""))
-        meta = await asyncio.to_thread(ctx.artifacts.save, run.run_id, run.version,
+        version = run.version if args.get("version") is None else args["version"]
+        name = args.get("name") or (f"v{version:06d}" + ("-merged" if mode == "merged"
+                                                           else ""))
+        meta = await asyncio.to_thread(ctx.artifacts.save, run.run_id, version,
                                        run.spec.base_model, mode, name,
                                        precision=run.spec.precision.to_json())
-        log.info("state saved run=%s version=%d name=%s mode=%s", run.run_id, run.version, name,
+        log.info("state saved run=%s version=%d name=%s mode=%s", run.run_id, version, name,
                  mode)
         return meta

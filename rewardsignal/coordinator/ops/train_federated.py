@@ -20,23 +20,40 @@ from rewardsignal.coordinator.ops.forward import MAX_BATCH
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
+from rewardsignal.data.examples import example_to_datum
+from rewardsignal.data.types import Datum
 from rewardsignal.errors import ValidationError
 
 log = logging.getLogger("signal.coordinator")
 
 
 async def _examples(ctx: Services, body: Body, owner: str, id_key: str, list_key: str,
-                    required: bool) -> list | None:
+                    required: bool, name: str) -> tuple[list, list[str]] | None:
+    """The examples and where each came from: ``file line N`` (1-based) for an
+    uploaded dataset, ``name[i]`` for a list in the body."""
     dataset_id = body.str(id_key, None, max_len=64)
     examples = body.list(list_key, None, max_len=MAX_BATCH * 16)
     if dataset_id is not None and examples is not None:
         raise ValidationError(f"give {id_key!r} or {list_key!r}, not both")
     if dataset_id is not None:
-        _, examples = await asyncio.to_thread(ctx.datasets.load, owner, dataset_id)
-    if examples is None and required:
-        raise ValidationError(f"missing field {id_key!r} (upload with POST /v1/datasets) "
-                              f"or {list_key!r}")
-    return examples
+        meta, numbered = await asyncio.to_thread(ctx.datasets.load_lines, owner, dataset_id)
+        return ([obj for _, obj in numbered],
+                [f"{meta.get('name') or dataset_id} line {n}" for n, _ in numbered])
+    if examples is None:
+        if required:
+            raise ValidationError(f"missing field {id_key!r} (upload with POST /v1/datasets) "
+                                  f"or {list_key!r}")
+        return None
+    if not examples:
+        raise ValidationError(f"{name} must be a non-empty list of examples")
+    return examples, [f"{name}[{i}]" for i in range(len(examples))]
+
+
+def _datums(ctx: Services, run: Run, found: tuple[list, list[str]]) -> list[Datum]:
+    """Blocking (tokenises): call through a thread."""
+    tok = ctx.tokenizers.get(run.spec.base_model)
+    return [example_to_datum(ex, tok, max_length=run.spec.max_length, where=where)
+            for ex, where in zip(*found, strict=True)]
 
 
 def _config(body: Body, cfg: CoordinatorConfig, run: Run) -> FederatedConfig:
@@ -73,12 +90,13 @@ class TrainFederated(Operation):
     bounded = False
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> FederatedJob:
-        train = await _examples(ctx, body, owner, "dataset_id", "examples", True)
-        held_out = await _examples(ctx, body, owner, "eval_dataset_id", "eval_examples", False)
+        train = await _examples(ctx, body, owner, "dataset_id", "examples", True, "dataset")
+        held_out = await _examples(ctx, body, owner, "eval_dataset_id", "eval_examples", False,
+                                   "eval_dataset")
         fed = _config(body, ctx.config, run)
-        datums = ctx.tokenizers.datums
-        train_datums = await asyncio.to_thread(datums, run, train or [], "dataset")
-        eval_datums = (await asyncio.to_thread(datums, run, held_out, "eval_dataset")
+        assert train is not None
+        train_datums = await asyncio.to_thread(_datums, ctx, run, train)
+        eval_datums = (await asyncio.to_thread(_datums, ctx, run, held_out)
                        if held_out is not None else [])
         return FederatedJob(FederatedJob.new_id(), run.run_id, owner, fed, train_datums,
                             eval_datums)

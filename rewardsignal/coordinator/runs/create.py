@@ -6,9 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from rewardsignal.aggregation.optim import AdamWConfig
+from rewardsignal.coordinator.catalog import ModelCatalog
 from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.runs.init_from import InitFrom, check_weights, read_init
 from rewardsignal.coordinator.runs.state import Run, RunSpec, new_run_id
+from rewardsignal.coordinator.tracking import check_backends
 from rewardsignal.lora import LoraSpec, adapter_shapes, init_adapter
 from rewardsignal.memory import gpu_config_memory_bytes, shape_of
 from rewardsignal.models import fingerprint, model_info, resolve_model_path
@@ -23,6 +28,9 @@ class RunRequest:
     max_length: int
     precision: Precision = Precision()
     gpu_config: str | None = None
+    init: InitFrom | None = None
+    log_to: tuple[str, ...] = ()
+    wandb_project: str | None = None
 
 
 def read_adamw(b: Body, defaults: AdamWConfig) -> AdamWConfig:
@@ -37,9 +45,15 @@ def read_adamw(b: Body, defaults: AdamWConfig) -> AdamWConfig:
         grad_clip_norm=clip if clip is not None else defaults.grad_clip_norm)
 
 
-def read_run_request(b: Body) -> RunRequest:
-    """Blocking (resolves the model on disk): call it in a thread."""
-    base = b.str("base_model")
+def read_run_request(b: Body, catalog: ModelCatalog | None = None, *,
+                     log_to: tuple[str, ...] = (), wandb_project: str | None = None
+                     ) -> RunRequest:
+    """Blocking (resolves the model on disk): call it in a thread. With the
+    operator's models file (``catalog``), only the models it lists; ``log_to``
+    and ``wandb_project`` are the coordinator's tracking defaults."""
+    base = b.str("base_model", max_len=256)
+    if catalog is not None:
+        catalog.get(base)  # 400 naming the file, before anything is fetched
     resolve_model_path(base)  # NotFoundError -> 404 with advice
     info = model_info(base)
     r = b.int("lora_r", 8, lo=1, hi=1024)
@@ -56,16 +70,30 @@ def read_run_request(b: Body) -> RunRequest:
     gpu_config = b.str("gpu_config", None, max_len=64)
     if gpu_config is not None:
         gpu_config_memory_bytes(gpu_config)  # malformed -> 400; unknown GPUs are a warning
+    init = read_init(b, base, lora)
+    tracked = b.list("log_to", None, max_len=4)
+    log_to = tuple(dict.fromkeys(tracked)) if tracked is not None else log_to
+    wandb_project = b.str("wandb_project", wandb_project, max_len=128)
+    check_backends(log_to, wandb_project)
     b.done()
-    return RunRequest(base, lora, optimizer, max_length, precision, gpu_config)
+    if init is not None and init.adapter is not None:
+        check_weights(init.adapter, adapter_shapes(base, lora), init.label)  # 400 now
+    return RunRequest(base, lora, optimizer, max_length, precision, gpu_config, init,
+                      log_to, wandb_project)
 
 
-def build_run(owner: str, req: RunRequest) -> Run:
-    """Version 0 of a new run (blocking: hashes the base, builds the adapter)."""
+def build_run(owner: str, req: RunRequest,
+              start: dict[str, torch.Tensor] | None = None) -> Run:
+    """Version 0 of a new run (blocking: hashes the base, builds the adapter):
+    seeded, or ``start`` / the uploaded ``init_adapter`` when given."""
     fp = req.precision.fingerprint(fingerprint(req.base_model))
     shapes = adapter_shapes(req.base_model, req.lora)
-    adapter = init_adapter(req.base_model, req.lora)
+    if start is None and req.init is not None:
+        start = req.init.adapter
+    adapter = (check_weights(start, shapes, req.init.label if req.init else "init")
+               if start is not None else init_adapter(req.base_model, req.lora))
     spec = RunSpec(new_run_id(), owner, req.base_model, fp, req.lora, req.optimizer,
-                   req.max_length, time.time(), req.precision, req.gpu_config)
+                   req.max_length, time.time(), req.precision, req.gpu_config, req.log_to,
+                   req.wandb_project)
     return Run(spec=spec, version=0, adapter=adapter, opt_state={}, opt_step=0,
                shapes=dict(shapes), shape=shape_of(req.base_model))

@@ -72,6 +72,13 @@ class RequestRegistry:
         for k in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._items[k]
 
+    def fail_run(self, run_id: str, error: SignalError) -> int:
+        """Fail every open request of ``run_id`` (the run is gone); returns how many."""
+        open_ = [r for r in self._items.values() if r.run_id == run_id and not r.future.done()]
+        for req in open_:
+            req.future.set_exception(error)
+        return len(open_)
+
     def get(self, request_id: str, owner: str) -> Request:
         req = self._items.get(request_id)
         if req is None or req.owner != owner:

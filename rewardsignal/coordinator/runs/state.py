@@ -38,13 +38,16 @@ class RunSpec:
     # combined with it (``Precision.fingerprint``): what a worker must report.
     precision: Precision = Precision()
     gpu_config: str | None = None  # the hosted API's placement hint, as given
+    log_to: tuple[str, ...] = ()  # experiment tracking: "tensorboard", "wandb"
+    wandb_project: str | None = None
 
     def to_json(self) -> dict:
         return {"run_id": self.run_id, "owner": self.owner, "base_model": self.base_model,
                 "fingerprint": self.fingerprint, "lora": self.lora.to_json(),
                 "optimizer": self.optimizer.to_json(), "max_length": self.max_length,
                 "created_at": self.created_at, "precision": self.precision.to_json(),
-                "gpu_config": self.gpu_config}
+                "gpu_config": self.gpu_config, "log_to": list(self.log_to),
+                "wandb_project": self.wandb_project}
 
     @classmethod
     def from_json(cls, d: dict) -> RunSpec:
@@ -53,7 +56,7 @@ class RunSpec:
         return cls(d["run_id"], d["owner"], d["base_model"], d["fingerprint"],
                    LoraSpec.from_json(d["lora"]), AdamWConfig(**d["optimizer"]),
                    d["max_length"], d["created_at"], Precision.from_json(d.get("precision")),
-                   d.get("gpu_config"))
+                   d.get("gpu_config"), tuple(d.get("log_to") or ()), d.get("wandb_project"))
 
 
 def new_run_id() -> str:

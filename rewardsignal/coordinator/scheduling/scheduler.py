@@ -119,6 +119,15 @@ class Scheduler:
         """Record what a worker needs to serve ``run_id`` (at creation and recovery)."""
         self.requirements[run_id] = requirement
 
+    def forget_run(self, run_id: str) -> int:
+        """A deleted run: cancel its tasks (a result that arrives later finds no
+        task) and drop its placement. Returns how many tasks were cancelled."""
+        tasks = [t for t in self.tasks.values() if t.run_id == run_id]
+        for t in tasks:
+            self.cancel(t, "run deleted")
+        self.requirements.pop(run_id, None)
+        return len(tasks)
+
     def refusal(self, w: WorkerInfo, run_id: str, model_id: str) -> str | None:
         """Why ``w`` cannot serve the run; None when it can."""
         req = self.requirements.get(run_id)
@@ -246,6 +255,7 @@ class Scheduler:
             self.pending.remove(t)
             self.pending.charge(t)
         w.current_task = t.task_id
+        w.bases_loaded.add(t.base_model)
         if speculative:
             log.info("straggler task=%s re-issued to worker=%s", t.task_id, w.name)
             if self.metrics:

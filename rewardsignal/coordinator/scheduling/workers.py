@@ -36,6 +36,8 @@ class WorkerInfo:
     quarantined_until: float = 0.0
     quarantine_reason: str = ""
     current_task: str | None = None
+    # Base models it has been given tasks on (so has loaded, as far as we know).
+    bases_loaded: set[str] = field(default_factory=set)
     departed: bool = False  # said goodbye (a worker stopping cleanly)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ lists each file with its size and sha256. Blocking: call through a thread."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from rewardsignal.checkpoints import CheckpointStore, export_adapter, export_merged
@@ -45,6 +46,16 @@ class ArtifactStore:
         (tmp / "artifact.json").write_text(json.dumps(meta, indent=2))
         tmp.replace(out)
         return meta
+
+    def list(self, run_id: str) -> list[dict]:
+        """Every saved state of a run, oldest version first."""
+        run_dir = self.root / run_id
+        metas = [json.loads(p.read_text()) for p in run_dir.glob("*/artifact.json")
+                 if not p.parent.name.startswith(".")] if run_dir.is_dir() else []
+        return sorted(metas, key=lambda m: (m["version"], m["name"]))
+
+    def delete_run(self, run_id: str) -> None:
+        shutil.rmtree(self.root / run_id, ignore_errors=True)
 
     def get(self, run_id: str, name: str) -> tuple[dict, Path]:
         out = self.root / run_id / name

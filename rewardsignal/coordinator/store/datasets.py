@@ -51,6 +51,11 @@ class DatasetStore:
         return {k: v for k, v in meta.items() if k != "owner"}
 
     def load(self, owner: str, dataset_id: str) -> tuple[dict, list]:
+        meta, numbered = self.load_lines(owner, dataset_id)
+        return meta, [obj for _, obj in numbered]
+
+    def load_lines(self, owner: str, dataset_id: str) -> tuple[dict, list[tuple[int, dict]]]:
+        """The dataset's examples with their 1-based line numbers in the file."""
         if not isinstance(dataset_id, str) or not set(dataset_id) <= _ID_CHARS:
             raise NotFoundError(f"unknown dataset {dataset_id!r}")
         meta_file = self.root / f"{dataset_id}.json"
@@ -60,4 +65,5 @@ class DatasetStore:
         if meta["owner"] != owner:
             raise NotFoundError(f"unknown dataset {dataset_id!r}")
         lines = (self.root / f"{dataset_id}.jsonl").read_text().splitlines()
-        return meta, [json.loads(line) for line in lines if line.strip()]
+        return meta, [(n, json.loads(line)) for n, line in enumerate(lines, start=1)
+                      if line.strip()]

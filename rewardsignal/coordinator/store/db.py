@@ -133,6 +133,24 @@ class Database:
 
         await self._do(save)
 
+    async def delete_run(self, run_id: str) -> list[str]:
+        """Forget a run in one transaction: its row, requests, pending gradients,
+        jobs and the idempotency keys that point at them. Returns the pending
+        gradients' file paths (the caller removes the files)."""
+        def delete() -> list[str]:
+            c = self._c()
+            with c:
+                c.execute("BEGIN IMMEDIATE")
+                paths = [r[0] for r in c.execute(
+                    "SELECT path FROM pending_grads WHERE run_id = ?", (run_id,))]
+                c.execute("DELETE FROM idempotency WHERE ref = ? OR ref IN (SELECT request_id "
+                          "FROM requests WHERE run_id = ?)", (run_id, run_id))
+                for table in ("pending_grads", "requests", "jobs", "runs"):
+                    c.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            return paths
+
+        return await self._do(delete)
+
     async def runs(self) -> list[dict]:
         rows = await self._do(lambda: self._c().execute(
             "SELECT spec FROM runs ORDER BY created").fetchall())

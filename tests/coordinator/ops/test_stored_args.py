@@ -12,6 +12,7 @@ from apphelpers import Harness
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ops import REGISTRY
+from rewardsignal.coordinator.ops.evaluate import EvaluateArgs
 from rewardsignal.coordinator.ops.forward import ForwardArgs
 
 BODIES = {
@@ -24,7 +25,9 @@ BODIES = {
                "num_samples": 4, "top_k": 20, "top_p": 0.9, "stop": ["\n", 2],
                "include_prompt_logprobs": True, "version": 0},
     "compute_logprobs": {"sequences": [[1, 5, 6, 7], [1, 9]], "version": 0},
-    "save_state": {"mode": "merged", "name": "keep-me"},
+    "evaluate": {"batch": [{"prompt": "2+2=", "completion": "4"}, {"text": "held out"}],
+                 "version": 0},
+    "save_state": {"mode": "merged", "name": "keep-me", "version": 0},
     "load_state": {"version": 0, "optimizer": True},
     "train_federated": {"examples": [{"text": "a b c"}] * 4, "rounds": 2, "local_steps": 1,
                         "batch_size": 2},
@@ -48,6 +51,8 @@ def _comparable(args):
     if isinstance(args, ForwardArgs):
         return ([d.to_json() for d in args.datums], args.loss_fn, args.loss_fn_config,
                 args.reduction)
+    if isinstance(args, EvaluateArgs):
+        return [d.to_json() for d in args.datums], args.version
     if isinstance(args, FederatedJob):
         return {"job_id": args.job_id}
     return args
