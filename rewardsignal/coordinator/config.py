@@ -39,6 +39,8 @@ class CoordinatorConfig:
     keep_finished_requests: int = 10_000   # finished requests kept for late clients
     no_worker_grace_s: float = 60.0        # a request no live worker can take fails after this
     worker_retention_s: float = 600.0      # gone workers are forgotten after this
+    verify_fraction: float = 0.05          # VERIFY_FRACTION: trusted workers' results checked
+    probation_tasks: int = 5               # PROBATION_TASKS: a new worker's results all checked
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +62,8 @@ class CoordinatorConfig:
             (self.keep_finished_requests >= 1, "keep_finished_requests must be >= 1"),
             (self.no_worker_grace_s > 0, "no_worker_grace_s must be > 0"),
             (self.worker_retention_s > 0, "worker_retention_s must be > 0"),
+            (0 <= self.verify_fraction <= 1, "verify_fraction must be in [0, 1]"),
+            (self.probation_tasks >= 0, "probation_tasks must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
