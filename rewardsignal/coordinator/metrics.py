@@ -91,6 +91,10 @@ class Metrics:
         self.verify_overhead = Gauge("signal_verification_overhead", "check tasks / all "
                                      "checkable tasks (the compute verification costs)",
                                      registry=r)
+        self.recomputed = Counter("signal_verification_recomputed", "shards computed again "
+                                  "because their worker was quarantined, by where (request: "
+                                  "in the running request; step: by optim_step)", ["where"],
+                                  registry=r)
         self.quarantines = Counter("signal_quarantines", "workers quarantined, by reason "
                                    "(rejections, verification)", ["reason"], registry=r)
         self.request_latency = Histogram("signal_http_request_duration_seconds",

@@ -50,6 +50,8 @@ async def compute_shards(ctx: Services, run: Run, request: Request, shards: list
                 sink.drop(w)
         todo = [i for i in range(len(shards)) if i not in counted or counted[i].worker_id in bad]
         for i in todo:
+            if i in counted:
+                ctx.metrics.recomputed.labels("request").inc()
             counted.pop(i, None)
         if not todo:
             return [counted[i] for i in range(len(shards))]
@@ -134,4 +136,5 @@ async def settle_owed(ctx: Services, run: Run, request: Request) -> int:
                                        sum(p.tokens for p in parts.values()),
                                        sum(p.loss_sum for p in parts.values()), weight, parts))
             settled += len(shards)
+            ctx.metrics.recomputed.labels("step").inc(len(shards))
     return settled
