@@ -98,12 +98,17 @@ class Scheduler:
         """``w`` is stopping: gone at once, and the tasks it held go back to the
         queue now rather than when their leases expire. Returns how many."""
         w.departed = True
+        released = self.withdraw(w, f"worker {w.name} stopped")
+        log.info("worker left id=%s name=%s released=%d", w.worker_id, w.name, released)
+        return released
+
+    def withdraw(self, w: WorkerInfo, reason: str) -> int:
+        """The tasks ``w`` holds go back to the queue now; how many."""
         w.current_task = None
         held = [(t, lid) for t in list(self.tasks.values())
                 for lid, lease in list(t.leases.items()) if lease.worker_id == w.worker_id]
         for t, lease_id in held:
-            self.release(t, lease_id, f"worker {w.name} stopped")
-        log.info("worker left id=%s name=%s released=%d", w.worker_id, w.name, len(held))
+            self.release(t, lease_id, reason)
         return len(held)
 
     def prune(self, retention_s: float) -> list[str]:

@@ -141,8 +141,7 @@ class Trust:
     def _bar(self, w: WorkerInfo, reason: str) -> None:
         w.quarantined_until = math.inf
         w.quarantine_reason = f"disagreed with other workers' recomputation: {reason}"
-        self.scheduler.goodbye(w)  # its leases go back to the queue now
-        w.departed = False
+        self.scheduler.withdraw(w, f"worker {w.name} quarantined")  # its leases: back now
 
     async def restore(self) -> None:
         """Reputations from the database (at start, after the workers)."""

@@ -162,3 +162,24 @@ def test_quarantine_takes_out_the_open_step_part_exactly(h):
     for k, v in want.items():
         torch.testing.assert_close(run.adapter[k], v, rtol=0, atol=1e-7)
     assert h.coordinator.metrics.recomputed.labels("step")._value.get() == 2
+
+
+def test_forward_results_are_checked_too(h):
+    run_id = _run(h)
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "hi"}]},
+                       expect=202)
+    task = a.lease()
+    n = len(task["payload"]["datums"][0]["model_input"])
+
+    def answer(w: FakeWorker, t: dict, logprob: float) -> None:
+        code, body = w.submit(t, result={"loss_sum": 1.0, "weight_sum": WEIGHT,
+                                         "logprobs": [[logprob] * n]})
+        assert code == 200, body
+
+    answer(a, task, -9.0)  # made up
+    answer(b, b.lease(), -1.0)
+    answer(c, c.lease(), -1.0)
+    result = done(h, req["request_id"])["result"]
+    assert result["logprobs"] == [[-1.0] * n]  # the honest majority's answer
+    assert reputation(h, a)["state"] == "quarantined" and verdicts(h, "first_wrong") == 1
