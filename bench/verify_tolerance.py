@@ -68,6 +68,38 @@ def main() -> None:
         same = [results[(dtype, t, m)] for t in (1, 2) for m in (64, 4096)]
         worst = max(rel_l2(a.grads, b.grads) for a in same for b in same)
         print(f"{dtype} vs {dtype}: worst grad rel L2 over threads x micro-batches {worst:.2e}")
+    sample_vs_forward(args.model, spec, adapter, datums)
+
+
+def sample_vs_forward(model_id: str, spec: LoraSpec, adapter: dict, datums: list) -> None:
+    """A sample's claimed logprobs (KV-cached, batched generation) against a
+    forward pass over the returned tokens: what a sample check compares."""
+    from rewardsignal.worker.sampling import SampleParams
+
+    prompts = [list(d.input_ids[:12]) for d in datums[:8]]
+    for dtype, threads in (("fp32", 1), ("fp32", 2), ("bf16", 1)):
+        torch.set_num_threads(threads)
+        eng = Engine("cpu")
+        prec = Precision(base_dtype=dtype)
+        model, key = eng.activate(model_id, spec, "r", 0, adapter, prec)
+        samples, _ = eng.sample(model, model_id, prompts, [[i] for i in range(len(prompts))],
+                                SampleParams(max_tokens=24, temperature=1.0))
+        torch.set_num_threads(1)
+        ref_eng = Engine("cpu")
+        ref_model, ref_key = ref_eng.activate(model_id, spec, "r", 0, adapter, Precision("fp32"))
+        worst = 0.0
+        for p, group in zip(prompts, samples, strict=True):
+            toks = group[0]["tokens"]
+            from rewardsignal.data.types import Datum
+
+            d = Datum(tuple(p + toks[:-1]), tuple(p[1:] + toks),
+                      tuple([0.0] * (len(p) - 1) + [1.0] * len(toks)))
+            res = ref_eng.forward_backward(ref_model, ref_key, [d], "cross_entropy", {},
+                                           backward=False)
+            got = res.logprobs[0][-len(toks):]
+            worst = max(worst, max(abs(a - b) for a, b in zip(got, group[0]["logprobs"],
+                                                                strict=True)))
+        print(f"sample ({dtype}, {threads} threads) vs fp32 forward: max |dlogprob| {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 # Quantized bases (nf4/int8) compute in bf16/fp16 over a lossy base: looser still.
 QUANTIZED_TOLERANCE = 0.2
 # Logprobs are compared per token: absolute bound in nats, scaled like the above.
-LOGPROB_SCALE = 10.0
+LOGPROB_SCALE = 3.0
 
 
 def tolerance(dtype_a: str, dtype_b: str, *, quantized: bool = False) -> float:

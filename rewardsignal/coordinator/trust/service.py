@@ -26,7 +26,7 @@ from rewardsignal.coordinator.trust.reputation import Reputation
 
 log = logging.getLogger("signal.trust")
 
-CHECKED_KINDS = ("forward_backward", "forward")
+CHECKED_KINDS = ("forward_backward", "forward", "sample")
 
 
 class Trust:

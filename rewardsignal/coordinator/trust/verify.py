@@ -46,23 +46,23 @@ class Verifier:
         w = self.scheduler.workers.get(worker_id)
         return run.spec.precision.resolve(w.auto_dtype if w else "bf16")
 
-    def _tolerance(self, run: Run, a: str, b: str) -> float:
+    def tolerance_for(self, run: Run, a: str, b: str) -> float:
         return tolerance(self._dtype(run, a), self._dtype(run, b),
                          quantized=run.spec.precision.quantization is not None)
 
     async def check(self, run: Run, task: Task, first: Outcome) -> Outcome | None:
         """Check ``first`` (the accepted result of ``task``); the result that
         counts, or None when the shard must be computed again."""
-        second = await self._recompute(run, task, first.worker_id, {first.worker_id}, "second")
+        second = await self.recompute(run, task, first.worker_id, {first.worker_id}, "second")
         if second is None:
             return first  # nobody else can check it: counts unchecked
         why = disagreement(first.comparable(), second.comparable(),
-                           self._tolerance(run, first.worker_id, second.worker_id))
+                           self.tolerance_for(run, first.worker_id, second.worker_id))
         if why is None:
             self.trust.metrics.verdicts.labels("agree").inc()
             await self.trust.agreed(first.worker_id, second.worker_id)
             return first
-        third = await self._recompute(run, task, first.worker_id,
+        third = await self.recompute(run, task, first.worker_id,
                                       {first.worker_id, second.worker_id}, "tiebreak")
         if third is None:
             # Two results, no majority: neither counts, both back on probation.
@@ -74,9 +74,9 @@ class Verifier:
     async def _tiebreak(self, run: Run, a: Outcome, b: Outcome, c: Outcome, why: str
                         ) -> Outcome | None:
         with_a = disagreement(a.comparable(), c.comparable(),
-                              self._tolerance(run, a.worker_id, c.worker_id)) is None
+                              self.tolerance_for(run, a.worker_id, c.worker_id)) is None
         with_b = disagreement(b.comparable(), c.comparable(),
-                              self._tolerance(run, b.worker_id, c.worker_id)) is None
+                              self.tolerance_for(run, b.worker_id, c.worker_id)) is None
         if with_a == with_b:
             # The third agrees with both (a borderline pair) or with neither: no
             # one is singled out; all three go back on probation, the shard is redone.
@@ -91,11 +91,12 @@ class Verifier:
                                     "worker sided with the other")
         return good
 
-    async def _recompute(self, run: Run, task: Task, origin: str, exclude: set[str],
-                         role: str) -> Outcome | None:
-        """The same task computed by a worker outside ``exclude`` (and, when one
-        is live, under another token than ``origin``'s); None when none is live
-        (for ``no_worker_grace_s``)."""
+    async def recompute(self, run: Run, task: Task, origin: str, exclude: set[str],
+                         role: str, *, kind: str | None = None, payload: dict | None = None
+                         ) -> Outcome | None:
+        """The same task (or ``kind`` with ``payload`` at its version) computed by a
+        worker outside ``exclude`` (and, when one is live, under another token
+        than ``origin``'s); None when none is live (for ``no_worker_grace_s``)."""
         w = self.scheduler.workers.get(origin)
         picked = self.trust.checkers(run.run_id, task.base_model, exclude,
                                      w.token_id if w else "")
@@ -105,9 +106,9 @@ class Verifier:
         barred, same_token = picked
         self.trust.note_issued(role, same_token)
         copy = self.scheduler.add_task(
-            kind=task.kind, run_id=task.run_id, base_model=task.base_model,
-            version=task.version, payload=task.payload, tokens=task.tokens, group=task.group,
-            exclude=frozenset(barred))
+            kind=kind or task.kind, run_id=task.run_id, base_model=task.base_model,
+            version=task.version, payload=payload or task.payload, tokens=task.tokens,
+            group=task.group, exclude=frozenset(barred))
         copy.keep = True
         try:
             if not await self._wait(copy, run, barred):

@@ -183,3 +183,42 @@ def test_forward_results_are_checked_too(h):
     result = done(h, req["request_id"])["result"]
     assert result["logprobs"] == [[-1.0] * n]  # the honest majority's answer
     assert reputation(h, a)["state"] == "quarantined" and verdicts(h, "first_wrong") == 1
+
+
+def _sample_answer(w: FakeWorker, task: dict, logprob: float) -> None:
+    n = len(task["payload"]["prompt_tokens"]) * task["payload"].get("num_samples", 1)
+    out = {"text": "abc", "tokens": [5, 6, 7], "logprobs": [logprob] * 3, "stop_reason": "length"}
+    code, body = w.submit(task, result={"outputs": [out] * n})
+    assert code == 200, body
+
+
+def _forward_answer(w: FakeWorker, task: dict, logprob: float) -> None:
+    datums = task["payload"]["datums"]
+    assert task["kind"] == "forward"
+    # The check runs over prompt + returned tokens, scoring the returned ones.
+    assert datums[0]["model_input"] == [1, 2, 3, 5, 6]
+    assert datums[0]["loss_fn_inputs"]["target_tokens"] == [2, 3, 5, 6, 7]
+    code, body = w.submit(task, result={
+        "loss_sum": 1.0, "weight_sum": 3.0,
+        "logprobs": [[logprob] * len(d["model_input"]) for d in datums]})
+    assert code == 200, body
+
+
+def test_sample_logprobs_are_checked_by_a_forward_pass(h):
+    run_id = _run(h)
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    _, req = h.request("POST", f"/v1/runs/{run_id}/sample",
+                       json={"prompt_tokens": [[1, 2, 3]], "max_tokens": 3, "seed": 1},
+                       expect=202)
+    _sample_answer(a, a.lease(), -0.25)  # claims logprobs its tokens do not have
+    _forward_answer(b, b.lease(), -2.0)
+    _forward_answer(c, c.lease(), -2.0)  # the tie-break sides with b
+    # The group is sampled again by an honest worker, and checked by the other.
+    again = b.lease()
+    assert again["kind"] == "sample"
+    assert reputation(h, a)["state"] == "quarantined" and verdicts(h, "first_wrong") == 1
+    _sample_answer(b, again, -2.0)
+    _forward_answer(c, c.lease(), -2.0)
+    result = done(h, req["request_id"])["result"]
+    assert result["logprobs"] == [[-2.0] * 3]
+    assert verdicts(h, "agree") == 1
