@@ -1,8 +1,8 @@
 """Verification by recomputation with real processes: a dishonest volunteer
 (``tests/adversary_worker.py``, the real worker protocol) is caught on probation
 and quarantined, the steps equal the all-honest single-process reference, its
-shards are recomputed by others, and its quarantine survives a coordinator
-restart; honest workers with different thread counts never disagree; with
+shards are recomputed by others, its quarantine survives a coordinator restart,
+and honest workers with different thread counts never disagree; with
 ``--verify-fraction 0`` nothing is checked, as before verification existed."""
 
 from __future__ import annotations
@@ -80,13 +80,16 @@ class Training:
 def test_adversary_caught_on_probation_and_its_work_removed(tmp_path):
     port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port, "--probation-tasks", "5")
-    # Honest for its first 2 gradients (which count, once checked), then sign-flipped.
-    procs = [start_worker(url, f"honest{i}", "--max-tokens-per-task", "300") for i in range(2)]
-    procs.append(start_adversary(url, "--mode", "flip", "--honest-first", "2"))
+    # Two honest workers with different thread counts (their results differ in
+    # the last bits, and must still agree), and an adversary: honest for its
+    # first gradient (its own shard, which counts once checked), then sign-flipped.
+    procs = [start_worker(url, f"honest{i}", "--max-tokens-per-task", "300",
+                          "--threads", str(i + 1)) for i in range(2)]
+    procs.append(start_adversary(url, "--mode", "flip", "--honest-first", "1"))
     try:
         wait_workers(url, 3)
         t = Training(url)
-        diffs = [t.step(i) for i in range(3)]
+        diffs = [t.step(i) for i in range(2)]
 
         assert max(diffs) <= 1e-5, diffs  # the adversary's work never landed
         w = workers(url)
@@ -96,9 +99,10 @@ def test_adversary_caught_on_probation_and_its_work_removed(tmp_path):
         assert metric(url, "signal_verification_recomputed_total") >= 1  # ...and was redone
         assert metric(url, "signal_quarantines_total", reason="verification") == 1
         assert metric(url, "signal_verification_verdicts_total", outcome="unresolved") == 0
-        for name in ("honest0", "honest1"):
+        for name in ("honest0", "honest1"):  # 1 and 2 threads: never at odds
             assert w[name]["status"] != "quarantined"
             assert w[name]["reputation"]["disagreements"] == 0
+            assert w[name]["reputation"]["agreements"] >= 2
         assert "worker quarantined by verification" in coord.output()
 
         # Verification state survives a restart: same data directory, same port.
@@ -116,28 +120,6 @@ def test_adversary_caught_on_probation_and_its_work_removed(tmp_path):
             urllib.request.urlopen(lease, timeout=10)
         assert refused.value.code == 403
         assert json.loads(refused.value.read())["error"]["code"] == "quarantined"
-    finally:
-        for p in procs:
-            p.stop()
-        coord.stop()
-
-
-def test_honest_workers_with_different_thread_counts_agree(tmp_path):
-    coord, url = start_coordinator(tmp_path / "data", "--verify-fraction", "1",
-                                   "--probation-tasks", "3")
-    procs = [start_worker(url, "one-thread", "--max-tokens-per-task", "300"),
-             Proc([sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", url,
-                   "--name", "two-threads", "--device", "cpu", "--threads", "2",
-                   "--max-tokens-per-task", "300"], "two-threads")]
-    try:
-        wait_workers(url, 2)
-        t = Training(url)
-        assert t.step(0) <= 1e-5
-        assert metric(url, "signal_verification_verdicts_total", outcome="agree") >= 4
-        for outcome in ("first_wrong", "checker_wrong", "unresolved"):
-            assert metric(url, "signal_verification_verdicts_total", outcome=outcome) == 0
-        assert metric(url, "signal_quarantines_total") == 0
-        assert all(w["reputation"]["disagreements"] == 0 for w in workers(url).values())
     finally:
         for p in procs:
             p.stop()
