@@ -87,7 +87,7 @@ class Services:
         runs: dict[str, Run] = {}
         trust = Trust(verify_fraction=config.verify_fraction,
                       probation_tasks=config.probation_tasks, db=db, scheduler=scheduler,
-                      metrics=metrics, runs=runs)
+                      metrics=metrics, runs=runs, live_window_s=config.lease_timeout_s)
         return cls(config=config, metrics=metrics, db=db, scheduler=scheduler, runs=runs,
                    trust=trust,
                    versions=Versions(store, metrics),
@@ -108,7 +108,7 @@ class Services:
 
     @property
     def verifier(self) -> Verifier:
-        return Verifier(self.trust, self.scheduler, self.config.no_worker_grace_s)
+        return Verifier(self.trust, self.scheduler)
 
     def round_deps(self) -> RoundDeps:
         return RoundDeps(self.scheduler, self.versions, self.metrics, self.job_store,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run
@@ -32,9 +33,14 @@ CHECKED_KINDS = ("forward_backward", "forward", "sample")
 class Trust:
     def __init__(self, *, verify_fraction: float, probation_tasks: int, db: Database,
                  scheduler: Scheduler, metrics: Metrics, runs: dict[str, Run],
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, live_window_s: float = 30.0) -> None:
         self.verify_fraction = verify_fraction
         self.probation_tasks = probation_tasks
+        # A checker must have been heard from this recently: a live worker polls
+        # (parked long-polls touch it every second) or heartbeats several times
+        # per lease timeout, while a dead one still counts as "active" for a
+        # minute, which would leave checks waiting on it.
+        self.live_window_s = live_window_s
         self.db = db
         self.scheduler = scheduler
         self.metrics = metrics
@@ -80,8 +86,7 @@ class Trust:
                  ) -> tuple[set[str], bool] | None:
         """(workers to exclude from the check task, whether the check falls back to
         a worker under the same token); None when no other live worker exists."""
-        others = [w for w in self.scheduler.eligible_workers(model_id, run_id)
-                  if w.worker_id not in exclude and not self.is_quarantined(w.worker_id)]
+        others = self.live_checkers(run_id, model_id, exclude)
         if not others:
             return None
         same = {w.worker_id for w in self.scheduler.workers.values()
@@ -89,6 +94,15 @@ class Trust:
         if token_id and any(w.worker_id not in same for w in others):
             return exclude | same, False
         return set(exclude), bool(token_id)
+
+    def live_checkers(self, run_id: str, model_id: str, exclude: set[str]
+                      ) -> list[WorkerInfo]:
+        """Workers heard from within ``live_window_s`` that may check, outside
+        ``exclude``."""
+        now = time.monotonic()
+        return [w for w in self.scheduler.eligible_workers(model_id, run_id)
+                if w.worker_id not in exclude and not self.is_quarantined(w.worker_id)
+                and now - w.last_seen < self.live_window_s]
 
     def note_issued(self, role: str, same_token: bool) -> None:
         self.extra_tasks += 1

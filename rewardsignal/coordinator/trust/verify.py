@@ -40,7 +40,6 @@ class Outcome:
 class Verifier:
     trust: Trust
     scheduler: Scheduler
-    no_worker_grace_s: float
 
     def _dtype(self, run: Run, worker_id: str) -> str:
         w = self.scheduler.workers.get(worker_id)
@@ -96,7 +95,7 @@ class Verifier:
                          ) -> Outcome | None:
         """The same task (or ``kind`` with ``payload`` at its version) computed by a
         worker outside ``exclude`` (and, when one is live, under another token
-        than ``origin``'s); None when none is live (for ``no_worker_grace_s``)."""
+        than ``origin``'s); None when none is live."""
         w = self.scheduler.workers.get(origin)
         picked = self.trust.checkers(run.run_id, task.base_model, exclude,
                                      w.token_id if w else "")
@@ -121,18 +120,19 @@ class Verifier:
             copy.held = None
 
     async def _wait(self, copy: Task, run: Run, barred: set[str]) -> bool:
+        """Whether ``copy`` was computed; False once no worker that may compute
+        it has been heard from for ``live_window_s`` (it died, or left)."""
         idle_since: float | None = None
         while True:
             done, _ = await asyncio.wait({copy.future}, timeout=_CHECK_S)
             if done:
                 copy.future.result()  # a failed check task fails the request
                 return True
-            live = [w for w in self.scheduler.eligible_workers(run.spec.base_model, run.run_id)
-                    if w.worker_id not in barred]
-            if live:
+            if copy.leases or self.trust.live_checkers(run.run_id, run.spec.base_model,
+                                                       barred):
                 idle_since = None
                 continue
             now = time.monotonic()
             idle_since = idle_since or now
-            if now - idle_since >= self.no_worker_grace_s:
+            if now - idle_since >= self.trust.live_window_s:
                 return False
