@@ -26,6 +26,16 @@ def _csv(name: str) -> list[str]:
     return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if value > 65535:
@@ -106,6 +116,17 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    default=_env("SIGNAL_WORKER_RETENTION_S", float, 600.0),
                    help="workers gone this long leave the worker list, dashboard and metrics "
                         "(env SIGNAL_WORKER_RETENTION_S, default 600)")
+    p.add_argument("--verify-fraction", type=_fraction,
+                   default=_env("SIGNAL_VERIFY_FRACTION", float, 0.05),
+                   help="share of a trusted worker's forward_backward/forward results that a "
+                        "second worker recomputes and must agree with before they count; 0 "
+                        "turns verification off, probation included, for a trusted fleet (env "
+                        "SIGNAL_VERIFY_FRACTION, default 0.05)")
+    p.add_argument("--probation-tasks", type=_non_negative_int,
+                   default=_env("SIGNAL_PROBATION_TASKS", int, 5),
+                   help="a new worker's results are all recomputed until this many agreed in a "
+                        "row; a disagreement starts it over (env SIGNAL_PROBATION_TASKS, "
+                        "default 5)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
 
@@ -130,7 +151,8 @@ def coordinator_config(args: argparse.Namespace):
         keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
         min_updates_per_round=args.min_updates_per_round,
         round_timeout_s=args.round_timeout_s, no_worker_grace_s=args.no_worker_grace_s,
-        worker_retention_s=args.worker_retention_s)
+        worker_retention_s=args.worker_retention_s, verify_fraction=args.verify_fraction,
+        probation_tasks=args.probation_tasks)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

@@ -61,18 +61,20 @@ class Harness:
 
 
 class FakeWorker:
-    def __init__(self, h: Harness, name: str = "fake", **register) -> None:
+    def __init__(self, h: Harness, name: str = "fake", *, token: str | None = None,
+                 **register) -> None:
         """``register``: more fields of the registration body (``precisions``,
-        ``memory_bytes``, ``device``)."""
+        ``memory_bytes``, ``device``); ``token``: its worker token."""
         self.h = h
-        _, body = h.request("POST", "/v1/workers/register", expect=201,
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        _, body = h.request("POST", "/v1/workers/register", expect=201, headers=self.headers,
                             json={"name": name, "device": "cpu", "max_tokens_per_task": 100000,
                                   **register})
         self.worker_id = body["worker_id"]
 
     def lease(self, timeout_s: float = 2.0):
         status, body = self.h.request("POST", f"/v1/workers/{self.worker_id}/lease?timeout_s="
-                                      f"{timeout_s}")
+                                      f"{timeout_s}", headers=self.headers)
         return body if status == 200 else None
 
     def submit(self, task: dict, **fields):
@@ -80,7 +82,7 @@ class FakeWorker:
                "fingerprint": task["fingerprint"], "version": task["version"], **fields}
         msg = {k: v for k, v in msg.items() if v is not DROP}
         return self.h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
-                              headers={"Content-Type": MSGPACK})
+                              headers={"Content-Type": MSGPACK, **self.headers})
 
 
 DROP = object()  # a field value meaning: leave this field out

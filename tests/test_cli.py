@@ -37,6 +37,8 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     (["coordinator", "--max-staleness", "x"], "is not an integer"),
     (["coordinator", "--upload-slots", "0"], "--upload-slots: must be > 0"),
     (["coordinator", "--upload-slots", "65", "--port", "0"], "upload_slots must be in [1, 64]"),
+    (["coordinator", "--verify-fraction", "1.5"], "--verify-fraction: must be in [0, 1]"),
+    (["coordinator", "--probation-tasks", "-1"], "--probation-tasks: must be >= 0"),
     (["worker"], "--coordinator URL is required"),
     (["worker", "--coordinator", "127.0.0.1:8000"], "must be an http(s) URL"),
     (["worker", "--coordinator", "http://127.0.0.1:1", "--device", "tpu"], "--device must be"),
@@ -102,6 +104,17 @@ def test_coordinator_url_from_signal_url_or_its_old_name():
                                   else "SIGNAL_COORDINATOR": ""})
         assert res.returncode == 2 and "'127.0.0.1:8000' " not in res.stdout
         assert "must be an http(s) URL, got '127.0.0.1:8000'" in res.stderr
+
+
+def test_verification_knobs_from_flags_and_environment():
+    from rewardsignal.cli import build_parser, coordinator_config
+
+    args = build_parser().parse_args(["coordinator", "--verify-fraction", "0.2",
+                                      "--probation-tasks", "9"])
+    cfg = coordinator_config(args)
+    assert (cfg.verify_fraction, cfg.probation_tasks) == (0.2, 9)
+    res = _cli("coordinator", "--port", "0", env={"SIGNAL_VERIFY_FRACTION": "3"})
+    assert res.returncode != 0 and "verify_fraction must be in [0, 1]" in res.stderr
 
 
 def test_console_scripts_exist():

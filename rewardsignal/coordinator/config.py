@@ -43,6 +43,8 @@ class CoordinatorConfig:
     models: ModelCatalog | None = None     # --models FILE: the only base models served
     log_to: tuple[str, ...] = ()           # --log-to: tracking for runs that name none
     wandb_project: str | None = None       # --wandb-project (WANDB_PROJECT)
+    verify_fraction: float = 0.05          # VERIFY_FRACTION: trusted workers' results checked
+    probation_tasks: int = 5               # PROBATION_TASKS: a new worker's results all checked
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +66,8 @@ class CoordinatorConfig:
             (self.keep_finished_requests >= 1, "keep_finished_requests must be >= 1"),
             (self.no_worker_grace_s > 0, "no_worker_grace_s must be > 0"),
             (self.worker_retention_s > 0, "worker_retention_s must be > 0"),
+            (0 <= self.verify_fraction <= 1, "verify_fraction must be in [0, 1]"),
+            (self.probation_tasks >= 0, "probation_tasks must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -90,6 +90,7 @@ class Coordinator:
     async def start(self) -> None:
         await self.services.db.open()
         await recovery.restore(self.services, self._adopt)
+        await self.services.trust.restore()
         self._ticker = asyncio.create_task(self._tick_forever())
 
     async def stop(self) -> None:
@@ -257,15 +258,16 @@ class Coordinator:
 
     async def register_worker(self, *, name: str, device: str, hardware: dict,
                               max_tokens_per_task: int, models: tuple[str, ...] | None,
-                              capabilities: dict | None = None) -> WorkerInfo:
+                              capabilities: dict | None = None, token_id: str = ""
+                              ) -> WorkerInfo:
         w = self.services.scheduler.register(
             name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens_per_task,
-            models=models, capabilities=capabilities)
+            models=models, capabilities=capabilities, token_id=token_id)
         await self.services.db.save_worker(w.worker_id, name, {
             "name": name, "device": device, "hardware": hardware,
             "max_tokens_per_task": max_tokens_per_task,
             "models": list(models) if models is not None else None,
-            "capabilities": w.capabilities()})
+            "capabilities": w.capabilities(), "token_id": token_id})
         return w
 
     async def models(self) -> list[dict]:
@@ -315,7 +317,8 @@ class Coordinator:
             # Which of the caller's runs this worker can serve, and why not the others.
             why = {r.run_id: self.scheduler.refusal(w, r.run_id, r.spec.base_model)
                    for r in runs}
-            workers.append({**w.to_json(), "can_serve": [k for k, v in why.items() if v is None],
+            workers.append({**w.to_json(), "reputation": self.services.trust.state(w),
+                            "can_serve": [k for k, v in why.items() if v is None],
                             "cannot_serve": {k: v for k, v in why.items() if v is not None}})
         able = {r.run_id: sum(1 for w in workers if w["status"] in ("idle", "busy")
                               and r.run_id in w["can_serve"]) for r in runs}

@@ -87,6 +87,26 @@ class Metrics:
             "signal_event_loop_lag_seconds", "how late the coordinator's event loop ran a "
             "timer (each tick): the wait any request sees before its handler starts",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+        self.verify_tasks = Counter("signal_verification_tasks", "tasks issued only to check "
+                                    "another worker's result, by role (second, tiebreak)",
+                                    ["role"], registry=r)
+        self.verdicts = Counter("signal_verification_verdicts", "checks decided, by outcome "
+                                "(agree, first_wrong, checker_wrong, unresolved)", ["outcome"],
+                                registry=r)
+        self.verify_skipped = Counter("signal_verification_skipped", "checks that could not "
+                                      "be made, by reason", ["reason"], registry=r)
+        self.verify_same_token = Counter("signal_verification_same_token", "checks computed "
+                                         "by a worker under the checked worker's token (no "
+                                         "other was live)", registry=r)
+        self.verify_overhead = Gauge("signal_verification_overhead", "check tasks / all "
+                                     "checkable tasks (the compute verification costs)",
+                                     registry=r)
+        self.recomputed = Counter("signal_verification_recomputed", "shards computed again "
+                                  "because their worker was quarantined, by where (request: "
+                                  "in the running request; step: by optim_step)", ["where"],
+                                  registry=r)
+        self.quarantines = Counter("signal_quarantines", "workers quarantined, by reason "
+                                   "(rejections, verification)", ["reason"], registry=r)
         self.request_latency = Histogram("signal_http_request_duration_seconds",
                                          "HTTP request latency by route", ["route", "method"],
                                          buckets=_LATENCY_BUCKETS, registry=r)

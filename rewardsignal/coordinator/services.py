@@ -27,6 +27,8 @@ from rewardsignal.coordinator.store.db import Database
 from rewardsignal.coordinator.store.jobs import JobStore
 from rewardsignal.coordinator.store.pending import PendingGradients
 from rewardsignal.coordinator.tracking import Trackers
+from rewardsignal.coordinator.trust.service import Trust
+from rewardsignal.coordinator.trust.verify import Verifier
 from rewardsignal.data.examples import examples_to_datums
 from rewardsignal.data.types import Datum
 
@@ -66,6 +68,7 @@ class Services:
     job_store: JobStore
     upload_slots: UploadSlots
     requests: RequestRegistry
+    trust: Trust
     tokenizers: Tokenizers = field(default_factory=Tokenizers)
     trackers: Trackers = field(default_factory=Trackers)
     runs: dict[str, Run] = field(default_factory=dict)
@@ -83,7 +86,12 @@ class Services:
             straggler_factor=config.straggler_factor, straggler_min_s=config.straggler_min_s,
             quarantine_after=config.quarantine_after, quarantine_s=config.quarantine_s,
             metrics=metrics)
-        return cls(config=config, metrics=metrics, db=db, scheduler=scheduler,
+        runs: dict[str, Run] = {}
+        trust = Trust(verify_fraction=config.verify_fraction,
+                      probation_tasks=config.probation_tasks, db=db, scheduler=scheduler,
+                      metrics=metrics, runs=runs, live_window_s=config.lease_timeout_s)
+        return cls(config=config, metrics=metrics, db=db, scheduler=scheduler, runs=runs,
+                   trust=trust,
                    versions=Versions(store, metrics),
                    pending=PendingGradients(db, root / "pending"),
                    artifacts=ArtifactStore(root / "artifacts", store),
@@ -98,7 +106,11 @@ class Services:
 
     def ingest(self) -> Ingest:
         return Ingest(self.scheduler, self.runs, self.jobs, self.metrics, self.limits,
-                      self.rejections)
+                      self.rejections, self.trust)
+
+    @property
+    def verifier(self) -> Verifier:
+        return Verifier(self.trust, self.scheduler)
 
     def round_deps(self) -> RoundDeps:
         return RoundDeps(self.scheduler, self.versions, self.metrics, self.job_store,

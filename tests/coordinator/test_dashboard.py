@@ -48,6 +48,8 @@ def test_dashboard_shows_the_run_and_its_loss_curve(tmp_path):
         assert m and int(m.group(1)) == 3, dom[:3000]
         assert len(re.findall(r'class="pt pt-train"', dom)) == 3
         assert "browser-test-gpu" in dom and "version 3" in dom
+        # Its verification record: alone, it could not be checked, so still on probation.
+        assert 'class="rep rep-probation"' in dom and "probation (0 agreed)" in dom
         assert 'id="error"></span>' in dom  # no error shown
     finally:
         h.close()

@@ -71,13 +71,18 @@ class Auth:
             raise AuthError("invalid or revoked API key" + hint + "; " + _KEY_HINT)
         return h[:16]
 
-    async def worker(self, request: web.Request) -> None:
+    async def worker(self, request: web.Request) -> str:
+        """Which worker token the caller holds (a prefix of its hash; "" when
+        the coordinator requires none): two workers under one token are one
+        volunteer to verification (``coordinator.trust``)."""
         workers = await self._keys("worker")
         if not workers:
-            return
-        if self._match(self._bearer(request), workers) is None:
+            return ""
+        h = self._match(self._bearer(request), workers)
+        if h is None:
             raise AuthError("missing, invalid or revoked worker token: start the worker with "
                             "--token")
+        return h[:16]
 
     def close(self) -> None:
         def close_store() -> None:

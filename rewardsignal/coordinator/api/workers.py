@@ -26,7 +26,7 @@ from rewardsignal.protocol import MSGPACK, TaskMessage, pack
 
 
 async def register_worker(request: web.Request) -> web.Response:
-    await request.app[AUTH].worker(request)
+    token_id = await request.app[AUTH].worker(request)
     b = Body(await read_body(request))
     name = b.str("name", max_len=128)
     device = b.str("device", max_len=64)
@@ -42,7 +42,8 @@ async def register_worker(request: web.Request) -> web.Response:
     b.done()
     w = await request.app[COORDINATOR].register_worker(
         name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens,
-        models=tuple(models) if models is not None else None, capabilities=caps)
+        models=tuple(models) if models is not None else None, capabilities=caps,
+        token_id=token_id)
     return web.json_response({"worker_id": w.worker_id}, status=201)
 
 

@@ -18,6 +18,7 @@ from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
+from rewardsignal.coordinator.trust.service import Trust
 from rewardsignal.errors import ConflictError, RejectedUpdate
 
 log = logging.getLogger("signal.coordinator")
@@ -31,6 +32,7 @@ class Ingest:
     metrics: Metrics
     limits: UpdateLimits
     rejections: Counter
+    trust: Trust
 
     def _reject(self, reason: str) -> None:
         self.metrics.updates_rejected.labels(reason).inc()
@@ -41,6 +43,11 @@ class Ingest:
             self.metrics.duplicates.inc()
             return {"status": "duplicate"}
         lease_id = str(msg.get("lease_id"))
+        if self.trust.is_quarantined(worker.worker_id):
+            # Found out while this was computed: nothing more of it counts.
+            self._reject("quarantined")
+            raise ConflictError(f"worker {worker.worker_id} is quarantined: "
+                                f"{worker.quarantine_reason}", code="quarantined")
         try:
             task = self.scheduler.check_lease(task_id, lease_id, worker.worker_id)
         except ConflictError:
@@ -57,8 +64,15 @@ class Ingest:
             self.metrics.duplicates.inc()
             return {"status": "duplicate"}
         task.claimed = True  # claimed on the event loop: exactly one submission gets past here
-        if task.sink is not None and checked.tensors is not None:
-            await asyncio.to_thread(task.sink.add, checked.tensors, owned=True)
+        task.done_by = worker.worker_id
+        # A result held for a check (``coordinator.trust``) counts only once it
+        # agrees with another worker's: its gradient waits on the task.
+        task.check = task.checkable and self.trust.wants_check(worker, task.kind)
+        if task.keep or task.check:
+            task.held = checked.tensors
+        elif task.sink is not None and checked.tensors is not None:
+            await asyncio.to_thread(task.sink.add, checked.tensors, owned=True,
+                                    worker=worker.worker_id)
         self.scheduler.complete(task, lease_id, checked.result, tokens=task.tokens,
                                 duration_s=_duration(msg))
         self.metrics.updates_accepted.labels(task.kind).inc()

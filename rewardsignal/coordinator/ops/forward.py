@@ -12,8 +12,8 @@ from typing import Any
 
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ops.base import Operation
-from rewardsignal.coordinator.ops.tasks import gather_tasks
-from rewardsignal.coordinator.runs.accumulator import Contribution, GradientSum
+from rewardsignal.coordinator.ops.shards import Shard, compute_shards, parts_of
+from rewardsignal.coordinator.runs.accumulator import Contribution, Part, PartialSums
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
@@ -38,30 +38,28 @@ class Sharded:
     loss_sum: float
     weight_sum: float
     num_shards: int
+    parts: dict[str, Part]  # by worker: what each computed (removable on quarantine)
 
 
 async def shard_forward(ctx: Services, run: Run, request: Request, datums: list[Datum], *,
                         kind: str, version: int, loss_fn: str, loss_fn_config: dict,
-                        sink: GradientSum | None) -> Sharded:
+                        sink: PartialSums | None) -> Sharded:
     """Split ``datums`` over the workers (forward passes at ``version``) and put
     the per-datum logprobs back in order; loss and weight sums added up."""
     plan = ctx.scheduler.plan_shards(datums, run.spec.base_model, run.run_id)
-    tasks = [ctx.scheduler.add_task(
-        kind=kind, run_id=run.run_id, base_model=run.spec.base_model, version=version,
-        tokens=sum(len(datums[i]) for i in idx), preferred_worker=worker, sink=sink,
-        group=run.spec.owner,
-        payload={"datums": [datums[i].to_json() for i in idx], "loss_fn": loss_fn,
-                 "loss_fn_config": loss_fn_config})
-        for idx, worker in plan]
+    shards = [Shard({"datums": [datums[i].to_json() for i in idx], "loss_fn": loss_fn,
+                     "loss_fn_config": loss_fn_config},
+                    sum(len(datums[i]) for i in idx), worker) for idx, worker in plan]
+    outcomes = await compute_shards(ctx, run, request, shards, kind=kind, version=version,
+                                    sink=sink)
     logprobs: list[Any] = [None] * len(datums)
     loss_sum = weight_sum = 0.0
-    async for i, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
-                                     ctx.config.no_worker_grace_s):
-        for j, lp in zip(plan[i][0], res["logprobs"], strict=True):
+    for (idx, _), o in zip(plan, outcomes, strict=True):
+        for j, lp in zip(idx, o.result["logprobs"], strict=True):
             logprobs[j] = lp
-        loss_sum += res["loss_sum"]
-        weight_sum += res["weight_sum"]
-    return Sharded(logprobs, loss_sum, weight_sum, len(tasks))
+        loss_sum += o.result["loss_sum"]
+        weight_sum += o.result["weight_sum"]
+    return Sharded(logprobs, loss_sum, weight_sum, len(shards), parts_of(shards, outcomes, sink))
 
 
 class Forward(Operation):
@@ -94,15 +92,16 @@ class Forward(Operation):
         datums = args.datums
         # Shard gradients are added into this sum as they are accepted (in the
         # submission path), so none of them waits around in memory.
-        sink = GradientSum() if self.backward else None
+        sink = PartialSums() if self.backward else None
         out = await shard_forward(ctx, run, request, datums, kind=self.name,
                                   version=run.version, loss_fn=args.loss_fn,
                                   loss_fn_config=args.loss_fn_config, sink=sink)
         num_tokens = sum(len(d) for d in datums)
-        if sink is not None:
+        total = sink.total() if sink is not None else None
+        if total is not None:
             await self._accumulate(ctx, run, Contribution(
-                request.request_id, sink.value(), out.weight_sum, args.reduction, num_tokens,
-                out.loss_sum, out.weight_sum))
+                request.request_id, total, out.weight_sum, args.reduction, num_tokens,
+                out.loss_sum, out.weight_sum, out.parts))
             ctx.metrics.fb_duration.labels(run.run_id).observe(time.monotonic() - started)
         loss = out.loss_sum / out.weight_sum if out.weight_sum else 0.0
         run.last_loss = loss
@@ -120,6 +119,10 @@ class Forward(Operation):
                                reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
                                loss_weight=c.loss_weight)
         await asyncio.to_thread(run.accum.add, c)
+        # A worker quarantined while this was made durable: its part comes out now.
+        for worker in c.parts or {}:
+            if ctx.trust.is_quarantined(worker):
+                run.accum.remove_worker(worker)
         ctx.metrics.tokens.labels(run.run_id).inc(c.tokens)
 
 

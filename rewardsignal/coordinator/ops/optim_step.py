@@ -10,6 +10,7 @@ import time
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ops.base import Operation
+from rewardsignal.coordinator.ops.shards import settle_owed
 from rewardsignal.coordinator.runs.accumulator import Accumulator
 from rewardsignal.coordinator.runs.create import read_adamw
 from rewardsignal.coordinator.runs.requests import Request
@@ -52,6 +53,8 @@ class OptimStep(Operation):
     async def execute(self, ctx: Services, run: Run, request: Request,
                       args: AdamWConfig) -> dict:
         started = time.monotonic()
+        # Shards taken out with a quarantined worker are recomputed first.
+        await settle_owed(ctx, run, request)
         if run.accum.empty:
             raise ValidationError("nothing to apply: call forward_backward before optim_step")
         accum = run.accum

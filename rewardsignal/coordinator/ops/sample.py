@@ -22,8 +22,10 @@ from rewardsignal.coordinator.ops.tasks import gather_tasks
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
+from rewardsignal.coordinator.trust.sample_check import check_sample
+from rewardsignal.coordinator.trust.verify import Outcome
 from rewardsignal.data.examples import encode_text
-from rewardsignal.errors import ValidationError
+from rewardsignal.errors import TaskFailedError, ValidationError
 from rewardsignal.models import BUILTIN_MODELS, is_builtin
 
 MAX_PROMPTS = 256
@@ -32,6 +34,8 @@ MAX_STOP = 16
 # Generated tokens one request may ask for (prompts x num_samples x max_tokens).
 MAX_REQUEST_TOKENS = 1 << 20
 SEQUENCES_PER_TASK = 64
+# Rounds of sampling again the groups whose result a check did not uphold.
+_MAX_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -150,22 +154,58 @@ class Sample(Operation):
     async def execute(self, ctx: Services, run: Run, request: Request,
                       args: SampleArgs) -> dict:
         groups = _groups(args)
-        tasks = [ctx.scheduler.add_task(
-            kind="sample", run_id=run.run_id, base_model=run.spec.base_model,
-            version=args.version, payload=args.task_payload(a, b), group=run.spec.owner,
-            tokens=(sum(map(len, args.prompt_tokens[a:b])) + args.max_tokens * (b - a))
-            * args.num_samples) for a, b in groups]
+        results: dict[int, dict] = {}
+        todo = list(range(len(groups)))
+        for _ in range(_MAX_ROUNDS):
+            await self._round(ctx, run, request, args, groups, todo, results)
+            todo = [i for i in range(len(groups)) if i not in results]
+            if not todo:
+                break
+        else:
+            raise TaskFailedError(f"{len(todo)} sample group(s) of request "
+                                  f"{request.request_id} found no result that other workers "
+                                  f"agreed with in {_MAX_ROUNDS} rounds")
         per_prompt: list[list[dict]] = [[] for _ in args.prompt_tokens]
         prompt_lps: list = [None] * len(args.prompt_tokens)
-        async for i, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
-                                         ctx.config.no_worker_grace_s):
-            a, b = groups[i]
+        for i, (a, b) in enumerate(groups):
+            res = results[i]
             outs = res["outputs"]
             for p in range(a, b):
                 per_prompt[p] = outs[(p - a) * args.num_samples:(p - a + 1) * args.num_samples]
                 if "prompt_logprobs" in res:
                     prompt_lps[p] = res["prompt_logprobs"][p - a]
         return _result(per_prompt, prompt_lps if args.prompt_logprobs else None, args)
+
+    async def _round(self, ctx: Services, run: Run, request: Request, args: SampleArgs,
+                     groups: list[tuple[int, int]], todo: list[int],
+                     results: dict[int, dict]) -> None:
+        """Sample the groups in ``todo``; a result sampled for a check
+        (``trust.sample_check``) counts once another worker's forward pass agrees."""
+        tasks = [ctx.scheduler.add_task(
+            kind="sample", run_id=run.run_id, base_model=run.spec.base_model,
+            version=args.version, payload=args.task_payload(*groups[i]), group=run.spec.owner,
+            tokens=(sum(map(len, args.prompt_tokens[groups[i][0]:groups[i][1]]))
+                    + args.max_tokens * (groups[i][1] - groups[i][0])) * args.num_samples)
+            for i in todo]
+        for t in tasks:
+            t.checkable = ctx.trust.enabled
+        checks: list[tuple[int, asyncio.Task]] = []
+        try:
+            async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
+                                             ctx.config.no_worker_grace_s):
+                t = tasks[j]
+                if t.check:
+                    checks.append((todo[j], asyncio.create_task(check_sample(
+                        ctx.verifier, run, t, Outcome(t.done_by, res)))))
+                else:
+                    results[todo[j]] = res
+            for i, check in checks:
+                got = await check
+                if got is not None:
+                    results[i] = got.result
+        finally:
+            for _, check in checks:
+                check.cancel()
 
 
 def _result(per_prompt: list[list[dict]], prompt_lps: list | None, args: SampleArgs) -> dict:

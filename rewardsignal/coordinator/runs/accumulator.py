@@ -1,20 +1,30 @@
-"""Gradients summed between steps: one running-sum type, used twice.
+"""Gradients summed between steps, kept per worker so that one worker's part
+can be taken out exactly.
 
-A ``GradientSum`` adds tensors into one adapter-sized buffer (thread-safe: shard
-gradients arrive from submission threads). A ``forward_backward`` request sums
-its shards into one; once the request's sum is durable it becomes a
-``Contribution`` and the run's ``Accumulator`` adds it. At ``optim_step`` the
-accumulator divides the ``mean`` part by its total weight and adds the ``sum``
-part: exactly the gradient of the whole accumulated batch (DESIGN.md's rule).
+A ``forward_backward`` request sums its shards into ``PartialSums``: one running
+sum per worker that computed them (thread-safe: shard gradients arrive from
+submission threads). Once the request's sum is durable it becomes a
+``Contribution`` (its parts by worker) and the run's ``Accumulator`` merges the
+parts into its own per-worker sums. At ``optim_step`` the accumulator adds the
+workers' sums in a fixed order, divides the ``mean`` part by its total weight
+and adds the ``sum`` part: exactly the gradient of the whole accumulated batch
+(DESIGN.md's rule). When verification quarantines a worker, ``remove_worker``
+drops its sums (nothing is subtracted, so what is left is exactly the honest
+workers' sum) and hands back the shards it computed, to be recomputed.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.errors import ValidationError
+
+# The worker a gradient is attributed to when it came back from disk after a
+# restart (per-worker parts are not kept on disk): it cannot be taken out.
+RECOVERED = ""
 
 
 class GradientSum:
@@ -45,9 +55,53 @@ class GradientSum:
         return self._sum
 
 
+class PartialSums:
+    """A request's shard gradients, one running sum per worker (a task's sink)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_worker: dict[str, GradientSum] = {}
+
+    def add(self, tensors: Tensors, *, owned: bool = False, worker: str = RECOVERED) -> None:
+        with self._lock:
+            part = self.by_worker.setdefault(worker, GradientSum())
+        part.add(tensors, owned=owned)
+
+    def drop(self, worker: str) -> None:
+        with self._lock:
+            self.by_worker.pop(worker, None)
+
+    def total(self) -> Tensors | None:
+        """The sum over workers (a new buffer), in worker order; None if empty."""
+        return _ordered_sum([s for _, s in sorted(self.by_worker.items()) if not s.empty])
+
+
+def _ordered_sum(sums: list[GradientSum]) -> Tensors | None:
+    if not sums:
+        return None
+    out = {k: v.clone() for k, v in sums[0].value().items()}
+    for s in sums[1:]:
+        for k, v in s.value().items():
+            out[k].add_(v)
+    return out
+
+
+@dataclass
+class Part:
+    """One worker's share of one request: its gradient sum and bookkeeping, and
+    the task payloads of the shards it computed (to recompute them elsewhere)."""
+
+    grads: Tensors | None = field(default=None, repr=False)
+    weight: float = 0.0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    shards: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
 @dataclass(frozen=True)
 class Contribution:
-    """One accepted ``forward_backward``: its summed gradient and bookkeeping."""
+    """One accepted ``forward_backward``: its summed gradient and bookkeeping,
+    and (live path) the same split by worker."""
 
     request_id: str
     grads: Tensors = field(repr=False)
@@ -56,44 +110,99 @@ class Contribution:
     tokens: int
     loss_sum: float
     loss_weight: float
+    parts: dict[str, Part] | None = field(default=None, repr=False)
+
+    def by_worker(self) -> dict[str, Part]:
+        if self.parts is not None:
+            return self.parts
+        return {RECOVERED: Part(self.grads, self.weight, self.tokens, self.loss_sum)}
+
+
+@dataclass
+class _WorkerSums:
+    mean: GradientSum = field(default_factory=GradientSum)
+    sum: GradientSum = field(default_factory=GradientSum)
+    weight_mean: float = 0.0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    loss_weight: float = 0.0
+    # (request id, reduction, shard payload) of what it computed this step
+    shards: list[tuple[str, str, dict]] = field(default_factory=list)
 
 
 @dataclass
 class Accumulator:
-    mean: GradientSum = field(default_factory=GradientSum)
-    weight_mean: float = 0.0
-    sum: GradientSum = field(default_factory=GradientSum)
     calls: int = 0
-    tokens: int = 0
-    loss_sum: float = 0.0
-    loss_weight: float = 0.0
+    workers: dict[str, _WorkerSums] = field(default_factory=dict)
+    # Shards taken out with a quarantined worker, waiting to be recomputed
+    # (by ``optim_step``, before it steps): (request id, reduction, payload).
+    owed: list[tuple[str, str, dict]] = field(default_factory=list)
 
     def add(self, c: Contribution) -> None:
         """The one place a contribution is counted (live path and recovery)."""
-        if c.reduction == "mean":
-            self.mean.add(c.grads)
-            self.weight_mean += c.weight
-        else:
-            self.sum.add(c.grads)
+        for worker, part in c.by_worker().items():
+            ws = self.workers.setdefault(worker, _WorkerSums())
+            if part.grads is not None:
+                if c.reduction == "mean":
+                    ws.mean.add(part.grads)
+                else:
+                    ws.sum.add(part.grads)
+            if c.reduction == "mean":
+                ws.weight_mean += part.weight
+            ws.tokens += part.tokens
+            ws.loss_sum += part.loss_sum
+            ws.loss_weight += part.weight
+            ws.shards.extend((c.request_id, c.reduction, s) for s in part.shards)
         self.calls += 1
-        self.tokens += c.tokens
-        self.loss_sum += c.loss_sum
-        self.loss_weight += c.loss_weight
+
+    def remove_worker(self, worker: str) -> int:
+        """Take ``worker``'s part out (exactly: the others' sums are untouched)
+        and owe its shards; how many shards are owed."""
+        ws = self.workers.pop(worker, None)
+        if ws is None:
+            return 0
+        self.owed.extend(ws.shards)
+        return len(ws.shards)
+
+    def _ordered(self) -> list[_WorkerSums]:
+        return [ws for _, ws in sorted(self.workers.items())]
+
+    @property
+    def weight_mean(self) -> float:
+        return sum(ws.weight_mean for ws in self._ordered())
+
+    @property
+    def mean(self) -> GradientSum:
+        out = GradientSum()
+        total = _ordered_sum([ws.mean for ws in self._ordered() if not ws.mean.empty])
+        if total is not None:
+            out.add(total, owned=True)
+        return out
+
+    @property
+    def tokens(self) -> int:
+        return sum(ws.tokens for ws in self.workers.values())
 
     @property
     def empty(self) -> bool:
-        return self.mean.empty and self.sum.empty
+        return all(ws.mean.empty and ws.sum.empty for ws in self.workers.values())
 
     @property
     def loss(self) -> float | None:
-        return self.loss_sum / self.loss_weight if self.loss_weight else None
+        ws = self._ordered()
+        weight = sum(w.loss_weight for w in ws)
+        return sum(w.loss_sum for w in ws) / weight if weight else None
 
     def gradient(self) -> Tensors:
         parts = []
-        if not self.mean.empty and self.weight_mean != 0:
-            parts.append({k: v / self.weight_mean for k, v in self.mean.value().items()})
-        if not self.sum.empty:
-            parts.append(self.sum.value())
+        ws = self._ordered()
+        weight_mean = sum(w.weight_mean for w in ws)
+        mean = _ordered_sum([w.mean for w in ws if not w.mean.empty])
+        if mean is not None and weight_mean != 0:
+            parts.append({k: v / weight_mean for k, v in mean.items()})
+        summed = _ordered_sum([w.sum for w in ws if not w.sum.empty])
+        if summed is not None:
+            parts.append(summed)
         if not parts:
             raise ValidationError("the accumulated batches carry no loss weight (every token "
                                   "weight is 0), so there is no gradient to step on")

@@ -66,11 +66,11 @@ class Scheduler:
 
     # -- workers -----------------------------------------------------------------
     def register(self, *, name: str, device: str, hardware: dict, max_tokens_per_task: int,
-                 models: tuple[str, ...] | None, capabilities: dict | None = None
-                 ) -> WorkerInfo:
+                 models: tuple[str, ...] | None, capabilities: dict | None = None,
+                 token_id: str = "") -> WorkerInfo:
         worker_id = "w-" + secrets.token_hex(6)
-        w = WorkerInfo(worker_id, name, device, hardware, max_tokens_per_task, models
-                       ).with_capabilities(capabilities)
+        w = WorkerInfo(worker_id, name, device, hardware, max_tokens_per_task, models,
+                       token_id=token_id).with_capabilities(capabilities)
         self.workers[worker_id] = w
         log.info("worker joined id=%s name=%s device=%s max_tokens=%d memory=%s quantization=%s",
                  worker_id, name, device, max_tokens_per_task, w.memory_bytes,
@@ -81,7 +81,8 @@ class Scheduler:
         """A worker registered before a restart: known again, active once it calls."""
         w = WorkerInfo(worker_id, info["name"], info["device"], info.get("hardware", {}),
                        info.get("max_tokens_per_task", self.default_task_tokens),
-                       tuple(info["models"]) if info.get("models") else None
+                       tuple(info["models"]) if info.get("models") else None,
+                       token_id=info.get("token_id", "")
                        ).with_capabilities(info.get("capabilities"))
         w.last_seen -= ACTIVE_WINDOW_S  # not active until it shows up
         self.workers[worker_id] = w
@@ -97,12 +98,17 @@ class Scheduler:
         """``w`` is stopping: gone at once, and the tasks it held go back to the
         queue now rather than when their leases expire. Returns how many."""
         w.departed = True
+        released = self.withdraw(w, f"worker {w.name} stopped")
+        log.info("worker left id=%s name=%s released=%d", w.worker_id, w.name, released)
+        return released
+
+    def withdraw(self, w: WorkerInfo, reason: str) -> int:
+        """The tasks ``w`` holds go back to the queue now; how many."""
         w.current_task = None
         held = [(t, lid) for t in list(self.tasks.values())
                 for lid, lease in list(t.leases.items()) if lease.worker_id == w.worker_id]
         for t, lease_id in held:
-            self.release(t, lease_id, f"worker {w.name} stopped")
-        log.info("worker left id=%s name=%s released=%d", w.worker_id, w.name, len(held))
+            self.release(t, lease_id, reason)
         return len(held)
 
     def prune(self, retention_s: float) -> list[str]:
@@ -155,6 +161,8 @@ class Scheduler:
                                    f"(last: {reason})")
             log.warning("worker quarantined id=%s name=%s reason=%r", w.worker_id, w.name,
                         w.quarantine_reason)
+            if self.metrics:
+                self.metrics.quarantines.labels("rejections").inc()
 
     # -- planning --------------------------------------------------------------------
     def plan_shards(self, datums: list[Datum], model_id: str, run_id: str | None = None
@@ -166,12 +174,13 @@ class Scheduler:
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,
                  payload: dict, tokens: int, preferred_worker: str | None = None,
                  job_id: str | None = None, limits: UpdateLimits | None = None,
-                 sink: Sink | None = None, group: str = "") -> Task:
+                 sink: Sink | None = None, group: str = "",
+                 exclude: frozenset[str] = frozenset()) -> Task:
         """``group``: who the work is for (the run's owner); runs and groups share
         the fleet fairly (``fairness``)."""
         task = Task("t-" + secrets.token_hex(8), kind, run_id, base_model, version, payload,
                     tokens, asyncio.get_running_loop().create_future(), preferred_worker,
-                    job_id=job_id, limits=limits, sink=sink, group=group)
+                    job_id=job_id, limits=limits, sink=sink, group=group, exclude=exclude)
         self.tasks[task.task_id] = task
         self.pending.append(task)
         if preferred_worker is not None:
@@ -235,7 +244,7 @@ class Scheduler:
         # The queue's head is enough: past it sit younger shards of the same requests.
         for tid in itertools.islice(self.pending.queue(run_id), _SCAN_LIMIT):
             t = self.tasks[tid]
-            if not w.serves(t.base_model):
+            if not w.serves(t.base_model) or w.worker_id in t.exclude:
                 continue
             if t.preferred_worker in (None, w.worker_id):
                 return t

@@ -47,7 +47,8 @@ class Stragglers:
 
     def pick(self, w: WorkerInfo) -> Task | None:
         for t in self.candidates():
-            if t.done or len(t.leases) != 1 or not self.serves(w, t):
+            if (t.done or len(t.leases) != 1 or not self.serves(w, t)
+                    or w.worker_id in t.exclude):
                 continue
             (lease,) = t.leases.values()
             if lease.worker_id != w.worker_id:

@@ -14,7 +14,7 @@ from rewardsignal.aggregation.validate import UpdateLimits
 class Sink(Protocol):
     """Where an accepted gradient is summed (a request's ``GradientSum``)."""
 
-    def add(self, tensors: Tensors, *, owned: bool = False) -> None: ...
+    def add(self, tensors: Tensors, *, owned: bool = False, worker: str = "") -> None: ...
 
 
 @dataclass
@@ -47,6 +47,14 @@ class Task:
     sink: Sink | None = None      # where an accepted gradient is summed
     group: str = ""               # who the work is for (the run's owner): fair shares
     claimed: bool = False         # a submission passed validation and is being applied
+    # Verification (``coordinator.trust``): workers that may not take this task
+    # (a check is never computed by the worker it checks).
+    exclude: frozenset[str] = frozenset()
+    checkable: bool = False       # its accepted result may be held for a check
+    keep: bool = False            # a check task: its gradient is held, never summed
+    done_by: str = ""             # the worker whose result was accepted
+    held: Tensors | None = field(default=None, repr=False)  # gradient held for a check
+    check: bool = False           # the accepted result awaits a check
 
     @property
     def done(self) -> bool:

@@ -18,6 +18,7 @@ class WorkerInfo:
     hardware: dict
     max_tokens_per_task: int
     models: tuple[str, ...] | None
+    token_id: str = ""  # which worker token it registered with ("" when none is required)
     # What it can load (declared at registration; a worker that declares nothing
     # predates run precision and serves only runs at the default, "auto").
     base_dtypes: tuple[str, ...] | None = None

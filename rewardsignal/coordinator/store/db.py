@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS pending_grads (
 CREATE TABLE IF NOT EXISTS workers (
     worker_id TEXT PRIMARY KEY, name TEXT NOT NULL, info TEXT NOT NULL,
     registered REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reputation (
+    worker_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, owner TEXT NOT NULL, state TEXT NOT NULL,
     updated REAL NOT NULL);
@@ -241,6 +243,17 @@ class Database:
         rows = await self._do(lambda: self._c().execute(
             "SELECT worker_id, info FROM workers").fetchall())
         return [{"worker_id": r[0], **json.loads(r[1])} for r in rows]
+
+    async def save_reputation(self, row: dict) -> None:
+        """A worker's verification record (``coordinator.trust.reputation``)."""
+        await self._do(lambda: self._c().execute(
+            "INSERT OR REPLACE INTO reputation VALUES (?, ?, ?)",
+            (row["worker_id"], json.dumps(row), time.time())))
+
+    async def reputations(self) -> list[dict]:
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT state FROM reputation").fetchall())
+        return [json.loads(r[0]) for r in rows]
 
     async def save_job(self, job_id: str, run_id: str, owner: str, state: dict) -> None:
         await self._do(lambda: self._c().execute(

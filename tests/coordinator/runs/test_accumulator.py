@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardsignal.coordinator.runs.accumulator import Accumulator, Contribution, GradientSum
+from rewardsignal.coordinator.runs.accumulator import (
+    Accumulator,
+    Contribution,
+    GradientSum,
+    Part,
+    PartialSums,
+)
 from rewardsignal.errors import ValidationError
 
 
@@ -78,3 +84,46 @@ def test_empty_and_zero_weight_are_clear_errors():
     assert not acc.empty
     with pytest.raises(ValidationError, match="no loss weight"):
         acc.gradient()
+
+
+def _parts(seed: int, workers: tuple[str, ...]) -> dict[str, Part]:
+    return {w: Part(_grads(seed * 10 + i), weight=1.0 + i, tokens=3, loss_sum=0.5 * (i + 1),
+                    shards=[{"shard": f"{seed}-{w}"}]) for i, w in enumerate(workers)}
+
+
+def _with_parts(i: int, parts: dict[str, Part], reduction: str = "mean") -> Contribution:
+    total = {k: sum(p.grads[k] for p in parts.values()) for k in ("a", "b")}
+    weight = sum(p.weight for p in parts.values())
+    return Contribution(f"req-{i}", total, weight, reduction, 3 * len(parts),
+                        sum(p.loss_sum for p in parts.values()), weight, parts)
+
+
+def test_removing_a_worker_leaves_exactly_the_others_sum():
+    # Prepare: two requests computed by three workers; the same without "w2".
+    everyone, honest = Accumulator(), Accumulator()
+    for i, red in ((1, "mean"), (2, "sum")):
+        parts = _parts(i, ("w1", "w2", "w3"))
+        everyone.add(_with_parts(i, parts, red))
+        honest.add(_with_parts(i, {w: p for w, p in parts.items() if w != "w2"}, red))
+    # Execute
+    owed = everyone.remove_worker("w2")
+    # Assert: bit-for-bit what the honest workers alone sum to, and w2's shards owed.
+    for k, v in honest.gradient().items():
+        assert torch.equal(everyone.gradient()[k], v)
+    assert everyone.loss == honest.loss and everyone.tokens == honest.tokens
+    assert owed == 2
+    assert [(r, red, p["shard"]) for r, red, p in everyone.owed] == [
+        ("req-1", "mean", "1-w2"), ("req-2", "sum", "2-w2")]
+    assert everyone.remove_worker("w2") == 0  # a second removal finds nothing
+
+
+def test_partial_sums_keep_workers_apart():
+    sums = PartialSums()
+    sums.add(_grads(1), worker="a")
+    sums.add(_grads(2), worker="b")
+    sums.add(_grads(3), worker="a")
+    sums.drop("b")
+    for k in ("a", "b"):
+        assert torch.equal(sums.total()[k], _grads(1)[k] + _grads(3)[k])
+    sums.drop("a")
+    assert sums.total() is None

@@ -1,0 +1,138 @@
+"""The verification of one result by recomputation: a second worker computes
+the same task at the same version; if the two disagree beyond the tolerance of
+their compute dtypes a third breaks the tie, and the worker in the minority is
+quarantined. Returns the result that counts, or None when the shard has to be
+computed again (no majority)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewardsignal.aggregation.agreement import Result, disagreement, tolerance
+from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.scheduler import Scheduler
+from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.coordinator.trust.service import Trust
+
+# How often a waiting check looks for a worker that may compute it.
+_CHECK_S = 1.0
+
+
+@dataclass
+class Outcome:
+    """One worker's accepted result for a shard (``tensors``: its gradient, held
+    while the result is checked)."""
+
+    worker_id: str
+    result: dict[str, Any]
+    tensors: Tensors | None = field(default=None, repr=False)
+
+    def comparable(self) -> Result:
+        r = self.result
+        return Result(r["loss_sum"], r["weight_sum"], r["logprobs"], self.tensors)
+
+
+@dataclass
+class Verifier:
+    trust: Trust
+    scheduler: Scheduler
+
+    def _dtype(self, run: Run, worker_id: str) -> str:
+        w = self.scheduler.workers.get(worker_id)
+        return run.spec.precision.resolve(w.auto_dtype if w else "bf16")
+
+    def tolerance_for(self, run: Run, a: str, b: str) -> float:
+        return tolerance(self._dtype(run, a), self._dtype(run, b),
+                         quantized=run.spec.precision.quantization is not None)
+
+    async def check(self, run: Run, task: Task, first: Outcome) -> Outcome | None:
+        """Check ``first`` (the accepted result of ``task``); the result that
+        counts, or None when the shard must be computed again."""
+        second = await self.recompute(run, task, first.worker_id, {first.worker_id}, "second")
+        if second is None:
+            return first  # nobody else can check it: counts unchecked
+        why = disagreement(first.comparable(), second.comparable(),
+                           self.tolerance_for(run, first.worker_id, second.worker_id))
+        if why is None:
+            self.trust.metrics.verdicts.labels("agree").inc()
+            await self.trust.agreed(first.worker_id, second.worker_id)
+            return first
+        third = await self.recompute(run, task, first.worker_id,
+                                      {first.worker_id, second.worker_id}, "tiebreak")
+        if third is None:
+            # Two results, no majority: neither counts, both back on probation.
+            self.trust.metrics.verdicts.labels("unresolved").inc()
+            await self.trust.disagreed(first.worker_id, second.worker_id)
+            return None
+        return await self._tiebreak(run, first, second, third, why)
+
+    async def _tiebreak(self, run: Run, a: Outcome, b: Outcome, c: Outcome, why: str
+                        ) -> Outcome | None:
+        with_a = disagreement(a.comparable(), c.comparable(),
+                              self.tolerance_for(run, a.worker_id, c.worker_id)) is None
+        with_b = disagreement(b.comparable(), c.comparable(),
+                              self.tolerance_for(run, b.worker_id, c.worker_id)) is None
+        if with_a == with_b:
+            # The third agrees with both (a borderline pair) or with neither: no
+            # one is singled out; all three go back on probation, the shard is redone.
+            self.trust.metrics.verdicts.labels("unresolved").inc()
+            await self.trust.disagreed(a.worker_id, b.worker_id, c.worker_id)
+            return None
+        good, bad = (a, b) if with_a else (b, a)
+        self.trust.metrics.verdicts.labels("first_wrong" if bad is a else "checker_wrong").inc()
+        await self.trust.agreed(good.worker_id, c.worker_id)
+        await self.trust.disagreed(bad.worker_id)
+        await self.trust.quarantine(bad.worker_id, f"task of run {run.run_id}: {why}; a third "
+                                    "worker sided with the other")
+        return good
+
+    async def recompute(self, run: Run, task: Task, origin: str, exclude: set[str],
+                         role: str, *, kind: str | None = None, payload: dict | None = None
+                         ) -> Outcome | None:
+        """The same task (or ``kind`` with ``payload`` at its version) computed by a
+        worker outside ``exclude`` (and, when one is live, under another token
+        than ``origin``'s); None when none is live."""
+        w = self.scheduler.workers.get(origin)
+        picked = self.trust.checkers(run.run_id, task.base_model, exclude,
+                                     w.token_id if w else "")
+        if picked is None:
+            self.trust.note_skipped("no_other_worker")
+            return None
+        barred, same_token = picked
+        self.trust.note_issued(role, same_token)
+        copy = self.scheduler.add_task(
+            kind=kind or task.kind, run_id=task.run_id, base_model=task.base_model,
+            version=task.version, payload=payload or task.payload, tokens=task.tokens,
+            group=task.group, exclude=frozenset(barred))
+        copy.keep = True
+        try:
+            if not await self._wait(copy, run, barred):
+                self.trust.note_skipped("no_other_worker")
+                return None
+            return Outcome(copy.done_by, copy.future.result(), copy.held)
+        finally:
+            if not copy.done:
+                self.scheduler.cancel(copy, "check withdrawn")
+            copy.held = None
+
+    async def _wait(self, copy: Task, run: Run, barred: set[str]) -> bool:
+        """Whether ``copy`` was computed; False once no worker that may compute
+        it has been heard from for ``live_window_s`` (it died, or left)."""
+        idle_since: float | None = None
+        while True:
+            done, _ = await asyncio.wait({copy.future}, timeout=_CHECK_S)
+            if done:
+                copy.future.result()  # a failed check task fails the request
+                return True
+            if copy.leases or self.trust.live_checkers(run.run_id, run.spec.base_model,
+                                                       barred):
+                idle_since = None
+                continue
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since >= self.trust.live_window_s:
+                return False

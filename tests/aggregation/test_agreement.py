@@ -1,0 +1,60 @@
+"""The agreement test of verification against hand-computed cases: honest
+rounding noise agrees, the cheap attacks (sign flip, 5x scale, other data) do
+not, and the bound follows the looser of the two dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rewardsignal.aggregation.agreement import Result, disagreement, relative_l2, tolerance
+
+
+def _grads(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(4, 3, generator=g), "b": torch.randn(7, generator=g)}
+
+
+def _result(grads, loss_sum=3.0, weight_sum=5.0, logprobs=None) -> Result:
+    return Result(loss_sum, weight_sum, logprobs or [[-1.0, -2.0], [-0.5]], grads)
+
+
+def test_relative_l2_by_hand():
+    a = {"x": torch.tensor([3.0, 0.0]), "y": torch.tensor([4.0])}
+    b = {"x": torch.tensor([3.0, 1.0]), "y": torch.tensor([4.0])}
+    # ||a - b|| = 1, max(||a||, ||b||) = sqrt(26)
+    assert math.isclose(relative_l2(a, b), 1 / math.sqrt(26), rel_tol=1e-12)
+    assert relative_l2(a, a) == 0.0
+    assert relative_l2({"x": torch.zeros(2)}, {"x": torch.zeros(2)}) == 0.0
+    assert relative_l2(a, {"x": a["x"]}) == math.inf  # different names never agree
+
+
+def test_tolerance_is_the_looser_dtype():
+    assert tolerance("fp32", "fp32") < tolerance("fp32", "fp16") < tolerance("bf16", "fp32")
+    assert tolerance("bf16", "bf16", quantized=True) > tolerance("bf16", "bf16")
+
+
+def test_honest_noise_agrees_and_attacks_do_not():
+    g = _grads(0)
+    tol = tolerance("fp32", "fp32")
+    noisy = {k: v * (1 + 1e-6 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)))
+             for k, v in g.items()}
+    assert disagreement(_result(g), _result(noisy), tol) is None
+    flipped = {k: -v for k, v in g.items()}
+    scaled = {k: 5 * v for k, v in g.items()}
+    other = _grads(2)
+    for wrong in (flipped, scaled, other):
+        why = disagreement(_result(g), _result(wrong), tolerance("bf16", "bf16"))
+        assert why is not None and "gradients differ" in why
+
+
+def test_loss_weights_and_logprobs_are_compared():
+    g = _grads(0)
+    tol = tolerance("fp32", "fp32")
+    assert "weight sums" in disagreement(_result(g), _result(g, weight_sum=6.0), tol)
+    assert "loss sums" in disagreement(_result(g), _result(g, loss_sum=3.1), tol)
+    assert "logprobs" in disagreement(_result(g), _result(g, logprobs=[[-1.0, -2.5], [-0.5]]),
+                                      tol)
+    assert "has a gradient" in disagreement(_result(g), _result(None), tol)
+    assert disagreement(_result(None), _result(None), tol) is None  # forward results

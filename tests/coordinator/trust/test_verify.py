@@ -1,0 +1,224 @@
+"""Verification in an in-process coordinator with fake workers that speak the
+real protocol: who may check whom, the tie-break, and the exact removal of a
+quarantined worker's part of the open step (recomputed before the step)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from apphelpers import FakeWorker, Harness
+
+from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
+from rewardsignal.protocol import tensors_to_bytes
+
+WEIGHT = 2.0  # every fake shard's weight sum
+
+
+@pytest.fixture
+def h(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=1.0, probation_tasks=1,
+                worker_tokens=("tok-a", "tok-b", "tok-c"))
+    yield h
+    h.close()
+
+
+def _run(h: Harness) -> str:
+    _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                       expect=201)
+    return run["run_id"]
+
+
+def honest(h: Harness, run_id: str, payload: dict) -> dict[str, torch.Tensor]:
+    """The 'true' gradient of a shard: a function of its tokens alone."""
+    ids = str([d["model_input"] for d in payload["datums"]]).encode()
+    scale = int(hashlib.sha256(ids).hexdigest()[:4], 16) / 65536 + 0.5
+    return {k: torch.full(s, 0.01 * scale) for k, s in h.coordinator.runs[run_id].shapes.items()}
+
+
+def submit(w: FakeWorker, task: dict, grads: dict[str, torch.Tensor]) -> None:
+    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+    code, body = w.submit(task, codec="fp32", tensors=tensors_to_bytes(grads),
+                          result={"loss_sum": 1.0, "weight_sum": WEIGHT, "logprobs": lp})
+    assert code == 200, body
+
+
+def fb(h: Harness, run_id: str, text: str) -> str:
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                       json={"batch": [{"text": text}]}, expect=202)
+    return req["request_id"]
+
+
+def done(h: Harness, request_id: str) -> dict:
+    _, body = h.request("GET", f"/v1/requests/{request_id}?timeout_s=5", expect=200)
+    assert body["status"] == "done", body
+    return body
+
+
+def reputation(h: Harness, w: FakeWorker) -> dict:
+    return h.coordinator.services.trust.state(h.coordinator.scheduler.workers[w.worker_id])
+
+
+def verdicts(h: Harness, outcome: str) -> float:
+    return h.coordinator.metrics.verdicts.labels(outcome)._value.get()
+
+
+def test_tiebreak_quarantines_the_minority_checker(h):
+    run_id = _run(h)
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    req = fb(h, run_id, "hello")
+    task = a.lease()
+    g = honest(h, run_id, task["payload"])
+    submit(a, task, g)
+    assert a.lease(0.3) is None  # a worker never checks itself
+    check = b.lease()
+    assert check["payload"] == task["payload"] and check["task_id"] != task["task_id"]
+    submit(b, check, {k: -v for k, v in g.items()})
+    assert a.lease(0.3) is None and b.lease(0.3) is None  # neither breaks its own tie
+    submit(c, c.lease(), g)
+    done(h, req)
+
+    assert verdicts(h, "checker_wrong") == 1
+    assert reputation(h, b)["state"] == "quarantined"
+    assert reputation(h, a)["agreements"] == reputation(h, c)["agreements"] == 1
+    accum = h.coordinator.runs[run_id].accum
+    for k, v in accum.gradient().items():
+        assert torch.equal(v, g[k] / WEIGHT)  # a's result counted, once
+    status, _ = h.request("POST", f"/v1/workers/{b.worker_id}/lease?timeout_s=0",
+                          headers=b.headers)
+    assert status == 403
+
+
+def test_workers_under_one_token_do_not_check_each_other(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=1.0, probation_tasks=1,
+                worker_tokens=("tok-a", "tok-b"))
+    try:
+        run_id = _run(h)
+        a, twin, b = (FakeWorker(h, "a", token="tok-a"), FakeWorker(h, "twin", token="tok-a"),
+                      FakeWorker(h, "b", token="tok-b"))
+        req = fb(h, run_id, "hello")
+        task = a.lease()
+        submit(a, task, honest(h, run_id, task["payload"]))
+        assert twin.lease(0.6) is None  # b is live: the same volunteer may not check
+        check = b.lease()
+        submit(b, check, honest(h, run_id, check["payload"]))
+        done(h, req)
+        assert verdicts(h, "agree") == 1
+        assert h.coordinator.metrics.verify_same_token._value.get() == 0
+    finally:
+        h.close()
+
+
+def _serve(h: Harness, request_id: str, workers: list[FakeWorker], run_id: str) -> None:
+    """Honest workers take whatever they may until the request is done."""
+    for _ in range(40):
+        for w in workers:
+            task = w.lease(0.2)
+            if task is not None:
+                submit(w, task, honest(h, run_id, task["payload"]))
+        status, body = h.request("GET", f"/v1/requests/{request_id}?timeout_s=0")
+        if body["status"] != "pending":
+            assert body["status"] == "done", body
+            return
+    raise AssertionError("the request did not finish")
+
+
+def test_quarantine_takes_out_the_open_step_part_exactly(h):
+    run_id = _run(h)
+    run = h.coordinator.runs[run_id]
+    trust = h.coordinator.services.trust
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    v0, shards = {k: v.clone() for k, v in run.adapter.items()}, []
+    # 1. a's first result is checked by b and agrees: a is trusted (probation 1).
+    req = fb(h, run_id, "first")
+    t1 = a.lease()
+    shards.append(t1["payload"])
+    submit(a, t1, honest(h, run_id, t1["payload"]))
+    _serve(h, req, [b, c], run_id)
+    # 2. An unchecked, wrong result of a lands in the open step.
+    trust.verify_fraction = 1e-12
+    req = fb(h, run_id, "second")
+    t2 = a.lease()
+    shards.append(t2["payload"])
+    submit(a, t2, {k: 7 * v for k, v in honest(h, run_id, t2["payload"]).items()})
+    done(h, req)
+    # 3. Checked again, a is caught: the tie-break sides with b.
+    trust.verify_fraction = 1.0
+    req = fb(h, run_id, "third")
+    t3 = a.lease()
+    shards.append(t3["payload"])
+    submit(a, t3, {k: -v for k, v in honest(h, run_id, t3["payload"]).items()})
+    _serve(h, req, [b, c], run_id)
+    assert reputation(h, a)["state"] == "quarantined" and verdicts(h, "first_wrong") == 1
+    assert len(run.accum.owed) == 2  # a's parts of requests 1 and 2, taken out
+    # 4. The step recomputes them on b and c, then applies the honest gradient.
+    _, step = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
+    _serve(h, step["request_id"], [b, c], run_id)
+
+    want_grad = {k: sum(honest(h, run_id, p)[k] for p in shards) / (3 * WEIGHT) for k in v0}
+    want, _, _ = adamw_step(v0, want_grad, {}, 0, AdamWConfig(**run.spec.optimizer.to_json()))
+    assert run.version == 1
+    for k, v in want.items():
+        torch.testing.assert_close(run.adapter[k], v, rtol=0, atol=1e-7)
+    assert h.coordinator.metrics.recomputed.labels("step")._value.get() == 2
+
+
+def test_forward_results_are_checked_too(h):
+    run_id = _run(h)
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "hi"}]},
+                       expect=202)
+    task = a.lease()
+    n = len(task["payload"]["datums"][0]["model_input"])
+
+    def answer(w: FakeWorker, t: dict, logprob: float) -> None:
+        code, body = w.submit(t, result={"loss_sum": 1.0, "weight_sum": WEIGHT,
+                                         "logprobs": [[logprob] * n]})
+        assert code == 200, body
+
+    answer(a, task, -9.0)  # made up
+    answer(b, b.lease(), -1.0)
+    answer(c, c.lease(), -1.0)
+    result = done(h, req["request_id"])["result"]
+    assert result["logprobs"] == [[-1.0] * n]  # the honest majority's answer
+    assert reputation(h, a)["state"] == "quarantined" and verdicts(h, "first_wrong") == 1
+
+
+def _sample_answer(w: FakeWorker, task: dict, logprob: float) -> None:
+    n = len(task["payload"]["prompt_tokens"]) * task["payload"].get("num_samples", 1)
+    out = {"text": "abc", "tokens": [5, 6, 7], "logprobs": [logprob] * 3, "stop_reason": "length"}
+    code, body = w.submit(task, result={"outputs": [out] * n})
+    assert code == 200, body
+
+
+def _forward_answer(w: FakeWorker, task: dict, logprob: float) -> None:
+    datums = task["payload"]["datums"]
+    assert task["kind"] == "forward"
+    # The check runs over prompt + returned tokens, scoring the returned ones.
+    assert datums[0]["model_input"] == [1, 2, 3, 5, 6]
+    assert datums[0]["loss_fn_inputs"]["target_tokens"] == [2, 3, 5, 6, 7]
+    code, body = w.submit(task, result={
+        "loss_sum": 1.0, "weight_sum": 3.0,
+        "logprobs": [[logprob] * len(d["model_input"]) for d in datums]})
+    assert code == 200, body
+
+
+def test_sample_logprobs_are_checked_by_a_forward_pass(h):
+    run_id = _run(h)
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    _, req = h.request("POST", f"/v1/runs/{run_id}/sample",
+                       json={"prompt_tokens": [[1, 2, 3]], "max_tokens": 3, "seed": 1},
+                       expect=202)
+    _sample_answer(a, a.lease(), -0.25)  # claims logprobs its tokens do not have
+    _forward_answer(b, b.lease(), -2.0)
+    _forward_answer(c, c.lease(), -2.0)  # the tie-break sides with b
+    # The group is sampled again by an honest worker, and checked by the other.
+    again = b.lease()
+    assert again["kind"] == "sample"
+    assert reputation(h, a)["state"] == "quarantined" and verdicts(h, "first_wrong") == 1
+    _sample_answer(b, again, -2.0)
+    _forward_answer(c, c.lease(), -2.0)
+    result = done(h, req["request_id"])["result"]
+    assert result["logprobs"] == [[-2.0] * 3]
+    assert verdicts(h, "agree") == 1
