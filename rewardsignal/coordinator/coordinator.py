@@ -76,6 +76,9 @@ class Coordinator:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         await asyncio.gather(*[r.processor.stop() for r in self.runs.values() if r.processor])
+        # Checkpoints still being written land before the database closes (a
+        # restart would otherwise replay their steps: correct, but slower).
+        await self.services.versions.flush()
         await self.services.db.close()
 
     def _adopt(self, run: Run) -> None:

@@ -145,12 +145,15 @@ class Database:
 
         await self._do(add)
 
-    async def finish_request(self, request_id: str, status: str, result: dict) -> None:
+    async def finish_request(self, request_id: str, status: str, result: dict, *,
+                             keep_args: bool = False) -> None:
+        """``keep_args``: the arguments stay (a replayable operation, which a
+        restart may have to apply again); otherwise they are dropped."""
         def finish() -> None:
             c = self._c()
-            c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, args = '{}' "
-                      "WHERE request_id = ?", (status, json.dumps(result), time.time(),
-                                               request_id))
+            c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, "
+                      "args = CASE WHEN ? THEN args ELSE '{}' END WHERE request_id = ?",
+                      (status, json.dumps(result), time.time(), keep_args, request_id))
             c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
                       "MAX(seq) FROM requests) - ?", (self.keep_finished,))
 
@@ -162,6 +165,15 @@ class Database:
             "WHERE status = 'pending' ORDER BY seq").fetchall())
         return [{"request_id": r[0], "owner": r[1], "run_id": r[2], "kind": r[3],
                  "args": json.loads(r[4]), "timeout_s": r[5]} for r in rows]
+
+    async def done_requests(self, run_id: str, kind: str) -> list[dict]:
+        """Finished requests of one kind on a run, in order, with their arguments
+        (those kept by ``keep_args``) and results."""
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT request_id, args, result FROM requests WHERE run_id = ? AND kind = ? "
+            "AND status = 'done' ORDER BY seq", (run_id, kind)).fetchall())
+        return [{"request_id": r[0], "args": json.loads(r[1]), "result": json.loads(r[2])}
+                for r in rows]
 
     async def finished_request(self, request_id: str) -> dict | None:
         row = await self._do(lambda: self._c().execute(
@@ -180,7 +192,9 @@ class Database:
 
     async def pending_grads(self, run_id: str) -> list[dict]:
         def fetch() -> list[dict]:
-            cur = self._c().execute("SELECT * FROM pending_grads WHERE run_id = ?", (run_id,))
+            # In the order they were accepted: a replayed step adds them up the same way.
+            cur = self._c().execute("SELECT * FROM pending_grads WHERE run_id = ? "
+                                    "ORDER BY rowid", (run_id,))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 

@@ -1,0 +1,54 @@
+"""Each run's newest adapter files, kept in memory as the bytes a weight download
+serves, and the exact delta from each version to the next (``protocol.xor_delta``).
+
+They serve two things: a version whose checkpoint is still being written in the
+background is served from here (its file is not on disk yet), and a worker that
+holds version v gets v+1 as a delta inside its lease instead of downloading the
+whole adapter. A worker further behind falls back to the full, cacheable URL.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+# Versions kept per run: the current one, the one before (the delta's base for
+# workers that kept up) and one spare for a version still being written.
+KEEP_VERSIONS = 3
+# Runs whose files are kept (the most recently committed ones).
+KEEP_RUNS = 64
+
+
+class RecentWeights:
+    def __init__(self, keep_versions: int = KEEP_VERSIONS, keep_runs: int = KEEP_RUNS) -> None:
+        self.keep_versions = keep_versions
+        self.keep_runs = keep_runs
+        self._files: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
+        # (run_id, to_version) -> the delta from to_version - 1
+        self._deltas: dict[tuple[str, int], bytes] = {}
+
+    def put(self, run_id: str, version: int, data: bytes, delta: bytes | None) -> None:
+        """Keep ``data`` (the adapter file of ``version``) and its ``delta`` from
+        the version before, dropping the oldest beyond the limits."""
+        files = self._files.setdefault(run_id, OrderedDict())
+        self._files.move_to_end(run_id)
+        files[version] = data
+        if delta is not None:
+            self._deltas[(run_id, version)] = delta
+        while len(files) > self.keep_versions:
+            old, _ = files.popitem(last=False)
+            self._deltas.pop((run_id, old), None)
+        while len(self._files) > self.keep_runs:
+            gone, versions = self._files.popitem(last=False)
+            for v in versions:
+                self._deltas.pop((gone, v), None)
+
+    def file(self, run_id: str, version: int) -> bytes | None:
+        files = self._files.get(run_id)
+        return files.get(version) if files is not None else None
+
+    def delta(self, run_id: str, from_version: int, to_version: int) -> bytes | None:
+        """The exact delta taking ``from_version`` to ``to_version``, when the
+        worker is one version behind and it is still held; else None."""
+        if to_version != from_version + 1:
+            return None
+        return self._deltas.get((run_id, to_version))
