@@ -248,14 +248,15 @@ class AsyncRun:
         step = await c._accept(self.run_id, "optim_step", {
             "learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
             "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}, t)
-        fb_out, step_out = await asyncio.gather(c.wait(fb, timeout_s=t + 10),
-                                                c.wait(step, timeout_s=t + 10),
-                                                return_exceptions=True)
-        for out in (fb_out, step_out):
+        outs: list[dict | BaseException] = list(await asyncio.gather(
+            c.wait(fb, timeout_s=t + 10), c.wait(step, timeout_s=t + 10),
+            return_exceptions=True))
+        results: list[dict] = []
+        for out in outs:
             if isinstance(out, BaseException):
                 raise out
-        assert isinstance(fb_out, dict) and isinstance(step_out, dict)
-        return fb_out, step_out
+            results.append(out)
+        return results[0], results[1]
 
     async def sample(self, prompts: Sequence[str] | None = None, *,
                      prompt_tokens: Sequence[Sequence[int]] | None = None,
