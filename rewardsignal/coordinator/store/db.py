@@ -12,8 +12,9 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,23 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
     return conn
+
+
+@contextmanager
+def _unsynced(c: sqlite3.Connection) -> Iterator[None]:
+    """One transaction committed without its own fsync (WAL, synchronous=NORMAL):
+    it survives a crash of the process at once, and power loss from the next
+    synced commit on (the WAL is synced in order, earlier frames with later ones).
+    For records a restart can do without: a finished request whose record is
+    lost is simply run again, and gives the same result. Accepting a request
+    stays synced: that is the promise made by the 202."""
+    c.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with c:
+            c.execute("BEGIN")
+            yield
+    finally:
+        c.execute("PRAGMA synchronous=FULL")
 
 
 class Database:
@@ -151,11 +169,12 @@ class Database:
         restart may have to apply again); otherwise they are dropped."""
         def finish() -> None:
             c = self._c()
-            c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, "
-                      "args = CASE WHEN ? THEN args ELSE '{}' END WHERE request_id = ?",
-                      (status, json.dumps(result), time.time(), keep_args, request_id))
-            c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
-                      "MAX(seq) FROM requests) - ?", (self.keep_finished,))
+            with _unsynced(c):
+                c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, "
+                          "args = CASE WHEN ? THEN args ELSE '{}' END WHERE request_id = ?",
+                          (status, json.dumps(result), time.time(), keep_args, request_id))
+                c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
+                          "MAX(seq) FROM requests) - ?", (self.keep_finished,))
 
         await self._do(finish)
 
@@ -186,9 +205,16 @@ class Database:
 
     # -- gradients accepted but not yet stepped ----------------------------------------------
     async def add_pending_grad(self, row: dict) -> None:
-        await self._do(lambda: self._c().execute(
-            "INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, :version, :path, "
-            ":weight, :reduction, :loss_sum, :loss_weight, :tokens)", row))
+        """Unsynced (its file is): until the next synced commit, power loss may
+        take it with the request's answer, and the request runs again."""
+        def add() -> None:
+            c = self._c()
+            with _unsynced(c):
+                c.execute("INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, "
+                          ":version, :path, :weight, :reduction, :loss_sum, :loss_weight, "
+                          ":tokens)", row)
+
+        await self._do(add)
 
     async def pending_grads(self, run_id: str) -> list[dict]:
         def fetch() -> list[dict]:
