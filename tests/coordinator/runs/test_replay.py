@@ -123,3 +123,31 @@ def test_steps_whose_checkpoints_never_landed_are_replayed_to_the_same_bits(tmp_
         assert _optim_step(h, run_id)["version"] == 4
     finally:
         h.close()
+
+
+def test_save_state_right_after_a_step_waits_for_its_checkpoint(tmp_path, monkeypatch):
+    h = Harness(tmp_path / "data")
+    release = threading.Event()
+    real_write = CheckpointStore.write
+
+    def slow_write(self, run_id, version, **kw):
+        if version >= 1:
+            assert release.wait(30), "the test never released the write"
+        return real_write(self, run_id, version, **kw)
+
+    monkeypatch.setattr(CheckpointStore, "write", slow_write)
+    try:
+        worker = FakeWorker(h)
+        run_id = _new_run(h)
+        _forward_backward(h, worker, run_id, seed=1)
+        assert _optim_step(h, run_id)["version"] == 1
+        _, req = h.request("POST", f"/v1/runs/{run_id}/save_state", json={"name": "kept"},
+                           expect=202)
+        threading.Timer(0.5, release.set).start()  # the checkpoint lands a little later
+        _, out = h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=10",
+                           expect=200)
+        assert out["result"]["version"] == 1 and out["result"]["name"] == "kept"
+        assert CheckpointStore(tmp_path / "data" / "checkpoints").names(run_id) == {"kept": 1}
+    finally:
+        release.set()
+        h.close()
