@@ -100,7 +100,7 @@ async def lease_task(request: web.Request) -> web.Response:
         # A worker that reads msgpack gets the task's version as the exact delta
         # from the one it holds, when it is one behind: no download round trip.
         held = have.get(task.run_id)
-        delta = (coord.services.versions.recent.delta(task.run_id, held, task.version)
+        delta = (await coord.services.versions.recent.delta(task.run_id, held, task.version)
                  if held is not None else None)
         if delta is not None:
             msg["weights_delta"] = {"from_version": held, "codec": XOR_DELTA, "data": delta}

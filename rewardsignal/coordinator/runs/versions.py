@@ -34,7 +34,7 @@ from rewardsignal.coordinator.runs.weights import RecentWeights
 from rewardsignal.errors import SignalError
 from rewardsignal.lora import adapter_config_json
 from rewardsignal.memory import ModelShape, shape_of
-from rewardsignal.protocol import tensors_to_bytes, xor_delta
+from rewardsignal.protocol import tensors_to_bytes
 
 log = logging.getLogger("signal.coordinator")
 
@@ -71,14 +71,12 @@ class Versions:
         """The adapter file of a recent version, from memory (None: read the file)."""
         return self.recent.file(run_id, version)
 
-    def _serialize(self, run: Run) -> bytes:
-        """The adapter file's bytes, its sha256 remembered, its delta from the
-        version before computed (in a thread: hashing and deflating are CPU work)."""
-        data = tensors_to_bytes(run.adapter, metadata={"format": "pt"})
-        prev = self.recent.file(run.run_id, run.version - 1)
-        delta = xor_delta(prev, data) if prev is not None else None
-        self.recent.put(run.run_id, run.version, data, delta)
-        self._remember(run.run_id, run.version, hashlib.sha256(data).hexdigest())
+    async def _serialize(self, run: Run) -> bytes:
+        """The adapter file's bytes (made and hashed in a thread), its sha256
+        remembered; its delta from the version before is computed behind it."""
+        data, sha = await asyncio.to_thread(_adapter_file, run.adapter)
+        self.recent.put(run.run_id, run.version, data)
+        self._remember(run.run_id, run.version, sha)
         return data
 
     def _write_sync(self, run: Run, adapter: bytes, metrics: dict | None,
@@ -100,7 +98,7 @@ class Versions:
         write of the run still running (checkpoints land in version order)."""
         await self.flush(run.run_id)
         if adapter is None:
-            adapter = await asyncio.to_thread(self._serialize, run)
+            adapter = await self._serialize(run)
         return await self._write_now(run, adapter, metrics, request_id)
 
     async def flush(self, run_id: str | None = None) -> None:
@@ -144,7 +142,7 @@ class Versions:
         if background is None:
             await self.write(staged, metrics=metrics, request_id=request_id)
         else:
-            adapter = await asyncio.to_thread(self._serialize, staged)
+            adapter = await self._serialize(staged)
             self._write_behind(staged, adapter, metrics, request_id, background)
         run.version, run.adapter, run.opt_state, run.opt_step = (
             staged.version, params, state, staged.opt_step)
@@ -192,8 +190,13 @@ class Versions:
             run, manifest = loaded
             self._remember(run.run_id, run.version, manifest["files"][ADAPTER_FILE]["sha256"])
             data = await asyncio.to_thread(self.adapter_file(run.run_id, run.version).read_bytes)
-            self.recent.put(run.run_id, run.version, data, None)
+            self.recent.put(run.run_id, run.version, data, delta=False)
         return loaded
+
+
+def _adapter_file(adapter: Tensors) -> tuple[bytes, str]:
+    data = tensors_to_bytes(adapter, metadata={"format": "pt"})
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _shape(model_id: str) -> ModelShape | None:

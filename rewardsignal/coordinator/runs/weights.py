@@ -9,7 +9,10 @@ whole adapter. A worker further behind falls back to the full, cacheable URL.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+
+from rewardsignal.protocol import xor_delta
 
 # Versions kept per run: the current one, the one before (the delta's base for
 # workers that kept up) and one spare for a version still being written.
@@ -23,17 +26,21 @@ class RecentWeights:
         self.keep_versions = keep_versions
         self.keep_runs = keep_runs
         self._files: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
-        # (run_id, to_version) -> the delta from to_version - 1
-        self._deltas: dict[tuple[str, int], bytes] = {}
+        # (run_id, to_version) -> the delta from to_version - 1, being computed
+        # in a thread (off the step's path) or done
+        self._deltas: dict[tuple[str, int], asyncio.Task[bytes | None]] = {}
 
-    def put(self, run_id: str, version: int, data: bytes, delta: bytes | None) -> None:
-        """Keep ``data`` (the adapter file of ``version``) and its ``delta`` from
-        the version before, dropping the oldest beyond the limits."""
+    def put(self, run_id: str, version: int, data: bytes, *, delta: bool = True) -> None:
+        """Keep ``data`` (the adapter file of ``version``) and start computing its
+        delta from the version before (when held), dropping the oldest beyond the
+        limits. Call on the event loop."""
         files = self._files.setdefault(run_id, OrderedDict())
         self._files.move_to_end(run_id)
+        prev = files.get(version - 1)
         files[version] = data
-        if delta is not None:
-            self._deltas[(run_id, version)] = delta
+        if delta and prev is not None:
+            self._deltas[(run_id, version)] = asyncio.create_task(
+                asyncio.to_thread(xor_delta, prev, data))
         while len(files) > self.keep_versions:
             old, _ = files.popitem(last=False)
             self._deltas.pop((run_id, old), None)
@@ -46,9 +53,8 @@ class RecentWeights:
         files = self._files.get(run_id)
         return files.get(version) if files is not None else None
 
-    def delta(self, run_id: str, from_version: int, to_version: int) -> bytes | None:
+    async def delta(self, run_id: str, from_version: int, to_version: int) -> bytes | None:
         """The exact delta taking ``from_version`` to ``to_version``, when the
         worker is one version behind and it is still held; else None."""
-        if to_version != from_version + 1:
-            return None
-        return self._deltas.get((run_id, to_version))
+        task = self._deltas.get((run_id, to_version)) if to_version == from_version + 1 else None
+        return await task if task is not None else None
