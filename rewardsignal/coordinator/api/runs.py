@@ -121,6 +121,8 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
     # A recent version is served from memory: its checkpoint may still be being
     # written in the background.
     body = versions.adapter_bytes(run_id, version)
+    if body is None:
+        await versions.flush(run_id)  # not in memory: its checkpoint must have landed
     resp = web.StreamResponse(headers=headers)
     resp.content_type = "application/vnd.safetensors"
     if request.method == "HEAD":

@@ -17,14 +17,19 @@ from rewardsignal.protocol import xor_delta
 # Versions kept per run: the current one, the one before (the delta's base for
 # workers that kept up) and one spare for a version still being written.
 KEEP_VERSIONS = 3
-# Runs whose files are kept (the most recently committed ones).
+# Runs whose files are kept (the most recently committed ones), and the bytes
+# all of them may take; the run committed last is kept whatever its size.
 KEEP_RUNS = 64
+KEEP_BYTES = 1 << 30
 
 
 class RecentWeights:
-    def __init__(self, keep_versions: int = KEEP_VERSIONS, keep_runs: int = KEEP_RUNS) -> None:
+    def __init__(self, keep_versions: int = KEEP_VERSIONS, keep_runs: int = KEEP_RUNS,
+                 keep_bytes: int = KEEP_BYTES) -> None:
         self.keep_versions = keep_versions
         self.keep_runs = keep_runs
+        self.keep_bytes = keep_bytes
+        self.bytes = 0
         self._files: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
         # (run_id, to_version) -> the delta from to_version - 1, being computed
         # in a thread (off the step's path) or done
@@ -37,16 +42,20 @@ class RecentWeights:
         files = self._files.setdefault(run_id, OrderedDict())
         self._files.move_to_end(run_id)
         prev = files.get(version - 1)
+        self.bytes += len(data) - len(files.get(version, b""))
         files[version] = data
         if delta and prev is not None:
             self._deltas[(run_id, version)] = asyncio.create_task(
                 asyncio.to_thread(xor_delta, prev, data))
         while len(files) > self.keep_versions:
-            old, _ = files.popitem(last=False)
+            old, gone_data = files.popitem(last=False)
+            self.bytes -= len(gone_data)
             self._deltas.pop((run_id, old), None)
-        while len(self._files) > self.keep_runs:
+        while len(self._files) > 1 and (len(self._files) > self.keep_runs
+                                        or self.bytes > self.keep_bytes):
             gone, versions = self._files.popitem(last=False)
-            for v in versions:
+            for v, gone_data in versions.items():
+                self.bytes -= len(gone_data)
                 self._deltas.pop((gone, v), None)
 
     def file(self, run_id: str, version: int) -> bytes | None:
