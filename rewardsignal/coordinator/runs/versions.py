@@ -6,7 +6,7 @@ A version's checkpoint is written either before the version becomes visible
 ``optim_step`` whose inputs are already durable (accepted gradients in
 ``store.pending``, the request and its arguments in SQLite), in the background
 after it: recovery rebuilds such a version by replaying the step
-(``runs.replay``). Background writes of a run land in version order; the
+(``coordinator.recovery``). Background writes of a run land in version order; the
 gradients a checkpoint contains are dropped only once it has landed.
 
 The sha256 names a version on the wire (task messages, the weights ETag); it is
@@ -115,8 +115,10 @@ class Versions:
         path, sha, size, kept = await asyncio.to_thread(self._write_sync, run, adapter, metrics,
                                                         request_id)
         # Pruned versions are gone from disk: forget them here too (a 404, not a
-        # task no worker can fetch weights for).
-        for key in [k for k in self._sha if k[0] == run.run_id and k[1] not in kept]:
+        # task no worker can fetch weights for). Newer ones may not be on disk
+        # yet (written in the background): they stay.
+        for key in [k for k in self._sha
+                    if k[0] == run.run_id and k[1] < run.version and k[1] not in kept]:
             del self._sha[key]
         self._remember(run.run_id, run.version, sha)
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)

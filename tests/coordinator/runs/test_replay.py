@@ -151,3 +151,49 @@ def test_save_state_right_after_a_step_waits_for_its_checkpoint(tmp_path, monkey
     finally:
         release.set()
         h.close()
+
+
+def test_a_version_still_being_written_stays_leasable_when_an_older_one_lands(tmp_path,
+                                                                              monkeypatch):
+    h = Harness(tmp_path / "data")
+    gates = {1: threading.Event(), 2: threading.Event()}
+    real_write = CheckpointStore.write
+
+    def gated_write(self, run_id, version, **kw):
+        if version in gates:
+            assert gates[version].wait(30), "the test never released the write"
+        return real_write(self, run_id, version, **kw)
+
+    monkeypatch.setattr(CheckpointStore, "write", gated_write)
+    try:
+        worker = FakeWorker(h)
+        run_id = _new_run(h)
+        for seed in (1, 2):
+            _forward_backward(h, worker, run_id, seed=seed)
+            _optim_step(h, run_id)
+        gates[1].set()  # version 1 lands while version 2 is still being written
+        store = h.coordinator.services.versions.store
+        h.call(_until(lambda: (store.path(run_id, 1) / "manifest.json").exists()))
+        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "x"}]},
+                  expect=202)
+        task = worker.lease()
+        assert task is not None and task["version"] == 2
+        _, served = h.request("GET", task["weights_url"],
+                              headers={"X-Signal-Worker": worker.worker_id}, expect=200)
+        import hashlib
+
+        assert hashlib.sha256(served).hexdigest() == task["weights_sha256"]
+    finally:
+        for g in gates.values():
+            g.set()
+        h.close()
+
+
+async def _until(cond, timeout_s: float = 10.0) -> None:
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
