@@ -12,7 +12,8 @@ import time
 class Cluster:
     def __init__(self, n_workers: int, *, threads: int | None = None,
                  coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (),
-                 device: str = "cpu", worker_log: str | None = None) -> None:
+                 device: str = "cpu", worker_log: str | None = None,
+                 worker_delay_s: float = 0.0) -> None:
         from rewardsignal import SignalClient
 
         self.data_dir = tempfile.mkdtemp(prefix="signal-bench-")
@@ -30,6 +31,13 @@ class Cluster:
         if self.url is None:
             self.close()
             raise SystemExit("coordinator did not start")
+        self.proxy = None
+        worker_url = self.url
+        if worker_delay_s:
+            from _proxy import DelayProxy
+
+            self.proxy = DelayProxy(int(self.url.rsplit(":", 1)[1].strip("/")), worker_delay_s)
+            worker_url = f"http://127.0.0.1:{self.proxy.port}"
         extra = ("--threads", str(threads)) if threads else ()
         # Workers' output (status lines, the exit line with peak GPU memory) goes
         # to worker_log when one is given.
@@ -37,7 +45,7 @@ class Cluster:
         out = self._log or subprocess.DEVNULL
         for i in range(n_workers):
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", self.url,
+                [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", worker_url,
                  "--device", device, "--name", f"bench{i}", "--log-level", "warning", *extra,
                  *worker_args], stdout=out, stderr=out))
         self.client = SignalClient(base_url=self.url)
@@ -72,6 +80,8 @@ class Cluster:
                 p.kill()
         if getattr(self, "_log", None) is not None:
             self._log.close()
+        if getattr(self, "proxy", None) is not None:
+            self.proxy.close()
 
     def __enter__(self) -> Cluster:
         return self

@@ -8,10 +8,12 @@ crosses the network is ever unpickled.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -27,8 +29,9 @@ SAFETENSORS = "application/vnd.safetensors"
 _MAX_HEADER_BYTES = 16 << 20
 
 
-def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+def tensors_to_bytes(tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
 
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -58,6 +61,47 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         return st_load(bytes(data))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ValidationError(f"tensor payload is not valid safetensors: {exc}") from None
+
+
+# Weight deltas between two versions' adapter files (``docs/protocol.md``: the
+# lease). Exact: the new file is ``old XOR delta``, bit for bit, so a worker that
+# applies one holds the same fp32 bits as a full download (and checks the sha256).
+XOR_DELTA = "xor-planes-zlib"
+_WORD = 4  # fp32 words, little-endian
+_RAW_PLANES = 2  # the low mantissa bytes change at random: deflating them buys nothing
+
+
+def xor_delta(old: bytes, new: bytes) -> bytes | None:
+    """``new`` as the change from ``old``: their XOR split into byte planes (byte
+    i of every 4-byte word together). The two low planes go as they are; the two
+    high ones (sign, exponent, high mantissa bits), which barely change from one
+    step to the next, are deflated. None when the two differ in length (the
+    tensors' names or shapes changed): send the full weights."""
+    if len(old) != len(new):
+        return None
+    x = np.bitwise_xor(np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8))
+    pad = -len(x) % _WORD
+    if pad:
+        x = np.concatenate([x, np.zeros(pad, np.uint8)])
+    planes = x.reshape(-1, _WORD).T
+    return (planes[:_RAW_PLANES].tobytes()
+            + zlib.compress(planes[_RAW_PLANES:].tobytes(), 1))
+
+
+def apply_xor_delta(old: bytes, delta: bytes) -> bytes:
+    """The inverse of ``xor_delta``: the new bytes from ``old`` and the delta."""
+    words = (len(old) + _WORD - 1) // _WORD
+    raw_len = words * _RAW_PLANES
+    d = zlib.decompressobj()
+    try:
+        high = d.decompress(delta[raw_len:], words * (_WORD - _RAW_PLANES))
+    except zlib.error as exc:
+        raise ValidationError(f"weight delta is not valid deflate data: {exc}") from None
+    if len(delta) < raw_len or len(high) != words * (_WORD - _RAW_PLANES) or d.unconsumed_tail:
+        raise ValidationError("weight delta does not fit the weights it applies to")
+    planes = np.frombuffer(delta[:raw_len] + high, np.uint8).reshape(_WORD, words)
+    x = planes.T.reshape(-1)[: len(old)]
+    return np.bitwise_xor(np.frombuffer(old, np.uint8), x).tobytes()
 
 
 def pack(obj: Any) -> bytes:

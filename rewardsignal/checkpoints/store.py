@@ -106,16 +106,21 @@ class CheckpointStore:
     def write(self, run_id: str, version: int, *, adapter: dict[str, torch.Tensor],
               adapter_config: dict, optimizer: dict[str, torch.Tensor] | None = None,
               parent_version: int | None = None, metrics: dict | None = None,
-              meta: dict | None = None) -> Path:
-        """Write version ``version`` atomically; an existing version is never overwritten."""
+              meta: dict | None = None, adapter_bytes: bytes | None = None) -> Path:
+        """Write version ``version`` atomically; an existing version is never overwritten.
+        ``adapter_bytes``: the adapter file already serialised (the bytes the
+        caller serves and hashed), written as they are."""
         final = self.path(run_id, version)
         if final.exists():
             raise CheckpointError(f"checkpoint {final} already exists; versions are immutable")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
-                      tmp / ADAPTER_FILE, metadata={"format": "pt"})
+            if adapter_bytes is not None:
+                (tmp / ADAPTER_FILE).write_bytes(adapter_bytes)
+            else:
+                save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
+                          tmp / ADAPTER_FILE, metadata={"format": "pt"})
             save_file({k: v.detach().contiguous().cpu() for k, v in (optimizer or {}).items()},
                       tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2,

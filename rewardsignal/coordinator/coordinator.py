@@ -98,6 +98,9 @@ class Coordinator:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         await asyncio.gather(*[r.processor.stop() for r in self.runs.values() if r.processor])
+        # Checkpoints still being written land before the database closes (a
+        # restart would otherwise replay their steps: correct, but slower).
+        await self.services.versions.flush()
         await asyncio.to_thread(self.services.trackers.close)
         await self.services.db.close()
 
@@ -195,6 +198,7 @@ class Coordinator:
             await run.processor.stop()
         failed = self.requests.fail_run(run_id, NotFoundError(f"run {run_id} was deleted"))
         tasks = self.scheduler.forget_run(run_id)
+        await self.services.versions.forget(run_id)
         for job in jobs:
             self.jobs.pop(job.job_id, None)
         paths = await self.services.db.delete_run(run_id)
@@ -223,6 +227,7 @@ class Coordinator:
                                   f"{req.base_model!r}")
         if version > src.version:
             raise NotFoundError(f"{run_id} has no version {version} (it is at {src.version})")
+        await self.services.versions.flush(run_id)  # a version may still be being written
         ck = await asyncio.to_thread(self.services.versions.store.load, run_id, version)
         return ck.adapter
 

@@ -1,7 +1,10 @@
 """Bringing a coordinator back from its data directory after a crash or restart.
 
 What was committed comes back exactly once:
-- each run at its newest valid checkpoint, with its optimizer state;
+- each run at its newest valid checkpoint, with its optimizer state, then
+  forward to the last step a client was answered: ``optim_step`` checkpoints are
+  written in the background, and a step whose checkpoint had not landed is
+  replayed from its durable inputs (its gradients and its stored arguments);
 - gradients accepted since that checkpoint are added back; ones computed on an
   older version were consumed by the step that made a newer one, and are dropped;
 - every accepted request that had not finished is queued again in its original
@@ -19,6 +22,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator import ops
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.runs.accumulator import Contribution
@@ -60,11 +64,40 @@ async def _restore_runs(ctx: Services, adopt: Callable[[Run], None]) -> dict[str
 
 async def _restore_gradients(ctx: Services, run: Run) -> None:
     await ctx.pending.drop_before(run.run_id, run.version)
-    for row, grads in await ctx.pending.load(run.run_id):
-        c = Contribution(row["request_id"], grads, row["weight"], row["reduction"],
-                         row["tokens"], row["loss_sum"], row["loss_weight"])
-        await asyncio.to_thread(run.accum.add, c)
+    rows = await ctx.pending.load(run.run_id)
+    await _replay_steps(ctx, run, rows)
+    for row, grads in rows:
+        if row["version"] < run.version:
+            continue  # consumed by a replayed step
+        await asyncio.to_thread(run.accum.add, _contribution(row, grads))
         run.recovered_grads.add(row["request_id"])
+
+
+def _contribution(row: dict, grads: Tensors) -> Contribution:
+    return Contribution(row["request_id"], grads, row["weight"], row["reduction"],
+                        row["tokens"], row["loss_sum"], row["loss_weight"])
+
+
+async def _replay_steps(ctx: Services, run: Run, rows: list[tuple[dict, Tensors]]) -> None:
+    """Steps that finished after the run's newest checkpoint (written in the
+    background, it had not landed): applied again, in order, from the gradients
+    they consumed, so the run comes back at the version its clients were told."""
+    for done in await ctx.db.done_requests(run.run_id, "optim_step"):
+        target = done["result"].get("version")
+        if not isinstance(target, int) or target <= run.version:
+            continue
+        operation = ops.get("optim_step")
+        inputs = [(row, g) for row, g in rows if row["version"] == run.version]
+        if target != run.version + 1 or not inputs or not done["args"]:
+            log.error("cannot replay step to version %s of run %s from version %d (its inputs "
+                      "are gone); the run resumes at version %d", target, run.run_id,
+                      run.version, run.version)
+            return
+        for row, grads in inputs:
+            await asyncio.to_thread(run.accum.add, _contribution(row, grads))
+        args = await asyncio.to_thread(operation.load, ctx, run, done["args"])
+        await operation.replay(ctx, run, args, done["request_id"])
+        log.info("step replayed run=%s version=%d", run.run_id, run.version)
 
 
 async def _requeue_requests(ctx: Services, manifests: dict[str, dict]) -> None:

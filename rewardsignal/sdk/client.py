@@ -71,9 +71,14 @@ class AsyncSignalClient:
 
     async def _op(self, run_id: str, op: str, body: dict, timeout_s: float | None) -> dict:
         timeout_s = timeout_s or self.timeout_s
+        request_id = await self._accept(run_id, op, body, timeout_s)
+        return await self.wait(request_id, timeout_s=timeout_s + 10)
+
+    async def _accept(self, run_id: str, op: str, body: dict, timeout_s: float) -> str:
+        """Queue an operation; its request id (the result comes from ``wait``)."""
         accepted = await self._http("POST", f"/v1/runs/{run_id}/{op}",
                                     body={**body, "timeout_s": timeout_s})
-        return await self.wait(accepted["request_id"], timeout_s=timeout_s + 10)
+        return accepted["request_id"]
 
     async def wait(self, request_id: str, *, timeout_s: float | None = None) -> dict:
         """Long-poll a request until it finishes; returns its result or raises
@@ -285,6 +290,36 @@ class AsyncRun:
             "learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
             "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}, timeout_s)
 
+    async def forward_backward_optim_step(
+            self, batch: Sequence[Any], loss_fn: str = "cross_entropy", *,
+            loss_fn_config: dict | None = None, reduction: str = "mean",
+            learning_rate: float | None = None, beta1: float = 0.9, beta2: float = 0.999,
+            eps: float = 1e-8, weight_decay: float = 0.0, grad_clip_norm: float | None = None,
+            timeout_s: float | None = None) -> tuple[dict, dict]:
+        """``forward_backward`` then ``optim_step``, pipelined: the step is queued
+        right behind the batch without waiting for its result (a run applies its
+        requests in the order accepted), and both results are awaited together.
+        The same effect as the two calls in turn, with fewer round trips.
+        Returns (``forward_backward``'s result, ``optim_step``'s result); a failed
+        ``forward_backward`` raises its own error."""
+        c = self.client
+        t = timeout_s or c.timeout_s
+        fb = await c._accept(self.run_id, "forward_backward", {
+            "batch": list(batch), "loss_fn": loss_fn, "loss_fn_config": loss_fn_config or {},
+            "reduction": reduction}, t)
+        step = await c._accept(self.run_id, "optim_step", {
+            "learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
+            "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}, t)
+        outs: list[dict | BaseException] = list(await asyncio.gather(
+            c.wait(fb, timeout_s=t + 10), c.wait(step, timeout_s=t + 10),
+            return_exceptions=True))
+        results: list[dict] = []
+        for out in outs:
+            if isinstance(out, BaseException):
+                raise out
+            results.append(out)
+        return results[0], results[1]
+
     async def sample(self, prompts: Sequence[str] | None = None, *,
                      prompt_tokens: Sequence[Sequence[int]] | None = None,
                      num_samples: int = 1, max_tokens: int = 64, temperature: float = 1.0,
@@ -351,6 +386,19 @@ class AsyncRun:
                     hub.push_folder, folder, hub_model_id, token=token, private=private,
                     message=f"Signal run {self.run_id} version {meta['version']} ({mode})")
         return meta
+
+    async def load_state(self, name: str | None = None, *, version: int | None = None,
+                         from_run: str | None = None, optimizer: bool = False,
+                         timeout_s: float | None = None) -> dict:
+        """Make a saved state (``name``, from ``save_state``) or a kept ``version``
+        this run's next version, from this run or ``from_run`` (one of yours with
+        the same base and LoRA shapes); ``optimizer=True`` restores its AdamW
+        state too. Gradients not yet stepped are dropped. Returns ``version``,
+        ``loaded_from``."""
+        body: dict[str, Any] = {"name": name, "version": version, "optimizer": optimizer}
+        if from_run is not None:
+            body["from_run"] = from_run
+        return await self.client._op(self.run_id, "load_state", body, timeout_s)
 
     async def train_federated(
             self, dataset: str | Path | Sequence[Any], *, rounds: int, local_steps: int = 8,

@@ -106,9 +106,11 @@ class Run(_Sync):
     forward = _sync(AsyncRun.forward)
     forward_backward_custom = _sync(AsyncRun.forward_backward_custom)
     optim_step = _sync(AsyncRun.optim_step)
+    forward_backward_optim_step = _sync(AsyncRun.forward_backward_optim_step)
     sample = _sync(AsyncRun.sample)
     compute_logprobs = _sync(AsyncRun.compute_logprobs)
     save_state = _sync(AsyncRun.save_state)
+    load_state = _sync(AsyncRun.load_state)
     train_federated = _sync(AsyncRun.train_federated)
     download = _sync(AsyncRun.download)
 

@@ -10,12 +10,10 @@ second abandons it (the coordinator is told, so it re-queues at once).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import socket
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,10 +30,13 @@ from rewardsignal.worker.engine import Engine
 from rewardsignal.worker.model_cache import default_budget_bytes, release_device_memory
 from rewardsignal.worker.sampling import SampleParams, row_seed
 from rewardsignal.worker.status import StatusLine
+from rewardsignal.worker.weights import WeightCache
 
 _MAX_BACKOFF_S = 30.0
 _LEASE_POLL_S = 20.0
-_WEIGHT_CACHE = 4
+# Submissions up to this size go without reserving an upload slot first (one
+# round trip less per task); the coordinator holds them until a slot frees.
+_SLOT_FREE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Worker:
         self.status = StatusLine(self.name)
         self.worker_id: str | None = None
         self.stopping = False
-        self._weights: OrderedDict[tuple[str, int], dict] = OrderedDict()
+        self.weights = WeightCache()
         self._session: aiohttp.ClientSession | None = None
         self._main: asyncio.Task | None = None
         self._busy = False
@@ -101,10 +102,12 @@ class Worker:
         return h
 
     async def _call(self, method: str, path: str, *, json=None, data=None, params=None,
-                    content_type=None, timeout_s: float = 60.0):
+                    content_type=None, accept=None, timeout_s: float = 60.0):
         headers = self._headers()
         if content_type:
             headers["Content-Type"] = content_type
+        if accept:
+            headers["Accept"] = accept
         url = self.config.coordinator.rstrip("/") + path
         async with self._http.request(
                 method, url, json=json, data=data, params=params, headers=headers,
@@ -165,8 +168,13 @@ class Worker:
                 if self.worker_id is None:
                     await self._register_or_explain()
                 self.status.update("idle", waiting="task")
+                # Msgpack, and the versions held: the task comes with the exact
+                # delta to its version when this worker holds the one before.
                 task = await self._call("POST", f"/v1/workers/{self.worker_id}/lease",
                                         params={"timeout_s": str(_LEASE_POLL_S)},
+                                        data=protocol.pack({"have": self.weights.have()}),
+                                        content_type=protocol.MSGPACK,
+                                        accept=protocol.MSGPACK,
                                         timeout_s=_LEASE_POLL_S + 30)
                 backoff = 1.0
                 if task is not None:
@@ -248,7 +256,7 @@ class Worker:
         self._busy = True
         hb = asyncio.create_task(self._heartbeats(task["lease_timeout_s"]))
         try:
-            adapter = await self._fetch_weights(task)
+            adapter = await self.weights.get(task, self._download)
             started = time.monotonic()
             self.status.update("computing", task=task["kind"], run=task["run_id"],
                                version=task["version"])
@@ -300,8 +308,8 @@ class Worker:
         for attempt in range(4):
             try:
                 # Big bodies go out only once the coordinator has a slot for them.
-                params = ({"slot": await self._upload_slot(task)} if "tensors" in msg
-                          else None)
+                params = ({"slot": await self._upload_slot(task)}
+                          if "tensors" in msg and len(body) > _SLOT_FREE_BYTES else None)
                 return await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
                                         data=body, content_type=protocol.MSGPACK,
                                         params=params, timeout_s=timeout_s)
@@ -320,20 +328,6 @@ class Worker:
             if reply is not None:
                 return reply["slot"]
         raise SignalError("no upload slot within 600 s; the coordinator is overloaded")
-
-    async def _fetch_weights(self, task: dict) -> dict:
-        key = (task["run_id"], task["version"])
-        if key in self._weights:
-            self._weights.move_to_end(key)
-            return self._weights[key]
-        raw = await self._download(task)
-        if hashlib.sha256(raw).hexdigest() != task["weights_sha256"]:
-            raise SignalError("downloaded weights do not match their sha256; retrying later")
-        tensors = protocol.tensors_from_bytes(raw)
-        self._weights[key] = tensors
-        while len(self._weights) > _WEIGHT_CACHE:
-            self._weights.popitem(last=False)
-        return tensors
 
     async def _download(self, task: dict) -> bytes:
         """GET the task's weights, showing bytes as they arrive."""

@@ -64,6 +64,8 @@ def test_metrics_move_with_training(harness):
 
     step(corrupt=False)
     step(corrupt=True)
+    # optim_step checkpoints are written in the background: let them land.
+    h.call(h.coordinator.services.versions.flush())
     after = _scrape(h)
     run_label = (("run_id", rid),)
     assert after[("signal_run_version", run_label)] == 2

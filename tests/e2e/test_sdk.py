@@ -59,6 +59,26 @@ def test_custom_loss_equals_built_in_cross_entropy(cluster):
     assert max(float(wa[k].abs().max()) for k in wa if "lora_B" in k) > 0  # it moved
 
 
+def test_pipelined_step_equals_the_two_calls_in_turn(cluster):
+    _, client = cluster
+    batch = sample_examples()[:6]
+    a = client.create_run(base_model="signal-tiny", lora_r=2, learning_rate=1e-3, seed=5)
+    b = client.create_run(base_model="signal-tiny", lora_r=2, learning_rate=1e-3, seed=5)
+    for step in (1, 2):
+        fa = a.forward_backward(batch=batch)
+        sa = a.optim_step(weight_decay=0.01)
+        fb, sb = b.forward_backward_optim_step(batch, weight_decay=0.01)
+        assert sb["version"] == sa["version"] == step and fb["version"] == step - 1
+        assert fb["loss"] == pytest.approx(fa["loss"], rel=1e-6)
+    wa, wb = _weights(client, a, 2), _weights(client, b, 2)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    assert max(float(wa[k].abs().max()) for k in wa if "lora_B" in k) > 0  # it moved
+    # A batch refused at the door queues no step behind it.
+    with pytest.raises(ValidationError, match="loss_fn"):
+        b.forward_backward_optim_step(batch, loss_fn="no-such-loss")
+    assert b.info()["version"] == 2
+
+
 def test_forward_returns_logprobs_and_changes_nothing(cluster):
     _, client = cluster
     run = client.create_run(base_model="signal-tiny", lora_r=2)
@@ -151,3 +171,22 @@ def test_status_cli_shows_runs_and_workers(cluster):
     dead = subprocess.run([sys.executable, "-m", "rewardsignal.cli", "status", "--coordinator",
                            "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     assert dead.returncode == 2 and "cannot reach the coordinator" in dead.stderr
+
+
+def test_load_state_brings_back_a_saved_state_as_the_next_version(cluster):
+    _, client = cluster
+    run = client.create_run(base_model="signal-tiny", lora_r=2, learning_rate=1e-2, seed=3)
+    batch = sample_examples()[:2]
+    run.forward_backward(batch)
+    run.optim_step()
+    assert run.save_state(name="first")["version"] == 1
+    run.forward_backward(batch)
+    run.optim_step()
+    out = run.load_state("first")
+    assert out["version"] == 3 and out["loaded_from"] == f"{run.run_id}@1"
+    w1, w3 = _weights(client, run, 1), _weights(client, run, 3)
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)
+    other = client.create_run(base_model="signal-tiny", lora_r=2, seed=4)
+    assert other.load_state(version=2, from_run=run.run_id)["loaded_from"] == f"{run.run_id}@2"
+    with pytest.raises(NotFoundError, match="no saved state named 'nope'"):
+        run.load_state("nope")

@@ -137,13 +137,20 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     file = versions.adapter_file(run_id, version)
+    # A recent version is served from memory: its checkpoint may still be being
+    # written in the background.
+    body = versions.adapter_bytes(run_id, version)
+    if body is None:
+        await versions.flush(run_id)  # not in memory: its checkpoint must have landed
     resp = web.StreamResponse(headers=headers)
     resp.content_type = "application/vnd.safetensors"
     if request.method == "HEAD":
-        resp.content_length = (await asyncio.to_thread(file.stat)).st_size
+        resp.content_length = (len(body) if body is not None
+                               else (await asyncio.to_thread(file.stat)).st_size)
         await resp.prepare(request)
         return resp
-    body = await asyncio.to_thread(file.read_bytes)
+    if body is None:
+        body = await asyncio.to_thread(file.read_bytes)
     request.app[METRICS].bytes_out.labels("weights").inc(len(body))
     resp.content_length = len(body)
     await resp.prepare(request)

@@ -22,7 +22,7 @@ from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.errors import ValidationError
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
-from rewardsignal.protocol import MSGPACK, TaskMessage, pack
+from rewardsignal.protocol import MSGPACK, XOR_DELTA, TaskMessage, pack
 
 
 async def register_worker(request: web.Request) -> web.Response:
@@ -91,17 +91,43 @@ async def lease_task(request: web.Request) -> web.Response:
         return web.json_response({"error": {"code": "quarantined",
                                             "message": w.quarantine_reason}}, status=403)
     timeout_s = query_float(request, "timeout_s", 20.0, MAX_WAIT_S)
+    have = await _versions_held(request)
     got = await coord.scheduler.lease(w, timeout_s)
     if got is None:
         return web.Response(status=204)
     task, lease = got
-    msg = await _task_message(coord, task, lease.lease_id)
-    resp = web.json_response(msg.to_json())
+    msg = (await _task_message(coord, task, lease.lease_id)).to_json()
+    if MSGPACK in request.headers.get("Accept", ""):
+        # A worker that reads msgpack gets the task's version as the exact delta
+        # from the one it holds, when it is one behind: no download round trip.
+        held = have.get(task.run_id)
+        delta = (await coord.services.versions.recent.delta(task.run_id, held, task.version)
+                 if held is not None else None)
+        if delta is not None:
+            msg["weights_delta"] = {"from_version": held, "codec": XOR_DELTA, "data": delta}
+            coord.metrics.bytes_out.labels("weights_inline").inc(len(delta))
+        resp = web.Response(body=pack(msg), content_type=MSGPACK)
+    else:
+        resp = web.json_response(msg)
     # How long handing out work takes: split by whether the lease found nothing it
     # could take on arrival and parked (then the time is mostly waiting for work).
     coord.metrics.lease_seconds.labels("yes" if lease.parked else "no"
                                        ).observe(time.monotonic() - started)
     return resp
+
+
+async def _versions_held(request: web.Request) -> dict[str, int]:
+    """The optional lease body ``{"have": {run_id: version}}``: the newest version
+    of each run the worker holds (workers from before it send no body)."""
+    if not request.body_exists:
+        return {}
+    b = Body(await read_body(request))
+    have = b.dict("have", {})
+    b.done()
+    if len(have) > 256 or not all(isinstance(k, str) and type(v) is int and v >= 0
+                                  for k, v in have.items()):
+        raise ValidationError("field 'have' must map at most 256 run ids to versions")
+    return have
 
 
 async def heartbeat(request: web.Request) -> web.Response:

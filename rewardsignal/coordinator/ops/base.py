@@ -4,7 +4,7 @@ An operation declares how its arguments are read and validated (``parse``:
 nothing is queued when it raises), how they are stored durably and read back
 after a restart (``dump`` / ``load``), whether it is a barrier, whether the
 request timeout bounds it, how a restart may answer it from durable state
-(``recovered``), and how it runs (``execute``). Front ends, the ordered
+(``recovered``, ``replay``), and how it runs (``execute``). Front ends, the ordered
 processor and recovery look operations up in ``REGISTRY``; none of them lists
 operations.
 """
@@ -29,6 +29,9 @@ class Operation(ABC):
     # Waits its turn in the run's queue (False: runs at once on the current
     # version; only for operations that change nothing, like ``sample``).
     ordered: ClassVar[bool] = True
+    # Its effect may outrun its checkpoint: a finished request keeps its stored
+    # arguments, and a restart rebuilds the effect with ``replay``.
+    replayable: ClassVar[bool] = False
 
     @abstractmethod
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:
@@ -53,6 +56,12 @@ class Operation(ABC):
         already took effect (so it is not applied twice); None to run it again.
         ``manifest`` is that of the run's current checkpoint."""
         return None
+
+    async def replay(self, ctx: Services, run: Run, args: Any, request_id: str) -> dict:
+        """After a restart, for a ``replayable`` operation that finished but whose
+        checkpoint had not landed: apply it again to the run as it was before,
+        from the same durable inputs (the same result, bit for bit)."""
+        raise NotImplementedError(f"{self.name} is not replayable")
 
     @abstractmethod
     async def execute(self, ctx: Services, run: Run, request: Request, args: Any) -> dict:

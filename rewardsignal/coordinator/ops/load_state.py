@@ -79,6 +79,8 @@ class LoadState(Operation):
         return {"version": run.version, "recovered": True}
 
     async def execute(self, ctx: Services, run: Run, request: Request, args: LoadArgs) -> dict:
+        # The source version's checkpoint may still be being written in the background.
+        await ctx.versions.flush(args.source_run)
         ck = await asyncio.to_thread(ctx.versions.store.load, args.source_run, args.version)
         state = ck.optimizer if args.optimizer else {}
         step = int(ck.manifest.get("optimizer_step", 0)) if args.optimizer else 0

@@ -1,5 +1,12 @@
 """``optim_step``: AdamW on the gradient accumulated since the last step, then
-version v+1 (checkpoint written before it becomes visible)."""
+version v+1.
+
+The step is durable once its inputs are: the accepted gradients (``store.pending``)
+and this request with its arguments (SQLite) were written before it ran. So v+1
+becomes visible at once and its checkpoint is written in the background; a
+crash before it lands is repaired by ``replay`` (the same AdamW on the same
+gradients, in the same order), and the gradients are dropped only once the
+checkpoint holds them."""
 
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ def _global_norm(grads: dict) -> float:
 class OptimStep(Operation):
     name = "optim_step"
     barrier = True
+    replayable = True
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> AdamWConfig:
         return read_adamw(body, run.spec.optimizer)
@@ -57,6 +65,19 @@ class OptimStep(Operation):
         await settle_owed(ctx, run, request)
         if run.accum.empty:
             raise ValidationError("nothing to apply: call forward_backward before optim_step")
+        result = await self._apply(ctx, run, args, request.request_id, track=True)
+        ctx.metrics.steps.labels(run.run_id).inc()
+        ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
+        log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
+                 f"{result['loss']:.4f}" if result["loss"] is not None else "-",
+                 run.history[-1]["tokens"])
+        return result
+
+    async def replay(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str) -> dict:
+        return await self._apply(ctx, run, args, request_id)
+
+    async def _apply(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str, *,
+                     track: bool = False) -> dict:
         accum = run.accum
         grads = await asyncio.to_thread(accum.gradient)
         params, state, step = await asyncio.to_thread(adamw_step, run.adapter, grads,
@@ -66,19 +87,19 @@ class OptimStep(Operation):
                  "time": time.time()}
         # Keep any other state the run carries (a federated job's outer momentum).
         state = {**run.opt_state, **state}
+        run_id = run.run_id
+
+        async def landed(version: int) -> None:
+            await ctx.pending.drop_before(run_id, version)
+
         await ctx.versions.commit(run, params, state, history_entry=entry, opt_step=step,
                                   metrics={"loss": loss, "tokens": accum.tokens},
-                                  request_id=request.request_id)
+                                  request_id=request_id, background=landed)
         run.accum = Accumulator()
-        await ctx.pending.drop_before(run.run_id, run.version)
-        if ctx.trackers.logs(run.run_id):
+        if track and ctx.trackers.logs(run.run_id):
             norm = await asyncio.to_thread(_global_norm, grads)
             ctx.trackers.log(run.run_id, run.version, {
                 "train/loss": loss, "train/tokens": entry["tokens"],
                 "train/learning_rate": args.learning_rate, "train/grad_norm": norm})
-        ctx.metrics.steps.labels(run.run_id).inc()
-        ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
-        log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
-                 f"{loss:.4f}" if loss is not None else "-", entry["tokens"])
         return {"version": run.version, "loss": loss, "step": step,
                 "learning_rate": args.learning_rate}

@@ -52,4 +52,5 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
             fut.set_result(result)
     body = op.request.to_json()
     outcome: dict = body["result"] if body["status"] == "done" else {"error": body["error"]}
-    await ctx.db.finish_request(op.request.request_id, body["status"], outcome)
+    await ctx.db.finish_request(op.request.request_id, body["status"], outcome,
+                                keep_args=operation.replayable and body["status"] == "done")

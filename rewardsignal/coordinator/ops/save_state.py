@@ -38,6 +38,9 @@ class SaveState(Operation):
         version = run.version if args.get("version") is None else args["version"]
         name = args.get("name") or (f"v{version:06d}" + ("-merged" if mode == "merged"
                                                            else ""))
+        # Named states are synchronous: the version's checkpoint (maybe still being
+        # written in the background) lands before it is pinned and exported.
+        await ctx.versions.flush(run.run_id)
         meta = await asyncio.to_thread(ctx.artifacts.save, run.run_id, version,
                                        run.spec.base_model, mode, name,
                                        precision=run.spec.precision.to_json())

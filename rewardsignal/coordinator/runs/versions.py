@@ -1,5 +1,13 @@
-"""A run's versions: checkpoints written before a version becomes visible, and
-each version's adapter sha256 kept in memory from the moment it is committed.
+"""A run's versions: checkpoints, each version's adapter sha256 kept in memory
+from the moment it is committed, and the newest adapter files (``weights``).
+
+A version's checkpoint is written either before the version becomes visible
+(version 0, federated rounds: nothing else could rebuild them), or, for an
+``optim_step`` whose inputs are already durable (accepted gradients in
+``store.pending``, the request and its arguments in SQLite), in the background
+after it: recovery rebuilds such a version by replaying the step
+(``coordinator.recovery``). Background writes of a run land in version order; the
+gradients a checkpoint contains are dropped only once it has landed.
 
 The sha256 names a version on the wire (task messages, the weights ETag); it is
 cached here so that leases and weight downloads never read a manifest on the
@@ -10,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from rewardsignal.aggregation.tensors import Tensors
@@ -19,9 +30,13 @@ from rewardsignal.checkpoints import CheckpointStore
 from rewardsignal.checkpoints.store import ADAPTER_FILE
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run, RunSpec
+from rewardsignal.coordinator.runs.weights import RecentWeights
 from rewardsignal.errors import SignalError
 from rewardsignal.lora import adapter_config_json
 from rewardsignal.memory import ModelShape, shape_of
+from rewardsignal.protocol import tensors_to_bytes
+
+log = logging.getLogger("signal.coordinator")
 
 # (run, version) -> adapter sha256 entries kept; far more than any run's live
 # versions (older ones are re-read from their manifest, off the loop, if asked).
@@ -33,6 +48,9 @@ class Versions:
         self.store = store
         self.metrics = metrics
         self._sha: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self.recent = RecentWeights()
+        # run_id -> the newest background checkpoint write (each awaits the one before)
+        self._writing: dict[str, asyncio.Task] = {}
 
     def _remember(self, run_id: str, version: int, sha: str) -> None:
         self._sha[(run_id, version)] = sha
@@ -49,10 +67,23 @@ class Versions:
     def adapter_file(self, run_id: str, version: int) -> Path:
         return self.store.path(run_id, version) / ADAPTER_FILE
 
-    def _write_sync(self, run: Run, metrics: dict | None, request_id: str | None
-                    ) -> tuple[Path, str, int, set[int]]:
+    def adapter_bytes(self, run_id: str, version: int) -> bytes | None:
+        """The adapter file of a recent version, from memory (None: read the file)."""
+        return self.recent.file(run_id, version)
+
+    async def _serialize(self, run: Run) -> bytes:
+        """The adapter file's bytes (made and hashed in a thread), its sha256
+        remembered; its delta from the version before is computed behind it."""
+        data, sha = await asyncio.to_thread(_adapter_file, run.adapter)
+        self.recent.put(run.run_id, run.version, data)
+        self._remember(run.run_id, run.version, sha)
+        return data
+
+    def _write_sync(self, run: Run, adapter: bytes, metrics: dict | None,
+                    request_id: str | None) -> tuple[Path, str, int, set[int]]:
         path = self.store.write(
-            run.run_id, run.version, adapter=run.adapter, optimizer=run.opt_state,
+            run.run_id, run.version, adapter=run.adapter, adapter_bytes=adapter,
+            optimizer=run.opt_state,
             adapter_config=adapter_config_json(run.spec.lora, run.spec.base_model),
             parent_version=run.version - 1 if run.version else None, metrics=metrics,
             meta={"optimizer_step": run.opt_step, "run": run.spec.to_json(),
@@ -62,14 +93,40 @@ class Versions:
         return path, self.store.adapter_sha256(run.run_id, run.version), size, kept
 
     async def write(self, run: Run, *, metrics: dict | None = None,
-                    request_id: str | None = None) -> Path:
-        """Write ``run`` at its current version (in a thread)."""
+                    request_id: str | None = None, adapter: bytes | None = None) -> Path:
+        """Write ``run`` at its current version (in a thread), after any background
+        write of the run still running (checkpoints land in version order)."""
+        await self.flush(run.run_id)
+        if adapter is None:
+            adapter = await self._serialize(run)
+        return await self._write_now(run, adapter, metrics, request_id)
+
+    async def flush(self, run_id: str | None = None) -> None:
+        """Wait for the background checkpoint writes of ``run_id`` (of every run
+        when None) to land."""
+        tasks = list(self._writing.values()) if run_id is None else [
+            t for t in (self._writing.get(run_id),) if t is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def forget(self, run_id: str) -> None:
+        """A deleted run: its background writes land (so none writes into a removed
+        directory), then its cached hashes and files go."""
+        await self.flush(run_id)
+        for key in [k for k in self._sha if k[0] == run_id]:
+            del self._sha[key]
+        self.recent.forget(run_id)
+
+    async def _write_now(self, run: Run, adapter: bytes, metrics: dict | None,
+                         request_id: str | None) -> Path:
         t0 = time.monotonic()
-        path, sha, size, kept = await asyncio.to_thread(self._write_sync, run, metrics,
+        path, sha, size, kept = await asyncio.to_thread(self._write_sync, run, adapter, metrics,
                                                         request_id)
         # Pruned versions are gone from disk: forget them here too (a 404, not a
-        # task no worker can fetch weights for).
-        for key in [k for k in self._sha if k[0] == run.run_id and k[1] not in kept]:
+        # task no worker can fetch weights for). Newer ones may not be on disk
+        # yet (written in the background): they stay.
+        for key in [k for k in self._sha
+                    if k[0] == run.run_id and k[1] < run.version and k[1] not in kept]:
             del self._sha[key]
         self._remember(run.run_id, run.version, sha)
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
@@ -78,23 +135,51 @@ class Versions:
 
     async def commit(self, run: Run, params: Tensors, state: Tensors, *, history_entry: dict,
                      opt_step: int | None = None, metrics: dict | None = None,
-                     request_id: str | None = None) -> Path:
-        """Make version v+1 from new weights and optimizer state. The checkpoint
-        is written before the version becomes visible: a crash in between leaves
-        the old version current and this one unannounced."""
+                     request_id: str | None = None,
+                     background: Callable[[int], Awaitable[None]] | None = None) -> None:
+        """Make version v+1 from new weights and optimizer state. Without
+        ``background`` the checkpoint is written before the version becomes
+        visible: a crash in between leaves the old version current and this one
+        unannounced. With it (the caller's inputs are durable, so a replay can
+        rebuild the version) the version is visible at once, served from memory,
+        and its checkpoint is written behind it; ``background(version)`` runs once
+        it has landed (dropping what the checkpoint now contains)."""
         staged = dataclasses.replace(
             run, version=run.version + 1, adapter=params, opt_state=state,
             opt_step=run.opt_step if opt_step is None else opt_step,
             history=[*run.history, history_entry])
-        path = await self.write(staged, metrics=metrics or {"loss": history_entry.get("loss")},
-                                request_id=request_id)
+        metrics = metrics or {"loss": history_entry.get("loss")}
+        if background is None:
+            await self.write(staged, metrics=metrics, request_id=request_id)
+        else:
+            adapter = await self._serialize(staged)
+            self._write_behind(staged, adapter, metrics, request_id, background)
         run.version, run.adapter, run.opt_state, run.opt_step = (
             staged.version, params, state, staged.opt_step)
         run.history.append(history_entry)
         if history_entry.get("loss") is not None:
             run.last_loss = history_entry["loss"]
         self.metrics.version.labels(run.run_id).set(run.version)
-        return path
+
+    def _write_behind(self, staged: Run, adapter: bytes, metrics: dict, request_id: str | None,
+                      landed: Callable[[int], Awaitable[None]]) -> None:
+        before = self._writing.get(staged.run_id)
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            try:
+                await self._write_now(staged, adapter, metrics, request_id)
+                await landed(staged.version)
+            except Exception:  # the version lives on in memory; a restart replays it
+                log.exception("background checkpoint failed run=%s version=%d",
+                              staged.run_id, staged.version)
+            finally:
+                if self._writing.get(staged.run_id) is task:
+                    del self._writing[staged.run_id]
+
+        task = asyncio.create_task(write())
+        self._writing[staged.run_id] = task
 
     def _load_sync(self, spec: RunSpec) -> tuple[Run, dict] | None:
         version = self.store.latest(spec.run_id)
@@ -114,7 +199,14 @@ class Versions:
         if loaded is not None:
             run, manifest = loaded
             self._remember(run.run_id, run.version, manifest["files"][ADAPTER_FILE]["sha256"])
+            data = await asyncio.to_thread(self.adapter_file(run.run_id, run.version).read_bytes)
+            self.recent.put(run.run_id, run.version, data, delta=False)
         return loaded
+
+
+def _adapter_file(adapter: Tensors) -> tuple[bytes, str]:
+    data = tensors_to_bytes(adapter, metadata={"format": "pt"})
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def _shape(model_id: str) -> ModelShape | None:

@@ -12,8 +12,9 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,23 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(SCHEMA)
     return conn
+
+
+@contextmanager
+def _unsynced(c: sqlite3.Connection) -> Iterator[None]:
+    """One transaction committed without its own fsync (WAL, synchronous=NORMAL):
+    it survives a crash of the process at once, and power loss from the next
+    synced commit on (the WAL is synced in order, earlier frames with later ones).
+    For records a restart can do without: a finished request whose record is
+    lost is simply run again, and gives the same result. Accepting a request
+    stays synced: that is the promise made by the 202."""
+    c.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with c:
+            c.execute("BEGIN")
+            yield
+    finally:
+        c.execute("PRAGMA synchronous=FULL")
 
 
 class Database:
@@ -176,14 +194,18 @@ class Database:
 
         await self._do(add)
 
-    async def finish_request(self, request_id: str, status: str, result: dict) -> None:
+    async def finish_request(self, request_id: str, status: str, result: dict, *,
+                             keep_args: bool = False) -> None:
+        """``keep_args``: the arguments stay (a replayable operation, which a
+        restart may have to apply again); otherwise they are dropped."""
         def finish() -> None:
             c = self._c()
-            c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, args = '{}' "
-                      "WHERE request_id = ?", (status, json.dumps(result), time.time(),
-                                               request_id))
-            c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
-                      "MAX(seq) FROM requests) - ?", (self.keep_finished,))
+            with _unsynced(c):
+                c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, "
+                          "args = CASE WHEN ? THEN args ELSE '{}' END WHERE request_id = ?",
+                          (status, json.dumps(result), time.time(), keep_args, request_id))
+                c.execute("DELETE FROM requests WHERE status != 'pending' AND seq < (SELECT "
+                          "MAX(seq) FROM requests) - ?", (self.keep_finished,))
 
         await self._do(finish)
 
@@ -193,6 +215,15 @@ class Database:
             "WHERE status = 'pending' ORDER BY seq").fetchall())
         return [{"request_id": r[0], "owner": r[1], "run_id": r[2], "kind": r[3],
                  "args": json.loads(r[4]), "timeout_s": r[5]} for r in rows]
+
+    async def done_requests(self, run_id: str, kind: str) -> list[dict]:
+        """Finished requests of one kind on a run, in order, with their arguments
+        (those kept by ``keep_args``) and results."""
+        rows = await self._do(lambda: self._c().execute(
+            "SELECT request_id, args, result FROM requests WHERE run_id = ? AND kind = ? "
+            "AND status = 'done' ORDER BY seq", (run_id, kind)).fetchall())
+        return [{"request_id": r[0], "args": json.loads(r[1]), "result": json.loads(r[2])}
+                for r in rows]
 
     async def finished_request(self, request_id: str) -> dict | None:
         row = await self._do(lambda: self._c().execute(
@@ -205,13 +236,22 @@ class Database:
 
     # -- gradients accepted but not yet stepped ----------------------------------------------
     async def add_pending_grad(self, row: dict) -> None:
-        await self._do(lambda: self._c().execute(
-            "INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, :version, :path, "
-            ":weight, :reduction, :loss_sum, :loss_weight, :tokens)", row))
+        """Unsynced (its file is): until the next synced commit, power loss may
+        take it with the request's answer, and the request runs again."""
+        def add() -> None:
+            c = self._c()
+            with _unsynced(c):
+                c.execute("INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, "
+                          ":version, :path, :weight, :reduction, :loss_sum, :loss_weight, "
+                          ":tokens)", row)
+
+        await self._do(add)
 
     async def pending_grads(self, run_id: str) -> list[dict]:
         def fetch() -> list[dict]:
-            cur = self._c().execute("SELECT * FROM pending_grads WHERE run_id = ?", (run_id,))
+            # In the order they were accepted: a replayed step adds them up the same way.
+            cur = self._c().execute("SELECT * FROM pending_grads WHERE run_id = ? "
+                                    "ORDER BY rowid", (run_id,))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 

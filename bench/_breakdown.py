@@ -1,0 +1,69 @@
+"""Where a step's time goes, from the coordinator's own metrics: each figure is
+the change of a Prometheus sum or count over the measured steps, per step."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+# The worker's calls (what a slow link multiplies).
+WORKER_ROUTES = ("/v1/workers/{worker_id}/lease", "/v1/runs/{run_id}/weights/{version}",
+                 "/v1/workers/{worker_id}/upload-slot", "/v1/tasks/{task_id}/result",
+                 "/v1/workers/{worker_id}/heartbeat")
+_STAGES = (
+    ("forward_backward on the coordinator (tasks out, gradient in, durable)",
+     "signal_forward_backward_duration_seconds_sum"),
+    ("optim_step on the coordinator (AdamW, new version)",
+     "signal_step_duration_seconds_sum"),
+    ("  of which checkpoint writes (on the step's path or not)",
+     "signal_checkpoint_write_seconds_sum"),
+)
+
+
+class Breakdown:
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self._sdk: dict[str, list[float]] = defaultdict(list)
+        self._before: dict[str, float] = {}
+        self._delta: dict[str, float] = {}
+        self.steps = 0
+
+    def _snapshot(self) -> dict[str, float]:
+        m = self.cluster.metric
+        snap = {name: m(name) for _, name in _STAGES}
+        snap["bytes"] = m("signal_bytes_served_total", kind="weights")
+        snap["bytes_inline"] = m("signal_bytes_served_total", kind="weights_inline")
+        for route in WORKER_ROUTES:
+            snap[f"n {route}"] = m("signal_http_request_duration_seconds_count", route=route)
+            snap[f"s {route}"] = m("signal_http_request_duration_seconds_sum", route=route)
+        return snap
+
+    def start(self) -> None:
+        self._sdk.clear()
+        self._before = self._snapshot()
+
+    def stop(self, steps: int) -> None:
+        after = self._snapshot()
+        self.steps = steps
+        self._delta = {k: (after[k] - self._before[k]) / steps for k in after}
+
+    def sdk(self, what: str, seconds: float) -> None:
+        self._sdk[what].append(seconds)
+
+    def round_trips(self) -> float:
+        return sum(self._delta[f"n {r}"] for r in WORKER_ROUTES)
+
+    def report(self, ref_s: float) -> None:
+        d = self._delta
+        print(f"per-step breakdown (mean over {self.steps} steps; reference step "
+              f"{ref_s * 1000:.1f} ms):")
+        for what, times in self._sdk.items():
+            print(f"  SDK {what:<60} {statistics.median(times) * 1000:7.1f} ms (median)")
+        for what, name in _STAGES:
+            print(f"  {what:<64} {d[name] * 1000:7.1f} ms")
+        print("  worker HTTP calls (count per step, server time per step):")
+        for route in WORKER_ROUTES:
+            print(f"    {route:<58} {d[f'n {route}']:4.2f}  {d[f's {route}'] * 1000:7.1f} ms")
+        print(f"  worker round trips per step: {self.round_trips():.2f}")
+        print(f"  weight bytes sent per step: {d['bytes']:,.0f} by GET, "
+              f"{d['bytes_inline']:,.0f} inside leases")
