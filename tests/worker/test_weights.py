@@ -14,7 +14,6 @@ from rewardsignal import protocol
 from rewardsignal.errors import ValidationError
 from rewardsignal.worker.weights import WeightCache
 
-
 # Two fake workers, one stepping: with verification on, the other would owe the
 # stepper's results a recomputation it never leases. Verification is not the
 # subject here (tests/coordinator/trust is).
