@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml requirements/cookbook.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,hub,tensorboard,wandb]"
 	$(BIN)/python -m pip install -q --no-deps tinker-cookbook==0.6.1
 	$(BIN)/python -m pip install -q -r requirements/cookbook.txt
 	touch $@
