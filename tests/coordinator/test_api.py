@@ -133,8 +133,11 @@ def test_auth_scopes(tmp_path):
         worker = {"Authorization": "Bearer wt-1"}
         h.request("GET", "/healthz", expect=200)
         h.request("GET", "/metrics", expect=200)
-        _error(h, "GET", "/v1/runs", 401, "unauthorized")
-        _error(h, "GET", "/v1/runs", 401, headers={"Authorization": "Bearer sk-mallory"})
+        # Each auth error says how to pass a key, in each place a user passes one.
+        for msg in (_error(h, "GET", "/v1/runs", 401, "unauthorized"),
+                    _error(h, "GET", "/v1/runs", 401,
+                           headers={"Authorization": "Bearer sk-mallory"})):
+            assert "--api-key" in msg and "SIGNAL_API_KEY" in msg, msg
         assert "worker token" in _error(h, "GET", "/v1/runs", 401, headers=worker)
         _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
                            headers=alice, expect=201)
