@@ -222,3 +222,21 @@ def test_sample_logprobs_are_checked_by_a_forward_pass(h):
     result = done(h, req["request_id"])["result"]
     assert result["logprobs"] == [[-2.0] * 3]
     assert verdicts(h, "agree") == 1
+
+
+def test_no_step_is_applied_while_a_shard_awaits_its_verdict(h):
+    run_id = _run(h)
+    a, b = FakeWorker(h, "a", token="tok-a"), FakeWorker(h, "b", token="tok-b")
+    req = fb(h, run_id, "held for a check")
+    task = a.lease()
+    g = honest(h, run_id, task["payload"])
+    submit(a, task, g)  # held: a is on probation
+    _, step = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
+    # Neither the batch nor the step behind it finishes while the check is open.
+    for request_id in (req, step["request_id"]):
+        _, body = h.request("GET", f"/v1/requests/{request_id}?timeout_s=0.5")
+        assert body["status"] != "done", body
+    assert h.coordinator.runs[run_id].version == 0
+    submit(b, b.lease(), g)  # the check agrees
+    done(h, req)
+    assert done(h, step["request_id"])["result"]["version"] == 1
