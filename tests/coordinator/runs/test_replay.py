@@ -41,9 +41,8 @@ def _new_run(h: Harness) -> str:
     return run["run_id"]
 
 
-def test_step_answers_before_its_checkpoint_lands_and_serves_from_memory(tmp_path,
-                                                                         monkeypatch):
-    h = Harness(tmp_path / "data")
+def _hold_writes(monkeypatch) -> threading.Event:
+    """Checkpoint writes of version 1 on wait until the returned event is set."""
     release = threading.Event()
     real_write = CheckpointStore.write
 
@@ -53,6 +52,13 @@ def test_step_answers_before_its_checkpoint_lands_and_serves_from_memory(tmp_pat
         return real_write(self, run_id, version, **kw)
 
     monkeypatch.setattr(CheckpointStore, "write", slow_write)
+    return release
+
+
+def test_step_answers_before_its_checkpoint_lands_and_serves_from_memory(tmp_path,
+                                                                         monkeypatch):
+    h = Harness(tmp_path / "data")
+    release = _hold_writes(monkeypatch)
     try:
         worker = FakeWorker(h)
         run_id = _new_run(h)
@@ -127,15 +133,7 @@ def test_steps_whose_checkpoints_never_landed_are_replayed_to_the_same_bits(tmp_
 
 def test_save_state_right_after_a_step_waits_for_its_checkpoint(tmp_path, monkeypatch):
     h = Harness(tmp_path / "data")
-    release = threading.Event()
-    real_write = CheckpointStore.write
-
-    def slow_write(self, run_id, version, **kw):
-        if version >= 1:
-            assert release.wait(30), "the test never released the write"
-        return real_write(self, run_id, version, **kw)
-
-    monkeypatch.setattr(CheckpointStore, "write", slow_write)
+    release = _hold_writes(monkeypatch)
     try:
         worker = FakeWorker(h)
         run_id = _new_run(h)
@@ -158,15 +156,7 @@ def test_reading_a_version_still_being_written_waits_for_it(tmp_path, monkeypatc
     for a background write of the version it names instead of missing it (or
     racing it into a removed directory)."""
     h = Harness(tmp_path / "data")
-    release = threading.Event()
-    real_write = CheckpointStore.write
-
-    def slow_write(self, run_id, version, **kw):
-        if version >= 1:
-            assert release.wait(30), "the test never released the write"
-        return real_write(self, run_id, version, **kw)
-
-    monkeypatch.setattr(CheckpointStore, "write", slow_write)
+    release = _hold_writes(monkeypatch)
     try:
         worker = FakeWorker(h)
         run_id = _new_run(h)
