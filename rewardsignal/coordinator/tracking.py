@@ -17,7 +17,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from rewardsignal.errors import ValidationError
 
@@ -61,13 +61,16 @@ class _TensorBoard:
         self._w.close()
 
 
+_WandbMode = Literal["online", "offline", "disabled", "shared"]
+
+
 class _Wandb:
     def __init__(self, run_id: str, project: str | None, run_dir: Path, config: dict) -> None:
         import wandb
 
         run_dir.mkdir(parents=True, exist_ok=True)
         # WANDB_MODE read now, not when wandb was first imported in this process.
-        mode = os.environ.get("WANDB_MODE") or None
+        mode = cast(_WandbMode | None, os.environ.get("WANDB_MODE") or None)
         self._run = wandb.init(project=project or "signal", name=run_id, id=run_id,
                                resume="allow", dir=str(run_dir), config=config,
                                reinit="create_new", mode=mode)
