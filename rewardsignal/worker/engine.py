@@ -68,6 +68,10 @@ class Engine:
         self._tokenizers: dict[str, object] = {}
         self._fingerprints: dict[str, str] = {}
         self._loaded: dict[tuple[str, str], tuple[str, int]] = {}  # adapter -> (run, version)
+        # Each cached model's LoRA parameters by saved name, per adapter: walking
+        # the module tree (named_parameters, PEFT's set_adapter) costs milliseconds
+        # per task, as much as a small model's whole step on a GPU.
+        self._params: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
     # -- base models and adapters ------------------------------------------------
     @property
@@ -112,13 +116,15 @@ class Engine:
             self.models.put(cache_key, model, module_bytes(model))
         elif key not in model.peft_config:
             model.add_adapter(key, peft_config(spec))
-        model.set_adapter(key)
+        if model.active_adapter != key:
+            model.set_adapter(key)
         return model, key
 
     def _unload(self, model_id: str) -> None:
         """Forget which run versions the evicted model held and free its memory."""
         for k in [k for k in self._loaded if k[0] == model_id]:
             del self._loaded[k]
+        self._params.clear()  # keyed by model object: drop what may name the evicted one
         release_device_memory(self.device)
 
     def activate(self, model_id: str, spec: LoraSpec, run_id: str, version: int,
@@ -128,9 +134,8 @@ class Engine:
         model, key = self._peft_model(model_id, spec, precision)
         model_id = _cache_key(model_id, precision)
         if self._loaded.get((model_id, key)) != (run_id, version):
-            params = {saved_name(n, key): p for n, p in model.named_parameters()
-                      if f".{key}." in n}
-            if set(params) != set(adapter):
+            params = self._lora_params(model, key)
+            if params.keys() != adapter.keys():
                 raise ValueError("adapter tensor names do not match the model's LoRA layers")
             with torch.no_grad():
                 for name, p in params.items():
@@ -157,7 +162,12 @@ class Engine:
         return logprobs * mask, w, mask
 
     def _lora_params(self, model, key: str) -> dict[str, torch.Tensor]:
-        return {saved_name(n, key): p for n, p in model.named_parameters() if f".{key}." in n}
+        """The LoRA parameters of adapter ``key`` in ``model`` by saved name (cached)."""
+        by_key = self._params.setdefault(id(model), {})
+        if key not in by_key:
+            by_key[key] = {saved_name(n, key): p for n, p in model.named_parameters()
+                           if f".{key}." in n}
+        return by_key[key]
 
     def _accumulate(self, model, datums: Sequence[Datum], loss_fn: str, loss_config: dict, *,
                     backward: bool, micro_tokens: int, loss_scale: float = 1.0
