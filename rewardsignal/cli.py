@@ -127,6 +127,12 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                    help="a new worker's results are all recomputed until this many agreed in a "
                         "row; a disagreement starts it over (env SIGNAL_PROBATION_TASKS, "
                         "default 5)")
+    p.add_argument("--verify-train-fraction", type=_fraction,
+                   default=_env("SIGNAL_VERIFY_TRAIN_FRACTION", float, 0.05),
+                   help="share of a trusted worker's federated train deltas that a second "
+                        "worker recomputes (same shard, seed and local steps) before they "
+                        "count; a worker on probation has all of them checked; 0 checks none "
+                        "(env SIGNAL_VERIFY_TRAIN_FRACTION, default 0.05)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
 
@@ -152,7 +158,7 @@ def coordinator_config(args: argparse.Namespace):
         min_updates_per_round=args.min_updates_per_round,
         round_timeout_s=args.round_timeout_s, no_worker_grace_s=args.no_worker_grace_s,
         worker_retention_s=args.worker_retention_s, verify_fraction=args.verify_fraction,
-        probation_tasks=args.probation_tasks)
+        probation_tasks=args.probation_tasks, verify_train_fraction=args.verify_train_fraction)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

@@ -1,13 +1,14 @@
 """A dishonest volunteer for tests and ``bench/adversary.py``: a real worker
 process (the real protocol, registration, leases, uploads) that returns a
-plausible but wrong ``forward_backward`` gradient on a share of its tasks, with
-the honest loss and logprobs beside it, so that every pure check passes.
+plausible but wrong ``forward_backward`` gradient (or federated ``train``
+delta) on a share of its tasks, with the honest loss and logprobs (or metrics)
+beside it, so that every pure check passes.
 
     python tests/adversary_worker.py --coordinator URL --name evil --mode flip \\
         [--cheat-fraction 1.0] [--honest-first 0] [--seed 0] [--threads 1]
 
-Modes: ``flip`` (the gradient negated), ``scale`` (5x), ``other`` (the gradient
-of other data: each sequence's tokens reversed).
+Modes: ``flip`` (the gradient or delta negated), ``scale`` (5x), ``other`` (the
+gradient or delta of other data: each sequence's tokens reversed).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Adversary(Worker):
 
     def _compute(self, task: dict, adapter: dict) -> dict:
         msg = super()._compute(task, adapter)
-        if task["kind"] != "forward_backward":
+        if task["kind"] not in ("forward_backward", "train"):
             return msg
         self.gradients += 1
         if self.gradients <= self.honest_first or self.rng.random() >= self.cheat_fraction:
@@ -76,7 +77,7 @@ def main() -> int:
     ap.add_argument("--cheat-fraction", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--honest-first", type=int, default=0,
-                    help="compute this many gradients honestly before cheating")
+                    help="compute this many gradients (or deltas) honestly before cheating")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens-per-task", type=int, default=None)
     args = ap.parse_args()

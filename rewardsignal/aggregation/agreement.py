@@ -25,12 +25,42 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 0.1, "fp16": 0.05}
 QUANTIZED_TOLERANCE = 0.2
 # Logprobs are compared per token: absolute bound in nats, scaled like the above.
 LOGPROB_SCALE = 3.0
+# Federated ``train`` deltas (K local AdamW steps: Adam's normalisation amplifies
+# rounding differences). Measured on signal-small, K=8: honest fp32 deltas from
+# different thread counts and micro-batch splits differ by 5.4e-6, bf16 ones by
+# 7.7e-3, a bf16 base against fp32 by 5.3e-2; the cheats by 0.45 (half the local
+# steps) to 2 (sign flip). fp16 and quantized bases were not measured: set between.
+TRAIN_TOLERANCE = {"fp32": 1e-3, "bf16": 0.2, "fp16": 0.1}
+QUANTIZED_TRAIN_TOLERANCE = 0.3
+# What a delta's codec adds (relative L2 of decode(encode(delta)) to the delta;
+# measured 2.0e-4 fp16, 1.6e-3 bf16, 4.3e-3 int8), each side's counted.
+CODEC_ERROR = {"fp32": 0.0, "fp16": 1e-3, "bf16": 1e-2, "int8": 2e-2}
 
 
 def tolerance(dtype_a: str, dtype_b: str, *, quantized: bool = False) -> float:
     """The agreement bound for results computed at ``dtype_a`` and ``dtype_b``."""
     tol = max(TOLERANCE.get(dtype_a, TOLERANCE["bf16"]), TOLERANCE.get(dtype_b, TOLERANCE["bf16"]))
     return max(tol, QUANTIZED_TOLERANCE) if quantized else tol
+
+
+def train_tolerance(dtype_a: str, dtype_b: str, *, quantized: bool = False,
+                    codec: str = "fp32") -> float:
+    """The agreement bound for two ``train`` tasks' deltas (same shard, seed and
+    K local AdamW steps) computed at ``dtype_a`` and ``dtype_b`` and sent with
+    ``codec``: each side's codec error adds to the compute bound."""
+    tol = max(TRAIN_TOLERANCE.get(dtype_a, TRAIN_TOLERANCE["bf16"]),
+              TRAIN_TOLERANCE.get(dtype_b, TRAIN_TOLERANCE["bf16"]))
+    if quantized:
+        tol = max(tol, QUANTIZED_TRAIN_TOLERANCE)
+    return tol + 2 * CODEC_ERROR.get(codec, CODEC_ERROR["int8"])
+
+
+def delta_disagreement(a: Tensors, b: Tensors, tol: float) -> str | None:
+    """Why two ``train`` deltas disagree beyond ``tol``; None when they agree."""
+    rel = relative_l2(a, b)
+    if rel > tol:
+        return f"deltas differ by {rel:.3g} relative L2 (bound {tol:g})"
+    return None
 
 
 def relative_l2(a: Tensors, b: Tensors) -> float:

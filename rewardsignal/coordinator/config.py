@@ -45,6 +45,7 @@ class CoordinatorConfig:
     wandb_project: str | None = None       # --wandb-project (WANDB_PROJECT)
     verify_fraction: float = 0.05          # VERIFY_FRACTION: trusted workers' results checked
     probation_tasks: int = 5               # PROBATION_TASKS: a new worker's results all checked
+    verify_train_fraction: float = 0.05    # VERIFY_TRAIN_FRACTION: trusted federated deltas checked
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,6 +69,7 @@ class CoordinatorConfig:
             (self.worker_retention_s > 0, "worker_retention_s must be > 0"),
             (0 <= self.verify_fraction <= 1, "verify_fraction must be in [0, 1]"),
             (self.probation_tasks >= 0, "probation_tasks must be >= 0"),
+            (0 <= self.verify_train_fraction <= 1, "verify_train_fraction must be in [0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:

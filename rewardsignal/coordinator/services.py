@@ -88,7 +88,8 @@ class Services:
             metrics=metrics)
         runs: dict[str, Run] = {}
         trust = Trust(verify_fraction=config.verify_fraction,
-                      probation_tasks=config.probation_tasks, db=db, scheduler=scheduler,
+                      probation_tasks=config.probation_tasks,
+                      train_fraction=config.verify_train_fraction, db=db, scheduler=scheduler,
                       metrics=metrics, runs=runs, live_window_s=config.lease_timeout_s)
         return cls(config=config, metrics=metrics, db=db, scheduler=scheduler, runs=runs,
                    trust=trust,
@@ -114,4 +115,4 @@ class Services:
 
     def round_deps(self) -> RoundDeps:
         return RoundDeps(self.scheduler, self.versions, self.metrics, self.job_store,
-                         self.config.delta_norm_max, self.trackers)
+                         self.config.delta_norm_max, self.trackers, self.verifier)

@@ -8,7 +8,14 @@ import math
 
 import torch
 
-from rewardsignal.aggregation.agreement import Result, disagreement, relative_l2, tolerance
+from rewardsignal.aggregation.agreement import (
+    Result,
+    delta_disagreement,
+    disagreement,
+    relative_l2,
+    tolerance,
+    train_tolerance,
+)
 
 
 def _grads(seed: int) -> dict[str, torch.Tensor]:
@@ -58,3 +65,21 @@ def test_loss_weights_and_logprobs_are_compared():
                                       tol)
     assert "has a gradient" in disagreement(_result(g), _result(None), tol)
     assert disagreement(_result(None), _result(None), tol) is None  # forward results
+
+
+def test_train_deltas_compare_under_the_looser_train_bound():
+    """A federated delta is K steps of AdamW: honest deltas differ more than one
+    gradient does (measured 5.4e-6 fp32, 5.3e-2 bf16 vs fp32), so the bound is
+    looser, widened by each side's codec error, and still below every cheat
+    measured (0.45 for half the local steps, 2 for a sign flip)."""
+    assert train_tolerance("fp32", "fp32") > tolerance("fp32", "fp32")
+    assert train_tolerance("fp32", "fp32") < train_tolerance("fp32", "fp32", codec="int8")
+    assert train_tolerance("bf16", "fp32", quantized=True, codec="int8") < 0.45
+    d = _grads(0)
+    noisy = {k: v * (1 + 1e-5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)))
+             for k, v in d.items()}
+    assert delta_disagreement(d, noisy, train_tolerance("fp32", "fp32")) is None
+    half = {k: 0.55 * v for k, v in d.items()}  # fewer local steps: a shorter delta
+    for wrong in ({k: -v for k, v in d.items()}, half, _grads(2)):
+        why = delta_disagreement(d, wrong, train_tolerance("bf16", "bf16", codec="int8"))
+        assert why is not None and "deltas differ" in why

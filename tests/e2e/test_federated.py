@@ -77,7 +77,9 @@ def test_absurd_norm_limit_rejects_everything_and_says_why(tmp_path):
 
 
 def test_dead_worker_round_closes_at_timeout_with_the_others(tmp_path):
-    c = Cluster(tmp_path, 2)
+    # The survivor is on probation: its delta waits for a check until the dead
+    # worker has been silent for the lease timeout (then it counts unchecked).
+    c = Cluster(tmp_path, 2, "--lease-timeout-s", "8")
     try:
         run = c.client.create_run(base_model="signal-tiny", lora_r=4, learning_rate=1e-3)
         job = run.train_federated(sample_examples(), rounds=2, local_steps=40, batch_size=8,

@@ -158,3 +158,48 @@ def test_verification_off_checks_nothing(tmp_path):
         for p in procs:
             p.stop()
         coord.stop()
+
+
+def test_federated_adversary_caught_and_its_deltas_never_land(tmp_path):
+    """Federated rounds with every delta checked (long probation): an adversary
+    flipping its train deltas is quarantined, and the job ends at the weights of
+    the same job run by the honest workers alone (its deltas were replaced by a
+    checker's computation of the same task, or never counted)."""
+    coord, url = start_coordinator(tmp_path / "data", "--probation-tasks", "1000")
+    procs = [start_worker(url, f"honest{i}", "--threads", str(i + 1)) for i in range(2)]
+    procs.append(start_adversary(url, "--mode", "flip"))
+    client = SignalClient(base_url=url)
+    data = sample_examples()[:48]
+    job_args = dict(rounds=2, local_steps=2, batch_size=4, inner_learning_rate=2e-3,
+                    tasks_per_round=3, min_updates_per_round=3, round_timeout_s=120, seed=5)
+    try:
+        wait_workers(url, 3)
+        runs, states = [], []
+        for _ in range(2):  # with the adversary, then (it quarantined) the honest two alone
+            run = client.create_run(base_model="signal-tiny", lora_r=4, learning_rate=2e-3,
+                                    seed=3)
+            states.append(run.train_federated(data, **job_args).wait(timeout=240,
+                                                                     progress=False))
+            runs.append(run)
+            if workers(url)["evil"]["status"] != "quarantined":
+                break
+        assert "cheated (flip)" in procs[2].output(), procs[2].output()[-2000:]
+        w = workers(url)
+        assert w["evil"]["status"] == "quarantined", coord.output()[-4000:]
+        assert len(runs) == 2 and all(s["status"] == "done" for s in states), states
+        assert states[0]["accepted"] == states[1]["accepted"] == 6
+        assert metric(url, "signal_verification_verdicts_total", outcome="unresolved") == 0
+        for name in ("honest0", "honest1"):  # 1 and 2 threads: never at odds
+            assert w[name]["reputation"]["disagreements"] == 0
+        final = [tensors_from_bytes(client._loop.run(client._target._http(
+            "GET", f"/v1/runs/{r.run_id}/weights/2", raw=True))) for r in runs]
+        assert tree_max_abs_diff(final[0], final[1]) <= 1e-5
+        # Contrast: the initial weights are far from where the job went.
+        start = tensors_from_bytes(client._loop.run(client._target._http(
+            "GET", f"/v1/runs/{runs[0].run_id}/weights/0", raw=True)))
+        assert tree_max_abs_diff(final[0], start) > 1e-3
+    finally:
+        client.close()
+        for p in procs:
+            p.stop()
+        coord.stop()

@@ -10,6 +10,14 @@ late tasks from an earlier round are let in), whatever the rule; ``close``
 combines them with the job's strategy, applies the outer optimizer, and bumps
 version and checkpoint. Tasks still out when a round closes are carried into
 the next round while ``max_staleness`` allows, cancelled otherwise.
+
+Verification (``coordinator.trust``): a delta drawn for a check counts once a
+second worker's run of the same task (same shard, seed and K) agrees with it
+within the train bound; a disagreement goes to a third worker, and the one in
+the minority is quarantined. A round holds its accepted deltas while it is
+collected when verification is on, so that a worker quarantined before the
+round closes has every delta of it in the round taken out (and the round is
+collected again below its minimum). The robust rules stay.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 
 from rewardsignal.aggregation.combine import clip_to_norm, delta_weight
 from rewardsignal.aggregation.outer import outer_step
+from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.federated.job import FederatedJob, RoundFailed, save_job
 from rewardsignal.coordinator.federated.strategies import Strategy, make_strategy
@@ -31,6 +40,7 @@ from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.store.jobs import JobStore
 from rewardsignal.coordinator.tracking import Trackers
+from rewardsignal.coordinator.trust.verify import Outcome, Verifier
 from rewardsignal.data.types import Datum
 from rewardsignal.errors import SignalError
 
@@ -47,6 +57,18 @@ class RoundDeps:
     jobs: JobStore
     delta_norm_max: float  # the coordinator's default when the job sets none
     trackers: Trackers | None = None  # experiment tracking (TensorBoard / W&B)
+    verifier: Verifier | None = None  # checks of train deltas by recomputation
+
+
+@dataclass
+class Accepted:
+    """One delta counted in a round: whose, its weight and metrics (the delta
+    itself only while verification may still take it out)."""
+
+    worker_id: str
+    weight: float
+    metrics: dict
+    delta: Tensors | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -58,11 +80,33 @@ class Round:
     carry: list[Task]
     strategy: Strategy
     started: float = field(default_factory=time.monotonic)
-    metrics: list[dict] = field(default_factory=list)
+    accepted: list[Accepted] = field(default_factory=list)
+    hold: bool = False  # keep each delta until the round closes (verification is on)
 
     @property
     def all_tasks(self) -> list[Task]:
         return self.own + self.carry
+
+    @property
+    def metrics(self) -> list[dict]:
+        return [a.metrics for a in self.accepted]
+
+    def add(self, worker_id: str, delta: Tensors, weight: float, metrics: dict) -> None:
+        self.strategy.add(delta, weight)
+        self.accepted.append(Accepted(worker_id, weight, metrics, delta if self.hold else None))
+
+    def purge(self, bad: set[str]) -> int:
+        """Take out every delta of the workers in ``bad`` (quarantined while the
+        round was collected): the strategy is rebuilt from the others."""
+        out = [a for a in self.accepted if a.worker_id in bad]
+        if not out:
+            return 0
+        self.accepted = [a for a in self.accepted if a.worker_id not in bad]
+        self.strategy = self.strategy.empty()
+        for a in self.accepted:
+            assert a.delta is not None, "deltas are held whenever a worker can be quarantined"
+            self.strategy.add(a.delta, a.weight)
+        return len(out)
 
 
 async def run_job(deps: RoundDeps, run: Run, job: FederatedJob) -> dict:
@@ -113,11 +157,14 @@ async def _initial_eval(deps: RoundDeps, run: Run, job: FederatedJob) -> None:
 async def _round_with_retries(deps: RoundDeps, run: Run, job: FederatedJob, carry: list[Task]
                               ) -> tuple[dict, list[Task]]:
     cfg = job.config
+    checked = deps.verifier is not None and deps.verifier.trust.enabled
     for attempt in range(1, cfg.max_round_attempts + 1):
         rnd = Round(run.version, issue(deps, run, job), carry,
-                    make_strategy(cfg.aggregator, cfg.trim_fraction))
+                    make_strategy(cfg.aggregator, cfg.trim_fraction), hold=checked)
         await collect(deps, run, job, rnd)
         carry = carry_over(deps, run, job, rnd)
+        if checked:
+            _purge_quarantined(deps, job, rnd)
         if job.cancel_requested:
             raise asyncio.CancelledError
         if len(rnd.metrics) >= cfg.min_updates_per_round:
@@ -154,39 +201,89 @@ def issue(deps: RoundDeps, run: Run, job: FederatedJob) -> list[Task]:
             version=run.version,
             payload=_train_payload(job, shard, cfg.seed * 1_000_003 + job.round * 1009 + i),
             tokens=sum(len(d) for d in shard), job_id=job.job_id, limits=limits))
+    if deps.verifier is not None:
+        for t in tasks:
+            t.checkable = deps.verifier.trust.checkable(run, t.kind)
     return tasks
 
 
 async def collect(deps: RoundDeps, run: Run, job: FederatedJob, rnd: Round) -> None:
     """Take in accepted deltas until every task of this round is in (and at least
-    the minimum was accepted), the round times out, or the job is cancelled."""
+    the minimum was accepted, every check of them decided), the round times
+    out (then the checks under way are still decided), or the job is cancelled."""
     cfg = job.config
-    task_of = {t.future: t for t in rnd.all_tasks}
+    task_of: dict[asyncio.Future, Task] = {t.future: t for t in rnd.all_tasks}
     own = {t.future for t in rnd.own}
-    waiting = set(task_of)
+    checks: dict[asyncio.Future, Task] = {}
+    waiting: set[asyncio.Future] = set(task_of)
     deadline = rnd.started + cfg.round_timeout_s
-    while waiting and not job.cancel_requested:
-        if not (own & waiting) and len(rnd.metrics) >= cfg.min_updates_per_round:
-            break  # every task of this round is in; late ones from before may follow later
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        done, waiting = await asyncio.wait(waiting, timeout=min(left, 1.0),
-                                           return_when=asyncio.FIRST_COMPLETED)
-        for f in done:
-            if not f.cancelled() and f.exception() is None:
-                await _accept(run, job, rnd, task_of[f], f.result())
+    try:
+        while waiting and not job.cancel_requested:
+            if (not ((own | set(checks)) & waiting)
+                    and len(rnd.accepted) >= cfg.min_updates_per_round):
+                break  # every task of this round is in; late ones from before may follow later
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if not checks:
+                    break
+                # Past the deadline only the verdicts on deltas in hand are awaited
+                # (each is bounded: a check gives up once no checker is live).
+                waiting, left = set(checks), 1.0
+            done, waiting = await asyncio.wait(waiting, timeout=min(left, 1.0),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                if f.cancelled() or f.exception() is not None:
+                    if checks.pop(f, None) is not None:
+                        job.note_rejection("unverified")
+                    continue
+                if f in checks:
+                    task, outcome = checks.pop(f), f.result()
+                    if outcome is None:  # no majority: the delta does not count
+                        job.note_rejection("unverified")
+                    else:
+                        await _accept(run, job, rnd, task, outcome)
+                    continue
+                task = task_of[f]
+                res = f.result()
+                first = Outcome(task.done_by, res, res.pop("delta"))
+                if task.check and deps.verifier is not None:
+                    check = asyncio.ensure_future(deps.verifier.check(run, task, first))
+                    checks[check] = task
+                    waiting.add(check)
+                else:
+                    await _accept(run, job, rnd, task, first)
+    finally:
+        for f in checks:  # undecided when the round ended: those deltas do not count
+            f.cancel()
+            job.note_rejection("unverified")
 
 
-async def _accept(run: Run, job: FederatedJob, rnd: Round, task: Task, res: dict) -> None:
+async def _accept(run: Run, job: FederatedJob, rnd: Round, task: Task, got: Outcome) -> None:
+    res = got.result
     staleness = run.version - res["version"]
-    delta = res.pop("delta")  # the task's future must not keep it alive
+    delta = got.tensors
+    got.tensors = None  # the task's future must not keep it alive
+    assert delta is not None
     if job.config.clip_norm is not None:
         delta = await asyncio.to_thread(clip_to_norm, delta, job.config.clip_norm)
-    await asyncio.to_thread(rnd.strategy.add, delta, delta_weight(task.tokens, staleness))
-    rnd.metrics.append({**res["metrics"], "staleness": staleness})
+    await asyncio.to_thread(rnd.add, got.worker_id, delta, delta_weight(task.tokens, staleness),
+                            {**res["metrics"], "staleness": staleness})
     job.accepted += 1
     job.touch()
+
+
+def _purge_quarantined(deps: RoundDeps, job: FederatedJob, rnd: Round) -> None:
+    """Take out of ``rnd`` the deltas of workers quarantined while it was collected."""
+    assert deps.verifier is not None
+    trust = deps.verifier.trust
+    bad = {a.worker_id for a in rnd.accepted if trust.is_quarantined(a.worker_id)}
+    removed = rnd.purge(bad)
+    if removed:
+        job.accepted -= removed
+        for _ in range(removed):
+            job.note_rejection("quarantined")
+        log.warning("round %d of job %s: %d delta(s) of quarantined worker(s) taken out",
+                    job.round + 1, job.job_id, removed)
 
 
 def carry_over(deps: RoundDeps, run: Run, job: FederatedJob, rnd: Round) -> list[Task]:

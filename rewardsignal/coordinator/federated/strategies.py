@@ -22,6 +22,10 @@ class Strategy(ABC):
     @abstractmethod
     def combine(self) -> Tensors: ...
 
+    @abstractmethod
+    def empty(self) -> Strategy:
+        """A new strategy of the same rule with nothing added."""
+
 
 class WeightedMean(Strategy):
     """Streams: one adapter-sized sum, whatever the number of deltas."""
@@ -34,6 +38,9 @@ class WeightedMean(Strategy):
 
     def combine(self) -> Tensors:
         return self._mean.value()
+
+    def empty(self) -> Strategy:
+        return WeightedMean()
 
 
 class TrimmedMean(Strategy):
@@ -51,6 +58,9 @@ class TrimmedMean(Strategy):
     def combine(self) -> Tensors:
         return weighted_trimmed_mean(self.deltas, self.weights, self.trim_fraction)
 
+    def empty(self) -> Strategy:
+        return TrimmedMean(self.trim_fraction)
+
 
 class Median(TrimmedMean):
     def __init__(self) -> None:
@@ -58,6 +68,9 @@ class Median(TrimmedMean):
 
     def combine(self) -> Tensors:
         return weighted_median(self.deltas, self.weights)
+
+    def empty(self) -> Strategy:
+        return Median()
 
 
 def make_strategy(aggregator: str, trim_fraction: float) -> Strategy:

@@ -188,7 +188,7 @@ class Sample(Operation):
                     + args.max_tokens * (groups[i][1] - groups[i][0])) * args.num_samples)
             for i in todo]
         for t in tasks:
-            t.checkable = ctx.trust.enabled
+            t.checkable = ctx.trust.checkable(run, t.kind)
         checks: list[tuple[int, asyncio.Task]] = []
         try:
             async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,

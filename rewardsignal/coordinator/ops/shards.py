@@ -67,7 +67,7 @@ async def _round(ctx: Services, run: Run, request: Request, shards: list[Shard],
         tokens=shards[i].tokens, preferred_worker=shards[i].preferred_worker if first else None,
         sink=sink, group=run.spec.owner, payload=shards[i].payload) for i in todo]
     for t in tasks:
-        t.checkable = ctx.trust.enabled
+        t.checkable = ctx.trust.checkable(run, t.kind)
     checks: list[tuple[int, asyncio.Task]] = []
     try:
         async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,

@@ -2,8 +2,13 @@
 a verdict does to a worker's reputation (kept in the database across restarts).
 
 Policy: with ``verify_fraction`` 0 nothing is checked (a trusted fleet). Else a
-worker on probation has every ``forward_backward``/``forward`` result checked;
-a trusted one has each checked with probability ``verify_fraction``. A checker
+worker on probation has every ``forward_backward``/``forward``/``sample`` result
+checked; a trusted one has each checked with probability ``verify_fraction``.
+Federated ``train`` deltas follow the same rule with ``train_fraction`` (0: none
+checked, probation included). Results drawn with dropout (a run with
+``lora_dropout`` > 0: ``forward_backward`` and ``train``) differ between honest
+workers by the masks drawn, so they are not checked (counted:
+``signal_verification_skipped{reason="dropout"}``). A checker
 is never the worker itself, and is a worker under another token whenever one is
 live; when only workers under the same token are live, one of them checks
 (counted: ``signal_verification_same_token``); when no other worker is live, the
@@ -27,15 +32,19 @@ from rewardsignal.coordinator.trust.reputation import Reputation
 
 log = logging.getLogger("signal.trust")
 
-CHECKED_KINDS = ("forward_backward", "forward", "sample")
+CHECKED_KINDS = ("forward_backward", "forward", "sample", "train")
+# Kinds whose computation draws dropout masks in a run with lora_dropout > 0.
+_DROPOUT_KINDS = ("forward_backward", "train")
 
 
 class Trust:
     def __init__(self, *, verify_fraction: float, probation_tasks: int, db: Database,
                  scheduler: Scheduler, metrics: Metrics, runs: dict[str, Run],
-                 seed: int | None = None, live_window_s: float = 30.0) -> None:
+                 train_fraction: float = 0.05, seed: int | None = None,
+                 live_window_s: float = 30.0) -> None:
         self.verify_fraction = verify_fraction
         self.probation_tasks = probation_tasks
+        self.train_fraction = train_fraction
         # A checker must have been heard from this recently: a live worker polls
         # (parked long-polls touch it every second) or heartbeats several times
         # per lease timeout, while a dead one still counts as "active" for a
@@ -67,6 +76,17 @@ class Trust:
                 else "unchecked", "streak": rep.streak, "agreements": rep.agreements,
                 "disagreements": rep.disagreements, "reason": rep.reason}
 
+    def checkable(self, run: Run, kind: str) -> bool:
+        """Whether results of ``run``'s tasks of ``kind`` may be checked at all."""
+        if not self.enabled or kind not in CHECKED_KINDS:
+            return False
+        if kind == "train" and self.train_fraction == 0:
+            return False
+        if kind in _DROPOUT_KINDS and run.spec.lora.dropout > 0:
+            self.note_skipped("dropout")
+            return False
+        return True
+
     def wants_check(self, w: WorkerInfo, kind: str) -> bool:
         """Whether ``w``'s result for a task of ``kind`` is held for a check."""
         if not self.enabled or kind not in CHECKED_KINDS:
@@ -75,7 +95,8 @@ class Trust:
         self._overhead()
         if self.reputation(w).state(self.probation_tasks) == "probation":
             return True
-        return self._rng.random() < self.verify_fraction
+        fraction = self.train_fraction if kind == "train" else self.verify_fraction
+        return self._rng.random() < fraction
 
     def is_quarantined(self, worker_id: str) -> bool:
         rep = self.reputations.get(worker_id)

@@ -2,7 +2,9 @@
 the same task at the same version; if the two disagree beyond the tolerance of
 their compute dtypes a third breaks the tie, and the worker in the minority is
 quarantined. Returns the result that counts, or None when the shard has to be
-computed again (no majority)."""
+computed again (no majority). ``forward_backward``/``forward`` results compare
+gradients, loss sums and logprobs; federated ``train`` results compare their
+deltas (same shard, seed and local steps) under the looser train bound."""
 
 from __future__ import annotations
 
@@ -11,7 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewardsignal.aggregation.agreement import Result, disagreement, tolerance
+from rewardsignal.aggregation.agreement import (
+    Result,
+    delta_disagreement,
+    disagreement,
+    tolerance,
+    train_tolerance,
+)
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
@@ -25,7 +33,7 @@ _CHECK_S = 1.0
 @dataclass
 class Outcome:
     """One worker's accepted result for a shard (``tensors``: its gradient, held
-    while the result is checked)."""
+    while the result is checked, or a ``train`` task's delta)."""
 
     worker_id: str
     result: dict[str, Any]
@@ -49,14 +57,26 @@ class Verifier:
         return tolerance(self._dtype(run, a), self._dtype(run, b),
                          quantized=run.spec.precision.quantization is not None)
 
+    def compare(self, run: Run, task: Task, a: Outcome, b: Outcome) -> str | None:
+        """Why ``a`` and ``b`` (two workers' results for ``task``) disagree; None
+        when they agree within the bound of the two workers' dtypes."""
+        if task.kind == "train":
+            if a.tensors is None or b.tensors is None:
+                return "a train result without its delta"
+            tol = train_tolerance(self._dtype(run, a.worker_id), self._dtype(run, b.worker_id),
+                                  quantized=run.spec.precision.quantization is not None,
+                                  codec=str(task.payload.get("codec", "fp32")))
+            return delta_disagreement(a.tensors, b.tensors, tol)
+        return disagreement(a.comparable(), b.comparable(),
+                            self.tolerance_for(run, a.worker_id, b.worker_id))
+
     async def check(self, run: Run, task: Task, first: Outcome) -> Outcome | None:
         """Check ``first`` (the accepted result of ``task``); the result that
         counts, or None when the shard must be computed again."""
         second = await self.recompute(run, task, first.worker_id, {first.worker_id}, "second")
         if second is None:
             return first  # nobody else can check it: counts unchecked
-        why = disagreement(first.comparable(), second.comparable(),
-                           self.tolerance_for(run, first.worker_id, second.worker_id))
+        why = self.compare(run, task, first, second)
         if why is None:
             self.trust.metrics.verdicts.labels("agree").inc()
             await self.trust.agreed(first.worker_id, second.worker_id)
@@ -68,14 +88,12 @@ class Verifier:
             self.trust.metrics.verdicts.labels("unresolved").inc()
             await self.trust.disagreed(first.worker_id, second.worker_id)
             return None
-        return await self._tiebreak(run, first, second, third, why)
+        return await self._tiebreak(run, task, first, second, third, why)
 
-    async def _tiebreak(self, run: Run, a: Outcome, b: Outcome, c: Outcome, why: str
-                        ) -> Outcome | None:
-        with_a = disagreement(a.comparable(), c.comparable(),
-                              self.tolerance_for(run, a.worker_id, c.worker_id)) is None
-        with_b = disagreement(b.comparable(), c.comparable(),
-                              self.tolerance_for(run, b.worker_id, c.worker_id)) is None
+    async def _tiebreak(self, run: Run, task: Task, a: Outcome, b: Outcome, c: Outcome,
+                        why: str) -> Outcome | None:
+        with_a = self.compare(run, task, a, c) is None
+        with_b = self.compare(run, task, b, c) is None
         if with_a == with_b:
             # The third agrees with both (a borderline pair) or with neither: no
             # one is singled out; all three go back on probation, the shard is redone.
@@ -107,13 +125,17 @@ class Verifier:
         copy = self.scheduler.add_task(
             kind=kind or task.kind, run_id=task.run_id, base_model=task.base_model,
             version=task.version, payload=payload or task.payload, tokens=task.tokens,
-            group=task.group, exclude=frozenset(barred))
+            group=task.group, exclude=frozenset(barred), job_id=task.job_id,
+            limits=task.limits)
         copy.keep = True
         try:
             if not await self._wait(copy, run, barred):
                 self.trust.note_skipped("no_other_worker")
                 return None
-            return Outcome(copy.done_by, copy.future.result(), copy.held)
+            res = copy.future.result()
+            # A train task's delta travels on its result; a gradient is held on the task.
+            return Outcome(copy.done_by, res, res.pop("delta", None) if copy.kind == "train"
+                           else copy.held)
         finally:
             if not copy.done:
                 self.scheduler.cancel(copy, "check withdrawn")

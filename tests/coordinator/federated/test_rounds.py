@@ -144,3 +144,23 @@ def test_staleness_weighs_deltas_the_same_under_every_rule(tmp_path, aggregator)
         torch.testing.assert_close(other, mean)
     else:  # the weighted median sits with the heavier side (the fresh deltas)
         torch.testing.assert_close(other, torch.full(SHAPE, 1.0))
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "trimmed_mean", "median"])
+def test_a_quarantined_workers_deltas_are_taken_out_of_the_round(aggregator):
+    """Verification may quarantine a worker after some of its deltas were taken
+    in: the round then combines exactly what it would have without them."""
+    def round_of(deltas: list[tuple[str, float, float]]) -> rounds.Round:
+        rnd = rounds.Round(0, [], [], make_strategy(aggregator, 0.0), hold=True)
+        for worker, value, weight in deltas:
+            rnd.add(worker, {"w": torch.full(SHAPE, value)}, weight, dict(METRICS))
+        return rnd
+
+    honest = [("a", 1.0, 2.0), ("b", 3.0, 1.0), ("c", 2.0, 1.0)]
+    mixed = round_of([honest[0], ("evil", -40.0, 5.0), *honest[1:], ("evil", 9.0, 1.0)])
+    assert mixed.purge({"evil"}) == 2
+    assert mixed.purge({"evil"}) == 0
+    assert [a.worker_id for a in mixed.accepted] == ["a", "b", "c"]
+    assert len(mixed.metrics) == 3
+    torch.testing.assert_close(mixed.strategy.combine()["w"],
+                               round_of(honest).strategy.combine()["w"])

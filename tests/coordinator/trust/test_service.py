@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 
+from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.coordinator.metrics import Metrics
+from rewardsignal.coordinator.runs.state import Run, RunSpec
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.store.db import Database
 from rewardsignal.coordinator.trust.service import Trust
+from rewardsignal.lora import LoraSpec
 
 
 def _scheduler() -> Scheduler:
@@ -19,7 +22,8 @@ def _scheduler() -> Scheduler:
 
 def _trust(db, scheduler, **kw) -> Trust:
     return Trust(verify_fraction=kw.get("fraction", 0.1), probation_tasks=kw.get("probation", 3),
-                 db=db, scheduler=scheduler, metrics=Metrics(), runs={}, seed=7)
+                 train_fraction=kw.get("train_fraction", 0.3), db=db, scheduler=scheduler,
+                 metrics=Metrics(), runs={}, seed=7)
 
 
 def _worker(s: Scheduler, name: str, token: str = ""):
@@ -39,7 +43,8 @@ def test_probation_then_sampling_then_reset(tmp_path):
         assert trust.state(w)["state"] == "trusted"
         share = sum(trust.wants_check(w, "forward_backward") for _ in range(4000)) / 4000
         assert 0.08 < share < 0.12  # the verification fraction
-        assert not trust.wants_check(w, "train")  # federated deltas: not (yet) checked
+        share = sum(trust.wants_check(w, "train") for _ in range(4000)) / 4000
+        assert 0.27 < share < 0.33  # federated deltas: the train fraction
         await trust.disagreed(w.worker_id)
         assert trust.state(w)["state"] == "probation"
         await db.close()
@@ -53,6 +58,29 @@ def test_fraction_zero_checks_nothing(tmp_path):
     w = _worker(s, "w")
     assert not any(trust.wants_check(w, "forward_backward") for _ in range(100))
     assert trust.state(w)["state"] == "unchecked"
+
+
+def _run(dropout: float) -> Run:
+    spec = RunSpec("run-t", "local", "signal-tiny", "fp",
+                   LoraSpec(dropout=dropout, target_modules=("q_proj",)), AdamWConfig(), 64, 0.0)
+    return Run(spec, 0, {}, {}, 0, {})
+
+
+def test_what_can_be_checked_at_all():
+    """Results drawn with dropout differ between honest workers: not checkable.
+    A train fraction of 0 checks no delta; verification off checks nothing."""
+    s = _scheduler()
+    trust = _trust(None, s)
+    plain, dropout = _run(0.0), _run(0.1)
+    assert all(trust.checkable(plain, k) for k in ("forward_backward", "forward", "sample",
+                                                   "train"))
+    assert not trust.checkable(dropout, "forward_backward")
+    assert not trust.checkable(dropout, "train")
+    assert trust.checkable(dropout, "forward") and trust.checkable(dropout, "sample")
+    assert trust.metrics.verify_skipped.labels("dropout")._value.get() == 2
+    assert not _trust(None, s, train_fraction=0.0).checkable(plain, "train")
+    assert _trust(None, s, train_fraction=0.0).checkable(plain, "forward_backward")
+    assert not _trust(None, s, fraction=0.0).checkable(plain, "forward")
 
 
 def test_checkers_prefer_another_token_then_fall_back():
