@@ -4,6 +4,7 @@ the change of a Prometheus sum or count over the measured steps, per step."""
 from __future__ import annotations
 
 import statistics
+import os
 from collections import defaultdict
 
 # The worker's calls (what a slow link multiplies).
@@ -13,11 +14,23 @@ WORKER_ROUTES = ("/v1/workers/{worker_id}/lease", "/v1/runs/{run_id}/weights/{ve
 _STAGES = (
     ("forward_backward on the coordinator (tasks out, gradient in, durable)",
      "signal_forward_backward_duration_seconds_sum"),
+    ("  of which the worker's compute (as it reported it)",
+     "signal_task_compute_seconds_sum"),
     ("optim_step on the coordinator (AdamW, new version)",
      "signal_step_duration_seconds_sum"),
     ("  of which checkpoint writes (on the step's path or not)",
      "signal_checkpoint_write_seconds_sum"),
 )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Breakdown:
@@ -36,6 +49,11 @@ class Breakdown:
         for route in WORKER_ROUTES:
             snap[f"n {route}"] = m("signal_http_request_duration_seconds_count", route=route)
             snap[f"s {route}"] = m("signal_http_request_duration_seconds_sum", route=route)
+        # CPU each process spent (on 2 shared cores, any of it beside the
+        # worker's compute is time the compute does not get).
+        snap["cpu coordinator"] = cpu_seconds(self.cluster.procs[0].pid)
+        snap["cpu workers"] = sum(cpu_seconds(p.pid) for p in self.cluster.procs[1:])
+        snap["cpu benchmark process (SDK + reference)"] = cpu_seconds(os.getpid())
         return snap
 
     def start(self) -> None:
@@ -64,6 +82,9 @@ class Breakdown:
         print("  worker HTTP calls (count per step, server time per step):")
         for route in WORKER_ROUTES:
             print(f"    {route:<58} {d[f'n {route}']:4.2f}  {d[f's {route}'] * 1000:7.1f} ms")
+        print("  CPU per step (user + system):")
+        for k in ("cpu coordinator", "cpu workers", "cpu benchmark process (SDK + reference)"):
+            print(f"    {k[4:]:<58} {d[k] * 1000:7.1f} ms")
         print(f"  worker round trips per step: {self.round_trips():.2f}")
         print(f"  weight bytes sent per step: {d['bytes']:,.0f} by GET, "
               f"{d['bytes_inline']:,.0f} inside leases")

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rewardsignal.errors import CheckpointError, NotFoundError, ValidationError
+from rewardsignal.protocol import tensors_to_bytes
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -57,6 +58,13 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _fsync_path(path: Path) -> None:
@@ -116,20 +124,18 @@ class CheckpointStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
-            if adapter_bytes is not None:
-                (tmp / ADAPTER_FILE).write_bytes(adapter_bytes)
-            else:
-                save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()},
-                          tmp / ADAPTER_FILE, metadata={"format": "pt"})
-            save_file({k: v.detach().contiguous().cpu() for k, v in (optimizer or {}).items()},
-                      tmp / OPTIMIZER_FILE, metadata={"format": "pt"})
-            (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2,
-                                                              sort_keys=True))
+            if adapter_bytes is None:
+                adapter_bytes = tensors_to_bytes(adapter, metadata={"format": "pt"})
+            contents = {
+                ADAPTER_FILE: adapter_bytes,
+                ADAPTER_CONFIG_FILE: json.dumps(adapter_config, indent=2,
+                                                sort_keys=True).encode(),
+                OPTIMIZER_FILE: tensors_to_bytes(optimizer or {}, metadata={"format": "pt"}),
+            }
             files = {}
-            for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE, OPTIMIZER_FILE):
-                p = tmp / name
-                _fsync_path(p)
-                files[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for name, data in contents.items():
+                _write_synced(tmp / name, data)
+                files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             manifest = {
                 "format": FORMAT, "run_id": run_id, "version": version,
                 "parent_version": parent_version, "created_at": time.time(),

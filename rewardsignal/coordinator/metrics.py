@@ -31,6 +31,10 @@ class Metrics:
         self.fb_duration = Histogram("signal_forward_backward_duration_seconds",
                                      "time to compute one forward_backward across workers",
                                      ["run_id"], buckets=_STEP_BUCKETS, registry=r)
+        self.task_compute = Histogram("signal_task_compute_seconds",
+                                      "a task's compute time on its worker, as the worker "
+                                      "reported it with an accepted result", ["kind"],
+                                      buckets=_STEP_BUCKETS, registry=r)
         self.version = Gauge("signal_run_version", "current version of the run", ["run_id"],
                              registry=r)
         self.train_loss = Gauge("signal_train_loss", "weighted mean loss of the last "

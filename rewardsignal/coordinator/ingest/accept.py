@@ -73,9 +73,11 @@ class Ingest:
         elif task.sink is not None and checked.tensors is not None:
             await asyncio.to_thread(task.sink.add, checked.tensors, owned=True,
                                     worker=worker.worker_id)
+        duration_s = _duration(msg)
         self.scheduler.complete(task, lease_id, checked.result, tokens=task.tokens,
-                                duration_s=_duration(msg))
+                                duration_s=duration_s)
         self.metrics.updates_accepted.labels(task.kind).inc()
+        self.metrics.task_compute.labels(task.kind).observe(duration_s)
         return {"status": "accepted"}
 
     async def _check(self, worker: WorkerInfo, task: Task, lease_id: str, msg: dict) -> Checked:

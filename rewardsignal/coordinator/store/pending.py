@@ -9,17 +9,19 @@ import asyncio
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator.store.db import Database
+from rewardsignal.protocol import tensors_to_bytes
 
 
 def _save_tensors(tensors: Tensors, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    with open(tmp, "rb") as fh:
+    with open(tmp, "wb") as fh:
+        fh.write(tensors_to_bytes(tensors))
+        fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
