@@ -3,8 +3,8 @@ the change of a Prometheus sum or count over the measured steps, per step."""
 
 from __future__ import annotations
 
-import statistics
 import os
+import statistics
 from collections import defaultdict
 
 # The worker's calls (what a slow link multiplies).

@@ -9,7 +9,11 @@ Measures, in one run on this machine:
 Prints the median seconds per step of each and their ratio (target <= 1.15).
 
     python bench/step_overhead.py [--model signal-small] [--batch 48] [--steps 10]
-                                  [--delay-ms 50] [--pipelined]
+                                  [--delay-ms 50] [--pipelined] [--tokenized]
+
+``--tokenized``: the SDK sends the batch as token ids (datums), tokenized once
+before the steps as the reference's batch is; without it the coordinator
+tokenizes the examples on every step.
 
 Also prints where a step's time goes (from the coordinator's own metrics, per
 measured step) and the worker's HTTP round trips per step.
@@ -68,12 +72,17 @@ class Reference:
 
 
 def measure(model_id: str, batch: list, steps: int, warmup: int, r: int, lr: float, *,
-            delay_s: float = 0.0, pipelined: bool = False
+            delay_s: float = 0.0, pipelined: bool = False, tokenized: bool = False
             ) -> tuple[list[float], list[float], Breakdown]:
     """Alternate one reference step and one Signal step, so both see the same
     machine conditions (the other side sits idle meanwhile). ``delay_s``: the
     worker talks to the coordinator through a proxy adding this much each way."""
     ref = Reference(model_id, batch, r, lr)
+    if tokenized:
+        from rewardsignal.data import examples_to_datums
+        from rewardsignal.models import load_tokenizer
+
+        batch = [d.to_json() for d in examples_to_datums(batch, load_tokenizer(model_id))]
     with Cluster(1, worker_args=("--max-tokens-per-task", "1000000",
                                  "--micro-batch-tokens", "1000000"),
                  worker_delay_s=delay_s) as cluster:
@@ -110,6 +119,8 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=0.0,
                     help="one-way delay added between the worker and the coordinator "
                          "(an asyncio TCP proxy on 127.0.0.1)")
+    ap.add_argument("--tokenized", action="store_true",
+                    help="send token ids (tokenized once, as the reference's batch is)")
     ap.add_argument("--pipelined", action="store_true",
                     help="send forward_backward and optim_step as one pipelined SDK call")
     args = ap.parse_args()
@@ -117,12 +128,14 @@ def main() -> None:
     batch = sample_examples()[: args.batch]
     lr = 1e-3
     ref, sig, stages = measure(args.model, batch, args.steps + 2, 2, args.lora_r, lr,
-                               delay_s=args.delay_ms / 1000, pipelined=args.pipelined)
+                               delay_s=args.delay_ms / 1000, pipelined=args.pipelined,
+                               tokenized=args.tokenized)
     ref, sig = ref[2:], sig[2:]
     ref_s, sig_s = statistics.median(ref), statistics.median(sig)
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"model {args.model}, batch {args.batch} examples, lora_r {args.lora_r}, "
+    print(f"model {args.model}, batch {args.batch} examples"
+          f"{' (token ids)' if args.tokenized else ''}, lora_r {args.lora_r}, "
           f"{args.steps} measured steps")
     print(f"reference (in-process PEFT + AdamW): {ref_s:.3f} s/step  {[round(t, 3) for t in ref]}")
     print(f"signal (coordinator + 1 worker):     {sig_s:.3f} s/step  {[round(t, 3) for t in sig]}")

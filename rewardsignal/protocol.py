@@ -63,7 +63,7 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
     view, pos = memoryview(out), 8 + len(head)
     for k in order:
         raw = cpu[k].reshape(-1).view(torch.uint8).numpy()
-        view[pos: pos + raw.size] = raw
+        view[pos: pos + raw.size] = raw.data
         pos += raw.size
     return bytes(out)
 

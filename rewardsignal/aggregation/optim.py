@@ -70,17 +70,38 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
     bias1 = 1 - cfg.beta1 ** step
     bias2_sqrt = math.sqrt(1 - cfg.beta2 ** step)
     step_size = cfg.learning_rate / bias1
+    names = list(params)
+    # One flat vector per quantity: the same element-wise arithmetic (so the same
+    # bits) as a loop over the tensors, in a dozen kernel calls instead of a
+    # dozen per tensor (an adapter has hundreds of small ones).
+    if len({params[n].dtype for n in names} | {grads[n].dtype for n in names}) > 1:
+        raise ValidationError("parameters and gradients must share one dtype")
+
+    def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]
+                         ) if tensors else torch.zeros(0)
+
+    def moment(prefix: str) -> torch.Tensor:
+        if all(f"{prefix}.{n}" in state for n in names):
+            return flat([state[f"{prefix}.{n}"] for n in names])
+        return flat([state[f"{prefix}.{n}"] if f"{prefix}.{n}" in state
+                     else torch.zeros_like(params[n]) for n in names])
+
+    p = flat([params[n] for n in names])
+    g = flat([grads[n] for n in names])
+    m, v = moment("exp_avg"), moment("exp_avg_sq")
+    m = m.lerp(g, 1 - cfg.beta1)
+    v = v * cfg.beta2 + (1 - cfg.beta2) * g * g
+    p = p * (1 - cfg.learning_rate * cfg.weight_decay)
+    denom = v.sqrt() / bias2_sqrt + cfg.eps
+    p = p.addcdiv(m, denom, value=-step_size)
+    sizes = [params[n].numel() for n in names]
     new_params: Tensors = {}
     new_state: Tensors = {}
-    for name, p in params.items():
-        g = grads[name]
-        m = state.get(f"exp_avg.{name}", torch.zeros_like(p))
-        v = state.get(f"exp_avg_sq.{name}", torch.zeros_like(p))
-        m = m.lerp(g, 1 - cfg.beta1)
-        v = v * cfg.beta2 + (1 - cfg.beta2) * g * g
-        p = p * (1 - cfg.learning_rate * cfg.weight_decay)
-        denom = v.sqrt() / bias2_sqrt + cfg.eps
-        new_params[name] = p.addcdiv(m, denom, value=-step_size)
-        new_state[f"exp_avg.{name}"] = m
-        new_state[f"exp_avg_sq.{name}"] = v
+    # Views into the three new flat vectors (none of them is written in place).
+    for n, pi, mi, vi in zip(names, p.split(sizes), m.split(sizes), v.split(sizes), strict=True):
+        shape = params[n].shape
+        new_params[n] = pi.view(shape)
+        new_state[f"exp_avg.{n}"] = mi.view(shape)
+        new_state[f"exp_avg_sq.{n}"] = vi.view(shape)
     return new_params, new_state, step

@@ -79,9 +79,12 @@ class OptimStep(Operation):
     async def _apply(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str, *,
                      track: bool = False) -> dict:
         accum = run.accum
-        grads = await asyncio.to_thread(accum.gradient)
-        params, state, step = await asyncio.to_thread(adamw_step, run.adapter, grads,
-                                                      run.opt_state, run.opt_step, args)
+
+        def gradient_and_adamw() -> tuple:  # one hop off the loop for both (~1 ms a hop)
+            grads = accum.gradient()
+            return (grads, *adamw_step(run.adapter, grads, run.opt_state, run.opt_step, args))
+
+        grads, params, state, step = await asyncio.to_thread(gradient_and_adamw)
         loss = accum.loss
         entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
                  "time": time.time()}
