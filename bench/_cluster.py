@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,10 +14,12 @@ class Cluster:
     def __init__(self, n_workers: int, *, threads: int | None = None,
                  coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (),
                  device: str = "cpu", worker_log: str | None = None,
-                 worker_delay_s: float = 0.0) -> None:
+                 worker_delay_s: float = 0.0, data_parent: str | None = None) -> None:
         from rewardsignal import SignalClient
 
-        self.data_dir = tempfile.mkdtemp(prefix="signal-bench-")
+        # data_parent: where the coordinator's data directory goes (e.g. /dev/shm,
+        # to see what the step costs when fsync costs nothing).
+        self.data_dir = tempfile.mkdtemp(prefix="signal-bench-", dir=data_parent)
         self.procs: list[subprocess.Popen] = []
         coord = subprocess.Popen([sys.executable, "-m", "rewardsignal.cli", "coordinator",
                                   "--port", "0", "--data-dir", self.data_dir, "--log-level",
@@ -82,6 +85,7 @@ class Cluster:
             self._log.close()
         if getattr(self, "proxy", None) is not None:
             self.proxy.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self

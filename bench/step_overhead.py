@@ -11,6 +11,10 @@ Prints the median seconds per step of each and their ratio (target <= 1.15).
     python bench/step_overhead.py [--model signal-small] [--batch 48] [--steps 10]
                                   [--delay-ms 50] [--pipelined] [--tokenized]
 
+``--data-dir-on /dev/shm``: the coordinator's data directory on a RAM file
+system, where fsync costs nothing: the difference from a run on disk is what
+this disk's fsync latency adds to a step (the request, the gradient file).
+
 ``--tokenized``: the SDK sends the batch as token ids (datums), tokenized once
 before the steps as the reference's batch is; without it the coordinator
 tokenizes the examples on every step.
@@ -72,8 +76,8 @@ class Reference:
 
 
 def measure(model_id: str, batch: list, steps: int, warmup: int, r: int, lr: float, *,
-            delay_s: float = 0.0, pipelined: bool = False, tokenized: bool = False
-            ) -> tuple[list[float], list[float], Breakdown]:
+            delay_s: float = 0.0, pipelined: bool = False, tokenized: bool = False,
+            data_parent: str | None = None) -> tuple[list[float], list[float], Breakdown]:
     """Alternate one reference step and one Signal step, so both see the same
     machine conditions (the other side sits idle meanwhile). ``delay_s``: the
     worker talks to the coordinator through a proxy adding this much each way."""
@@ -85,7 +89,7 @@ def measure(model_id: str, batch: list, steps: int, warmup: int, r: int, lr: flo
         batch = [d.to_json() for d in examples_to_datums(batch, load_tokenizer(model_id))]
     with Cluster(1, worker_args=("--max-tokens-per-task", "1000000",
                                  "--micro-batch-tokens", "1000000"),
-                 worker_delay_s=delay_s) as cluster:
+                 worker_delay_s=delay_s, data_parent=data_parent) as cluster:
         run = cluster.client.create_run(base_model=model_id, lora_r=r, learning_rate=lr)
         ref_times, sig_times = [], []
         stages = Breakdown(cluster)
@@ -119,6 +123,8 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=0.0,
                     help="one-way delay added between the worker and the coordinator "
                          "(an asyncio TCP proxy on 127.0.0.1)")
+    ap.add_argument("--data-dir-on", default=None, metavar="DIR",
+                    help="put the coordinator's data directory under DIR (e.g. /dev/shm)")
     ap.add_argument("--tokenized", action="store_true",
                     help="send token ids (tokenized once, as the reference's batch is)")
     ap.add_argument("--pipelined", action="store_true",
@@ -129,7 +135,7 @@ def main() -> None:
     lr = 1e-3
     ref, sig, stages = measure(args.model, batch, args.steps + 2, 2, args.lora_r, lr,
                                delay_s=args.delay_ms / 1000, pipelined=args.pipelined,
-                               tokenized=args.tokenized)
+                               tokenized=args.tokenized, data_parent=args.data_dir_on)
     ref, sig = ref[2:], sig[2:]
     ref_s, sig_s = statistics.median(ref), statistics.median(sig)
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
@@ -145,6 +151,8 @@ def main() -> None:
     # fastest step of each is the least disturbed view of the fixed cost.
     print(f"fastest steps: reference {min(ref):.3f} s, signal {min(sig):.3f} s, "
           f"ratio {min(sig) / min(ref):.3f}")
+    if args.data_dir_on:
+        print(f"coordinator data directory under {args.data_dir_on}")
     if args.delay_ms:
         print(f"worker <-> coordinator through a proxy adding {args.delay_ms:g} ms each way")
     stages.report(ref_s)

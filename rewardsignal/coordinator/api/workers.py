@@ -3,7 +3,6 @@ submit. Submissions are msgpack maps with safetensors bytes inside."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -19,6 +18,7 @@ from rewardsignal.coordinator.api.bodies import (
 )
 from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.errors import ValidationError
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
@@ -167,9 +167,9 @@ async def submit_result(request: web.Request) -> web.Response:
     try:
         await request.app[AUTH].worker(request)
         raw = await read_raw(request)
-        # A multi-MB map: parse it off the event loop.
-        msg = await asyncio.to_thread(decode_body, raw, request.content_type,
-                                      coord.config.max_body_bytes)
+        # A multi-MB map is parsed off the event loop.
+        msg = await off_loop(len(raw), decode_body, raw, request.content_type,
+                             coord.config.max_body_bytes)
         del raw  # the decoded map holds its own copy of the tensors
         if not isinstance(msg, dict):
             raise ValidationError("submission must be a msgpack map")
