@@ -71,8 +71,21 @@ class AsyncSignalClient:
 
     async def _op(self, run_id: str, op: str, body: dict, timeout_s: float | None) -> dict:
         timeout_s = timeout_s or self.timeout_s
-        request_id = await self._accept(run_id, op, body, timeout_s)
-        return await self.wait(request_id, timeout_s=timeout_s + 10)
+        return await self._accept_and_wait(run_id, op, body, timeout_s)
+
+    async def _accept_and_wait(self, run_id: str, op: str, body: dict, timeout_s: float
+                               ) -> dict:
+        """Queue an operation and wait for its result. The first wait rides on the
+        queueing call itself (``?wait_s``): one round trip when the operation
+        finishes within a wait chunk; a coordinator that answers 202 instead
+        (still running, or one from before ``wait_s``) is waited on as usual."""
+        accepted = await self._http("POST", f"/v1/runs/{run_id}/{op}",
+                                    body={**body, "timeout_s": timeout_s},
+                                    params={"wait_s": f"{min(_WAIT_CHUNK_S, timeout_s):.3f}"},
+                                    timeout_s=min(_WAIT_CHUNK_S, timeout_s) + 60)
+        if accepted.get("status") == "done" and "result" in accepted:
+            return accepted["result"]
+        return await self.wait(accepted["request_id"], timeout_s=timeout_s + 10)
 
     async def _accept(self, run_id: str, op: str, body: dict, timeout_s: float) -> str:
         """Queue an operation; its request id (the result comes from ``wait``)."""
@@ -307,12 +320,11 @@ class AsyncRun:
         fb = await c._accept(self.run_id, "forward_backward", {
             "batch": list(batch), "loss_fn": loss_fn, "loss_fn_config": loss_fn_config or {},
             "reduction": reduction}, t)
-        step = await c._accept(self.run_id, "optim_step", {
+        step = c._accept_and_wait(self.run_id, "optim_step", {
             "learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
             "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}, t)
         outs: list[dict | BaseException] = list(await asyncio.gather(
-            c.wait(fb, timeout_s=t + 10), c.wait(step, timeout_s=t + 10),
-            return_exceptions=True))
+            c.wait(fb, timeout_s=t + 10), step, return_exceptions=True))
         results: list[dict] = []
         for out in outs:
             if isinstance(out, BaseException):

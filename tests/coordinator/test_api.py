@@ -344,3 +344,39 @@ def test_a_request_no_worker_can_take_says_so_then_fails(tmp_path):
         assert not h.coordinator.scheduler.tasks  # its shards were withdrawn
     finally:
         h.close()
+
+
+def test_queueing_with_wait_s_answers_with_the_result(harness):
+    """``?wait_s``: the queueing call itself waits for the result (one round
+    trip); still running after the wait it answers 202 as without; a failure
+    comes back as the operation's error; a bad wait_s queues nothing."""
+    h = harness
+    run_id = _run(h)
+    path = f"/v1/runs/{run_id}"
+    assert "wait_s" in _error(h, "POST", f"{path}/optim_step?wait_s=soon", 400, json={})
+    assert "wait_s" in _error(h, "POST", f"{path}/optim_step?wait_s=-1", 400, json={})
+    run = h.coordinator.runs[run_id]
+    assert run.version == 0 and run.processor.queue.empty()
+    code, failed = h.request("POST", f"{path}/optim_step?wait_s=5", json={})
+    assert code == 400 and failed["status"] == "failed"  # as GET /v1/requests/{id} says it
+    assert "call forward_backward before optim_step" in failed["error"]["message"]
+    worker = FakeWorker(h)
+    datum = {"model_input": [1, 5, 6], "loss_fn_inputs": {"target_tokens": [5, 6, 2],
+                                                          "weights": [1, 1, 1]}}
+    started = time.monotonic()
+    _, pending = h.request("POST", f"{path}/forward_backward?wait_s=0.3",
+                           json={"batch": [datum]}, expect=202)
+    assert time.monotonic() - started >= 0.3 and pending["status"] == "pending"
+    task = worker.lease()
+    import torch
+
+    from rewardsignal.protocol import tensors_to_bytes
+
+    grads = {k: torch.full(s, 0.1) for k, s in h.coordinator.runs[run_id].shapes.items()}
+    code, _ = worker.submit(task, codec="fp32", tensors=tensors_to_bytes(grads),
+                            result={"loss_sum": 2.0, "weight_sum": 3.0, "logprobs": [[-1.0] * 3]})
+    assert code == 200
+    h.request("GET", f"/v1/requests/{pending['request_id']}?timeout_s=5", expect=200)
+    _, done = h.request("POST", f"{path}/optim_step?wait_s=5", json={}, expect=200)
+    assert done["status"] == "done" and done["result"]["version"] == 1
+    assert h.coordinator.runs[run_id].version == 1

@@ -9,10 +9,10 @@ from aiohttp import web
 
 from rewardsignal.coordinator import ops
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
-from rewardsignal.coordinator.api.bodies import idempotency_key, read_body
+from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, idempotency_key, query_float, read_body
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import read_run_request
-from rewardsignal.errors import NotFoundError, ValidationError
+from rewardsignal.errors import NotFoundError, ValidationError, http_status_for
 
 
 async def create_run(request: web.Request) -> web.Response:
@@ -68,8 +68,12 @@ async def list_artifacts(request: web.Request) -> web.Response:
 
 async def run_op(request: web.Request) -> web.Response:
     """POST /v1/runs/{run_id}/{op}: check the arguments now (a bad request changes
-    nothing), queue the operation, answer 202 with a request id to wait on."""
+    nothing), queue the operation, answer 202 with a request id to wait on.
+    ``?wait_s=S``: first wait up to S seconds for the request to finish, and
+    answer as ``GET /v1/requests/{id}`` would (200 with the result when it did):
+    one round trip for a call the client waits on anyway."""
     owner = await request.app[AUTH].user(request)
+    wait_s = query_float(request, "wait_s", 0.0, MAX_WAIT_S)
     coord = request.app[COORDINATOR]
     operation = ops.get(request.match_info["op"])
     run = coord.run_for(owner, request.match_info["run_id"])
@@ -83,6 +87,15 @@ async def run_op(request: web.Request) -> web.Response:
         return await coord.submit(owner, run, operation, args, timeout_s, key)
 
     answer, replayed = await coord.once(owner, key, accept)
+    if wait_s > 0:
+        try:
+            body = (await coord.requests.wait(answer["request_id"], owner, wait_s)).to_json()
+        except NotFoundError:  # finished and forgotten (or a restart): the client waits
+            body = {"status": "pending"}
+        if body["status"] == "failed":
+            return web.json_response(body, status=http_status_for(body["error"]["code"]))
+        if body["status"] == "done":
+            return _answer({**answer, **body}, 200, replayed)
     return _answer(answer, 202, replayed)
 
 
