@@ -90,6 +90,34 @@ def test_tiebreak_quarantines_the_minority_checker(h):
     assert status == 403
 
 
+def test_a_fleet_of_two_cannot_break_a_tie_and_computes_the_shard_again(h):
+    """Two workers that disagree with no third to decide: neither is
+    quarantined, both go back on probation (one agreement ends it here), neither
+    result counts, and the shard is computed afresh (and checked) until two
+    results agree."""
+    run_id = _run(h)
+    a, b = FakeWorker(h, "a", token="tok-a"), FakeWorker(h, "b", token="tok-b")
+    req = fb(h, run_id, "hello")
+    task = a.lease()
+    g = honest(h, run_id, task["payload"])
+    submit(a, task, g)
+    submit(b, b.lease(), {k: -v for k, v in g.items()})  # the check disagrees
+    again = a.lease()  # no third worker: the shard itself is issued again
+    assert again["payload"] == task["payload"] and again["task_id"] != task["task_id"]
+    submit(a, again, g)
+    submit(b, b.lease(), g)  # now they agree
+    done(h, req)
+
+    assert verdicts(h, "unresolved") == 1 and verdicts(h, "agree") == 1
+    for w in (a, b):
+        rep = reputation(h, w)
+        assert rep["disagreements"] == 1 and rep["agreements"] == 1 and rep["streak"] == 1
+        assert rep["state"] == "trusted"  # probation_tasks=1: the agreement after it
+    accum = h.coordinator.runs[run_id].accum
+    for k, v in accum.gradient().items():
+        assert torch.equal(v, g[k] / WEIGHT)  # counted once: the agreed result
+
+
 def test_workers_under_one_token_do_not_check_each_other(tmp_path):
     h = Harness(tmp_path / "data", verify_fraction=1.0, probation_tasks=1,
                 worker_tokens=("tok-a", "tok-b"))
