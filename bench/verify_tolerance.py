@@ -95,13 +95,14 @@ def sample_vs_forward(model_id: str, spec: LoraSpec, adapter: dict, datums: list
     from rewardsignal.worker.sampling import SampleParams
 
     prompts = [list(d.input_ids[:12]) for d in datums[:8]]
-    for dtype, threads in (("fp32", 1), ("fp32", 2), ("bf16", 1)):
+    for dtype, threads, temp in (("fp32", 1, 1.0), ("fp32", 2, 1.0), ("bf16", 1, 1.0),
+                                 ("fp32", 2, 0.7), ("bf16", 1, 0.7)):
         torch.set_num_threads(threads)
         eng = Engine("cpu")
         prec = Precision(base_dtype=dtype)
         model, key = eng.activate(model_id, spec, "r", 0, adapter, prec)
         samples, _ = eng.sample(model, model_id, prompts, [[i] for i in range(len(prompts))],
-                                SampleParams(max_tokens=24, temperature=1.0))
+                                SampleParams(max_tokens=24, temperature=temp))
         torch.set_num_threads(1)
         ref_eng = Engine("cpu")
         ref_model, ref_key = ref_eng.activate(model_id, spec, "r", 0, adapter, Precision("fp32"))
@@ -113,11 +114,12 @@ def sample_vs_forward(model_id: str, spec: LoraSpec, adapter: dict, datums: list
             d = Datum(tuple(p + toks[:-1]), tuple(p[1:] + toks),
                       tuple([0.0] * (len(p) - 1) + [1.0] * len(toks)))
             res = ref_eng.forward_backward(ref_model, ref_key, [d], "cross_entropy", {},
-                                           backward=False)
+                                           backward=False, temperature=temp)
             got = res.logprobs[0][-len(toks):]
             worst = max(worst, max(abs(a - b) for a, b in zip(got, group[0]["logprobs"],
                                                                 strict=True)))
-        print(f"sample ({dtype}, {threads} threads) vs fp32 forward: max |dlogprob| {worst:.2e}")
+        print(f"sample ({dtype}, {threads} threads, temperature {temp}) vs fp32 forward at "
+              f"that temperature: max |dlogprob| {worst:.2e}")
 
 
 def train_deltas(model_id: str, spec: LoraSpec, adapter: dict, tok, steps: int) -> None:

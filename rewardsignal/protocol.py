@@ -97,6 +97,13 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise ValidationError(f"tensor payload is not valid safetensors: {exc}") from None
 
 
+# Check computations a worker may declare at registration (``checks``), beyond
+# the plain ones: ``logit_temperature``: a forward task's payload may carry
+# ``logit_temperature`` T, and its logprobs are then ``log_softmax(logits / T)``
+# (what a sample at temperature T claims for its tokens).
+CHECK_FEATURES = ("logit_temperature",)
+
+
 # Weight deltas between two versions' adapter files (``docs/protocol.md``: the
 # lease). Exact: the new file is ``old XOR delta``, bit for bit, so a worker that
 # applies one holds the same fp32 bits as a full download (and checks the sha256).

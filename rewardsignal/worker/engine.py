@@ -144,7 +144,8 @@ class Engine:
         return model, key
 
     # -- computations ---------------------------------------------------------------
-    def _target_logprobs(self, model, batch: Sequence[Datum]) -> tuple[torch.Tensor, ...]:
+    def _target_logprobs(self, model, batch: Sequence[Datum], temperature: float = 1.0
+                         ) -> tuple[torch.Tensor, ...]:
         width = max(len(d) for d in batch)
         ids = torch.full((len(batch), width), _PAD_ID, dtype=torch.long)
         tgt = torch.zeros((len(batch), width), dtype=torch.long)
@@ -158,6 +159,8 @@ class Engine:
             w[i, :n] = torch.tensor(d.weights)
         ids, tgt, mask, w = (t.to(self.device) for t in (ids, tgt, mask, w))
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        if temperature != 1.0:  # a sample's check at its temperature (``logit_temperature``)
+            logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         return logprobs * mask, w, mask
 
@@ -170,14 +173,14 @@ class Engine:
         return by_key[key]
 
     def _accumulate(self, model, datums: Sequence[Datum], loss_fn: str, loss_config: dict, *,
-                    backward: bool, micro_tokens: int, loss_scale: float = 1.0
-                    ) -> tuple[float, float, list[list[float]]]:
+                    backward: bool, micro_tokens: int, loss_scale: float = 1.0,
+                    temperature: float = 1.0) -> tuple[float, float, list[list[float]]]:
         """Forward (and backward of ``loss_scale`` x the loss sum) in micro-batches
         of at most ``micro_tokens`` padded tokens; gradients add up in ``.grad``."""
         loss_total, weight_total, logprobs_out = 0.0, 0.0, []
         for chunk in _micro_batches(datums, micro_tokens):
             with torch.set_grad_enabled(backward):
-                lp_BT, w_BT, _ = self._target_logprobs(model, chunk)
+                lp_BT, w_BT, _ = self._target_logprobs(model, chunk, temperature)
                 extra = {}
                 for k in ("logprobs", "advantages"):
                     if all(k in d.extra for d in chunk):
@@ -196,7 +199,7 @@ class Engine:
 
     def forward_backward(self, model, key: str, datums: Sequence[Datum], loss_fn: str,
                          loss_config: dict, *, backward: bool = True,
-                         micro_tokens: int = 4096) -> ForwardResult:
+                         micro_tokens: int = 4096, temperature: float = 1.0) -> ForwardResult:
         """Sum of weighted per-token losses over ``datums`` and, with ``backward``,
         its gradient w.r.t. the active LoRA weights (fp32)."""
         params = self._lora_params(model, key)
@@ -206,7 +209,8 @@ class Engine:
         # without backward (forward, compute_logprobs, evaluation) is deterministic.
         model.train(backward)
         loss_total, weight_total, logprobs = self._accumulate(
-            model, datums, loss_fn, loss_config, backward=backward, micro_tokens=micro_tokens)
+            model, datums, loss_fn, loss_config, backward=backward, micro_tokens=micro_tokens,
+            temperature=temperature)
         grads = None
         if backward:
             grads = {n: (p.grad.detach().float().cpu() if p.grad is not None

@@ -127,7 +127,8 @@ class Worker:
         reply = await self._call("POST", "/v1/workers/register", json={
             "name": self.name, "device": str(self.device),
             "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens,
-            "precisions": precisions, "memory_bytes": memory})
+            "precisions": precisions, "memory_bytes": memory,
+            "checks": list(protocol.CHECK_FEATURES)})
         self.worker_id = reply["worker_id"]
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
                           f"(device {self.device}, {tokens} tokens per task, offers "
@@ -415,7 +416,8 @@ class Worker:
             try:
                 return self.engine.forward_backward(
                     model, key, datums, payload["loss_fn"], payload["loss_fn_config"],
-                    backward=backward, micro_tokens=max(micro, longest))
+                    backward=backward, micro_tokens=max(micro, longest),
+                    temperature=float(payload.get("logit_temperature", 1.0)))
             except torch.OutOfMemoryError:
                 if micro <= longest:
                     raise

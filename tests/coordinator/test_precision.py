@@ -125,7 +125,8 @@ def test_workers_that_cannot_load_the_precision_do_not_lease_its_tasks(harness):
 def test_bad_capabilities_at_registration_are_400(harness):
     for body in ({"precisions": {"quantization": ["fp8"]}}, {"precisions": []},
                  {"precisions": {"base_dtypes": ["fp64"]}}, {"memory_bytes": -1},
-                 {"precisions": {"auto": "int8"}}, {"precisions": {"bogus": 1}}):
+                 {"precisions": {"auto": "int8"}}, {"precisions": {"bogus": 1}},
+                 {"checks": "logit_temperature"}, {"checks": [1]}, {"checks": ["x" * 65]}):
         status, reply = harness.request("POST", "/v1/workers/register", json={
             "name": "w", "device": "cpu", **body})
         assert status == 400, (body, reply)

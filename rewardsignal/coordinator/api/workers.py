@@ -22,7 +22,7 @@ from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.errors import ValidationError
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
-from rewardsignal.protocol import MSGPACK, XOR_DELTA, TaskMessage, pack
+from rewardsignal.protocol import CHECK_FEATURES, MSGPACK, XOR_DELTA, TaskMessage, pack
 
 
 async def register_worker(request: web.Request) -> web.Response:
@@ -53,6 +53,11 @@ def _read_capabilities(b: Body) -> dict:
     cannot quantize} and ``memory_bytes``. Absent: a worker from before run
     precision, which serves only default-precision runs and has no memory bound."""
     caps: dict = {"memory_bytes": b.int("memory_bytes", None, lo=1, hi=1 << 50)}
+    checks = b.list("checks", [], max_len=16)
+    if not all(isinstance(c, str) and len(c) <= 64 for c in checks):
+        raise ValidationError("field 'checks' must be a list of names")
+    # Names this coordinator does not know (a newer worker's) are left out.
+    caps["checks"] = sorted(set(checks) & set(CHECK_FEATURES))
     p = b.dict("precisions", None)
     if p is None:
         return caps

@@ -26,6 +26,8 @@ class WorkerInfo:
     quantization_note: str = ""  # why it cannot quantize, in its own words
     auto_dtype: str = ""  # what "auto" loads there; "" derives it from the device
     memory_bytes: int | None = None  # memory it offers; None: not declared
+    # Check computations it can do beyond the plain ones (``protocol.CHECK_FEATURES``).
+    checks: tuple[str, ...] = ()
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_wall: float = field(default_factory=time.time)
@@ -80,7 +82,7 @@ class WorkerInfo:
         return {"base_dtypes": list(self.base_dtypes) if self.base_dtypes is not None else None,
                 "quantization": list(self.quantization),
                 "quantization_note": self.quantization_note, "auto_dtype": self.auto_dtype,
-                "memory_bytes": self.memory_bytes}
+                "memory_bytes": self.memory_bytes, "checks": list(self.checks)}
 
     def with_capabilities(self, caps: dict | None) -> WorkerInfo:
         caps = caps or {}
@@ -90,4 +92,5 @@ class WorkerInfo:
         self.quantization_note = caps.get("quantization_note") or ""
         self.auto_dtype = caps.get("auto_dtype") or self.auto_dtype
         self.memory_bytes = caps.get("memory_bytes")
+        self.checks = tuple(caps.get("checks") or ())
         return self

@@ -2,10 +2,12 @@
 returned tokens must give the logprobs the sampler claimed (far cheaper than
 generating again, and independent of the sampler's random draws).
 
-Only logprobs under the model itself can be recomputed by a forward pass: those
-of temperature 1 and of greedy decoding (``worker.sampling``); at any other
-temperature the check is skipped (``signal_verification_skipped{reason=
-"temperature"}``). On a disagreement a third worker's forward pass decides: the
+A sample's logprobs are ``log_softmax(logits / T)`` at its temperature T (under
+the model itself for greedy decoding, ``worker.sampling``): at T other than 0
+and 1 the forward task carries ``logit_temperature`` T and goes only to workers
+that declared they can compute it (``protocol.CHECK_FEATURES``); the bound
+grows by 1/T below 1, as differences in the logits do. On a disagreement a
+third worker's forward pass decides: the
 sampler is quarantined if it sides with the checker (and the group is sampled
 again elsewhere), the checker if it sides with the sampler.
 """
@@ -19,8 +21,8 @@ from rewardsignal.coordinator.trust.verify import Outcome, Verifier
 
 
 def forward_payload(payload: dict, result: dict) -> dict | None:
-    """A ``forward`` task over each returned sequence (prompt + tokens); None
-    when no sequence has a token to check."""
+    """A ``forward`` task over each returned sequence (prompt + tokens), at the
+    sample's temperature; None when no sequence has a token to check."""
     prompts = payload["prompt_tokens"]
     n = payload.get("num_samples", 1)
     datums = []
@@ -33,7 +35,19 @@ def forward_payload(payload: dict, result: dict) -> dict | None:
             "weights": [0.0] * (len(p) - 1) + [1.0] * len(toks)}})
     if not datums:
         return None
-    return {"datums": datums, "loss_fn": "cross_entropy", "loss_fn_config": {}}
+    out = {"datums": datums, "loss_fn": "cross_entropy", "loss_fn_config": {}}
+    temperature = payload.get("temperature", 1.0)
+    if temperature not in (0, 1):
+        out["logit_temperature"] = float(temperature)
+    return out
+
+
+def _incapable(v: Verifier, payload: dict) -> set[str]:
+    """Workers that cannot compute ``payload`` (one at a logit temperature)."""
+    if "logit_temperature" not in payload:
+        return set()
+    return {w.worker_id for w in v.scheduler.workers.values()
+            if "logit_temperature" not in w.checks}
 
 
 def _claimed(result: dict) -> list[list[float]]:
@@ -56,29 +70,33 @@ async def check_sample(v: Verifier, run: Run, task: Task, first: Outcome) -> Out
     counts, or None when the group must be sampled again."""
     temperature = task.payload.get("temperature", 1.0)
     payload = forward_payload(task.payload, first.result)
-    if temperature not in (0, 1) or payload is None:
-        v.trust.note_skipped("temperature" if payload is not None else "empty")
+    if payload is None:
+        v.trust.note_skipped("empty")
         return first
+    # Logit differences scale by 1/T in the logprobs below T = 1.
+    scale = LOGPROB_SCALE * (1.0 / temperature if 0 < temperature < 1 else 1.0)
+    barred = _incapable(v, payload)
     claimed = _claimed(first.result)
-    second = await v.recompute(run, task, first.worker_id, {first.worker_id}, "second",
-                                kind="forward", payload=payload)
+    second = await v.recompute(run, task, first.worker_id, {first.worker_id} | barred,
+                                "second", kind="forward", payload=payload)
     if second is None:
         return first
-    bound = LOGPROB_SCALE * v.tolerance_for(run, first.worker_id, second.worker_id)
+    bound = scale * v.tolerance_for(run, first.worker_id, second.worker_id)
     if _close(claimed, _recomputed(second, claimed), bound):
         v.trust.metrics.verdicts.labels("agree").inc()
         await v.trust.agreed(first.worker_id, second.worker_id)
         return first
-    third = await v.recompute(run, task, first.worker_id, {first.worker_id, second.worker_id},
-                               "tiebreak", kind="forward", payload=payload)
+    third = await v.recompute(run, task, first.worker_id,
+                               {first.worker_id, second.worker_id} | barred, "tiebreak",
+                               kind="forward", payload=payload)
     if third is None:
         v.trust.metrics.verdicts.labels("unresolved").inc()
         await v.trust.disagreed(first.worker_id, second.worker_id)
         return None
     with_sampler = _close(claimed, _recomputed(third, claimed),
-                          LOGPROB_SCALE * v.tolerance_for(run, first.worker_id, third.worker_id))
+                          scale * v.tolerance_for(run, first.worker_id, third.worker_id))
     with_checker = _close(_recomputed(second, claimed), _recomputed(third, claimed),
-                          LOGPROB_SCALE * v.tolerance_for(run, second.worker_id, third.worker_id))
+                          scale * v.tolerance_for(run, second.worker_id, third.worker_id))
     if with_sampler == with_checker:
         v.trust.metrics.verdicts.labels("unresolved").inc()
         await v.trust.disagreed(first.worker_id, second.worker_id, third.worker_id)

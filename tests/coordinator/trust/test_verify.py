@@ -252,6 +252,27 @@ def test_sample_logprobs_are_checked_by_a_forward_pass(h):
     assert verdicts(h, "agree") == 1
 
 
+def test_a_sample_at_another_temperature_is_checked_at_that_temperature(h):
+    """At temperature 0.7 the check's forward pass carries logit_temperature and
+    goes only to a worker that declared it can compute it (not to b, a worker
+    from before that); the claimed logprobs are compared with its answer."""
+    run_id = _run(h)
+    a = FakeWorker(h, "a", token="tok-a")
+    b = FakeWorker(h, "b", token="tok-b")  # declares no checks
+    c = FakeWorker(h, "c", token="tok-c", checks=["logit_temperature", "from-the-future"])
+    assert h.coordinator.scheduler.workers[c.worker_id].checks == ("logit_temperature",)
+    _, req = h.request("POST", f"/v1/runs/{run_id}/sample",
+                       json={"prompt_tokens": [[1, 2, 3]], "max_tokens": 3, "seed": 1,
+                             "temperature": 0.7}, expect=202)
+    _sample_answer(a, a.lease(), -1.5)
+    assert b.lease(0.5) is None  # cannot compute at a temperature: not its check
+    check = c.lease()
+    assert check["payload"]["logit_temperature"] == 0.7
+    _forward_answer(c, check, -1.5)
+    assert done(h, req["request_id"])["result"]["logprobs"] == [[-1.5] * 3]
+    assert verdicts(h, "agree") == 1
+
+
 def test_no_step_is_applied_while_a_shard_awaits_its_verdict(h):
     run_id = _run(h)
     a, b = FakeWorker(h, "a", token="tok-a"), FakeWorker(h, "b", token="tok-b")
