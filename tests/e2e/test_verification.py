@@ -113,6 +113,13 @@ def test_adversary_caught_on_probation_and_its_work_removed(tmp_path):
             assert w[name]["reputation"]["disagreements"] == 0
             assert w[name]["reputation"]["agreements"] >= 2
         assert "worker quarantined by verification" in coord.output()
+        # A sample at temperature 0.7 is checked at that temperature by the other
+        # honest worker (real numerics: a forward pass over logits / 0.7).
+        agreed = metric(url, "signal_verification_verdicts_total", outcome="agree")
+        t.run.sample(prompts=["Once upon a time"], max_tokens=8, temperature=0.7, seed=2)
+        assert metric(url, "signal_verification_verdicts_total", outcome="agree") == agreed + 1
+        assert metric(url, "signal_verification_verdicts_total", outcome="unresolved") == 0
+        w = workers(url)
 
         # Verification state survives a restart: same data directory, same port.
         before = {n: w[n]["reputation"] for n in w}
