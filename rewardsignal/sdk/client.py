@@ -85,7 +85,8 @@ class AsyncSignalClient:
                                     timeout_s=min(_WAIT_CHUNK_S, timeout_s) + 60)
         if accepted.get("status") == "done" and "result" in accepted:
             return accepted["result"]
-        return await self.wait(accepted["request_id"], timeout_s=timeout_s + 10)
+        told = _tell_if_waiting(accepted, False)
+        return await self._wait(accepted["request_id"], timeout_s + 10, told=told)
 
     async def _accept(self, run_id: str, op: str, body: dict, timeout_s: float) -> str:
         """Queue an operation; its request id (the result comes from ``wait``)."""
@@ -97,8 +98,11 @@ class AsyncSignalClient:
         """Long-poll a request until it finishes; returns its result or raises
         its typed error. Rides out a coordinator restart (the request was stored
         when it was accepted, and runs again after the restart)."""
+        return await self._wait(request_id, timeout_s, told=False)
+
+    async def _wait(self, request_id: str, timeout_s: float | None, *, told: bool) -> dict:
+        """``wait``; ``told``: the caller already said the request waits for a worker."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        told = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -110,11 +114,7 @@ class AsyncSignalClient:
                 timeout_s=chunk + 30, request_id=request_id)
             if reply["status"] == "done":
                 return reply["result"]
-            if reply.get("waiting_for_workers") and not told:
-                told = True
-                print(f"signal: request {request_id} is waiting for a worker that can serve "
-                      "its run (none is connected); start one with `signal-worker "
-                      "--coordinator URL`", file=sys.stderr, flush=True)
+            told = _tell_if_waiting(reply, told)
 
     # -- client-level calls --------------------------------------------------------------
     async def health(self) -> dict:
@@ -455,3 +455,13 @@ class AsyncRun:
                 raise SignalError(f"downloaded {f['path']} does not match its sha256; retry")
             (out / f["path"]).write_bytes(data)
         return out
+
+
+def _tell_if_waiting(reply: dict, told: bool) -> bool:
+    """Say once (on stderr) that a request waits for a worker; whether it was said."""
+    if reply.get("waiting_for_workers") and not told:
+        print(f"signal: request {reply['request_id']} is waiting for a worker that can serve "
+              "its run (none is connected); start one with `signal-worker "
+              "--coordinator URL`", file=sys.stderr, flush=True)
+        return True
+    return told

@@ -12,7 +12,8 @@ def test_out_of_memory_halves_micro_batches_until_it_fits(capsys):
                             micro_batch_tokens=4096))
     seen = []
 
-    def fake_forward_backward(model, key, datums, loss_fn, cfg, *, backward, micro_tokens):
+    def fake_forward_backward(model, key, datums, loss_fn, cfg, *, backward, micro_tokens,
+                              temperature=1.0):
         seen.append(micro_tokens)
         if micro_tokens > 1024:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

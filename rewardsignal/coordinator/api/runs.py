@@ -96,6 +96,7 @@ async def run_op(request: web.Request) -> web.Response:
             return web.json_response(body, status=http_status_for(body["error"]["code"]))
         if body["status"] == "done":
             return _answer({**answer, **body}, 200, replayed)
+        answer = {**answer, **body}  # still pending, and why (waiting_for_workers)
     return _answer(answer, 202, replayed)
 
 
