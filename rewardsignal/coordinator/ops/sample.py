@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ops.base import Operation
-from rewardsignal.coordinator.ops.tasks import gather_tasks
+from rewardsignal.coordinator.ops.tasks import counted_results
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
 from rewardsignal.coordinator.trust.sample_check import check_sample
-from rewardsignal.coordinator.trust.verify import Outcome
 from rewardsignal.data.examples import encode_text
 from rewardsignal.errors import TaskFailedError, ValidationError
 from rewardsignal.models import BUILTIN_MODELS, is_builtin
@@ -187,25 +186,11 @@ class Sample(Operation):
             tokens=(sum(map(len, args.prompt_tokens[groups[i][0]:groups[i][1]]))
                     + args.max_tokens * (groups[i][1] - groups[i][0])) * args.num_samples)
             for i in todo]
-        for t in tasks:
-            t.checkable = ctx.trust.checkable(run, t.kind)
-        checks: list[tuple[int, asyncio.Task]] = []
-        try:
-            async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
-                                             ctx.config.no_worker_grace_s):
-                t = tasks[j]
-                if t.check:
-                    checks.append((todo[j], asyncio.create_task(check_sample(
-                        ctx.verifier, run, t, Outcome(t.done_by, res)))))
-                else:
-                    results[todo[j]] = res
-            for i, check in checks:
-                got = await check
-                if got is not None:
-                    results[i] = got.result
-        finally:
-            for _, check in checks:
-                check.cancel()
+        got = await counted_results(ctx, run, request, tasks,
+                                    lambda t, outcome: check_sample(ctx.verifier, run, t, outcome))
+        for j, outcome in got.items():
+            if outcome is not None:
+                results[todo[j]] = outcome.result
 
 
 def _result(per_prompt: list[list[dict]], prompt_lps: list | None, args: SampleArgs) -> dict:

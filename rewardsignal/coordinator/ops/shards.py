@@ -17,7 +17,7 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 
-from rewardsignal.coordinator.ops.tasks import gather_tasks
+from rewardsignal.coordinator.ops.tasks import counted_results
 from rewardsignal.coordinator.runs.accumulator import Contribution, Part, PartialSums
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
@@ -66,31 +66,16 @@ async def _round(ctx: Services, run: Run, request: Request, shards: list[Shard],
         kind=kind, run_id=run.run_id, base_model=run.spec.base_model, version=version,
         tokens=shards[i].tokens, preferred_worker=shards[i].preferred_worker if first else None,
         sink=sink, group=run.spec.owner, payload=shards[i].payload) for i in todo]
-    for t in tasks:
-        t.checkable = ctx.trust.checkable(run, t.kind)
-    checks: list[tuple[int, asyncio.Task]] = []
-    try:
-        async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
-                                         ctx.config.no_worker_grace_s):
-            t = tasks[j]
-            outcome = Outcome(t.done_by, res, t.held)
-            t.held = None
-            if t.check:
-                checks.append((todo[j], asyncio.create_task(
-                    ctx.verifier.check(run, t, outcome))))
-            else:
-                counted[todo[j]] = outcome
-        for i, check in checks:
-            got = await check
-            if got is None:
-                continue
-            if sink is not None and got.tensors is not None:
-                await asyncio.to_thread(sink.add, got.tensors, owned=True, worker=got.worker_id)
-            got.tensors = None
-            counted[i] = got
-    finally:
-        for _, check in checks:
-            check.cancel()
+    got = await counted_results(ctx, run, request, tasks,
+                                lambda t, outcome: ctx.verifier.check(run, t, outcome))
+    for j, outcome in got.items():
+        if outcome is None:
+            continue
+        if sink is not None and outcome.tensors is not None:  # checked: summed now
+            await asyncio.to_thread(sink.add, outcome.tensors, owned=True,
+                                    worker=outcome.worker_id)
+        outcome.tensors = None
+        counted[todo[j]] = outcome
 
 
 def parts_of(shards: list[Shard], outcomes: list[Outcome], sink: PartialSums | None

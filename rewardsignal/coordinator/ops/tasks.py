@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from rewardsignal.coordinator.runs.requests import Request
+from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.coordinator.services import Services
+from rewardsignal.coordinator.trust.verify import Outcome
 from rewardsignal.errors import NoWorkerError
 
 # How often a waiting request checks whether any live worker could take it.
@@ -51,3 +54,32 @@ async def gather_tasks(scheduler: Scheduler, tasks: list[Task], request: Request
         for t in tasks:
             if not t.done:
                 scheduler.cancel(t, "request ended")
+
+
+async def counted_results(ctx: Services, run: Run, request: Request, tasks: list[Task],
+                          check: Callable[[Task, Outcome], Coroutine[Any, Any, Outcome | None]]
+                          ) -> dict[int, Outcome | None]:
+    """Each task's result that counts, by index: an unchecked result as it came
+    (its gradient already summed where the task's sink wants it), or, for one the
+    trust policy held for a check, what ``check(task, outcome)`` decided (None:
+    it did not hold; ``tensors``: the held gradient, not summed yet)."""
+    for t in tasks:
+        t.checkable = ctx.trust.checkable(run, t.kind)
+    counted: dict[int, Outcome | None] = {}
+    checks: list[tuple[int, asyncio.Task]] = []
+    try:
+        async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
+                                         ctx.config.no_worker_grace_s):
+            t = tasks[j]
+            outcome = Outcome(t.done_by, res, t.held)
+            t.held = None
+            if t.check:
+                checks.append((j, asyncio.create_task(check(t, outcome))))
+            else:
+                counted[j] = outcome
+        for j, pending in checks:
+            counted[j] = await pending
+    finally:
+        for _, pending in checks:
+            pending.cancel()
+    return counted
