@@ -75,37 +75,18 @@ async def check_sample(v: Verifier, run: Run, task: Task, first: Outcome) -> Out
         return first
     # Logit differences scale by 1/T in the logprobs below T = 1.
     scale = LOGPROB_SCALE * (1.0 / temperature if 0 < temperature < 1 else 1.0)
-    barred = _incapable(v, payload)
     claimed = _claimed(first.result)
-    second = await v.recompute(run, task, first.worker_id, {first.worker_id} | barred,
-                                "second", kind="forward", payload=payload)
-    if second is None:
-        return first
-    bound = scale * v.tolerance_for(run, first.worker_id, second.worker_id)
-    if _close(claimed, _recomputed(second, claimed), bound):
-        v.trust.metrics.verdicts.labels("agree").inc()
-        await v.trust.agreed(first.worker_id, second.worker_id)
-        return first
-    third = await v.recompute(run, task, first.worker_id,
-                               {first.worker_id, second.worker_id} | barred, "tiebreak",
-                               kind="forward", payload=payload)
-    if third is None:
-        v.trust.metrics.verdicts.labels("unresolved").inc()
-        await v.trust.disagreed(first.worker_id, second.worker_id)
-        return None
-    with_sampler = _close(claimed, _recomputed(third, claimed),
-                          scale * v.tolerance_for(run, first.worker_id, third.worker_id))
-    with_checker = _close(_recomputed(second, claimed), _recomputed(third, claimed),
-                          scale * v.tolerance_for(run, second.worker_id, third.worker_id))
-    if with_sampler == with_checker:
-        v.trust.metrics.verdicts.labels("unresolved").inc()
-        await v.trust.disagreed(first.worker_id, second.worker_id, third.worker_id)
-        return None
-    bad, good = (second, first) if with_sampler else (first, second)
-    v.trust.metrics.verdicts.labels("first_wrong" if bad is first else "checker_wrong").inc()
-    await v.trust.agreed(good.worker_id, third.worker_id)
-    await v.trust.disagreed(bad.worker_id)
-    await v.trust.quarantine(bad.worker_id, f"sample task of run {run.run_id}: claimed logprobs "
-                             "disagreed with a forward pass over its tokens; a third worker "
-                             "sided with the other")
-    return first if with_sampler else None
+
+    def logprobs(o: Outcome) -> list[list[float]]:  # the sampler's claim, or a recomputation
+        return claimed if o is first else _recomputed(o, claimed)
+
+    def compare(a: Outcome, b: Outcome) -> str | None:
+        if _close(logprobs(a), logprobs(b), scale * v.tolerance_for(run, a.worker_id,
+                                                                    b.worker_id)):
+            return None
+        return "claimed logprobs disagreed with a forward pass over its tokens"
+
+    got = await v.check(run, task, first, compare=compare, kind="forward", payload=payload,
+                        barred=frozenset(_incapable(v, payload)), what="sample task")
+    # A checker's forward pass is no sample: when it wins, the group is sampled again.
+    return got if got is first else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,30 +71,45 @@ class Verifier:
         return disagreement(a.comparable(), b.comparable(),
                             self.tolerance_for(run, a.worker_id, b.worker_id))
 
-    async def check(self, run: Run, task: Task, first: Outcome) -> Outcome | None:
+    async def check(self, run: Run, task: Task, first: Outcome, *,
+                    compare: Callable[[Outcome, Outcome], str | None] | None = None,
+                    kind: str | None = None, payload: dict | None = None,
+                    barred: frozenset[str] = frozenset(), what: str = "task"
+                    ) -> Outcome | None:
         """Check ``first`` (the accepted result of ``task``); the result that
-        counts, or None when the shard must be computed again."""
-        second = await self.recompute(run, task, first.worker_id, {first.worker_id}, "second")
+        counts (``first``, or the one a third worker sided with), or None when
+        the shard must be computed again. By default the checkers compute the
+        same task and ``Verifier.compare`` judges; a check of another form (a
+        sample's, ``sample_check``) names the ``kind`` and ``payload`` the
+        checkers compute, the workers ``barred`` from it, its ``compare``, and
+        ``what`` the quarantine reason calls the checked result."""
+        if compare is None:
+            def compare(a: Outcome, b: Outcome) -> str | None:
+                return self.compare(run, task, a, b)
+        second = await self.recompute(run, task, first.worker_id, {first.worker_id} | barred,
+                                      "second", kind=kind, payload=payload)
         if second is None:
             return first  # nobody else can check it: counts unchecked
-        why = self.compare(run, task, first, second)
+        why = compare(first, second)
         if why is None:
             self.trust.metrics.verdicts.labels("agree").inc()
             await self.trust.agreed(first.worker_id, second.worker_id)
             return first
         third = await self.recompute(run, task, first.worker_id,
-                                      {first.worker_id, second.worker_id}, "tiebreak")
+                                     {first.worker_id, second.worker_id} | barred, "tiebreak",
+                                     kind=kind, payload=payload)
         if third is None:
             # Two results, no majority: neither counts, both back on probation.
             self.trust.metrics.verdicts.labels("unresolved").inc()
             await self.trust.disagreed(first.worker_id, second.worker_id)
             return None
-        return await self._tiebreak(run, task, first, second, third, why)
+        return await self._tiebreak(run, compare, first, second, third,
+                                    f"{what} of run {run.run_id}: {why}")
 
-    async def _tiebreak(self, run: Run, task: Task, a: Outcome, b: Outcome, c: Outcome,
-                        why: str) -> Outcome | None:
-        with_a = self.compare(run, task, a, c) is None
-        with_b = self.compare(run, task, b, c) is None
+    async def _tiebreak(self, run: Run, compare: Callable[[Outcome, Outcome], str | None],
+                        a: Outcome, b: Outcome, c: Outcome, why: str) -> Outcome | None:
+        with_a = compare(a, c) is None
+        with_b = compare(b, c) is None
         if with_a == with_b:
             # The third agrees with both (a borderline pair) or with neither: no
             # one is singled out; all three go back on probation, the shard is redone.
@@ -104,8 +120,7 @@ class Verifier:
         self.trust.metrics.verdicts.labels("first_wrong" if bad is a else "checker_wrong").inc()
         await self.trust.agreed(good.worker_id, c.worker_id)
         await self.trust.disagreed(bad.worker_id)
-        await self.trust.quarantine(bad.worker_id, f"task of run {run.run_id}: {why}; a third "
-                                    "worker sided with the other")
+        await self.trust.quarantine(bad.worker_id, f"{why}; a third worker sided with the other")
         return good
 
     async def recompute(self, run: Run, task: Task, origin: str, exclude: set[str],
