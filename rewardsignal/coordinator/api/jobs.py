@@ -8,26 +8,32 @@ from aiohttp import web
 
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR
 from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, query_float, read_raw
+from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.errors import NotFoundError, http_status_for
 
 
-async def wait_request(request: web.Request) -> web.Response:
-    owner = await request.app[AUTH].user(request)
-    timeout_s = query_float(request, "timeout_s", 30.0, MAX_WAIT_S)
-    coord = request.app[COORDINATOR]
-    request_id = request.match_info["request_id"]
+async def request_state(coord: Coordinator, request_id: str, owner: str, timeout_s: float
+                        ) -> dict:
+    """What ``GET /v1/requests/{id}`` answers, after waiting up to ``timeout_s``
+    for the request to finish."""
     try:
-        req = await coord.requests.wait(request_id, owner, timeout_s)
-        body = req.to_json()
+        return (await coord.requests.wait(request_id, owner, timeout_s)).to_json()
     except NotFoundError:
         # Finished before the coordinator last restarted: the database has it.
         old = await coord.services.db.finished_request(request_id)
         if old is None or old["owner"] != owner:
             raise
-        body = {"request_id": request_id, "run_id": old["run_id"], "kind": old["kind"],
+        return {"request_id": request_id, "run_id": old["run_id"], "kind": old["kind"],
                 "status": old["status"],
                 **({"result": old["result"]} if old["status"] == "done" else old["result"])}
+
+
+async def wait_request(request: web.Request) -> web.Response:
+    owner = await request.app[AUTH].user(request)
+    timeout_s = query_float(request, "timeout_s", 30.0, MAX_WAIT_S)
+    body = await request_state(request.app[COORDINATOR], request.match_info["request_id"],
+                               owner, timeout_s)
     if body["status"] == "failed":
         return web.json_response(body, status=http_status_for(body["error"]["code"]))
     return web.json_response(body, status=200 if body["status"] == "done" else 202)

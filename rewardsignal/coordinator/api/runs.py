@@ -10,6 +10,7 @@ from aiohttp import web
 from rewardsignal.coordinator import ops
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
 from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, idempotency_key, query_float, read_body
+from rewardsignal.coordinator.api.jobs import request_state
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import read_run_request
 from rewardsignal.errors import NotFoundError, ValidationError, http_status_for
@@ -89,8 +90,8 @@ async def run_op(request: web.Request) -> web.Response:
     answer, replayed = await coord.once(owner, key, accept)
     if wait_s > 0:
         try:
-            body = (await coord.requests.wait(answer["request_id"], owner, wait_s)).to_json()
-        except NotFoundError:  # finished and forgotten (or a restart): the client waits
+            body = await request_state(coord, answer["request_id"], owner, wait_s)
+        except NotFoundError:  # forgotten meanwhile: the answer stands, the client waits
             body = {"status": "pending"}
         if body["status"] == "failed":
             return web.json_response(body, status=http_status_for(body["error"]["code"]))
