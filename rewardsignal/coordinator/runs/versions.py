@@ -80,7 +80,7 @@ class Versions:
         return data
 
     def _write_sync(self, run: Run, adapter: bytes, metrics: dict | None,
-                    request_id: str | None) -> tuple[Path, str, int, set[int]]:
+                    request_id: str | None) -> tuple[Path, int, set[int]]:
         path = self.store.write(
             run.run_id, run.version, adapter=run.adapter, adapter_bytes=adapter,
             optimizer=run.opt_state,
@@ -90,15 +90,14 @@ class Versions:
                   "history": run.history[-1000:], "request_id": request_id})
         size = sum(p.stat().st_size for p in path.iterdir())
         kept = set(self.store.versions(run.run_id))  # after retention pruned the oldest
-        return path, self.store.adapter_sha256(run.run_id, run.version), size, kept
+        return path, size, kept
 
     async def write(self, run: Run, *, metrics: dict | None = None,
-                    request_id: str | None = None, adapter: bytes | None = None) -> Path:
+                    request_id: str | None = None) -> Path:
         """Write ``run`` at its current version (in a thread), after any background
         write of the run still running (checkpoints land in version order)."""
         await self.flush(run.run_id)
-        if adapter is None:
-            adapter = await self._serialize(run)
+        adapter = await self._serialize(run)
         return await self._write_now(run, adapter, metrics, request_id)
 
     async def flush(self, run_id: str | None = None) -> None:
@@ -120,15 +119,15 @@ class Versions:
     async def _write_now(self, run: Run, adapter: bytes, metrics: dict | None,
                          request_id: str | None) -> Path:
         t0 = time.monotonic()
-        path, sha, size, kept = await asyncio.to_thread(self._write_sync, run, adapter, metrics,
-                                                        request_id)
+        # Its sha256 was remembered when the bytes were made (``_serialize``).
+        path, size, kept = await asyncio.to_thread(self._write_sync, run, adapter, metrics,
+                                                   request_id)
         # Pruned versions are gone from disk: forget them here too (a 404, not a
         # task no worker can fetch weights for). Newer ones may not be on disk
         # yet (written in the background): they stay.
         for key in [k for k in self._sha
                     if k[0] == run.run_id and k[1] < run.version and k[1] not in kept]:
             del self._sha[key]
-        self._remember(run.run_id, run.version, sha)
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
         self.metrics.checkpoint_bytes.labels(run.run_id).set(size)
         return path
