@@ -50,7 +50,10 @@ class RequestRegistry:
     come back late for their result (the database keeps as many across restarts)."""
 
     def __init__(self, keep_finished: int) -> None:
-        self._items: OrderedDict[str, Request] = OrderedDict()
+        self._items: dict[str, Request] = {}
+        # Finished request ids, oldest first: trimming drops from the front, so
+        # finishing a request costs the same with 10,000 kept as with none.
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self.keep_finished = keep_finished
         self._closing = asyncio.Event()
 
@@ -64,13 +67,16 @@ class RequestRegistry:
         req = Request(request_id or "req-" + secrets.token_hex(8), owner, run_id, kind,
                       asyncio.get_running_loop().create_future())
         self._items[req.request_id] = req
-        req.future.add_done_callback(lambda _f: self._trim())
+        req.future.add_done_callback(lambda _f: self._finish(req.request_id))
         return req
 
-    def _trim(self) -> None:
-        finished = [k for k, r in self._items.items() if r.future.done()]
-        for k in finished[: max(0, len(finished) - self.keep_finished)]:
-            del self._items[k]
+    def _finish(self, request_id: str) -> None:
+        self._finished[request_id] = None
+        self._finished.move_to_end(request_id)
+        while len(self._finished) > self.keep_finished:
+            old = self._items.get(self._finished.popitem(last=False)[0])
+            if old is not None and old.future.done():  # not a pending one reusing the id
+                del self._items[old.request_id]
 
     def fail_run(self, run_id: str, error: SignalError) -> int:
         """Fail every open request of ``run_id`` (the run is gone); returns how many."""
