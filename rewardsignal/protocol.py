@@ -8,6 +8,8 @@ crosses the network is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import zlib
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from rewardsignal.aggregation.tensors import FlatTensors
 from rewardsignal.errors import ValidationError
 
 JSON = "application/json"
@@ -61,6 +64,10 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
     out[:8] = len(head).to_bytes(8, "little")
     out[8: 8 + len(head)] = head
     view, pos = memoryview(out), 8 + len(head)
+    flat = tensors.flat if isinstance(tensors, FlatTensors) else None
+    if flat is not None and flat.dtype == torch.float32 and order == list(tensors):
+        view[pos:] = flat.detach().cpu().view(torch.uint8).numpy().data  # already in order
+        return bytes(out)
     for k in order:
         raw = cpu[k].reshape(-1).view(torch.uint8).numpy()
         view[pos: pos + raw.size] = raw.data
@@ -82,6 +89,9 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise ValidationError("tensor payload header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ValidationError("tensor payload header must be an object")
+    flat = _flat_f32(data, 8 + header_len, header)
+    if flat is not None:
+        return flat
     body = len(data) - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
@@ -95,6 +105,40 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         return st_load(bytes(data))
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ValidationError(f"tensor payload is not valid safetensors: {exc}") from None
+
+
+def _flat_f32(data: bytes | bytearray, start: int, header: dict) -> FlatTensors | None:
+    """The common case, fp32 tensors tiling the body in offset order (what Signal
+    and the safetensors library write): one copy of the body, every tensor a view
+    of it. None for anything else, valid or not (the checks below and the library
+    judge it)."""
+    if sys.byteorder != "little":
+        return None
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") != "F32":
+            return None
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            return None
+        entries.append((offsets[0], offsets[1], name, tuple(shape)))
+    entries.sort(key=lambda e: e[0] if type(e[0]) is int else -1)
+    pos = 0
+    for a, b, _, shape in entries:
+        if a != pos or type(b) is not int or b - a != 4 * math.prod(shape):
+            return None
+        pos = b
+    if pos != len(data) - start:
+        return None
+    layout = tuple((name, shape) for _, _, name, shape in entries)
+    if not pos:
+        return FlatTensors.of(torch.zeros(0), layout)
+    flat = torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=torch.uint8)
+    return FlatTensors.of(flat.view(torch.float32), layout)
 
 
 # Check computations a worker may declare at registration (``checks``), beyond

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load
 from safetensors.torch import save as library_save
 
+from rewardsignal.aggregation.tensors import FlatTensors
+from rewardsignal.errors import ValidationError
 from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
 
 
@@ -40,3 +42,37 @@ def test_other_dtypes_go_through_the_library():
     t = {"flag": torch.tensor([True, False]), "x": torch.ones(2)}
     assert torch.equal(load(tensors_to_bytes(t))["flag"], t["flag"])
     assert tensors_to_bytes({}) == library_save({})
+
+
+def _fp32() -> dict[str, torch.Tensor]:
+    t = _tensors()
+    return {k: v.float() for k, v in t.items() if k not in ("q", "h", "b")}
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_fp32_sets_are_read_as_views_of_one_buffer(metadata):
+    t = _fp32()
+    data = library_save({k: v.contiguous() for k, v in t.items()}, metadata)
+    read = tensors_from_bytes(data)
+    assert isinstance(read, FlatTensors) and read.flat is not None
+    assert read.flat.numel() == sum(v.numel() for v in t.values())
+    for k, v in t.items():
+        assert torch.equal(read[k], v)
+        assert read[k].untyped_storage().data_ptr() == read.flat.untyped_storage().data_ptr()
+    # Written back from the buffer in one copy: the same bytes.
+    assert tensors_to_bytes(read, metadata) == data
+    read.flat.mul_(2)  # the views follow their buffer
+    assert torch.equal(read["w.lora_A"], 2 * t["w.lora_A"])
+    assert tensors_to_bytes(read) == library_save({k: 2 * v.contiguous() for k, v in t.items()})
+
+
+def test_payloads_that_are_not_a_tiled_fp32_body_are_left_to_the_library():
+    mixed = tensors_from_bytes(tensors_to_bytes(_tensors()))
+    assert not isinstance(mixed, FlatTensors)
+    data = library_save({"a": torch.ones(2), "b": torch.ones(3)})
+    head = int.from_bytes(data[:8], "little")
+    # b's offsets overlap a's: no longer a tiling; the checks reject it cleanly.
+    lying = data.replace(b'"data_offsets":[8,20]', b'"data_offsets":[4,16]')
+    assert lying != data and int.from_bytes(lying[:8], "little") == head
+    with pytest.raises(ValidationError):
+        tensors_from_bytes(lying)

@@ -79,4 +79,6 @@ def decode(tensors: Tensors, codec: str) -> Tensors:
     for k, v in tensors.items():
         if v.dtype != dtype:
             raise RejectedUpdate("dtype", f"{k} is {v.dtype} but codec {codec} says {dtype}")
+    if dtype == torch.float32:
+        return tensors  # as decoded (a flat set stays flat)
     return {k: v.to(torch.float32) for k, v in tensors.items()}

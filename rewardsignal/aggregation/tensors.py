@@ -2,9 +2,122 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 Tensors = dict[str, torch.Tensor]
+
+
+class FlatTensors(dict[str, torch.Tensor]):
+    """Named tensors that are views tiling one 1-D buffer, in dict order (a
+    decoded submission: the safetensors body is already laid out so). Whole-set
+    arithmetic (sums, scaling, finiteness) is then one kernel call on ``flat``
+    instead of one per tensor, with the same element-wise bits. Any change to
+    the dict's entries (not to the tensors' values, which stay views) drops the
+    buffer, and the dict is then an ordinary one."""
+
+    __slots__ = ("flat", "layout")
+
+    def __init__(self, flat: torch.Tensor, views: dict[str, torch.Tensor]) -> None:
+        super().__init__(views)
+        self.flat: torch.Tensor | None = flat
+        self.layout = tuple((k, tuple(v.shape)) for k, v in views.items())
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, layout: tuple[tuple[str, tuple[int, ...]], ...]
+           ) -> FlatTensors:
+        """Views of ``flat`` (1-D, as many elements as the layout) by ``layout``."""
+        sizes = [math.prod(shape) for _, shape in layout]
+        if sum(sizes) != flat.numel():
+            raise ValueError(f"layout covers {sum(sizes)} elements, buffer has {flat.numel()}")
+        parts = flat.split(sizes) if layout else ()
+        out = cls(flat, {name: t.view(shape)
+                         for (name, shape), t in zip(layout, parts, strict=True)})
+        return out
+
+    def with_buffer(self, flat: torch.Tensor) -> FlatTensors:
+        """The same names and shapes over another buffer (e.g. ``self.flat * s``)."""
+        return FlatTensors.of(flat, self.layout)
+
+    def _unflatten(self) -> None:
+        self.flat = None
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._unflatten()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._unflatten()
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> FlatTensors:  # type: ignore[override,misc]
+        self._unflatten()
+        super().update(other)
+        return self
+
+    def pop(self, *args: Any) -> Any:
+        self._unflatten()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, torch.Tensor]:
+        self._unflatten()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._unflatten()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._unflatten()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, *args: Any) -> Any:
+        self._unflatten()
+        return super().setdefault(*args)
+
+
+def flat_pair(a: Tensors, b: Tensors) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both buffers when ``a`` and ``b`` are flat with the same names and shapes
+    in the same order (element-wise arithmetic on the buffers is then the same
+    as on each pair of tensors); otherwise None."""
+    if (isinstance(a, FlatTensors) and isinstance(b, FlatTensors) and a.flat is not None
+            and b.flat is not None and a.layout == b.layout):
+        return a.flat, b.flat
+    return None
+
+
+def tree_clone(a: Tensors) -> Tensors:
+    if isinstance(a, FlatTensors) and a.flat is not None:
+        return a.with_buffer(a.flat.clone())
+    return {k: v.clone() for k, v in a.items()}
+
+
+def tree_add_(a: Tensors, b: Tensors) -> None:
+    """``a += b``, tensor by tensor (``a``'s tensors are written in place)."""
+    pair = flat_pair(a, b)
+    if pair is not None:
+        pair[0].add_(pair[1])
+        return
+    for k, v in b.items():
+        a[k].add_(v)
+
+
+def tree_div(a: Tensors, s: float) -> Tensors:
+    if isinstance(a, FlatTensors) and a.flat is not None:
+        return a.with_buffer(a.flat / s)
+    return {k: v / s for k, v in a.items()}
+
+
+def all_finite(a: Tensors) -> str | None:
+    """The first tensor holding a NaN or infinity (None: all finite)."""
+    if isinstance(a, FlatTensors) and a.flat is not None and bool(torch.isfinite(a.flat).all()):
+        return None
+    for name, t in a.items():
+        if not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def tree_add(a: Tensors, b: Tensors) -> Tensors:
@@ -20,10 +133,20 @@ def tree_zeros_like(a: Tensors) -> Tensors:
 
 
 def global_norm(a: Tensors) -> float:
+    """As ``torch.nn.utils.clip_grad_norm_`` computes it (the norm of the
+    per-tensor norms), so clipping keeps its bits."""
     if not a:
         return 0.0
     return float(torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(v.float()) for v in a.values()])))
+
+
+def l2_norm(a: Tensors) -> float:
+    """The global L2 norm for checks and metrics: one kernel call on a flat
+    set (equal to ``global_norm`` up to rounding)."""
+    if isinstance(a, FlatTensors) and a.flat is not None:
+        return float(torch.linalg.vector_norm(a.flat))
+    return global_norm(a)
 
 
 def tree_max_abs_diff(a: Tensors, b: Tensors) -> float:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardsignal.aggregation.tensors import Tensors, global_norm
+from rewardsignal.aggregation.tensors import Tensors, all_finite, l2_norm
 from rewardsignal.errors import RejectedUpdate
 
 REASONS = ("stale", "names", "shape", "dtype", "nonfinite", "norm", "fingerprint",
@@ -55,13 +55,14 @@ def check_tensors(update: Tensors, expected_shapes: dict[str, tuple[int, ...]]) 
                                  f"{tuple(expected_shapes[name])}")
         if t.dtype != torch.float32:
             raise RejectedUpdate("dtype", f"{name} has dtype {t.dtype}, expected float32")
-        if not bool(torch.isfinite(t).all()):
-            raise RejectedUpdate("nonfinite", f"{name} contains NaN or infinity")
+    bad = all_finite(update)
+    if bad is not None:
+        raise RejectedUpdate("nonfinite", f"{bad} contains NaN or infinity")
 
 
 def check_norm(update: Tensors, weight: float, norm_max: float) -> float:
     """Norm of the update per unit of loss weight; returns it."""
-    norm = global_norm(update) / max(abs(weight), 1e-12)
+    norm = l2_norm(update) / max(abs(weight), 1e-12)
     if not math.isfinite(norm) or norm > norm_max:
         raise RejectedUpdate("norm", f"update norm per unit weight {norm:.4g} exceeds "
                              f"delta_norm_max {norm_max:.4g}")

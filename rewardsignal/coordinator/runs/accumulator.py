@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.aggregation.tensors import Tensors, tree_add_, tree_clone, tree_div
 from rewardsignal.errors import ValidationError
 
 # The worker a gradient is attributed to when it came back from disk after a
@@ -40,10 +40,9 @@ class GradientSum:
         it is copied so the caller's tensors are never mutated."""
         with self._lock:
             if self._sum is None:
-                self._sum = tensors if owned else {k: v.clone() for k, v in tensors.items()}
+                self._sum = tensors if owned else tree_clone(tensors)
             else:
-                for k, v in tensors.items():
-                    self._sum[k].add_(v)
+                tree_add_(self._sum, tensors)
 
     @property
     def empty(self) -> bool:
@@ -79,10 +78,9 @@ class PartialSums:
 def _ordered_sum(sums: list[GradientSum]) -> Tensors | None:
     if not sums:
         return None
-    out = {k: v.clone() for k, v in sums[0].value().items()}
+    out = tree_clone(sums[0].value())
     for s in sums[1:]:
-        for k, v in s.value().items():
-            out[k].add_(v)
+        tree_add_(out, s.value())
     return out
 
 
@@ -199,7 +197,7 @@ class Accumulator:
         weight_mean = sum(w.weight_mean for w in ws)
         mean = _ordered_sum([w.mean for w in ws if not w.mean.empty])
         if mean is not None and weight_mean != 0:
-            parts.append({k: v / weight_mean for k, v in mean.items()})
+            parts.append(tree_div(mean, weight_mean))
         summed = _ordered_sum([w.sum for w in ws if not w.sum.empty])
         if summed is not None:
             parts.append(summed)
