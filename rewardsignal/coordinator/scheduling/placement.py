@@ -7,6 +7,12 @@ registration), and offers enough memory for the base at that precision, the
 LoRA and the activations of one full-length sequence (``rewardsignal.memory``).
 Workers that declared no memory are not held to a memory bound: they predate
 placement and their out-of-memory splitting still applies.
+
+Task size follows from the same estimate: a worker's shards of a run hold at
+most the tokens whose activations fit beside that run's base and LoRA in the
+memory it offers (``Requirement.task_tokens``), and never more than the task
+size it declared. So a 24 GB card gets long shards of a 0.5B run and short
+ones of an 8B run.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
-from rewardsignal.memory import ModelShape, train_memory_bytes
+from rewardsignal.memory import ModelShape, activation_bytes_per_token, train_memory_bytes
 from rewardsignal.precision import Precision
 
 
@@ -41,6 +47,23 @@ class Requirement:
                                   quantization=self.precision.quantization, lora_r=self.lora_r,
                                   targets=self.targets, tokens=self.max_length,
                                   eager_seq_len=eager)
+
+
+    def task_tokens(self, w: WorkerInfo) -> int | None:
+        """The most tokens of this run one task for ``w`` may hold: what fits in
+        the memory it offers once the base (at the run's precision) and the LoRA
+        are loaded, at the activation cost per token of this run's model. None
+        when there is no bound (no memory declared, config unreadable)."""
+        if self.shape is None or w.memory_bytes is None:
+            return None
+        dtype = self.precision.resolve(w.auto_dtype)
+        eager = 0 if w.device.startswith("cuda") else self.max_length
+        fixed = train_memory_bytes(self.shape, dtype=dtype,
+                                   quantization=self.precision.quantization,
+                                   lora_r=self.lora_r, targets=self.targets, tokens=0,
+                                   eager_seq_len=eager)
+        per_token = activation_bytes_per_token(self.shape, dtype, eager_seq_len=eager)
+        return max(1, (w.memory_bytes - fixed) // per_token)
 
 
 def _gib(n: int) -> str:

@@ -167,8 +167,10 @@ class Scheduler:
     # -- planning --------------------------------------------------------------------
     def plan_shards(self, datums: list[Datum], model_id: str, run_id: str | None = None
                     ) -> list[tuple[list[int], str | None]]:
+        req = self.requirements.get(run_id) if run_id is not None else None
         return plan_shards(datums, self.eligible_workers(model_id, run_id),
-                           self.default_task_tokens)
+                           self.default_task_tokens,
+                           req.task_tokens if req is not None else lambda w: None)
 
     # -- tasks -------------------------------------------------------------------------
     def add_task(self, *, kind: str, run_id: str, base_model: str, version: int,

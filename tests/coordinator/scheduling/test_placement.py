@@ -80,3 +80,38 @@ def test_workers_that_declare_no_memory_are_not_bound(harness):
     assert run["warnings"] == []
     _fb(h, run["run_id"])
     assert legacy.lease()["run_id"] == run["run_id"]
+
+
+def test_task_size_follows_what_the_workers_memory_holds_of_the_run(harness):
+    """A worker's shards of a run hold no more tokens than the memory estimate
+    says fit beside that run's base and LoRA in what it offers; a bigger worker
+    gets the batch in fewer, longer shards."""
+    from rewardsignal.memory import shape_of, train_memory_bytes
+    from rewardsignal.models import model_info
+
+    h = harness
+    targets = model_info("signal-tiny").default_target_modules
+    text = " ".join(f"word{i}" for i in range(40))
+    for memory, name in ((SMALL, "small16"), (BIG, "big2g")):
+        worker = FakeWorker(h, name, memory_bytes=memory)
+        run = _create(h, max_length=64)
+        _, req = h.request("POST", f"/v1/runs/{run['run_id']}/forward_backward", expect=202,
+                           json={"batch": [{"text": f"{text} {i}"} for i in range(24)]})
+        sizes = []
+        for _ in range(24):
+            task = worker.lease(timeout_s=0.5)
+            if task is None:
+                break
+            sizes.append(sum(len(d["model_input"]) for d in task["payload"]["datums"]))
+        assert sum(sizes) > 64 * 8  # the whole batch was leased
+        for tokens in sizes:
+            assert train_memory_bytes(shape_of("signal-tiny"), dtype="fp32", quantization=None,
+                                      lora_r=2, targets=targets, tokens=tokens,
+                                      eager_seq_len=64) <= memory
+        if name == "small16":
+            assert len(sizes) > 1
+            small_shards = len(sizes)
+        else:
+            assert len(sizes) < small_shards
+        h.request("DELETE", f"/v1/runs/{run['run_id']}", expect=200)
+        h.request("DELETE", f"/v1/workers/{worker.worker_id}", expect=None)
