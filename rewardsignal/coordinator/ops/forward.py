@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.shards import Shard, compute_shards, parts_of
 from rewardsignal.coordinator.runs.accumulator import Contribution, Part, PartialSums
@@ -118,7 +119,9 @@ class Forward(Operation):
                                version=run.version, grads=c.grads, weight=c.weight,
                                reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
                                loss_weight=c.loss_weight)
-        await asyncio.to_thread(run.accum.add, c)
+        # One kernel call per worker's part for a flat gradient: on the loop
+        # when small, as a submission's own sum is.
+        await off_loop(4 * sum(t.numel() for t in c.grads.values()), run.accum.add, c)
         # A worker quarantined while this was made durable: its part comes out now.
         for worker in c.parts or {}:
             if ctx.trust.is_quarantined(worker):

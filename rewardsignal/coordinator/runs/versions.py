@@ -71,10 +71,13 @@ class Versions:
         """The adapter file of a recent version, from memory (None: read the file)."""
         return self.recent.file(run_id, version)
 
-    async def _serialize(self, run: Run) -> bytes:
-        """The adapter file's bytes (made and hashed in a thread), its sha256
-        remembered; its delta from the version before is computed behind it."""
-        data, sha = await asyncio.to_thread(_adapter_file, run.adapter)
+    async def _serialize(self, run: Run, made: tuple[bytes, str] | None = None) -> bytes:
+        """The adapter file's bytes (made and hashed in a thread, unless the
+        caller ``made`` them already: ``make_adapter_file``), its sha256 remembered;
+        its delta from the version before is computed behind it."""
+        if made is None:
+            made = await asyncio.to_thread(make_adapter_file, run.adapter)
+        data, sha = made
         self.recent.put(run.run_id, run.version, data)
         self._remember(run.run_id, run.version, sha)
         return data
@@ -135,14 +138,16 @@ class Versions:
     async def commit(self, run: Run, params: Tensors, state: Tensors, *, history_entry: dict,
                      opt_step: int | None = None, metrics: dict | None = None,
                      request_id: str | None = None,
-                     background: Callable[[int], Awaitable[None]] | None = None) -> None:
+                     background: Callable[[int], Awaitable[None]] | None = None,
+                     adapter: tuple[bytes, str] | None = None) -> None:
         """Make version v+1 from new weights and optimizer state. Without
         ``background`` the checkpoint is written before the version becomes
         visible: a crash in between leaves the old version current and this one
         unannounced. With it (the caller's inputs are durable, so a replay can
         rebuild the version) the version is visible at once, served from memory,
         and its checkpoint is written behind it; ``background(version)`` runs once
-        it has landed (dropping what the checkpoint now contains)."""
+        it has landed (dropping what the checkpoint now contains). ``adapter``:
+        ``make_adapter_file(params)``, when the caller made it in its own thread."""
         staged = dataclasses.replace(
             run, version=run.version + 1, adapter=params, opt_state=state,
             opt_step=run.opt_step if opt_step is None else opt_step,
@@ -151,8 +156,8 @@ class Versions:
         if background is None:
             await self.write(staged, metrics=metrics, request_id=request_id)
         else:
-            adapter = await self._serialize(staged)
-            self._write_behind(staged, adapter, metrics, request_id, background)
+            data = await self._serialize(staged, adapter)
+            self._write_behind(staged, data, metrics, request_id, background)
         run.version, run.adapter, run.opt_state, run.opt_step = (
             staged.version, params, state, staged.opt_step)
         run.history.append(history_entry)
@@ -203,7 +208,8 @@ class Versions:
         return loaded
 
 
-def _adapter_file(adapter: Tensors) -> tuple[bytes, str]:
+def make_adapter_file(adapter: Tensors) -> tuple[bytes, str]:
+    """A version's adapter file: its bytes and their sha256."""
     data = tensors_to_bytes(adapter, metadata={"format": "pt"})
     return data, hashlib.sha256(data).hexdigest()
 
