@@ -147,6 +147,11 @@ def _flat_f32(data: bytes | bytearray, start: int, header: dict) -> FlatTensors 
 # (what a sample at temperature T claims for its tokens).
 CHECK_FEATURES = ("logit_temperature",)
 
+# Task kinds a worker runs only when it declares them at registration
+# (``tasks``): an older worker is never leased one. ``export_merged``: merge a
+# version into the base and upload the files (``docs/protocol.md``).
+OPTIONAL_TASKS = ("export_merged",)
+
 
 # Weight deltas between two versions' adapter files (``docs/protocol.md``: the
 # lease). Exact: the new file is ``old XOR delta``, bit for bit, so a worker that

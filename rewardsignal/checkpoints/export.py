@@ -28,12 +28,13 @@ def export_adapter(checkpoint_dir: str | Path, out_dir: str | Path, *,
 
 
 def export_merged(checkpoint_dir: str | Path, base_model: str, out_dir: str | Path, *,
-                  precision: dict | None = None) -> Path:
+                  precision: dict | None = None, source: str | None = None) -> Path:
     """Merge the LoRA into the base weights and write a ``save_pretrained`` model
     directory (with tokenizer) that ``AutoModelForCausalLM`` loads directly.
     The merge is done on the full-precision base whatever the run trained on
     (merging into quantized weights would round the adapter away); the run's
-    precision is recorded in ``signal_export.json``."""
+    precision is recorded in ``signal_export.json``, with ``source`` (what the
+    checkpoint is, when its folder is a temporary one)."""
     from peft import PeftModel
 
     from rewardsignal.models import load_model, load_tokenizer
@@ -44,6 +45,6 @@ def export_merged(checkpoint_dir: str | Path, base_model: str, out_dir: str | Pa
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(base_model).save_pretrained(out)
     (out / EXPORT_META_FILE).write_text(json.dumps(
-        {"base_model": base_model, "source_checkpoint": str(checkpoint_dir),
+        {"base_model": base_model, "source_checkpoint": source or str(checkpoint_dir),
          "precision": precision}, indent=2))
     return out

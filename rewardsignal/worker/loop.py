@@ -16,6 +16,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import torch
@@ -25,7 +26,7 @@ from rewardsignal.data.examples import example_to_datum
 from rewardsignal.errors import SignalError, error_from_json
 from rewardsignal.lora import LoraSpec
 from rewardsignal.precision import Precision
-from rewardsignal.worker import hardware
+from rewardsignal.worker import export, hardware
 from rewardsignal.worker.engine import Engine
 from rewardsignal.worker.model_cache import default_budget_bytes, release_device_memory
 from rewardsignal.worker.sampling import SampleParams, row_seed
@@ -128,7 +129,7 @@ class Worker:
             "name": self.name, "device": str(self.device),
             "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens,
             "precisions": precisions, "memory_bytes": memory,
-            "checks": list(protocol.CHECK_FEATURES)})
+            "checks": list(protocol.CHECK_FEATURES), "tasks": list(protocol.OPTIONAL_TASKS)})
         self.worker_id = reply["worker_id"]
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
                           f"(device {self.device}, {tokens} tokens per task, offers "
@@ -261,8 +262,11 @@ class Worker:
             started = time.monotonic()
             self.status.update("computing", task=task["kind"], run=task["run_id"],
                                version=task["version"])
-            msg = await asyncio.get_running_loop().run_in_executor(
-                self._compute_pool, self._compute, task, adapter)
+            if task["kind"] == "export_merged":
+                msg = await self._export_merged(task, adapter)
+            else:
+                msg = await asyncio.get_running_loop().run_in_executor(
+                    self._compute_pool, self._compute, task, adapter)
             msg["duration_s"] = time.monotonic() - started
             tokens = sum(len(d["model_input"]) for d in task["payload"].get("datums", []))
             if task["kind"] == "train":
@@ -287,6 +291,25 @@ class Worker:
         finally:
             hb.cancel()
             self._busy = False
+
+    async def _export_merged(self, task: dict, adapter: dict) -> dict:
+        """Merge the version into the base (in the compute thread), upload the
+        files, and the result that lists them."""
+        with export.work_dir() as tmp:
+            files = await asyncio.get_running_loop().run_in_executor(
+                self._compute_pool, export.merge, task, adapter, Path(tmp))
+            precision = Precision.from_json(task)
+            fingerprint = await asyncio.get_running_loop().run_in_executor(
+                self._compute_pool, self.engine.fingerprint, task["base_model"], precision)
+
+            def progress(done: str) -> None:
+                self.status.update("uploading", task=task["kind"], run=task["run_id"],
+                                   bytes=done)
+
+            await export.upload(self._http, self.config.coordinator, self._headers(), task,
+                                Path(tmp) / "merged", files, progress)
+        return {"fingerprint": fingerprint, "version": task["version"],
+                "result": {"files": files}}
 
     async def _heartbeats(self, lease_timeout_s: float) -> None:
         while True:

@@ -40,3 +40,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/workers/{worker_id}/upload-slot", workers.upload_slot)
     app.router.add_post("/v1/workers/{worker_id}/goodbye", workers.goodbye)
     app.router.add_post("/v1/tasks/{task_id}/result", workers.submit_result)
+    app.router.add_put("/v1/tasks/{task_id}/files/{name}", workers.upload_file)

@@ -3,12 +3,17 @@ submit. Submissions are msgpack maps with safetensors bytes inside."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import os
+import re
 import time
+from pathlib import Path
 
 from aiohttp import web
 
-from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR
+from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
 from rewardsignal.coordinator.api.bodies import (
     MAX_WAIT_S,
     decode_body,
@@ -20,9 +25,16 @@ from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.scheduling.tasks import Task
-from rewardsignal.errors import ValidationError
+from rewardsignal.errors import ConflictError, PayloadTooLargeError, ValidationError
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
-from rewardsignal.protocol import CHECK_FEATURES, MSGPACK, XOR_DELTA, TaskMessage, pack
+from rewardsignal.protocol import (
+    CHECK_FEATURES,
+    MSGPACK,
+    OPTIONAL_TASKS,
+    XOR_DELTA,
+    TaskMessage,
+    pack,
+)
 
 
 async def register_worker(request: web.Request) -> web.Response:
@@ -58,6 +70,10 @@ def _read_capabilities(b: Body) -> dict:
         raise ValidationError("field 'checks' must be a list of names")
     # Names this coordinator does not know (a newer worker's) are left out.
     caps["checks"] = sorted(set(checks) & set(CHECK_FEATURES))
+    tasks = b.list("tasks", [], max_len=16)
+    if not all(isinstance(t, str) and len(t) <= 64 for t in tasks):
+        raise ValidationError("field 'tasks' must be a list of task kinds")
+    caps["tasks"] = sorted(set(tasks) & set(OPTIONAL_TASKS))
     p = b.dict("precisions", None)
     if p is None:
         return caps
@@ -185,3 +201,91 @@ async def submit_result(request: web.Request) -> web.Response:
     if request.content_type == MSGPACK:
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)
+
+
+# A file of a merged export: a plain name (what ``save_pretrained`` writes).
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_FILES = 256
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 4 << 20
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    """PUT /v1/tasks/{task_id}/files/{name}?lease_id=L: one file of a merged
+    export, streamed to disk under the task's upload folder as it arrives and
+    hashed on the way; kept only when its sha256 is the one the worker named
+    (``X-Signal-Sha256``) and the task's byte budget holds it. The worker's
+    result then lists exactly the files it uploaded (``ingest.checks``)."""
+    await request.app[AUTH].worker(request)
+    coord = request.app[COORDINATOR]
+    name = request.match_info["name"]
+    if not _FILE_NAME.fullmatch(name) or name == "artifact.json":
+        raise ValidationError(f"file name {name[:64]!r} is not a plain file name "
+                              "(letters, digits, '.', '_', '-'; at most 128)")
+    sha = request.headers.get("X-Signal-Sha256", "")
+    if not _SHA256.fullmatch(sha):
+        raise ValidationError("header X-Signal-Sha256 must be the file's sha256 (64 hex digits)")
+    lease_id = request.query.get("lease_id", "")
+    task = coord.scheduler.check_lease(request.match_info["task_id"], lease_id,
+                                       request.headers.get("X-Signal-Worker", ""))
+    if task.kind != "export_merged":
+        raise ValidationError(f"task {task.task_id} is a {task.kind} task: only a merged "
+                              "export's task takes files")
+    files = task.uploads.setdefault(lease_id, {})
+    if name in files:
+        raise ConflictError(f"{name} was already uploaded for this lease")
+    if len(files) >= _MAX_FILES:
+        raise ValidationError(f"an export has at most {_MAX_FILES} files")
+    budget = int(task.payload["max_bytes"]) - sum(f["bytes"] for f in files.values())
+    if request.content_length is not None and request.content_length > budget:
+        raise PayloadTooLargeError(f"{name}: {request.content_length} bytes, but only {budget} "
+                                   "of this export's budget are left")
+    path = coord.services.artifacts.upload_dir(task.run_id, task.task_id, lease_id) / name
+    size, digest = await _receive(request, path, budget)
+    if digest != sha:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        raise ValidationError(f"{name}: sha256 of the {size} bytes received is {digest}, not "
+                              f"the {sha} named; upload it again")
+    files[name] = {"bytes": size, "sha256": digest}
+    request.app[METRICS].bytes_in.labels("export", "file").inc(size)
+    return web.json_response({"path": name, **files[name]}, status=201)
+
+
+async def _receive(request: web.Request, path: Path, budget: int) -> tuple[int, str]:
+    """Stream the body into ``path`` (fsynced), off the event loop a chunk at a
+    time; (size, sha256). Past ``budget`` bytes the file goes and it is a 413."""
+    def open_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "wb")  # noqa: SIM115 (closed below, across awaits)
+
+    h = hashlib.sha256()
+    fh = await asyncio.to_thread(open_file)
+    size = 0
+    ok = False
+    try:
+        while True:
+            chunk = await request.content.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > budget:
+                raise PayloadTooLargeError(f"{path.name}: more than the {budget} bytes left "
+                                           "of this export's budget")
+            await asyncio.to_thread(_write_hashed, fh, h, chunk)
+        await asyncio.to_thread(_sync, fh)
+        ok = True
+    finally:
+        await asyncio.to_thread(fh.close)
+        if not ok:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+    return size, h.hexdigest()
+
+
+def _write_hashed(fh, h, chunk: bytes) -> None:
+    fh.write(chunk)
+    h.update(chunk)
+
+
+def _sync(fh) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())

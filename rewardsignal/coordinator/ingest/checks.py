@@ -70,6 +70,9 @@ def check_submission(task: Task, run: RunView, msg: dict, limits: UpdateLimits) 
         raise RejectedUpdate("malformed", "missing 'result' object")
     if task.kind == "sample":
         return Checked(check_sample(result, task.payload))
+    if task.kind == "export_merged":
+        lease_id = str(msg.get("lease_id"))
+        return Checked(check_export(result, task.uploads.get(lease_id, {}), lease_id))
     if task.kind == "train":
         metrics = check_train_metrics(result)
         return _with_tensors(task, run, msg, task.limits or limits, weight=1.0,
@@ -91,6 +94,29 @@ def _with_tensors(task: Task, run: RunView, msg: dict, limits: UpdateLimits, *, 
     if key is not None:  # a federated delta travels on the task's result
         return Checked({**result, key: tensors}, None, staleness, norm)
     return Checked(result, tensors, staleness, norm)
+
+
+def check_export(result: dict, uploaded: dict[str, dict], lease_id: str) -> dict:
+    """A merged export's result lists the files its worker uploaded, each with
+    the size and sha256 the coordinator measured as it wrote them: the files of
+    the export are exactly those (no file named that never arrived, none left
+    out)."""
+    files = result.get("files")
+    if not isinstance(files, list) or not files or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
+        raise RejectedUpdate("malformed", "an export's result lists its files "
+                             "([{path, bytes, sha256}, ...])")
+    listed = {f["path"]: f for f in files}
+    if set(listed) != set(uploaded):
+        raise RejectedUpdate("names", f"the result lists {sorted(listed)[:5]} but "
+                             f"{sorted(uploaded)[:5]} were uploaded")
+    for name, got in uploaded.items():
+        if (listed[name].get("bytes"), listed[name].get("sha256")) != (got["bytes"],
+                                                                       got["sha256"]):
+            raise RejectedUpdate("malformed", f"{name}: the result's size or sha256 is not "
+                                 "what was uploaded")
+    return {"files": [{"path": n, **uploaded[n]} for n in sorted(uploaded)],
+            "lease_id": lease_id}
 
 
 def check_forward(result: dict, datums: list[dict]) -> dict:

@@ -1,5 +1,7 @@
 """``save_state``: export the current version (or an earlier one still kept) as a
-named PEFT adapter or merged model (pinned past checkpoint retention)."""
+named PEFT adapter or merged model (pinned past checkpoint retention). A
+merged model is made by a worker that can hold the run, never on the
+coordinator."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import logging
 from rewardsignal.checkpoints.store import check_name
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ops.base import Operation
+from rewardsignal.coordinator.ops.tasks import gather_tasks
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import NotFoundError
+from rewardsignal.lora import adapter_config_json
+from rewardsignal.memory import weight_bytes
 
 log = logging.getLogger("signal.coordinator")
 
@@ -41,9 +46,54 @@ class SaveState(Operation):
         # Named states are synchronous: the version's checkpoint (maybe still being
         # written in the background) lands before it is pinned and exported.
         await ctx.versions.flush(run.run_id)
-        meta = await asyncio.to_thread(ctx.artifacts.save, run.run_id, version,
-                                       run.spec.base_model, mode, name,
-                                       precision=run.spec.precision.to_json())
+        precision = run.spec.precision.to_json()
+        if mode == "adapter":
+            meta = await asyncio.to_thread(ctx.artifacts.save, run.run_id, version, mode, name,
+                                           precision=precision)
+        else:
+            found = await asyncio.to_thread(ctx.artifacts.existing, run.run_id, version, mode,
+                                            name)
+            meta = found or await _merge_on_a_worker(ctx, run, request, version, name,
+                                                     precision)
         log.info("state saved run=%s version=%d name=%s mode=%s", run.run_id, version, name,
                  mode)
         return meta
+
+
+# Room for a merged model's files beyond its weights at fp32 (config, tokenizer).
+_EXPORT_SLACK_BYTES = 256 << 20
+# The bound when the model's config could not be read (no size estimate).
+_EXPORT_UNKNOWN_BYTES = 2 << 40
+
+
+def export_budget(run: Run) -> int:
+    """The most bytes a worker may upload for a merged export of ``run``: its
+    base's weights at fp32 (what a merge loads), a little over, and room for
+    the config and tokenizer files."""
+    if run.shape is None:
+        return _EXPORT_UNKNOWN_BYTES
+    return int(weight_bytes(run.shape, "fp32") * 1.05) + _EXPORT_SLACK_BYTES
+
+
+async def _merge_on_a_worker(ctx: Services, run: Run, request: Request, version: int, name: str,
+                             precision: dict) -> dict:
+    """A merged model is made by a worker that can hold the run (the coordinator
+    never loads a base): it merges ``version``'s adapter into the full-precision
+    base, uploads the files (``PUT /v1/tasks/{task_id}/files/{name}``, each
+    measured and hashed by the coordinator as it is written) and lists them in
+    its result; those files become the saved state."""
+    task = ctx.scheduler.add_task(
+        kind="export_merged", run_id=run.run_id, base_model=run.spec.base_model,
+        version=version, group=run.spec.owner, tokens=1,
+        payload={"adapter_config": adapter_config_json(run.spec.lora, run.spec.base_model),
+                 "max_bytes": export_budget(run), "precision": precision,
+                 "source": f"signal://{run.run_id}/v{version:06d}"})
+    try:
+        async for _, result in gather_tasks(ctx.scheduler, [task], request, run.spec.base_model,
+                                            ctx.config.no_worker_grace_s):
+            return await asyncio.to_thread(ctx.artifacts.adopt, run.run_id, version, "merged",
+                                           name, task.task_id, result["lease_id"],
+                                           result["files"], precision)
+        raise AssertionError("unreachable: gather_tasks yields the task's result or raises")
+    finally:
+        await asyncio.to_thread(ctx.artifacts.drop_uploads, run.run_id, task.task_id)

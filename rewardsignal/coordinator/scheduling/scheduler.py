@@ -142,6 +142,8 @@ class Scheduler:
         return refusal(w, req)
 
     def can_serve(self, w: WorkerInfo, t: Task) -> bool:
+        if not w.runs(t.kind):
+            return False
         return self.refusal(w, t.run_id, t.base_model) is None
 
     def eligible_workers(self, model_id: str, run_id: str | None = None) -> list[WorkerInfo]:
@@ -246,7 +248,7 @@ class Scheduler:
         # The queue's head is enough: past it sit younger shards of the same requests.
         for tid in itertools.islice(self.pending.queue(run_id), _SCAN_LIMIT):
             t = self.tasks[tid]
-            if not w.serves(t.base_model) or w.worker_id in t.exclude:
+            if not w.serves(t.base_model) or w.worker_id in t.exclude or not w.runs(t.kind):
                 continue
             if t.preferred_worker in (None, w.worker_id):
                 return t

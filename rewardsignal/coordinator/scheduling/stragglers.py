@@ -32,7 +32,9 @@ class Stragglers:
         for t in self.tasks.values():
             # Federated train tasks are not duplicated: a round already tolerates a
             # missing worker (it closes at its timeout with the others).
-            if t.done or t.kind == "train" or len(t.leases) != 1:
+            # Nor merged exports: a second worker would merge and upload the
+            # whole model again.
+            if t.done or t.kind in ("train", "export_merged") or len(t.leases) != 1:
                 continue
             (lease,) = t.leases.values()
             if lease.uploading:  # done computing: a copy would only queue a second upload

@@ -30,7 +30,7 @@ class Lease:
 @dataclass
 class Task:
     task_id: str
-    kind: str                     # forward_backward | forward | sample | train
+    kind: str                     # forward_backward | forward | sample | train | export_merged
     run_id: str
     base_model: str
     version: int
@@ -55,6 +55,9 @@ class Task:
     done_by: str = ""             # the worker whose result was accepted
     held: Tensors | None = field(default=None, repr=False)  # gradient held for a check
     check: bool = False           # the accepted result awaits a check
+    # Files uploaded for this task (``export_merged``), by lease: name ->
+    # {"bytes", "sha256"} as the coordinator measured them while writing.
+    uploads: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from rewardsignal.protocol import OPTIONAL_TASKS
+
 # How long a worker may go without any request before it no longer counts as active.
 ACTIVE_WINDOW_S = 60.0
 
@@ -28,6 +30,8 @@ class WorkerInfo:
     memory_bytes: int | None = None  # memory it offers; None: not declared
     # Check computations it can do beyond the plain ones (``protocol.CHECK_FEATURES``).
     checks: tuple[str, ...] = ()
+    # Optional task kinds it runs (``protocol.OPTIONAL_TASKS``).
+    tasks: tuple[str, ...] = ()
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     last_seen_wall: float = field(default_factory=time.time)
@@ -82,7 +86,13 @@ class WorkerInfo:
         return {"base_dtypes": list(self.base_dtypes) if self.base_dtypes is not None else None,
                 "quantization": list(self.quantization),
                 "quantization_note": self.quantization_note, "auto_dtype": self.auto_dtype,
-                "memory_bytes": self.memory_bytes, "checks": list(self.checks)}
+                "memory_bytes": self.memory_bytes, "checks": list(self.checks),
+                "tasks": list(self.tasks)}
+
+    def runs(self, kind: str) -> bool:
+        """Whether it runs tasks of ``kind`` (an optional kind only when declared:
+        an older worker does not know it)."""
+        return kind not in OPTIONAL_TASKS or kind in self.tasks
 
     def with_capabilities(self, caps: dict | None) -> WorkerInfo:
         caps = caps or {}
@@ -93,4 +103,5 @@ class WorkerInfo:
         self.auto_dtype = caps.get("auto_dtype") or self.auto_dtype
         self.memory_bytes = caps.get("memory_bytes")
         self.checks = tuple(caps.get("checks") or ())
+        self.tasks = tuple(caps.get("tasks") or ())
         return self

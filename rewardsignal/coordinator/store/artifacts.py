@@ -1,6 +1,8 @@
 """Saved states (``save_state``): exported adapter or merged-model directories
 under ``<data_dir>/artifacts/<run_id>/<name>/`` with an ``artifact.json`` that
-lists each file with its size and sha256. Blocking: call through a thread."""
+lists each file with its size and sha256. A merged model's files are uploaded
+by the worker that merged them into ``.upload-<task_id>/<lease_id>/`` first.
+Blocking: call through a thread."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rewardsignal.checkpoints import CheckpointStore, export_adapter, export_merged
+from rewardsignal.checkpoints import CheckpointStore, export_adapter
 from rewardsignal.checkpoints.store import sha256_file
 from rewardsignal.errors import ConflictError, NotFoundError
 
@@ -18,33 +20,64 @@ class ArtifactStore:
         self.root = Path(root)
         self.checkpoints = checkpoints
 
-    def save(self, run_id: str, version: int, base_model: str, mode: str, name: str, *,
-             precision: dict | None = None) -> dict:
-        """Export ``version`` as ``name`` (idempotent for the same version and
-        mode; another version under a taken name is a conflict)."""
+    def existing(self, run_id: str, version: int, mode: str, name: str) -> dict | None:
+        """Pin ``version`` under ``name`` and return the saved state already
+        there (the same version and mode: saving is idempotent), or None. Another
+        version under a taken name is a conflict."""
         # Pinning keeps the full checkpoint (optimizer state too) past retention.
         self.checkpoints.pin(run_id, version, name)
-        out = self.root / run_id / name
-        meta_file = out / "artifact.json"
-        if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            if meta["version"] != version or meta["mode"] != mode:
-                raise ConflictError(f"artifact {name!r} already holds version "
-                                    f"{meta['version']} ({meta['mode']}); pick another name")
+        meta_file = self.root / run_id / name / "artifact.json"
+        if not meta_file.exists():
+            return None
+        meta = json.loads(meta_file.read_text())
+        if meta["version"] != version or meta["mode"] != mode:
+            raise ConflictError(f"artifact {name!r} already holds version "
+                                f"{meta['version']} ({meta['mode']}); pick another name")
+        return meta
+
+    def save(self, run_id: str, version: int, mode: str, name: str, *,
+             precision: dict | None = None) -> dict:
+        """Export ``version``'s adapter as ``name`` (idempotent, as ``existing``).
+        A merged model is made by a worker (``upload_dir``, ``adopt``): the
+        coordinator never loads a base model."""
+        meta = self.existing(run_id, version, mode, name)
+        if meta is not None:
             return meta
-        src = self.checkpoints.path(run_id, version)
-        tmp = out.with_name(f".tmp-{name}")
-        if mode == "merged":
-            export_merged(src, base_model, tmp, precision=precision)
-        else:
-            export_adapter(src, tmp, precision=precision)
+        tmp = self.root / run_id / f".tmp-{name}"
+        export_adapter(self.checkpoints.path(run_id, version), tmp, precision=precision)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
+        return self._commit(tmp, run_id, version, mode, name, precision, [
+            {"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files])
+
+    def upload_dir(self, run_id: str, task_id: str, lease_id: str | None = None) -> Path:
+        """Where a worker's files for an export task are written (one folder per
+        lease, so two leases of one task never mix their files)."""
+        d = self.root / run_id / f".upload-{task_id}"
+        return d / lease_id if lease_id is not None else d
+
+    def adopt(self, run_id: str, version: int, mode: str, name: str, task_id: str,
+              lease_id: str, files: list[dict], precision: dict | None) -> dict:
+        """The files a worker uploaded for ``task_id`` become saved state ``name``
+        (their sizes and sha256 are the coordinator's own measure), and the task's
+        other uploads go."""
+        src = self.upload_dir(run_id, task_id, lease_id)
+        tmp = self.root / run_id / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        src.replace(tmp)
+        shutil.rmtree(self.upload_dir(run_id, task_id), ignore_errors=True)
+        return self._commit(tmp, run_id, version, mode, name, precision, files)
+
+    def drop_uploads(self, run_id: str, task_id: str) -> None:
+        shutil.rmtree(self.upload_dir(run_id, task_id), ignore_errors=True)
+
+    def _commit(self, tmp: Path, run_id: str, version: int, mode: str, name: str,
+                precision: dict | None, files: list[dict]) -> dict:
         meta = {"name": name, "run_id": run_id, "version": version, "mode": mode,
                 "precision": precision, "checkpoint_path": f"signal://{run_id}/{name}",
-                "files": [{"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                          for p in files]}
+                "files": files}
         (tmp / "artifact.json").write_text(json.dumps(meta, indent=2))
-        tmp.replace(out)
+        tmp.replace(self.root / run_id / name)
         return meta
 
     def list(self, run_id: str) -> list[dict]:

@@ -1,0 +1,78 @@
+"""Merged exports made on the worker (``save_state(mode="merged")``): the
+version's adapter merged into the full-precision base, written with
+``save_pretrained``, and each file uploaded to the coordinator, which measures
+and hashes it as it writes it. The coordinator never loads the base."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+
+from rewardsignal import protocol
+from rewardsignal.checkpoints import export_merged
+from rewardsignal.checkpoints.store import ADAPTER_CONFIG_FILE, ADAPTER_FILE
+from rewardsignal.errors import error_from_json
+
+_CHUNK = 4 << 20
+
+
+def merge(task: dict, adapter: dict, work_dir: Path) -> list[dict]:
+    """Write the merged model of ``task``'s version under ``work_dir/merged``;
+    each file with its size and sha256. Blocking: run it in a thread."""
+    payload = task["payload"]
+    ckpt = work_dir / "adapter"
+    ckpt.mkdir()
+    (ckpt / ADAPTER_FILE).write_bytes(protocol.tensors_to_bytes(adapter,
+                                                                metadata={"format": "pt"}))
+    (ckpt / ADAPTER_CONFIG_FILE).write_text(json.dumps(payload["adapter_config"]))
+    out = work_dir / "merged"
+    export_merged(ckpt, task["base_model"], out, precision=payload.get("precision"),
+                  source=payload.get("source"))
+    return [{"path": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(out.iterdir()) if p.is_file()]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def upload(session: aiohttp.ClientSession, base_url: str, headers: dict, task: dict,
+                 directory: Path, files: list[dict],
+                 progress: Callable[[str], None]) -> None:
+    """PUT each file to ``/v1/tasks/{task_id}/files/{name}``, streamed from
+    disk, with its sha256; a refusal is raised as the coordinator's error."""
+    total = sum(f["bytes"] for f in files)
+    sent = 0
+    for f in files:
+        async def chunks(path: Path = directory / f["path"]) -> AsyncIterator[bytes]:
+            nonlocal sent
+            with open(path, "rb") as fh:  # noqa: ASYNC230 (reads go through a thread)
+                while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+                    sent += len(chunk)
+                    progress(f"{sent / 1e6:.1f}/{total / 1e6:.1f} MB")
+                    yield chunk
+
+        url = f"{base_url.rstrip('/')}/v1/tasks/{task['task_id']}/files/{f['path']}"
+        async with session.put(url, data=chunks(), params={"lease_id": task["lease_id"]},
+                               headers={**headers, "X-Signal-Sha256": f["sha256"]},
+                               timeout=aiohttp.ClientTimeout(total=None, sock_read=600)) as resp:
+            if resp.status >= 400:
+                try:
+                    body = json.loads(await resp.read())
+                except ValueError:
+                    body = None
+                raise error_from_json(resp.status, body)
+
+
+def work_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="signal-export-")
