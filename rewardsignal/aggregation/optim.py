@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rewardsignal.aggregation.tensors import Tensors, global_norm
+from rewardsignal.aggregation.tensors import FlatTensors, Tensors, global_norm
 from rewardsignal.errors import ValidationError
 
 
@@ -52,7 +52,9 @@ def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, float
     norm = global_norm(grads)
     coef = max_norm / (norm + 1e-6)
     if coef >= 1.0:
-        return dict(grads), norm
+        return grads, norm  # not mutated: the same set serves
+    if isinstance(grads, FlatTensors) and grads.flat is not None:
+        return grads.with_buffer(grads.flat * coef), norm
     return {k: g * coef for k, g in grads.items()}, norm
 
 
@@ -70,12 +72,18 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
     bias1 = 1 - cfg.beta1 ** step
     bias2_sqrt = math.sqrt(1 - cfg.beta2 ** step)
     step_size = cfg.learning_rate / bias1
-    names = list(params)
+    # A flat gradient (a decoded submission's sums) sets the order: the new
+    # parameters and moments come out flat in it, so the next step finds its
+    # inputs as buffers and makes no copies (the first step gathers them).
+    names = list(grads) if _flat(grads) is not None else list(params)
     # One flat vector per quantity: the same element-wise arithmetic (so the same
     # bits) as a loop over the tensors, in a dozen kernel calls instead of a
     # dozen per tensor (an adapter has hundreds of small ones).
     if len({params[n].dtype for n in names} | {grads[n].dtype for n in names}) > 1:
         raise ValidationError("parameters and gradients must share one dtype")
+    layout = tuple((n, tuple(params[n].shape)) for n in names)
+    state_layout = (tuple((f"exp_avg.{n}", s) for n, s in layout)
+                    + tuple((f"exp_avg_sq.{n}", s) for n, s in layout))
 
     def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]
@@ -87,21 +95,30 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
         return flat([state[f"{prefix}.{n}"] if f"{prefix}.{n}" in state
                      else torch.zeros_like(params[n]) for n in names])
 
-    p = flat([params[n] for n in names])
-    g = flat([grads[n] for n in names])
-    m, v = moment("exp_avg"), moment("exp_avg_sq")
-    m = m.lerp(g, 1 - cfg.beta1)
-    v = v * cfg.beta2 + (1 - cfg.beta2) * g * g
+    size = sum(math.prod(shape) for _, shape in layout)
+    p = _flat(params, layout)
+    p = flat([params[n] for n in names]) if p is None else p
+    g = _flat(grads, layout)
+    g = flat([grads[n] for n in names]) if g is None else g
+    mv = _flat(state, state_layout)
+    m, v = (mv[:size], mv[size:]) if mv is not None else (moment("exp_avg"),
+                                                            moment("exp_avg_sq"))
+    # The new moments are written into one buffer (the same operations as
+    # ``m.lerp(g, 1 - beta1)`` and ``v * beta2 + (1 - beta2) * g * g``).
+    new_mv = torch.empty(2 * size, dtype=g.dtype, device=g.device)
+    torch.lerp(m, g, 1 - cfg.beta1, out=new_mv[:size])
+    torch.mul(v, cfg.beta2, out=new_mv[size:])
+    new_mv[size:].add_((1 - cfg.beta2) * g * g)
+    m, v = new_mv[:size], new_mv[size:]
     p = p * (1 - cfg.learning_rate * cfg.weight_decay)
     denom = v.sqrt() / bias2_sqrt + cfg.eps
     p = p.addcdiv(m, denom, value=-step_size)
-    sizes = [params[n].numel() for n in names]
-    new_params: Tensors = {}
-    new_state: Tensors = {}
-    # Views into the three new flat vectors (none of them is written in place).
-    for n, pi, mi, vi in zip(names, p.split(sizes), m.split(sizes), v.split(sizes), strict=True):
-        shape = params[n].shape
-        new_params[n] = pi.view(shape)
-        new_state[f"exp_avg.{n}"] = mi.view(shape)
-        new_state[f"exp_avg_sq.{n}"] = vi.view(shape)
-    return new_params, new_state, step
+    # Views into the new flat vectors (none of them is written in place).
+    return FlatTensors.of(p, layout), FlatTensors.of(new_mv, state_layout), step
+
+
+def _flat(tensors: Tensors, layout: tuple | None = None) -> torch.Tensor | None:
+    """The buffer of a flat set (with exactly ``layout``, when given)."""
+    if not isinstance(tensors, FlatTensors) or tensors.flat is None:
+        return None
+    return tensors.flat if layout is None or tensors.layout == layout else None

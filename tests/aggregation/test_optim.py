@@ -50,18 +50,30 @@ def test_config_rejects_bad_values(kw):
         AdamWConfig(**kw)
 
 
-def test_flat_update_has_the_bits_of_a_per_tensor_loop():
+@pytest.mark.parametrize("flat_grads", [False, True])
+def test_flat_update_has_the_bits_of_a_per_tensor_loop(flat_grads):
     """``adamw_step`` works on one flat vector; element-wise it is the same
-    arithmetic as updating each tensor on its own, so the same bits."""
+    arithmetic as updating each tensor on its own, so the same bits. Fed flat
+    gradients (decoded submissions), its outputs are flat sets in their order,
+    which the next step uses as they are."""
     import math
 
+    from rewardsignal.aggregation.tensors import FlatTensors
+    from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
+
     g = torch.Generator().manual_seed(3)
-    params = {f"t{i}": torch.randn(i + 2, 3, generator=g) for i in range(5)}
+    params = {f"t{i}": torch.randn(i + 2, 3, generator=g) for i in (3, 0, 4, 1, 2)}
     cfg = AdamWConfig(learning_rate=1e-2, weight_decay=0.1)
     state: dict = {}
     step = 0
-    for _ in range(3):
+    for i in range(3):
         grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        if flat_grads:
+            grads = tensors_from_bytes(tensors_to_bytes(grads))
+            assert isinstance(grads, FlatTensors)
+            if i:  # from the second step on, every input is a flat set
+                assert all(isinstance(t, FlatTensors) and t.flat is not None
+                           for t in (params, state))
         new, new_state, new_step = adamw_step(params, grads, state, step, cfg)
         bias1, bias2 = 1 - cfg.beta1 ** new_step, math.sqrt(1 - cfg.beta2 ** new_step)
         for k, p in params.items():

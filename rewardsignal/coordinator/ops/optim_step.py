@@ -91,8 +91,10 @@ class OptimStep(Operation):
         loss = accum.loss
         entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
                  "time": time.time()}
-        # Keep any other state the run carries (a federated job's outer momentum).
-        state = {**run.opt_state, **state}
+        # Keep any other state the run carries (a federated job's outer momentum);
+        # without any, the new state stays one flat buffer.
+        if set(run.opt_state) - set(state):
+            state = {**run.opt_state, **state}
         run_id = run.run_id
 
         async def landed(version: int) -> None:
