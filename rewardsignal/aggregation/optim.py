@@ -48,8 +48,11 @@ class AdamWConfig:
 
 def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, float]:
     """As ``torch.nn.utils.clip_grad_norm_``: scale by max_norm/(norm+1e-6) when
-    the norm exceeds it. Returns (clipped grads, norm before clipping)."""
-    norm = global_norm(grads)
+    the norm exceeds it. Returns (clipped grads, norm before clipping). The norm
+    sums the per-tensor norms in name order, so it has the same bits whatever
+    order the gradient's tensors arrived in (torch sums in parameter order: the
+    same value to about 1e-7)."""
+    norm = global_norm({k: grads[k] for k in sorted(grads)})
     coef = max_norm / (norm + 1e-6)
     if coef >= 1.0:
         return grads, norm  # not mutated: the same set serves

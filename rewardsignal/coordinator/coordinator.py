@@ -89,6 +89,9 @@ class Coordinator:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.services.db.open()
+        swept = await asyncio.to_thread(self.services.artifacts.sweep)
+        if swept:
+            log.info("removed %d half-done export folders", swept)
         await recovery.restore(self.services, self._adopt)
         await self.services.trust.restore()
         self._ticker = asyncio.create_task(self._tick_forever())

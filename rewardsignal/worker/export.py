@@ -1,7 +1,8 @@
 """Merged exports made on the worker (``save_state(mode="merged")``): the
 version's adapter merged into the full-precision base, written with
-``save_pretrained``, and each file uploaded to the coordinator, which measures
-and hashes it as it writes it. The coordinator never loads the base."""
+``save_pretrained``, and each weights file uploaded to the coordinator, which
+measures and hashes it as it writes it, then checks it against the base and
+the adapter one tensor at a time. The coordinator never loads the base."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import aiohttp
 
 from rewardsignal import protocol
 from rewardsignal.checkpoints import export_merged
+from rewardsignal.checkpoints.export import MERGED_WEIGHT_SUFFIXES
 from rewardsignal.checkpoints.store import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 from rewardsignal.errors import error_from_json
 
@@ -34,8 +36,11 @@ def merge(task: dict, adapter: dict, work_dir: Path) -> list[dict]:
     out = work_dir / "merged"
     export_merged(ckpt, task["base_model"], out, precision=payload.get("precision"),
                   source=payload.get("source"))
+    # Only the weights travel: the coordinator writes the config and tokenizer
+    # from the base's own files once it has checked them.
     return [{"path": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(out.iterdir()) if p.is_file()]
+            for p in sorted(out.iterdir())
+            if p.is_file() and p.name.endswith(MERGED_WEIGHT_SUFFIXES)]
 
 
 def _sha256(path: Path) -> str:
@@ -50,7 +55,8 @@ async def upload(session: aiohttp.ClientSession, base_url: str, headers: dict, t
                  directory: Path, files: list[dict],
                  progress: Callable[[str], None]) -> None:
     """PUT each file to ``/v1/tasks/{task_id}/files/{name}``, streamed from
-    disk, with its sha256; a refusal is raised as the coordinator's error."""
+    disk, with its size and sha256 (the coordinator reserves the size from the
+    export's budget first); a refusal is raised as the coordinator's error."""
     total = sum(f["bytes"] for f in files)
     sent = 0
     for f in files:
@@ -64,7 +70,8 @@ async def upload(session: aiohttp.ClientSession, base_url: str, headers: dict, t
 
         url = f"{base_url.rstrip('/')}/v1/tasks/{task['task_id']}/files/{f['path']}"
         async with session.put(url, data=chunks(), params={"lease_id": task["lease_id"]},
-                               headers={**headers, "X-Signal-Sha256": f["sha256"]},
+                               headers={**headers, "X-Signal-Sha256": f["sha256"],
+                                        "Content-Length": str(f["bytes"])},
                                timeout=aiohttp.ClientTimeout(total=None, sock_read=600)) as resp:
             if resp.status >= 400:
                 try:

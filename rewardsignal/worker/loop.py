@@ -295,7 +295,9 @@ class Worker:
     async def _export_merged(self, task: dict, adapter: dict) -> dict:
         """Merge the version into the base (in the compute thread), upload the
         files, and the result that lists them."""
-        with export.work_dir() as tmp:
+        tmp_dir = export.work_dir()
+        tmp = tmp_dir.name
+        try:
             files = await asyncio.get_running_loop().run_in_executor(
                 self._compute_pool, export.merge, task, adapter, Path(tmp))
             precision = Precision.from_json(task)
@@ -308,6 +310,8 @@ class Worker:
 
             await export.upload(self._http, self.config.coordinator, self._headers(), task,
                                 Path(tmp) / "merged", files, progress)
+        finally:  # a whole model's files: removed off the event loop
+            await asyncio.to_thread(tmp_dir.cleanup)
         return {"fingerprint": fingerprint, "version": task["version"],
                 "result": {"files": files}}
 

@@ -86,3 +86,16 @@ def test_flat_update_has_the_bits_of_a_per_tensor_loop(flat_grads):
             assert torch.equal(new_state[f"exp_avg.{k}"], m)
             assert torch.equal(new_state[f"exp_avg_sq.{k}"], v)
         params, state, step = new, new_state, new_step
+
+
+def test_clipping_has_the_same_bits_whatever_order_the_gradient_arrives_in():
+    from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
+
+    g = torch.Generator().manual_seed(5)
+    params = {f"t{i}": torch.randn(i + 2, 3, generator=g) for i in (3, 0, 4, 1, 2)}
+    grads = {k: 10 * torch.randn(v.shape, generator=g) for k, v in params.items()}
+    cfg = AdamWConfig(learning_rate=1e-2, grad_clip_norm=0.5)
+    outs = [adamw_step(params, gr, {}, 0, cfg)[0] for gr in (
+        grads, dict(reversed(grads.items())), tensors_from_bytes(tensors_to_bytes(grads)))]
+    for out in outs[1:]:
+        assert all(torch.equal(out[k], outs[0][k]) for k in params)

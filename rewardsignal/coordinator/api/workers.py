@@ -8,11 +8,13 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
 from aiohttp import web
 
+from rewardsignal.checkpoints.export import MERGED_WEIGHT_SUFFIXES
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
 from rewardsignal.coordinator.api.bodies import (
     MAX_WAIT_S,
@@ -24,7 +26,7 @@ from rewardsignal.coordinator.api.bodies import (
 from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ingest.accept import off_loop
-from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.coordinator.scheduling.tasks import Task, Uploads
 from rewardsignal.errors import ConflictError, PayloadTooLargeError, ValidationError
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
 from rewardsignal.protocol import (
@@ -203,87 +205,115 @@ async def submit_result(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
-# A file of a merged export: a plain name (what ``save_pretrained`` writes).
+# A file of a merged export: its weights, by a plain name (the coordinator
+# writes the config and tokenizer from the base's own files).
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_FILES = 256
+_MAX_JSON_BYTES = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 4 << 20
 
 
 async def upload_file(request: web.Request) -> web.Response:
     """PUT /v1/tasks/{task_id}/files/{name}?lease_id=L: one file of a merged
-    export, streamed to disk under the task's upload folder as it arrives and
-    hashed on the way; kept only when its sha256 is the one the worker named
-    (``X-Signal-Sha256``) and the task's byte budget holds it. The worker's
-    result then lists exactly the files it uploaded (``ingest.checks``)."""
+    export. Its size (``Content-Length``) is reserved from the lease's budget
+    first, so uploads in parallel cannot pass it together; the body streams to
+    a temporary file, hashed on the way, and takes its name only when its
+    sha256 is the one the worker named (``X-Signal-Sha256``) and the lease is
+    still live. The worker's result then lists exactly the files it uploaded
+    (``ingest.checks``)."""
     await request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
     name = request.match_info["name"]
-    if not _FILE_NAME.fullmatch(name) or name == "artifact.json":
-        raise ValidationError(f"file name {name[:64]!r} is not a plain file name "
-                              "(letters, digits, '.', '_', '-'; at most 128)")
+    if not _FILE_NAME.fullmatch(name) or not name.endswith(MERGED_WEIGHT_SUFFIXES):
+        raise ValidationError(f"file name {name[:64]!r} is not a merged model's weights (a "
+                              f"plain name ending in {' or '.join(MERGED_WEIGHT_SUFFIXES)})")
     sha = request.headers.get("X-Signal-Sha256", "")
     if not _SHA256.fullmatch(sha):
         raise ValidationError("header X-Signal-Sha256 must be the file's sha256 (64 hex digits)")
+    size = request.content_length
+    if size is None:
+        raise ValidationError("send the file with a Content-Length")
     lease_id = request.query.get("lease_id", "")
-    task = coord.scheduler.check_lease(request.match_info["task_id"], lease_id,
-                                       request.headers.get("X-Signal-Worker", ""))
+    worker_id = request.headers.get("X-Signal-Worker", "")
+    task = coord.scheduler.check_lease(request.match_info["task_id"], lease_id, worker_id)
     if task.kind != "export_merged":
         raise ValidationError(f"task {task.task_id} is a {task.kind} task: only a merged "
                               "export's task takes files")
-    files = task.uploads.setdefault(lease_id, {})
-    if name in files:
-        raise ConflictError(f"{name} was already uploaded for this lease")
-    if len(files) >= _MAX_FILES:
+    ups = task.uploads.setdefault(lease_id, Uploads())
+    if name in ups.done or name in ups.receiving:
+        raise ConflictError(f"{name} was already uploaded (or is being) on this lease")
+    if len(ups.done) + len(ups.receiving) >= _MAX_FILES:
         raise ValidationError(f"an export has at most {_MAX_FILES} files")
-    budget = int(task.payload["max_bytes"]) - sum(f["bytes"] for f in files.values())
-    if request.content_length is not None and request.content_length > budget:
-        raise PayloadTooLargeError(f"{name}: {request.content_length} bytes, but only {budget} "
-                                   "of this export's budget are left")
-    path = coord.services.artifacts.upload_dir(task.run_id, task.task_id, lease_id) / name
-    size, digest = await _receive(request, path, budget)
-    if digest != sha:
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-        raise ValidationError(f"{name}: sha256 of the {size} bytes received is {digest}, not "
-                              f"the {sha} named; upload it again")
-    files[name] = {"bytes": size, "sha256": digest}
+    left = int(task.payload["max_bytes"]) - ups.used()
+    if size > left:
+        raise PayloadTooLargeError(f"{name}: {size} bytes, but only {left} of this lease's "
+                                   "export budget are left")
+    ups.receiving[name] = size  # reserved before the first await
+    folder = coord.services.artifacts.upload_dir(task.run_id, task.task_id, lease_id)
+    try:
+        part = await _receive(request, folder, name, size)
+        try:
+            digest = await asyncio.to_thread(_check_file, part, name)
+            if digest != sha:
+                raise ValidationError(f"{name}: sha256 of the {size} bytes received is "
+                                      f"{digest}, not the {sha} named; upload it again")
+            # The lease may have ended while the body streamed in.
+            coord.scheduler.check_lease(task.task_id, lease_id, worker_id)
+            await asyncio.to_thread(part.replace, folder / name)
+        except BaseException:
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            raise
+    finally:
+        del ups.receiving[name]
+    ups.done[name] = {"bytes": size, "sha256": digest}
     request.app[METRICS].bytes_in.labels("export", "file").inc(size)
-    return web.json_response({"path": name, **files[name]}, status=201)
+    return web.json_response({"path": name, **ups.done[name]}, status=201)
 
 
-async def _receive(request: web.Request, path: Path, budget: int) -> tuple[int, str]:
-    """Stream the body into ``path`` (fsynced), off the event loop a chunk at a
-    time; (size, sha256). Past ``budget`` bytes the file goes and it is a 413."""
-    def open_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "wb")  # noqa: SIM115 (closed below, across awaits)
+async def _receive(request: web.Request, folder: Path, name: str, size: int) -> Path:
+    """Stream exactly ``size`` bytes of the body into a fresh temporary file in
+    ``folder`` (fsynced), off the event loop a chunk at a time."""
+    def open_part():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=".part-", dir=folder)
+        return os.fdopen(fd, "wb"), Path(path)
 
-    h = hashlib.sha256()
-    fh = await asyncio.to_thread(open_file)
-    size = 0
+    fh, part = await asyncio.to_thread(open_part)
+    got = 0
     ok = False
     try:
-        while True:
-            chunk = await request.content.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > budget:
-                raise PayloadTooLargeError(f"{path.name}: more than the {budget} bytes left "
-                                           "of this export's budget")
-            await asyncio.to_thread(_write_hashed, fh, h, chunk)
+        while chunk := await request.content.read(_CHUNK):
+            got += len(chunk)
+            if got > size:
+                raise PayloadTooLargeError(f"{name}: more bytes than its Content-Length")
+            await asyncio.to_thread(fh.write, chunk)
+        if got != size:
+            raise ValidationError(f"{name}: {got} of {size} bytes arrived; upload it again")
         await asyncio.to_thread(_sync, fh)
         ok = True
     finally:
         await asyncio.to_thread(fh.close)
         if not ok:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
-    return size, h.hexdigest()
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+    return part
 
 
-def _write_hashed(fh, h, chunk: bytes) -> None:
-    fh.write(chunk)
-    h.update(chunk)
+def _check_file(path: Path, name: str) -> str:
+    """The file's sha256; a JSON file (a sharded model's index) must parse."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    if name.endswith(".json"):
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise ValidationError(f"{name}: a JSON file of a model is at most "
+                                  f"{_MAX_JSON_BYTES >> 20} MiB")
+        try:
+            json.loads(path.read_bytes())
+        except ValueError:
+            raise ValidationError(f"{name} is not valid JSON") from None
+    return h.hexdigest()
 
 
 def _sync(fh) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from rewardsignal.aggregation.codecs import decode
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.aggregation.validate import UpdateLimits, check_fingerprint, validate_update
-from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.coordinator.scheduling.tasks import Task, Uploads
 from rewardsignal.errors import RejectedUpdate, ValidationError
 from rewardsignal.protocol import tensors_from_bytes
 
@@ -72,7 +72,7 @@ def check_submission(task: Task, run: RunView, msg: dict, limits: UpdateLimits) 
         return Checked(check_sample(result, task.payload))
     if task.kind == "export_merged":
         lease_id = str(msg.get("lease_id"))
-        return Checked(check_export(result, task.uploads.get(lease_id, {}), lease_id))
+        return Checked(check_export(result, task.uploads.get(lease_id, Uploads()), lease_id))
     if task.kind == "train":
         metrics = check_train_metrics(result)
         return _with_tensors(task, run, msg, task.limits or limits, weight=1.0,
@@ -96,11 +96,15 @@ def _with_tensors(task: Task, run: RunView, msg: dict, limits: UpdateLimits, *, 
     return Checked(result, tensors, staleness, norm)
 
 
-def check_export(result: dict, uploaded: dict[str, dict], lease_id: str) -> dict:
+def check_export(result: dict, uploads: Uploads, lease_id: str) -> dict:
     """A merged export's result lists the files its worker uploaded, each with
     the size and sha256 the coordinator measured as it wrote them: the files of
     the export are exactly those (no file named that never arrived, none left
-    out)."""
+    out, none still arriving)."""
+    if uploads.receiving:
+        raise RejectedUpdate("malformed", f"{sorted(uploads.receiving)[:5]} are still being "
+                             "uploaded: send the result once every upload has finished")
+    uploaded = uploads.done
     files = result.get("files")
     if not isinstance(files, list) or not files or not all(
             isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):

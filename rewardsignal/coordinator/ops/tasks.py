@@ -37,7 +37,10 @@ async def gather_tasks(scheduler: Scheduler, tasks: list[Task], request: Request
                                                return_when=asyncio.FIRST_COMPLETED)
             for f in done:
                 yield index[f], f.result()
-            if done or scheduler.eligible_workers(model_id, request.run_id):
+            # Placement and the task's kind (an optional one older workers lack):
+            # the first open task speaks for the request's others.
+            probe = next((t for t in tasks if not t.done), None)
+            if done or probe is None or scheduler.eligible_for(probe):
                 idle_since = None
                 request.set_waiting_for_workers(False)
                 continue

@@ -141,10 +141,12 @@ class Scheduler:
             return None if w.serves(model_id) else f"does not serve base model {model_id}"
         return refusal(w, req)
 
+    def takes(self, w: WorkerInfo, t: Task) -> bool:
+        """Whether ``w`` runs ``t``'s kind (an optional kind only if it declared it)."""
+        return w.runs(t.kind)
+
     def can_serve(self, w: WorkerInfo, t: Task) -> bool:
-        if not w.runs(t.kind):
-            return False
-        return self.refusal(w, t.run_id, t.base_model) is None
+        return self.takes(w, t) and self.refusal(w, t.run_id, t.base_model) is None
 
     def eligible_workers(self, model_id: str, run_id: str | None = None) -> list[WorkerInfo]:
         """Live workers that can take the run's tasks (``run_id``), or, without
@@ -153,6 +155,10 @@ class Scheduler:
                 if w.active and not w.quarantined and (
                     w.serves(model_id) if run_id is None
                     else self.refusal(w, run_id, model_id) is None)]
+
+    def eligible_for(self, t: Task) -> list[WorkerInfo]:
+        """Live workers that could take ``t`` (placement and its kind)."""
+        return [w for w in self.eligible_workers(t.base_model, t.run_id) if self.takes(w, t)]
 
     def note_rejection(self, w: WorkerInfo, reason: str) -> None:
         w.rejections_in_row += 1
@@ -248,7 +254,7 @@ class Scheduler:
         # The queue's head is enough: past it sit younger shards of the same requests.
         for tid in itertools.islice(self.pending.queue(run_id), _SCAN_LIMIT):
             t = self.tasks[tid]
-            if not w.serves(t.base_model) or w.worker_id in t.exclude or not w.runs(t.kind):
+            if not w.serves(t.base_model) or w.worker_id in t.exclude or not self.takes(w, t):
                 continue
             if t.preferred_worker in (None, w.worker_id):
                 return t

@@ -28,6 +28,19 @@ class Lease:
 
 
 @dataclass
+class Uploads:
+    """The files one lease of an export task sent: ``done`` name -> {"bytes",
+    "sha256"} as the coordinator measured them; ``receiving`` name -> bytes
+    reserved from the task's budget while the file streams in."""
+
+    done: dict[str, dict] = field(default_factory=dict)
+    receiving: dict[str, int] = field(default_factory=dict)
+
+    def used(self) -> int:
+        return sum(f["bytes"] for f in self.done.values()) + sum(self.receiving.values())
+
+
+@dataclass
 class Task:
     task_id: str
     kind: str                     # forward_backward | forward | sample | train | export_merged
@@ -55,9 +68,8 @@ class Task:
     done_by: str = ""             # the worker whose result was accepted
     held: Tensors | None = field(default=None, repr=False)  # gradient held for a check
     check: bool = False           # the accepted result awaits a check
-    # Files uploaded for this task (``export_merged``), by lease: name ->
-    # {"bytes", "sha256"} as the coordinator measured them while writing.
-    uploads: dict[str, dict[str, dict]] = field(default_factory=dict)
+    # Files uploaded for this task (``export_merged``), by lease.
+    uploads: dict[str, Uploads] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from rewardsignal.checkpoints import CheckpointStore, export_adapter
@@ -57,16 +58,41 @@ class ArtifactStore:
         return d / lease_id if lease_id is not None else d
 
     def adopt(self, run_id: str, version: int, mode: str, name: str, task_id: str,
-              lease_id: str, files: list[dict], precision: dict | None) -> dict:
-        """The files a worker uploaded for ``task_id`` become saved state ``name``
-        (their sizes and sha256 are the coordinator's own measure), and the task's
-        other uploads go."""
+              lease_id: str, files: list[dict], precision: dict | None,
+              complete: Callable[[Path], None]) -> dict:
+        """The files a worker uploaded for ``task_id`` and listed in ``files``
+        (their sizes and sha256 are the coordinator's own measure), checked and
+        completed by ``complete(folder)`` (which raises to refuse them and may
+        add files of its own), become saved state ``name``; nothing else of the
+        task's uploads is kept."""
         src = self.upload_dir(run_id, task_id, lease_id)
         tmp = self.root / run_id / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        src.replace(tmp)
-        shutil.rmtree(self.upload_dir(run_id, task_id), ignore_errors=True)
-        return self._commit(tmp, run_id, version, mode, name, precision, files)
+        tmp.mkdir(parents=True)
+        try:
+            for f in files:
+                (src / f["path"]).replace(tmp / f["path"])
+            complete(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(self.upload_dir(run_id, task_id), ignore_errors=True)
+        uploaded = {f["path"] for f in files}
+        own = [{"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+               for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in uploaded]
+        return self._commit(tmp, run_id, version, mode, name, precision,
+                            sorted([*files, *own], key=lambda f: f["path"]))
+
+    def sweep(self) -> int:
+        """Remove what exports left half-done (a restart mid-upload or mid-export:
+        ``.upload-*`` and ``.tmp-*`` folders); how many. At start-up only."""
+        gone = 0
+        for d in self.root.glob("*/.*") if self.root.is_dir() else ():
+            if d.is_dir() and d.name.startswith((".upload-", ".tmp-")):
+                shutil.rmtree(d, ignore_errors=True)
+                gone += 1
+        return gone
 
     def drop_uploads(self, run_id: str, task_id: str) -> None:
         shutil.rmtree(self.upload_dir(run_id, task_id), ignore_errors=True)
