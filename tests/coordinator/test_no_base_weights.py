@@ -209,3 +209,20 @@ def test_a_merged_export_with_no_worker_that_runs_it_fails_clearly(tmp_path):
         assert "merged" not in str(old.lease(timeout_s=0.2))  # never leased to it
     finally:
         h.close()
+
+
+def test_half_done_export_folders_are_swept_at_start(tmp_path):
+    h = Harness(tmp_path / "data")
+    _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                       expect=201)
+    root = h.coordinator.services.artifacts.root / run["run_id"]
+    h.close()
+    for d in (".upload-t-1/l-1", ".tmp-m"):
+        (root / d).mkdir(parents=True)
+        (root / d / "model.safetensors").write_bytes(b"x")
+    (root / "kept").mkdir()  # a saved state's folder stays
+    h = Harness(tmp_path / "data")
+    try:
+        assert sorted(p.name for p in root.iterdir()) == ["kept"]
+    finally:
+        h.close()
