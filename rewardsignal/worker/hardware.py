@@ -75,6 +75,14 @@ def precisions(device: torch.device, auto_dtype: str) -> dict:
     return {"auto": auto_dtype, "base_dtypes": dtypes, "quantization": quant, "note": note}
 
 
+def host_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
+    """Host RAM this worker offers (a merged export loads the base there at
+    fp32): ``--memory-gb`` on a CPU worker, else the machine's RAM."""
+    if memory_gb is not None and device.type == "cpu":
+        return int(memory_gb * 2**30)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def offered_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
     """Memory this worker offers the coordinator's placement: ``--memory-gb`` when
     given, else the GPU's total memory, else the machine's RAM."""

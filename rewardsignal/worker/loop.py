@@ -129,6 +129,7 @@ class Worker:
             "name": self.name, "device": str(self.device),
             "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens,
             "precisions": precisions, "memory_bytes": memory,
+            "host_memory_bytes": hardware.host_memory_bytes(self.device, self.config.memory_gb),
             "checks": list(protocol.CHECK_FEATURES), "tasks": list(protocol.OPTIONAL_TASKS)})
         self.worker_id = reply["worker_id"]
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "

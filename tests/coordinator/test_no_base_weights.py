@@ -226,3 +226,25 @@ def test_half_done_export_folders_are_swept_at_start(tmp_path):
         assert sorted(p.name for p in root.iterdir()) == ["kept"]
     finally:
         h.close()
+
+
+def test_a_merged_export_goes_only_to_a_worker_with_the_host_memory_for_it(harness):
+    """The merge loads the base at fp32 in host memory: a worker that declared
+    less is not asked (one that declared none is not held to it)."""
+    from rewardsignal.memory import shape_of, weight_bytes
+
+    h = harness
+    fp32 = weight_bytes(shape_of("signal-tiny"), "fp32")
+    _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                       expect=201)
+    small = FakeWorker(h, "small", tasks=["export_merged"], host_memory_bytes=fp32)
+    h.request("POST", f"/v1/runs/{run['run_id']}/save_state", json={"mode": "merged"},
+              expect=202)
+    assert small.lease(timeout_s=0.5) is None
+    big = FakeWorker(h, "big", tasks=["export_merged"], host_memory_bytes=2 * fp32)
+    task = big.lease()
+    assert task["kind"] == "export_merged"
+    _, st = h.request("GET", "/v1/workers", expect=200)
+    by_name = {w["name"]: w for w in (st["workers"] if isinstance(st, dict) else st)}
+    assert by_name["big"]["host_memory_bytes"] == 2 * fp32
+    assert by_name["big"]["tasks"] == ["export_merged"] and by_name["small"]["tasks"]

@@ -66,7 +66,8 @@ def _read_capabilities(b: Body) -> dict:
     loads for "auto", "base_dtypes": [...], "quantization": [...], "note": why it
     cannot quantize} and ``memory_bytes``. Absent: a worker from before run
     precision, which serves only default-precision runs and has no memory bound."""
-    caps: dict = {"memory_bytes": b.int("memory_bytes", None, lo=1, hi=1 << 50)}
+    caps: dict = {"memory_bytes": b.int("memory_bytes", None, lo=1, hi=1 << 50),
+                  "host_memory_bytes": b.int("host_memory_bytes", None, lo=1, hi=1 << 50)}
     checks = b.list("checks", [], max_len=16)
     if not all(isinstance(c, str) and len(c) <= 64 for c in checks):
         raise ValidationError("field 'checks' must be a list of names")

@@ -20,7 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
-from rewardsignal.memory import ModelShape, activation_bytes_per_token, train_memory_bytes
+from rewardsignal.memory import (
+    ModelShape,
+    activation_bytes_per_token,
+    train_memory_bytes,
+    weight_bytes,
+)
 from rewardsignal.precision import Precision
 
 
@@ -48,6 +53,11 @@ class Requirement:
                                   targets=self.targets, tokens=self.max_length,
                                   eager_seq_len=eager)
 
+
+    def merge_host_bytes(self) -> int | None:
+        """Host memory a merged export needs on a worker: the base at fp32 (what
+        the merge loads) and a fifth more for the merge and the save."""
+        return None if self.shape is None else int(1.2 * weight_bytes(self.shape, "fp32"))
 
     def task_tokens(self, w: WorkerInfo) -> int | None:
         """The most tokens of this run one task for ``w`` may hold: what fits in

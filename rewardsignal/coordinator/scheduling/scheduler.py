@@ -142,8 +142,15 @@ class Scheduler:
         return refusal(w, req)
 
     def takes(self, w: WorkerInfo, t: Task) -> bool:
-        """Whether ``w`` runs ``t``'s kind (an optional kind only if it declared it)."""
-        return w.runs(t.kind)
+        """Whether ``w`` runs ``t``'s kind (an optional kind only if it declared it)
+        and, for a merged export, has the host memory it needs."""
+        if not w.runs(t.kind):
+            return False
+        if t.kind == "export_merged" and w.host_memory_bytes is not None:
+            req = self.requirements.get(t.run_id)
+            need = req.merge_host_bytes() if req is not None else None
+            return need is None or need <= w.host_memory_bytes
+        return True
 
     def can_serve(self, w: WorkerInfo, t: Task) -> bool:
         return self.takes(w, t) and self.refusal(w, t.run_id, t.base_model) is None

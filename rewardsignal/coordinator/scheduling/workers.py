@@ -28,6 +28,7 @@ class WorkerInfo:
     quantization_note: str = ""  # why it cannot quantize, in its own words
     auto_dtype: str = ""  # what "auto" loads there; "" derives it from the device
     memory_bytes: int | None = None  # memory it offers; None: not declared
+    host_memory_bytes: int | None = None  # host RAM it offers (a merge's fp32 base)
     # Check computations it can do beyond the plain ones (``protocol.CHECK_FEATURES``).
     checks: tuple[str, ...] = ()
     # Optional task kinds it runs (``protocol.OPTIONAL_TASKS``).
@@ -78,6 +79,7 @@ class WorkerInfo:
                 "rejections": self.rejections_total, "status": status,
                 "base_dtypes": list(self.base_dtypes or ["auto"]),
                 "quantization": list(self.quantization), "memory_bytes": self.memory_bytes,
+                "host_memory_bytes": self.host_memory_bytes, "tasks": list(self.tasks),
                 "last_seen": self.last_seen_wall, "registered_at": self.registered_at}
 
     def capabilities(self) -> dict:
@@ -86,7 +88,8 @@ class WorkerInfo:
         return {"base_dtypes": list(self.base_dtypes) if self.base_dtypes is not None else None,
                 "quantization": list(self.quantization),
                 "quantization_note": self.quantization_note, "auto_dtype": self.auto_dtype,
-                "memory_bytes": self.memory_bytes, "checks": list(self.checks),
+                "memory_bytes": self.memory_bytes, "host_memory_bytes": self.host_memory_bytes,
+                "checks": list(self.checks),
                 "tasks": list(self.tasks)}
 
     def runs(self, kind: str) -> bool:
@@ -102,6 +105,7 @@ class WorkerInfo:
         self.quantization_note = caps.get("quantization_note") or ""
         self.auto_dtype = caps.get("auto_dtype") or self.auto_dtype
         self.memory_bytes = caps.get("memory_bytes")
+        self.host_memory_bytes = caps.get("host_memory_bytes")
         self.checks = tuple(caps.get("checks") or ())
         self.tasks = tuple(caps.get("tasks") or ())
         return self
