@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from rewardsignal.aggregation.tensors import FlatTensors
+from rewardsignal.aggregation.tensors import FlatTensors, flat_buffer
 from rewardsignal.errors import ValidationError
 
 JSON = "application/json"
@@ -64,7 +64,7 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
     out[:8] = len(head).to_bytes(8, "little")
     out[8: 8 + len(head)] = head
     view, pos = memoryview(out), 8 + len(head)
-    flat = tensors.flat if isinstance(tensors, FlatTensors) else None
+    flat = flat_buffer(tensors)
     if flat is not None and flat.dtype == torch.float32 and order == list(tensors):
         view[pos:] = flat.detach().cpu().view(torch.uint8).numpy().data  # already in order
         return bytes(out)
@@ -136,9 +136,9 @@ def _flat_f32(data: bytes | bytearray, start: int, header: dict) -> FlatTensors 
         return None
     layout = tuple((name, shape) for _, _, name, shape in entries)
     if not pos:
-        return FlatTensors.of(torch.zeros(0), layout)
+        return FlatTensors(torch.zeros(0), layout)
     flat = torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=torch.uint8)
-    return FlatTensors.of(flat.view(torch.float32), layout)
+    return FlatTensors(flat.view(torch.float32), layout)
 
 
 # Check computations a worker may declare at registration (``checks``), beyond

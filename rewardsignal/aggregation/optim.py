@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rewardsignal.aggregation.tensors import FlatTensors, Tensors, global_norm
+from rewardsignal.aggregation.tensors import FlatTensors, Tensors, flat_buffer, global_norm
 from rewardsignal.errors import ValidationError
 
 
@@ -56,8 +56,8 @@ def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, float
     coef = max_norm / (norm + 1e-6)
     if coef >= 1.0:
         return grads, norm  # not mutated: the same set serves
-    if isinstance(grads, FlatTensors) and grads.flat is not None:
-        return grads.with_buffer(grads.flat * coef), norm
+    if isinstance(grads, FlatTensors) and (flat := flat_buffer(grads)) is not None:
+        return grads.with_buffer(flat * coef), norm
     return {k: g * coef for k, g in grads.items()}, norm
 
 
@@ -78,7 +78,7 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
     # A flat gradient (a decoded submission's sums) sets the order: the new
     # parameters and moments come out flat in it, so the next step finds its
     # inputs as buffers and makes no copies (the first step gathers them).
-    names = list(grads) if _flat(grads) is not None else list(params)
+    names = list(grads) if flat_buffer(grads) is not None else list(params)
     # One flat vector per quantity: the same element-wise arithmetic (so the same
     # bits) as a loop over the tensors, in a dozen kernel calls instead of a
     # dozen per tensor (an adapter has hundreds of small ones).
@@ -99,11 +99,11 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
                      else torch.zeros_like(params[n]) for n in names])
 
     size = sum(math.prod(shape) for _, shape in layout)
-    p = _flat(params, layout)
+    p = flat_buffer(params, layout)
     p = flat([params[n] for n in names]) if p is None else p
-    g = _flat(grads, layout)
+    g = flat_buffer(grads, layout)
     g = flat([grads[n] for n in names]) if g is None else g
-    mv = _flat(state, state_layout)
+    mv = flat_buffer(state, state_layout)
     m, v = (mv[:size], mv[size:]) if mv is not None else (moment("exp_avg"),
                                                             moment("exp_avg_sq"))
     # The new moments are written into one buffer (the same operations as
@@ -117,11 +117,4 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
     denom = v.sqrt() / bias2_sqrt + cfg.eps
     p = p.addcdiv(m, denom, value=-step_size)
     # Views into the new flat vectors (none of them is written in place).
-    return FlatTensors.of(p, layout), FlatTensors.of(new_mv, state_layout), step
-
-
-def _flat(tensors: Tensors, layout: tuple | None = None) -> torch.Tensor | None:
-    """The buffer of a flat set (with exactly ``layout``, when given)."""
-    if not isinstance(tensors, FlatTensors) or tensors.flat is None:
-        return None
-    return tensors.flat if layout is None or tensors.layout == layout else None
+    return FlatTensors(p, layout), FlatTensors(new_mv, state_layout), step

@@ -20,26 +20,22 @@ class FlatTensors(dict[str, torch.Tensor]):
 
     __slots__ = ("flat", "layout")
 
-    def __init__(self, flat: torch.Tensor, views: dict[str, torch.Tensor]) -> None:
-        super().__init__(views)
-        self.flat: torch.Tensor | None = flat
-        self.layout = tuple((k, tuple(v.shape)) for k, v in views.items())
-
-    @classmethod
-    def of(cls, flat: torch.Tensor, layout: tuple[tuple[str, tuple[int, ...]], ...]
-           ) -> FlatTensors:
-        """Views of ``flat`` (1-D, as many elements as the layout) by ``layout``."""
+    def __init__(self, flat: torch.Tensor, layout: tuple[tuple[str, tuple[int, ...]], ...]
+                 ) -> None:
+        """Views of ``flat`` (1-D, as many elements as the layout) by ``layout``:
+        (name, shape) of each tensor in buffer order."""
         sizes = [math.prod(shape) for _, shape in layout]
         if sum(sizes) != flat.numel():
             raise ValueError(f"layout covers {sum(sizes)} elements, buffer has {flat.numel()}")
         parts = flat.split(sizes) if layout else ()
-        out = cls(flat, {name: t.view(shape)
-                         for (name, shape), t in zip(layout, parts, strict=True)})
-        return out
+        super().__init__((name, t.view(shape))
+                         for (name, shape), t in zip(layout, parts, strict=True))
+        self.flat: torch.Tensor | None = flat
+        self.layout = layout
 
     def with_buffer(self, flat: torch.Tensor) -> FlatTensors:
         """The same names and shapes over another buffer (e.g. ``self.flat * s``)."""
-        return FlatTensors.of(flat, self.layout)
+        return FlatTensors(flat, self.layout)
 
     def _unflatten(self) -> None:
         self.flat = None
@@ -78,41 +74,42 @@ class FlatTensors(dict[str, torch.Tensor]):
         return super().setdefault(*args)
 
 
-def flat_pair(a: Tensors, b: Tensors) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Both buffers when ``a`` and ``b`` are flat with the same names and shapes
-    in the same order (element-wise arithmetic on the buffers is then the same
-    as on each pair of tensors); otherwise None."""
-    if (isinstance(a, FlatTensors) and isinstance(b, FlatTensors) and a.flat is not None
-            and b.flat is not None and a.layout == b.layout):
-        return a.flat, b.flat
-    return None
+def flat_buffer(a: Tensors, layout: tuple | None = None) -> torch.Tensor | None:
+    """The buffer of a set that is flat (with exactly ``layout``, when given):
+    element-wise arithmetic on it is the same as on each of its tensors. None
+    for any other set, which the per-tensor path serves."""
+    if not isinstance(a, FlatTensors) or a.flat is None:
+        return None
+    return a.flat if layout is None or a.layout == layout else None
 
 
 def tree_clone(a: Tensors) -> Tensors:
-    if isinstance(a, FlatTensors) and a.flat is not None:
-        return a.with_buffer(a.flat.clone())
+    if isinstance(a, FlatTensors) and (flat := flat_buffer(a)) is not None:
+        return a.with_buffer(flat.clone())
     return {k: v.clone() for k, v in a.items()}
 
 
 def tree_add_(a: Tensors, b: Tensors) -> None:
     """``a += b``, tensor by tensor (``a``'s tensors are written in place)."""
-    pair = flat_pair(a, b)
-    if pair is not None:
-        pair[0].add_(pair[1])
+    into = flat_buffer(a)
+    add = flat_buffer(b, a.layout) if isinstance(a, FlatTensors) else None
+    if into is not None and add is not None:
+        into.add_(add)
         return
     for k, v in b.items():
         a[k].add_(v)
 
 
 def tree_div(a: Tensors, s: float) -> Tensors:
-    if isinstance(a, FlatTensors) and a.flat is not None:
-        return a.with_buffer(a.flat / s)
+    if isinstance(a, FlatTensors) and (flat := flat_buffer(a)) is not None:
+        return a.with_buffer(flat / s)
     return {k: v / s for k, v in a.items()}
 
 
 def all_finite(a: Tensors) -> str | None:
     """The first tensor holding a NaN or infinity (None: all finite)."""
-    if isinstance(a, FlatTensors) and a.flat is not None and bool(torch.isfinite(a.flat).all()):
+    flat = flat_buffer(a)
+    if flat is not None and bool(torch.isfinite(flat).all()):
         return None
     for name, t in a.items():
         if not bool(torch.isfinite(t).all()):
@@ -144,9 +141,8 @@ def global_norm(a: Tensors) -> float:
 def l2_norm(a: Tensors) -> float:
     """The global L2 norm for checks and metrics: one kernel call on a flat
     set (equal to ``global_norm`` up to rounding)."""
-    if isinstance(a, FlatTensors) and a.flat is not None:
-        return float(torch.linalg.vector_norm(a.flat))
-    return global_norm(a)
+    flat = flat_buffer(a)
+    return float(torch.linalg.vector_norm(flat)) if flat is not None else global_norm(a)
 
 
 def tree_max_abs_diff(a: Tensors, b: Tensors) -> float:

@@ -75,8 +75,8 @@ def test_a_set_whose_entries_change_is_no_longer_flat():
     assert _bits_equal(other, want)
     # Same names in another order: not the same layout, so added per tensor.
     a, b = _flat(0), _flat(1)
-    shuffled = FlatTensors.of(torch.cat([b[k].reshape(-1) for k in reversed(b)]),
-                              tuple((k, tuple(b[k].shape)) for k in reversed(b)))
+    shuffled = FlatTensors(torch.cat([b[k].reshape(-1) for k in reversed(b)]),
+                           tuple((k, tuple(b[k].shape)) for k in reversed(b)))
     want = {k: a[k] + b[k] for k in a}
     tree_add_(a, shuffled)
     assert _bits_equal(a, want)
