@@ -15,6 +15,7 @@ import logging
 import time
 
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
+from rewardsignal.aggregation.tensors import global_norm
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.shards import settle_owed
@@ -27,14 +28,6 @@ from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import ValidationError
 
 log = logging.getLogger("signal.coordinator")
-
-
-def _global_norm(grads: dict) -> float:
-    """The L2 norm of the accumulated gradient (before clipping), for tracking."""
-    import torch
-
-    return float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(g.float()) for g in grads.values()])))
 
 
 class OptimStep(Operation):
@@ -105,7 +98,8 @@ class OptimStep(Operation):
                                   request_id=request_id, background=landed, adapter=adapter)
         run.accum = Accumulator()
         if track and ctx.trackers.logs(run.run_id):
-            norm = await asyncio.to_thread(_global_norm, grads)
+            # The accumulated gradient's norm (before clipping), for tracking.
+            norm = await asyncio.to_thread(global_norm, grads)
             ctx.trackers.log(run.run_id, run.version, {
                 "train/loss": loss, "train/tokens": entry["tokens"],
                 "train/learning_rate": args.learning_rate, "train/grad_norm": norm})
