@@ -75,13 +75,15 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return where
 
 
-def check_merged(merged_dir: str | Path, base_model: str, adapter: dict, lora: dict) -> None:
+def check_merged(merged_dir: str | Path, base_model: str, adapter: dict, lora: dict) -> str:
     """Check a worker's merged weights against the base and the adapter, one
     tensor at a time (memory-mapped, never the whole model): the same tensor
     names and shapes as the base; each LoRA target equal to base + (B @ A) *
     alpha / r within ``MERGE_TOLERANCE`` (relative to its largest value); every
     other tensor equal to the base's, bit for bit. ``adapter``: the version's
-    adapter (PEFT saved names); ``lora``: its ``LoraSpec`` as JSON. A
+    adapter (PEFT saved names); ``lora``: its ``LoraSpec`` as JSON. Returns the
+    merged weights' dtype ("float32", ...: what their config says), that of
+    the first tensor. A
     ``ValidationError`` says what differs."""
     import torch
     from safetensors import safe_open
@@ -103,10 +105,13 @@ def check_merged(merged_dir: str | Path, base_model: str, adapter: dict, lora: d
             if b is None or f"{module}.weight" not in base:
                 raise ValidationError(f"adapter tensor {key} names no base weight")
             deltas[f"{module}.weight"] = (a.float(), b.float())
-    for name in sorted(base):
+    dtype = "float32"
+    for i, name in enumerate(sorted(base)):
         with safe_open(base[name], framework="pt") as fb, \
                 safe_open(merged[name], framework="pt") as fm:
             w, m = fb.get_tensor(name), fm.get_tensor(name)
+        if i == 0:
+            dtype = str(m.dtype).removeprefix("torch.")
         if w.shape != m.shape:
             raise ValidationError(f"merged {name} has shape {tuple(m.shape)}, the base's is "
                                   f"{tuple(w.shape)}")
@@ -122,6 +127,7 @@ def check_merged(merged_dir: str | Path, base_model: str, adapter: dict, lora: d
         if not err <= bound:
             raise ValidationError(f"merged {name} is not the base plus the adapter's update "
                                   f"(off by {err:.3g}, bound {bound:.3g})")
+    return dtype
 
 
 def _check_index(directory: Path, where: dict[str, Path]) -> None:

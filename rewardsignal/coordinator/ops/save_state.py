@@ -104,9 +104,8 @@ async def _merge_on_a_worker(ctx: Services, run: Run, request: Request, version:
 
         def complete(folder: Path) -> None:
             adapter = tensors_from_bytes(adapter_path.read_bytes())
-            check_merged(folder, run.spec.base_model, adapter, run.spec.lora.to_json())
-            write_merged_config(folder, run.spec.base_model, _weights_dtype(folder), precision,
-                                source)
+            dtype = check_merged(folder, run.spec.base_model, adapter, run.spec.lora.to_json())
+            write_merged_config(folder, run.spec.base_model, dtype, precision, source)
 
         try:
             async for _, result in gather_tasks(ctx.scheduler, [task], request,
@@ -129,16 +128,3 @@ async def _merge_on_a_worker(ctx: Services, run: Run, request: Request, version:
     raise TaskFailedError(f"merged export of run {run.run_id} version {version} refused from "
                           f"{len(refused)} workers; last: {last}")
 
-
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def _weights_dtype(folder: Path) -> str:
-    """The dtype of the merged weights (for their config), from the first tensor's header."""
-    from safetensors import safe_open
-
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                return _DTYPE_NAMES.get(f.get_slice(key).get_dtype(), "float32")
-    return "float32"
