@@ -7,7 +7,6 @@ the adapter one tensor at a time. The coordinator never loads the base."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +17,7 @@ import aiohttp
 from rewardsignal import protocol
 from rewardsignal.checkpoints import export_merged
 from rewardsignal.checkpoints.export import MERGED_WEIGHT_SUFFIXES
-from rewardsignal.checkpoints.store import ADAPTER_CONFIG_FILE, ADAPTER_FILE
+from rewardsignal.checkpoints.store import ADAPTER_CONFIG_FILE, ADAPTER_FILE, sha256_file
 from rewardsignal.errors import error_from_json
 
 _CHUNK = 4 << 20
@@ -38,17 +37,9 @@ def merge(task: dict, adapter: dict, work_dir: Path) -> list[dict]:
                   source=payload.get("source"))
     # Only the weights travel: the coordinator writes the config and tokenizer
     # from the base's own files once it has checked them.
-    return [{"path": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return [{"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(out.iterdir())
             if p.is_file() and p.name.endswith(MERGED_WEIGHT_SUFFIXES)]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def upload(session: aiohttp.ClientSession, base_url: str, headers: dict, task: dict,

@@ -253,9 +253,10 @@ async def upload_file(request: web.Request) -> web.Response:
     ups.receiving[name] = size  # reserved before the first await
     folder = coord.services.artifacts.upload_dir(task.run_id, task.task_id, lease_id)
     try:
-        part = await _receive(request, folder, name, size)
+        part, digest = await _receive(request, folder, name, size)
         try:
-            digest = await asyncio.to_thread(_check_file, part, name)
+            if name.endswith(".json"):
+                await asyncio.to_thread(_check_json, part, name)
             if digest != sha:
                 raise ValidationError(f"{name}: sha256 of the {size} bytes received is "
                                       f"{digest}, not the {sha} named; upload it again")
@@ -272,15 +273,18 @@ async def upload_file(request: web.Request) -> web.Response:
     return web.json_response({"path": name, **ups.done[name]}, status=201)
 
 
-async def _receive(request: web.Request, folder: Path, name: str, size: int) -> Path:
+async def _receive(request: web.Request, folder: Path, name: str, size: int
+                   ) -> tuple[Path, str]:
     """Stream exactly ``size`` bytes of the body into a fresh temporary file in
-    ``folder`` (fsynced), off the event loop a chunk at a time."""
+    ``folder`` (fsynced), off the event loop a chunk at a time, hashing each
+    chunk as it is written; the file and its sha256."""
     def open_part():
         folder.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(prefix=".part-", dir=folder)
         return os.fdopen(fd, "wb"), Path(path)
 
     fh, part = await asyncio.to_thread(open_part)
+    h = hashlib.sha256()
     got = 0
     ok = False
     try:
@@ -288,7 +292,7 @@ async def _receive(request: web.Request, folder: Path, name: str, size: int) -> 
             got += len(chunk)
             if got > size:
                 raise PayloadTooLargeError(f"{name}: more bytes than its Content-Length")
-            await asyncio.to_thread(fh.write, chunk)
+            await asyncio.to_thread(_write_hashed, fh, h, chunk)
         if got != size:
             raise ValidationError(f"{name}: {got} of {size} bytes arrived; upload it again")
         await asyncio.to_thread(_sync, fh)
@@ -297,24 +301,23 @@ async def _receive(request: web.Request, folder: Path, name: str, size: int) -> 
         await asyncio.to_thread(fh.close)
         if not ok:
             await asyncio.to_thread(part.unlink, missing_ok=True)
-    return part
+    return part, h.hexdigest()
 
 
-def _check_file(path: Path, name: str) -> str:
-    """The file's sha256; a JSON file (a sharded model's index) must parse."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    if name.endswith(".json"):
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise ValidationError(f"{name}: a JSON file of a model is at most "
-                                  f"{_MAX_JSON_BYTES >> 20} MiB")
-        try:
-            json.loads(path.read_bytes())
-        except ValueError:
-            raise ValidationError(f"{name} is not valid JSON") from None
-    return h.hexdigest()
+def _write_hashed(fh, h, chunk: bytes) -> None:
+    fh.write(chunk)
+    h.update(chunk)
+
+
+def _check_json(path: Path, name: str) -> None:
+    """A JSON file (a sharded model's index) must parse."""
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise ValidationError(f"{name}: a JSON file of a model is at most "
+                              f"{_MAX_JSON_BYTES >> 20} MiB")
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:
+        raise ValidationError(f"{name} is not valid JSON") from None
 
 
 def _sync(fh) -> None:
