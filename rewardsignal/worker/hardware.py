@@ -75,12 +75,17 @@ def precisions(device: torch.device, auto_dtype: str) -> dict:
     return {"auto": auto_dtype, "base_dtypes": dtypes, "quantization": quant, "note": note}
 
 
+def ram_bytes() -> int:
+    """The machine's physical memory."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def host_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
     """Host RAM this worker offers (a merged export loads the base there at
     fp32): ``--memory-gb`` on a CPU worker, else the machine's RAM."""
     if memory_gb is not None and device.type == "cpu":
         return int(memory_gb * 2**30)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return ram_bytes()
 
 
 def offered_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
@@ -90,4 +95,4 @@ def offered_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
         return int(memory_gb * 2**30)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return ram_bytes()

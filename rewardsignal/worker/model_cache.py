@@ -11,11 +11,12 @@ measuring and freeing are the engine's.
 from __future__ import annotations
 
 import gc
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+
+from rewardsignal.worker.hardware import ram_bytes
 
 # Share of device memory the cached bases may take by default: the rest is for
 # the activations of the task being computed (a 1B model at bf16 is 2 GB, its
@@ -36,7 +37,7 @@ def default_budget_bytes(device: torch.device, offered_bytes: int | None = None)
         return int(offered_bytes * share)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device.index or 0).total_memory * share)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
+    return int(ram_bytes() * share)
 
 
 def module_bytes(module: torch.nn.Module) -> int:

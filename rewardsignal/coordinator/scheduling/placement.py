@@ -41,18 +41,26 @@ class Requirement:
     max_length: int
     min_memory_bytes: int | None = None  # from a gpu_config hint
 
-    def need_bytes(self, w: WorkerInfo) -> int | None:
-        """Memory ``w`` needs for this run: its ``auto`` dtype resolved, and eager
-        attention's T x T scores counted on workers that are not on CUDA."""
+    def _cost(self, w: WorkerInfo) -> tuple[int, int] | None:
+        """(bytes with no tokens: base and LoRA, bytes per token of a micro-batch)
+        of this run on ``w``: its ``auto`` dtype resolved, and eager attention's
+        T x T scores counted on workers that are not on CUDA. None without a
+        readable config."""
         if self.shape is None:
             return None
         dtype = self.precision.resolve(w.auto_dtype)
         eager = 0 if w.device.startswith("cuda") else self.max_length
-        return train_memory_bytes(self.shape, dtype=dtype,
-                                  quantization=self.precision.quantization, lora_r=self.lora_r,
-                                  targets=self.targets, tokens=self.max_length,
-                                  eager_seq_len=eager)
+        fixed = train_memory_bytes(self.shape, dtype=dtype,
+                                   quantization=self.precision.quantization,
+                                   lora_r=self.lora_r, targets=self.targets, tokens=0,
+                                   eager_seq_len=eager)
+        return fixed, activation_bytes_per_token(self.shape, dtype, eager_seq_len=eager)
 
+    def need_bytes(self, w: WorkerInfo) -> int | None:
+        """Memory ``w`` needs for this run: the base, the LoRA and one
+        ``max_length`` sequence."""
+        cost = self._cost(w)
+        return None if cost is None else cost[0] + self.max_length * cost[1]
 
     def merge_host_bytes(self) -> int | None:
         """Host memory a merged export needs on a worker: the base at fp32 (what
@@ -64,15 +72,10 @@ class Requirement:
         the memory it offers once the base (at the run's precision) and the LoRA
         are loaded, at the activation cost per token of this run's model. None
         when there is no bound (no memory declared, config unreadable)."""
-        if self.shape is None or w.memory_bytes is None:
+        cost = self._cost(w)
+        if cost is None or w.memory_bytes is None:
             return None
-        dtype = self.precision.resolve(w.auto_dtype)
-        eager = 0 if w.device.startswith("cuda") else self.max_length
-        fixed = train_memory_bytes(self.shape, dtype=dtype,
-                                   quantization=self.precision.quantization,
-                                   lora_r=self.lora_r, targets=self.targets, tokens=0,
-                                   eager_seq_len=eager)
-        per_token = activation_bytes_per_token(self.shape, dtype, eager_seq_len=eager)
+        fixed, per_token = cost
         return max(1, (w.memory_bytes - fixed) // per_token)
 
 
