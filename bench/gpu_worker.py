@@ -37,6 +37,7 @@ import tempfile
 import time
 
 import torch
+from _breakdown import Breakdown
 from _cluster import Cluster
 
 
@@ -158,7 +159,10 @@ def run_signal(args, batch, prompts) -> dict:
                                         base_dtype=args.base_dtype,
                                         quantization=args.quantization)
         fb_times, opt_times = [], []
+        stages = Breakdown(cluster)
         for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                stages.start()
             t0 = time.perf_counter()
             fb = run.forward_backward(batch=batch)
             t1 = time.perf_counter()
@@ -166,8 +170,11 @@ def run_signal(args, batch, prompts) -> dict:
             times.append(time.perf_counter() - t0)
             fb_times.append(t1 - t0)
             opt_times.append(times[-1] - fb_times[-1])
+            stages.sdk("forward_backward call", fb_times[-1])
+            stages.sdk("optim_step call", opt_times[-1])
             progress(f"signal step {i + 1}/{args.warmup + args.steps}: {times[-1]:.3f} s "
                      f"({tokens / times[-1]:,.0f} tok/s, loss {fb['loss']:.4f})")
+        stages.stop(args.steps)
         run.sample(prompt_tokens=prompts[:1], max_tokens=8, temperature=0)
         t0 = time.perf_counter()
         s = run.sample(prompt_tokens=prompts, max_tokens=args.sample_tokens, temperature=0)
@@ -178,7 +185,7 @@ def run_signal(args, batch, prompts) -> dict:
     m = re.search(r"peak GPU memory allocated [\d.]+ GiB \((\d+) bytes\)", text)
     return {"times": times[args.warmup:], "fb_times": fb_times[args.warmup:],
             "opt_times": opt_times[args.warmup:], "tokens": tokens, "peak": int(m.group(1)) if m else None,
-            "sample_tokens": n, "sample_s": sample_s, "log": log}
+            "sample_tokens": n, "sample_s": sample_s, "log": log, "stages": stages}
 
 
 def main() -> int:
@@ -256,6 +263,9 @@ def main() -> int:
           f"greedy: reference model.generate {r_sps:,.0f} tok/s ({ref['sample_tokens']} tokens), "
           f"signal sample task {s_sps:,.0f} tok/s ({sig['sample_tokens']} tokens), "
           f"ratio {s_sps / r_sps:.3f}")
+    # Where the time beyond the worker's compute goes, and each process's CPU
+    # (the per-token cost of the batch and its logprobs on the wire shows here).
+    sig["stages"].report(statistics.median(ref["times"]))
     print(f"worker log: {sig['log']}")
     return 0
 

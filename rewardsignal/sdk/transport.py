@@ -19,12 +19,15 @@ import uuid
 from typing import Any
 
 import aiohttp
+import msgpack
 
 from rewardsignal.errors import CoordinatorUnavailableError, SignalError, error_from_json
 
 DEFAULT_RETRY_WINDOW_S = 120.0
 _FIRST_DELAY_S = 0.5
 _MAX_DELAY_S = 8.0
+# protocol.MSGPACK; the SDK does not import protocol (it would load torch).
+MSGPACK = "application/msgpack"
 
 
 def new_idempotency_key() -> str:
@@ -36,6 +39,16 @@ def _cause(exc: BaseException) -> str:
     if os_error is not None and os_error.errno is not None:
         return f"{os_error.strerror} (errno {os_error.errno})"
     return type(exc).__name__
+
+
+def _decode(data: bytes, content_type: str) -> Any:
+    """An answer's body by its content type (ValueError when it is not what it says)."""
+    if content_type == MSGPACK:
+        try:
+            return msgpack.unpackb(data, raw=False)
+        except Exception as exc:  # msgpack raises many unrelated types for garbage
+            raise ValueError(f"answer is not valid msgpack: {type(exc).__name__}") from None
+    return json.loads(data)
 
 
 class Transport:
@@ -93,19 +106,28 @@ class Transport:
 
     async def _once(self, method: str, path: str, body: Any, params: dict | None,
                     headers: dict, timeout_s: float, raw: bool) -> Any:
+        # Bodies go as msgpack and answers are asked for in msgpack: a result
+        # holds a float per token (logprobs), which JSON encodes and parses at
+        # several times msgpack's cost on both ends. curl and other clients that
+        # do not ask keep getting JSON.
+        headers = {**headers, "Accept": f"{MSGPACK}, application/json"}
+        data_out = None
+        if body is not None:
+            data_out = msgpack.packb(body, use_bin_type=True)
+            headers["Content-Type"] = MSGPACK
         async with self.session.request(
-                method, self.base_url + path, json=body, params=params, headers=headers,
+                method, self.base_url + path, data=data_out, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             data = await resp.read()
             if resp.status >= 400:
                 try:
-                    payload = json.loads(data)
+                    payload = _decode(data, resp.content_type)
                 except ValueError:
                     payload = None
                 raise error_from_json(resp.status, payload)
             if raw:
                 return data
-            return json.loads(data) if data else None
+            return _decode(data, resp.content_type) if data else None
 
     def _unavailable(self, exc: BaseException, request_id: str | None
                      ) -> CoordinatorUnavailableError:

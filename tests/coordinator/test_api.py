@@ -380,3 +380,38 @@ def test_queueing_with_wait_s_answers_with_the_result(harness):
     _, done = h.request("POST", f"{path}/optim_step?wait_s=5", json={}, expect=200)
     assert done["status"] == "done" and done["result"]["version"] == 1
     assert h.coordinator.runs[run_id].version == 1
+
+
+def test_answers_are_msgpack_when_asked_and_json_otherwise(harness):
+    """A client that sends ``Accept: application/msgpack`` (the SDK) gets the
+    same answer as msgpack; one that does not gets JSON. A msgpack body is read
+    as its JSON twin would be, and errors are JSON either way."""
+    from rewardsignal.protocol import MSGPACK, pack
+
+    h = harness
+    run_id = _run(h)
+    ask = {"Accept": f"{MSGPACK}, application/json"}
+    send = {**ask, "Content-Type": MSGPACK}
+    worker = FakeWorker(h)
+    datum = {"model_input": [1, 5, 6], "loss_fn_inputs": {"target_tokens": [5, 6, 2]}}
+    _, pending = h.request("POST", f"/v1/runs/{run_id}/forward",
+                           data=pack({"batch": [datum]}), headers=send, expect=202)
+    task = worker.lease()
+    assert task["payload"]["datums"][0]["model_input"] == [1, 5, 6]
+    logprobs = [[-1.0, -2.5e-8, -0.1]]
+    worker.submit(task, result={"loss_sum": 2.0, "weight_sum": 3.0, "logprobs": logprobs})
+    path = f"/v1/requests/{pending['request_id']}?timeout_s=5"
+
+    async def raw(headers):
+        resp = await h.client.get(path, headers=headers)
+        return resp.status, resp.content_type, await resp.read()
+
+    code, ctype, body = h.call(raw(ask))
+    assert (code, ctype) == (200, MSGPACK)
+    as_msgpack = h.request("GET", path, headers=ask, expect=200)[1]
+    as_json = h.request("GET", path, expect=200)[1]
+    assert h.call(raw({}))[1] == "application/json"
+    assert as_msgpack == as_json and as_msgpack["result"]["logprobs"] == logprobs
+    bad = _error(h, "POST", f"/v1/runs/{run_id}/forward", 400, data=pack({"batch": 5}),
+                 headers=send)
+    assert "batch" in bad

@@ -11,7 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from rewardsignal.coordinator.api.appkeys import COORDINATOR
 from rewardsignal.errors import ValidationError
-from rewardsignal.protocol import MSGPACK, unpack
+from rewardsignal.protocol import MSGPACK, pack, unpack
 
 MAX_WAIT_S = 120.0
 
@@ -25,6 +25,17 @@ def decode_body(raw: bytes | bytearray, content_type: str, max_bytes: int) -> ob
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValidationError(f"body is not valid JSON: {exc}") from None
+
+
+def reply(request: web.Request, body: object, *, status: int = 200,
+          headers: dict[str, str] | None = None) -> web.Response:
+    """``body`` as msgpack when the request's ``Accept`` names it (the SDK does:
+    a result with a float per token encodes and parses several times faster),
+    else as JSON (curl and any client that does not ask)."""
+    if MSGPACK in request.headers.get("Accept", ""):
+        return web.Response(body=pack(body), status=status, headers=headers,
+                            content_type=MSGPACK)
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def read_raw(request: web.Request) -> bytearray:

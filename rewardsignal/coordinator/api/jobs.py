@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR
-from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, query_float, read_raw
+from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, query_float, read_raw, reply
 from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.errors import NotFoundError, http_status_for
@@ -36,7 +36,7 @@ async def wait_request(request: web.Request) -> web.Response:
                                owner, timeout_s)
     if body["status"] == "failed":
         return web.json_response(body, status=http_status_for(body["error"]["code"]))
-    return web.json_response(body, status=200 if body["status"] == "done" else 202)
+    return reply(request, body, status=200 if body["status"] == "done" else 202)
 
 
 async def upload_dataset(request: web.Request) -> web.Response:

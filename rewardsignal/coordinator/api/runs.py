@@ -9,7 +9,13 @@ from aiohttp import web
 
 from rewardsignal.coordinator import ops
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
-from rewardsignal.coordinator.api.bodies import MAX_WAIT_S, idempotency_key, query_float, read_body
+from rewardsignal.coordinator.api.bodies import (
+    MAX_WAIT_S,
+    idempotency_key,
+    query_float,
+    read_body,
+    reply,
+)
 from rewardsignal.coordinator.api.jobs import request_state
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import read_run_request
@@ -31,12 +37,12 @@ async def create_run(request: web.Request) -> web.Response:
         return {**run.to_json(), "warnings": coord.placement_warnings(run)}
 
     answer, replayed = await coord.once(owner, key, create)
-    return _answer(answer, 201, replayed)
+    return _answer(request, answer, 201, replayed)
 
 
-def _answer(body: dict, status: int, replayed: bool) -> web.Response:
+def _answer(request: web.Request, body: dict, status: int, replayed: bool) -> web.Response:
     headers = {"Idempotent-Replayed": "true"} if replayed else None
-    return web.json_response(body, status=status, headers=headers)
+    return reply(request, body, status=status, headers=headers)
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -96,9 +102,9 @@ async def run_op(request: web.Request) -> web.Response:
         if body["status"] == "failed":
             return web.json_response(body, status=http_status_for(body["error"]["code"]))
         if body["status"] == "done":
-            return _answer({**answer, **body}, 200, replayed)
+            return _answer(request, {**answer, **body}, 200, replayed)
         answer = {**answer, **body}  # still pending, and why (waiting_for_workers)
-    return _answer(answer, 202, replayed)
+    return _answer(request, answer, 202, replayed)
 
 
 async def get_artifact(request: web.Request) -> web.Response:

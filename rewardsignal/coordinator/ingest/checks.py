@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from rewardsignal.aggregation.codecs import decode
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.aggregation.validate import UpdateLimits, check_fingerprint, validate_update
@@ -43,6 +45,21 @@ class Checked:
 
 def _finite(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_NUMBERS = frozenset((int, float))
+
+
+def _all_finite(xs: list) -> bool:
+    """Every item an int or float (not a bool, string or list) and finite: what
+    ``all(_finite(x) for x in xs)`` says, at a fifth of its cost on a result's
+    logprobs (one float per token)."""
+    if not set(map(type, xs)) <= _NUMBERS:
+        return False
+    try:
+        return bool(np.isfinite(np.asarray(xs, dtype=np.float64)).all())
+    except OverflowError:  # an int beyond float64
+        return False
 
 
 def decode_tensors(msg: dict) -> Tensors:
@@ -132,7 +149,7 @@ def check_forward(result: dict, datums: list[dict]) -> dict:
     for lp, d in zip(lps, datums, strict=True):
         if not isinstance(lp, list) or len(lp) != len(d["model_input"]):
             raise RejectedUpdate("shape", "logprobs length does not match the datum")
-        if not all(_finite(x) for x in lp):
+        if not _all_finite(lp):
             raise RejectedUpdate("nonfinite", "logprobs contain NaN or infinity")
     return {"loss_sum": float(result["loss_sum"]), "weight_sum": float(result["weight_sum"]),
             "logprobs": lps}
@@ -153,7 +170,7 @@ def _check_sequence(o: object, max_tokens: int) -> None:
             or len(o["tokens"]) != len(o["logprobs"]) or len(o["tokens"]) > max_tokens
             or o.get("stop_reason", "length") not in ("stop", "length")
             or not all(isinstance(t, int) and not isinstance(t, bool) for t in o["tokens"])
-            or not all(_finite(x) for x in o["logprobs"])):
+            or not _all_finite(o["logprobs"])):
         raise RejectedUpdate("malformed", "sample output must have text, tokens, matching "
                              "finite logprobs and a stop_reason of 'stop' or 'length'")
 
@@ -173,7 +190,7 @@ def check_sample(result: dict, payload: dict) -> dict:
         lps = result.get("prompt_logprobs")
         if not isinstance(lps, list) or len(lps) != len(prompts) or not all(
                 isinstance(lp, list) and len(lp) == len(p) and lp[0] is None
-                and all(_finite(x) for x in lp[1:]) for lp, p in zip(lps, prompts, strict=False)):
+                and _all_finite(lp[1:]) for lp, p in zip(lps, prompts, strict=False)):
             raise RejectedUpdate("malformed", "prompt_logprobs must hold, per prompt, None "
                                  "then one finite logprob per further prompt token")
         checked["prompt_logprobs"] = lps

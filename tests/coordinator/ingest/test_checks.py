@@ -82,6 +82,12 @@ def test_forward_has_no_tensors(loop):
     ({"result": {"loss_sum": 1.0, "weight_sum": 1.0, "logprobs": [[-1.0] * 3]}}, "malformed"),
     ({"result": {"loss_sum": 1.0, "weight_sum": 1.0, "logprobs": [[-1.0] * 2, [-1.0] * 2]}},
      "shape"),
+    # Each logprob must be a finite int or float: not NaN, infinite, a bool, a
+    # string (even one that reads as a number), a list, None, or an int beyond
+    # float64.
+    *[({"result": {"loss_sum": 1.0, "weight_sum": 1.0,
+                   "logprobs": [[-1.0, -1, bad], [-0.5] * 2]}}, "nonfinite")
+      for bad in (float("nan"), float("-inf"), True, "-1.5", [-1.0], None, 10 ** 400)],
 ])
 def test_each_rejection_reason(loop, change, reason):
     with pytest.raises(RejectedUpdate) as info:
