@@ -1,0 +1,45 @@
+"""A worker process's C allocator: keep freed memory for the next step.
+
+A training step on CPU allocates and frees the same large buffers (activations,
+logits, their gradients) step after step. glibc's malloc hands a buffer above
+its mmap threshold back to the kernel when it is freed, and a thread other than
+the main one (the worker computes on one) gets arenas of its own that do the
+same, so the next step page-faults every page back in, zeroed by the kernel:
+about 1.9 million page faults per 65k-token step of signal-tiny, a quarter of
+the step (``bench/RESULTS.md``, "A CPU worker's allocator").
+
+``keep_freed_memory`` sets one arena, no mmap for large blocks, and a high trim
+threshold: the process keeps the heap it reached and reuses it, as PyTorch's
+CUDA caching allocator keeps GPU memory. The arena limit only holds if it is set
+before any thread is started, so it runs before torch is imported. Linux with
+glibc only; elsewhere, or when the user set any ``MALLOC_*`` variable or
+``GLIBC_TUNABLES`` (their own allocator settings), nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# mallopt(3) parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+# mallopt takes a C int: the trim threshold's ceiling is 2 GiB of free heap top.
+SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1),
+            (_M_TOP_PAD, 64 << 20))
+
+
+def keep_freed_memory() -> bool:
+    """Apply ``SETTINGS`` to this process's glibc malloc; whether it did."""
+    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ or any(
+            k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, say)
+        return False
+    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
