@@ -192,6 +192,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", default=None,
                    help="all | 0,1,...: one worker process per GPU under one supervisor (each "
                         "registers on its own; --memory-gb and the other flags apply to each)")
+    p.add_argument("--gpus-per-worker", type=_positive(int), default=1,
+                   help="with --gpus: one worker process per group of this many GPUs, each "
+                        "base model spread over the group (accelerate device_map) and the "
+                        "group's memory summed: for models larger than one GPU (default 1)")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="auto: spread each base model over every GPU this worker sees "
+                        "(CUDA_VISIBLE_DEVICES) with accelerate's device_map, offering their "
+                        "summed memory; needs --device cuda (--gpus-per-worker sets it)")
     # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
     p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
@@ -213,7 +221,8 @@ def worker_config(args: argparse.Namespace):
                         name=args.name, max_tokens_per_task=args.max_tokens_per_task,
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
                         threads=args.threads, model_cache_gb=args.model_cache_gb,
-                        memory_gb=args.memory_gb, max_tasks=args.max_tasks)
+                        memory_gb=args.memory_gb, max_tasks=args.max_tasks,
+                        device_map=args.device_map)
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
@@ -233,6 +242,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     config = worker_config(args)
     if args.gpus is not None:
         return _run_box(args, config)
+    if args.gpus_per_worker != 1:
+        raise _die("--gpus-per-worker groups the GPUs of --gpus: add --gpus all (or a list)")
     return run_worker(config)
 
 
@@ -241,7 +252,7 @@ def _run_box(args: argparse.Namespace, config) -> int:
     import socket
 
     from rewardsignal.errors import ValidationError
-    from rewardsignal.worker.supervisor import Supervisor, children_for, parse_gpus
+    from rewardsignal.worker.supervisor import Supervisor, children_for, group_gpus, parse_gpus
 
     if args.device != "auto":
         raise _die("--gpus picks each worker's device: leave out --device")
@@ -251,8 +262,12 @@ def _run_box(args: argparse.Namespace, config) -> int:
         import torch
 
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device_map is not None:
+        raise _die("--gpus sets each worker's device map: use --gpus-per-worker N to spread "
+                   "models over groups of N GPUs")
     try:
         gpus = parse_gpus(args.gpus, available)
+        group_gpus(gpus, args.gpus_per_worker)
     except ValidationError as exc:
         raise _die(exc.message) from None
     flags = ["--coordinator", config.coordinator, "--codec", config.codec,
@@ -266,7 +281,7 @@ def _run_box(args: argparse.Namespace, config) -> int:
     if config.token:  # through the environment: not visible in the process list
         os.environ["SIGNAL_WORKER_TOKEN"] = config.token
     children = children_for(gpus, flags, config.name or socket.gethostname(),
-                            cpu_standins=args.cpu_standins)
+                            cpu_standins=args.cpu_standins, per_worker=args.gpus_per_worker)
     return Supervisor(children).run()
 
 

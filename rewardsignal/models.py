@@ -309,11 +309,14 @@ def attention_for(device: str) -> str:
 
 
 def load_model(model_id: str, *, dtype=None, device: str = "cpu",
-               quantization: str | None = None):
+               quantization: str | None = None, device_map: str | None = None):
     """The frozen base model through ``from_pretrained``, its attention chosen
     by ``attention_for(device)``. ``quantization`` ("nf4" | "int8") loads the
     linear weights through bitsandbytes (CUDA only); ``dtype`` is then the dtype
-    of everything else and of the matmuls."""
+    of everything else and of the matmuls. ``device_map="auto"`` (CUDA only)
+    spreads the layers evenly over every visible GPU through accelerate, for a
+    model larger than one GPU: inputs go to the input embedding's GPU, and the
+    logits come out on the output layer's."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -321,22 +324,26 @@ def load_model(model_id: str, *, dtype=None, device: str = "cpu",
     hf_logging.disable_progress_bar()
     dtype = dtype or torch.float32
     extra: dict[str, Any] = {}
-    if quantization is not None:
-        if not str(device).startswith("cuda"):
-            raise ValidationError(f"a {quantization} base needs a CUDA device (bitsandbytes), "
-                                  f"not {device}")
-        from rewardsignal.precision import bnb_config
-
+    for needs_cuda, what in ((quantization, f"a {quantization} base (bitsandbytes)"),
+                             (device_map, f"device_map={device_map!r}")):
+        if needs_cuda is not None and not str(device).startswith("cuda"):
+            raise ValidationError(f"{what} needs a CUDA device, not {device}")
+    if device_map is not None:
+        extra["device_map"] = device_map
+    elif quantization is not None:
         # Quantized weights are made on the device while loading; they cannot be
         # moved afterwards with ``.to``.
-        extra = {"quantization_config": bnb_config(quantization, dtype),
-                 "device_map": {"": torch.device(device).index or 0}}
+        extra["device_map"] = {"": torch.device(device).index or 0}
+    if quantization is not None:
+        from rewardsignal.precision import bnb_config
+
+        extra["quantization_config"] = bnb_config(quantization, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_id), dtype=dtype, attn_implementation=attention_for(device),
         **extra)
     model.requires_grad_(False)
     model.eval()
-    if quantization is not None:
+    if "device_map" in extra:
         return model
     # transformers wraps ``to`` in a decorator whose stub types its first argument
     # as the model; a device string is what it takes at run time.

@@ -72,3 +72,7 @@ def test_a_cpu_worker_declares_no_quantization_and_refuses_to_load_one():
     assert caps["auto"] == "fp32" and "fp16" not in caps["base_dtypes"]
     with pytest.raises(ValidationError, match="needs a CUDA device"):
         load_model("signal-tiny", quantization="nf4", device="cpu")
+    # Spreading a model over GPUs likewise, and a CPU worker computes on no GPU.
+    with pytest.raises(ValidationError, match=r"device_map='auto' needs a CUDA device"):
+        load_model("signal-tiny", device_map="auto", device="cpu")
+    assert hardware.worker_gpus(torch.device("cpu"), "auto") == []

@@ -18,6 +18,7 @@ from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
 from rewardsignal.losses import compute_loss
 from rewardsignal.precision import TORCH_NAMES, Precision
+from rewardsignal.worker.hardware import worker_gpus
 from rewardsignal.worker.model_cache import (
     ModelCache,
     default_budget_bytes,
@@ -59,11 +60,15 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 class Engine:
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, *,
-                 cache_bytes: int | None = None) -> None:
+                 cache_bytes: int | None = None, device_map: str | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
-        free = _cuda_free_bytes(self.device) if self.device.type == "cuda" else None
-        self.models = ModelCache(cache_bytes or default_budget_bytes(self.device),
+        # ``device_map="auto"``: each base is spread over every visible GPU
+        # (``models.load_model``); ``self.device`` is then the first of them.
+        self.device_map = device_map
+        self.gpus = worker_gpus(self.device, device_map)
+        free = _cuda_free_bytes(self.gpus) if self.device.type == "cuda" else None
+        self.models = ModelCache(cache_bytes or default_budget_bytes(self.device, gpus=self.gpus),
                                  free_bytes=free, on_evict=self._unload)
         self._tokenizers: dict[str, object] = {}
         self._fingerprints: dict[str, str] = {}
@@ -108,7 +113,8 @@ class Engine:
             dtype = precision.resolve(self.auto_dtype)
             self.models.make_room(weight_bytes(shape_of(model_id), dtype, precision.quantization))
             base = load_model(model_id, dtype=getattr(torch, TORCH_NAMES[dtype]),
-                              device=str(self.device), quantization=precision.quantization)
+                              device=str(self.device), quantization=precision.quantization,
+                              device_map=self.device_map)
             # PEFT up-casts bf16/fp16 adapter weights to fp32 (autocast_adapter_dtype),
             # so LoRA weights, grads and optimizer state stay fp32 over a bf16 base
             # (and over a quantized one, whose LoRA layers are PEFT's bnb layers).
@@ -157,12 +163,22 @@ class Engine:
             tgt[i, :n] = torch.tensor(d.target_ids)
             mask[i, :n] = 1
             w[i, :n] = torch.tensor(d.weights)
-        ids, tgt, mask, w = (t.to(self.device) for t in (ids, tgt, mask, w))
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        first = self._input_device(model)
+        logits = model(input_ids=ids.to(first), attention_mask=mask.to(first)).logits.float()
+        # On the device the logits come out on: the input's, or with a device
+        # map the output layer's GPU.
+        tgt, mask, w = (t.to(logits.device) for t in (tgt, mask, w))
         if temperature != 1.0:  # a sample's check at its temperature (``logit_temperature``)
             logits = logits / temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         return logprobs * mask, w, mask
+
+    def _input_device(self, model) -> torch.device:
+        """Where a batch's ids go: the worker's device, or with a device map the
+        GPU of the input embedding."""
+        if self.device_map is None:
+            return self.device
+        return model.get_input_embeddings().weight.device
 
     def _lora_params(self, model, key: str) -> dict[str, torch.Tensor]:
         """The LoRA parameters of adapter ``key`` in ``model`` by saved name (cached)."""
@@ -285,18 +301,18 @@ class Engine:
                params: SampleParams) -> tuple[list[list[dict]], list | None]:
         """Batched generation (``worker.sampling``) in eval mode: dropout off."""
         model.eval()
-        return generate(model, self.tokenizer(model_id), prompts, seeds, params, self.device)
+        return generate(model, self.tokenizer(model_id), prompts, seeds, params,
+                        self._input_device(model))
 
 
-def _cuda_free_bytes(device: torch.device):
-    """Free device memory as this process can use it: what the driver reports
-    free plus what PyTorch's allocator holds cached but unused (activations of
-    the last task), which a new load reuses without asking the driver."""
-    idx = device.index or 0
-
+def _cuda_free_bytes(gpus: list[int]):
+    """Free memory of the worker's GPUs as this process can use it: what the
+    driver reports free plus what PyTorch's allocator holds cached but unused
+    (activations of the last task), which a new load reuses without asking the
+    driver."""
     def free() -> int:
-        cached = torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx)
-        return torch.cuda.mem_get_info(idx)[0] + cached
+        return sum(torch.cuda.mem_get_info(i)[0] + torch.cuda.memory_reserved(i)
+                   - torch.cuda.memory_allocated(i) for i in gpus)
 
     return free
 

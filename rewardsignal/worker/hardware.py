@@ -34,25 +34,39 @@ def resolve_device(spec: str) -> torch.device:
     raise ValidationError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
-def describe(device: torch.device) -> dict:
+def worker_gpus(device: torch.device, device_map: str | None = None) -> list[int]:
+    """The GPUs a worker computes on: its device's, or with ``device_map="auto"``
+    every GPU it sees (a base model spread over them, ``models.load_model``)."""
+    if device.type != "cuda":
+        return []
+    if device_map == "auto":
+        return list(range(torch.cuda.device_count()))
+    return [device.index or 0]
+
+
+def describe(device: torch.device, gpus: list[int] | None = None) -> dict:
+    """What the worker runs on; ``gpus`` (``worker_gpus``): memory summed over them."""
     info: dict = {"platform": platform.platform(), "torch": torch.__version__,
                   "cpu_count": os.cpu_count()}
     if device.type == "cuda":
-        idx = device.index or 0
-        props = torch.cuda.get_device_properties(idx)
-        free, total = torch.cuda.mem_get_info(idx)
-        info.update(gpu_name=props.name, gpu_memory_bytes=total, gpu_free_bytes=free,
+        gpus = gpus or [device.index or 0]
+        props = [torch.cuda.get_device_properties(i) for i in gpus]
+        free, total = map(sum, zip(*(torch.cuda.mem_get_info(i) for i in gpus), strict=True))
+        names = sorted({p.name for p in props})
+        major, minor = min((p.major, p.minor) for p in props)
+        info.update(gpu_name=" + ".join(names) + (f" x{len(gpus)}" if len(gpus) > 1 else ""),
+                    gpu_count=len(gpus), gpu_memory_bytes=total, gpu_free_bytes=free,
                     bf16=torch.cuda.is_bf16_supported(), fp16=True,
-                    compute_capability=f"{props.major}.{props.minor}")
+                    compute_capability=f"{major}.{minor}")
     else:
         info.update(bf16=True, fp16=False)
     return info
 
 
-def default_task_tokens(device: torch.device) -> int:
+def default_task_tokens(device: torch.device, gpus: list[int] | None = None) -> int:
     if device.type != "cuda":
         return _CPU_TASK_TOKENS
-    free, _ = torch.cuda.mem_get_info(device.index or 0)
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus or [device.index or 0])
     return int(min(max(free * 0.7 // _BYTES_PER_TOKEN_GPU, 1024), 65536))
 
 
@@ -88,11 +102,16 @@ def host_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
     return ram_bytes()
 
 
-def offered_memory_bytes(device: torch.device, memory_gb: float | None) -> int:
-    """Memory this worker offers the coordinator's placement: ``--memory-gb`` when
-    given, else the GPU's total memory, else the machine's RAM."""
+def offered_memory_bytes(device: torch.device, memory_gb: float | None,
+                         gpus: list[int] | None = None) -> int:
+    """Memory this worker offers the coordinator's placement: ``--memory-gb`` (per
+    GPU of ``gpus``) when given, else the GPUs' total memory, else the machine's
+    RAM."""
+    if device.type == "cuda":
+        gpus = gpus or [device.index or 0]
+        if memory_gb is not None:
+            return int(memory_gb * 2**30) * len(gpus)
+        return sum(int(torch.cuda.get_device_properties(i).total_memory) for i in gpus)
     if memory_gb is not None:
         return int(memory_gb * 2**30)
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
     return ram_bytes()

@@ -23,7 +23,7 @@ import torch
 
 from rewardsignal import protocol
 from rewardsignal.data.examples import example_to_datum
-from rewardsignal.errors import SignalError, error_from_json
+from rewardsignal.errors import SignalError, ValidationError, error_from_json
 from rewardsignal.lora import LoraSpec
 from rewardsignal.precision import Precision
 from rewardsignal.worker import export, hardware
@@ -51,18 +51,20 @@ class WorkerConfig:
     codec: str = "fp32"
     threads: int | None = None
     model_cache_gb: float | None = None  # None: a share of device memory
-    memory_gb: float | None = None  # memory offered to placement; None: the device's
+    memory_gb: float | None = None  # memory offered to placement (per GPU); None: the device's
+    device_map: str | None = None  # "auto": each base spread over every visible GPU
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
 
 
-def cache_budget(config: WorkerConfig, device: torch.device) -> int | None:
+def cache_budget(config: WorkerConfig, device: torch.device, gpus: list[int]) -> int | None:
     """Bytes for cached base models: ``--model-cache-gb``, else a share of
-    ``--memory-gb`` when the worker offers less than it has, else None (the
-    engine takes a share of the device's memory)."""
+    ``--memory-gb`` (per GPU of ``gpus``) when the worker offers less than it
+    has, else None (the engine takes a share of its GPUs' memory)."""
     if config.model_cache_gb:
         return int(config.model_cache_gb * 2**30)
     if config.memory_gb:
-        return default_budget_bytes(device, int(config.memory_gb * 2**30))
+        return default_budget_bytes(
+            device, hardware.offered_memory_bytes(device, config.memory_gb, gpus))
     return None
 
 
@@ -74,7 +76,15 @@ class Worker:
             # core: oversubscription made steps 10x slower on a 2-core box.
             torch.set_num_threads(config.threads)
         self.device = hardware.resolve_device(config.device)
-        self.engine = Engine(str(self.device), cache_bytes=cache_budget(config, self.device))
+        if config.device_map is not None and (self.device.type != "cuda"
+                                              or self.device.index is not None):
+            raise ValidationError(f"--device-map {config.device_map} spreads models over every "
+                                  f"GPU this worker sees: use it with --device cuda, not "
+                                  f"{config.device}")
+        self.gpus = hardware.worker_gpus(self.device, config.device_map)
+        self.engine = Engine(str(self.device), cache_bytes=cache_budget(config, self.device,
+                                                                        self.gpus),
+                             device_map=config.device_map)
         self.name = config.name or f"{socket.gethostname()}-{self.device.type}"
         self.status = StatusLine(self.name)
         self.worker_id: str | None = None
@@ -122,12 +132,13 @@ class Worker:
             return payload
 
     async def register(self) -> None:
-        tokens = self.config.max_tokens_per_task or hardware.default_task_tokens(self.device)
+        tokens = (self.config.max_tokens_per_task
+                  or hardware.default_task_tokens(self.device, self.gpus))
         precisions = hardware.precisions(self.device, self.engine.auto_dtype)
-        memory = hardware.offered_memory_bytes(self.device, self.config.memory_gb)
+        memory = hardware.offered_memory_bytes(self.device, self.config.memory_gb, self.gpus)
         reply = await self._call("POST", "/v1/workers/register", json={
             "name": self.name, "device": str(self.device),
-            "hardware": hardware.describe(self.device), "max_tokens_per_task": tokens,
+            "hardware": hardware.describe(self.device, self.gpus), "max_tokens_per_task": tokens,
             "precisions": precisions, "memory_bytes": memory,
             "host_memory_bytes": hardware.host_memory_bytes(self.device, self.config.memory_gb),
             "checks": list(protocol.CHECK_FEATURES), "tasks": list(protocol.OPTIONAL_TASKS)})
@@ -240,7 +251,7 @@ class Worker:
         compared with ``torch.cuda.max_memory_allocated`` of a reference loop."""
         if self.device.type != "cuda":
             return ""
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak = sum(torch.cuda.max_memory_allocated(i) for i in self.gpus)
         return f"; peak GPU memory allocated {peak / 2**30:.2f} GiB ({peak} bytes)"
 
     def _on_sigint(self) -> None:

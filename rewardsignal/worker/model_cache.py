@@ -27,16 +27,18 @@ _DEVICE_SHARE = 0.6
 _HOST_SHARE = 0.5
 
 
-def default_budget_bytes(device: torch.device, offered_bytes: int | None = None) -> int:
+def default_budget_bytes(device: torch.device, offered_bytes: int | None = None,
+                         gpus: list[int] | None = None) -> int:
     """The cache's share of the memory the worker has: of ``offered_bytes``
     (``--memory-gb``: what it told the coordinator it offers) when given, so
     that the cache never takes more than the worker offered; else of the
-    device's (CUDA) or the machine's (CPU) memory."""
+    memory of its GPUs (``gpus``, default the device's) or of the machine (CPU)."""
     share = _DEVICE_SHARE if device.type == "cuda" else _HOST_SHARE
     if offered_bytes is not None:
         return int(offered_bytes * share)
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device.index or 0).total_memory * share)
+        return int(sum(torch.cuda.get_device_properties(i).total_memory
+                       for i in gpus or [device.index or 0]) * share)
     return int(ram_bytes() * share)
 
 

@@ -71,7 +71,7 @@ def _prompt_logprobs(logits_BLV: torch.Tensor, ids_BL: torch.Tensor, pad_B: list
     out = []
     for b in rows:
         logits = logits_BLV[b, pad_B[b]:-1].float()
-        targets = ids_BL[b, pad_B[b] + 1:]
+        targets = ids_BL[b, pad_B[b] + 1:].to(logits.device)  # the output layer's GPU
         lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         out.append([None, *lp.tolist()])
     return out
@@ -103,11 +103,11 @@ def _text(row: _Row, tokenizer: Any, params: SampleParams) -> str:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], seeds: list[list[int]],
              params: SampleParams, device: torch.device) -> tuple[list[list[dict]], list | None]:
-    """``seeds[p]`` holds one seed per sample of prompt ``p``. Returns, per prompt,
+    """``seeds[p]`` holds one seed per sample of prompt ``p``; ``device`` is where
+    the ids go (the input embedding's). Returns, per prompt,
     its samples (``tokens``, ``logprobs``, ``text``, ``stop_reason``), and the
     prompts' logprobs when ``params.prompt_logprobs``."""
     plan = [(p, s) for p, ss in enumerate(seeds) for s in ss]
-    rows = [_Row(s, device) for _, s in plan]
     width = max(len(prompts[p]) for p, _ in plan)
     pad_B = [width - len(prompts[p]) for p, _ in plan]
     ids_BL = torch.zeros((len(plan), width), dtype=torch.long)
@@ -126,9 +126,12 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], seeds: list[l
                       for q in range(len(prompts))]
         prompt_lps = _prompt_logprobs(out.logits, ids_BL, pad_B, first_rows)
     logits_BV = out.logits[:, -1].float()
+    # Each row's draws come from a generator on the logits' device: ``device``,
+    # or with a device map the output layer's GPU.
+    rows = [_Row(s, logits_BV.device) for _, s in plan]
     past, pos_B = out.past_key_values, pos_BL[:, -1]
     for _ in range(params.max_tokens):
-        next_B = _step(rows, logits_BV, params, tokenizer)
+        next_B = _step(rows, logits_BV, params, tokenizer).to(device)
         if all(r.stop_reason for r in rows):
             break
         mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)

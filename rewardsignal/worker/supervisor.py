@@ -1,10 +1,14 @@
-"""`signal-worker --gpus all|0,1,...`: one compute process per GPU under one
-supervisor.
+"""`signal-worker --gpus all|0,1,...`: one compute process per GPU (or per group
+of ``--gpus-per-worker`` GPUs) under one supervisor.
 
 Each child is an ordinary `signal-worker` pinned to its GPU with
 ``CUDA_VISIBLE_DEVICES`` (so it creates no CUDA context on the others) and
 registers on its own: the coordinator sees one worker per GPU, each placed and
-sized by its own memory. Children run in their own process group, so a
+sized by its own memory. A child given a group of GPUs runs with
+``--device-map auto``: each base model is spread over the group's GPUs by
+accelerate's ``device_map`` (layers on one GPU after another), and the child
+counts as one worker with the group's summed memory, for models larger than
+one GPU. Children run in their own process group, so a
 terminal's Ctrl-C reaches only the supervisor, which passes each signal on once
 (the first lets children finish their task, a second abandons it, as for one
 worker). Their output comes through the supervisor, line by line, so status
@@ -138,22 +142,32 @@ class Supervisor:
         return worst
 
 
-def children_for(gpus: list[int], argv: list[str], name: str, *, cpu_standins: bool
-                 ) -> list[Child]:
-    """One child per GPU: the same worker flags (``argv``, without --gpus,
-    --device and --name) plus its device and a name that says which GPU."""
+def group_gpus(gpus: list[int], per_worker: int) -> list[list[int]]:
+    """``gpus`` in consecutive groups of ``per_worker``, one group per worker."""
+    if per_worker < 1 or len(gpus) % per_worker:
+        raise ValidationError(f"--gpus-per-worker {per_worker}: the {len(gpus)} GPU(s) of "
+                              f"--gpus do not split into groups of {per_worker}")
+    return [gpus[i:i + per_worker] for i in range(0, len(gpus), per_worker)]
+
+
+def children_for(gpus: list[int], argv: list[str], name: str, *, cpu_standins: bool,
+                 per_worker: int = 1) -> list[Child]:
+    """One child per GPU, or per group of ``per_worker`` GPUs: the same worker
+    flags (``argv``, without --gpus, --device and --name) plus its device and a
+    name that says which GPUs (``box-gpu2``, ``box-gpu0+1``)."""
     out = []
     # Indices are of the GPUs this process sees: under a CUDA_VISIBLE_DEVICES of
     # its own, index i is the i-th entry there.
     visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    for i in gpus:
+    for group in group_gpus(gpus, per_worker):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child = f"{name}-gpu{'+'.join(map(str, group))}"
         if cpu_standins:
-            device = "cpu"
+            device = ["--device", "cpu"]
         else:
-            env["CUDA_VISIBLE_DEVICES"] = visible[i] if i < len(visible) else str(i)
-            device = "cuda"
-        out.append(Child(f"{name}-gpu{i}", [sys.executable, "-m", "rewardsignal.cli", "worker",
-                                            *argv, "--device", device,
-                                            "--name", f"{name}-gpu{i}"], env))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if i < len(visible) else str(i)
+                                                   for i in group)
+            device = ["--device", "cuda"] + (["--device-map", "auto"] if len(group) > 1 else [])
+        out.append(Child(child, [sys.executable, "-m", "rewardsignal.cli", "worker", *argv,
+                                 *device, "--name", child], env))
     return out

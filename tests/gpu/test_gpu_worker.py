@@ -1,6 +1,7 @@
 """A real GPU worker: bf16 training through a coordinator equals plain PEFT on
-the same GPU within a measured tolerance, and a real out-of-memory error is
-split into smaller micro-batches. Skipped without CUDA.
+the same GPU within a measured tolerance (also with the base spread over two
+GPUs, where the box has them), and a real out-of-memory error is split into
+smaller micro-batches. Skipped without CUDA.
 
 ``SIGNAL_TEST_GPU_DEVICE=cpu`` runs the training test on CPU (to debug the test
 itself; the out-of-memory test still needs CUDA).
@@ -53,12 +54,26 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
 
 
-def test_bf16_run_on_a_gpu_worker_trains_and_matches_single_process_peft(tmp_path):
+# A worker whose base is spread over two GPUs (``--device-map auto``, what
+# ``--gpus-per-worker 2`` gives each group) against the same one-GPU reference.
+SPREAD = pytest.param(("--device-map", "auto"), id="spread-over-2-gpus", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="spreading a model needs 2 CUDA GPUs"))
+
+
+@pytest.mark.parametrize("spread", [pytest.param((), id="one-gpu"), SPREAD])
+def test_bf16_run_on_a_gpu_worker_trains_and_matches_single_process_peft(tmp_path, spread):
     coord, url = start_coordinator(tmp_path / "data")
-    worker = start_worker(url, "gpu0", "--device", DEVICE, "--max-tokens-per-task", "100000")
+    worker = start_worker(url, "gpu0", "--device", DEVICE, "--max-tokens-per-task", "100000",
+                          *spread)
     client = SignalClient(base_url=url)
     try:
         wait_workers(url, 1, timeout_s=180)
+        if spread:
+            (w,) = client.list_workers()
+            n = torch.cuda.device_count()
+            assert w["hardware"]["gpu_count"] == n
+            assert w["memory_bytes"] == sum(torch.cuda.get_device_properties(i).total_memory
+                                            for i in range(n))
         run = client.create_run(base_model=MODEL, lora_r=8, lora_alpha=16, learning_rate=LR,
                                 seed=5)
         v0 = _weights(client, run.run_id, 0)

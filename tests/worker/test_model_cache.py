@@ -100,7 +100,7 @@ def test_the_cache_stays_within_the_memory_the_worker_offers():
     cpu = torch.device("cpu")
     base = dict(coordinator="http://127.0.0.1:1", device="cpu")
     offered = WorkerConfig(**base, memory_gb=4.0)
-    assert cache_budget(offered, cpu) == default_budget_bytes(cpu, 4 * 2**30) == 2 * 2**30
-    assert cache_budget(WorkerConfig(**base, memory_gb=4.0, model_cache_gb=1.0), cpu) == 2**30
-    assert cache_budget(WorkerConfig(**base), cpu) is None  # the engine's default: a share
+    assert cache_budget(offered, cpu, []) == default_budget_bytes(cpu, 4 * 2**30) == 2 * 2**30
+    assert cache_budget(WorkerConfig(**base, memory_gb=4.0, model_cache_gb=1.0), cpu, []) == 2**30
+    assert cache_budget(WorkerConfig(**base), cpu, []) is None  # the engine's default: a share
     assert default_budget_bytes(cpu) > default_budget_bytes(cpu, 2**30)  # of all RAM

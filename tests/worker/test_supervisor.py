@@ -15,7 +15,7 @@ from harness import Proc, start_coordinator, wait_workers
 
 from rewardsignal import SignalClient
 from rewardsignal.errors import ValidationError
-from rewardsignal.worker.supervisor import parse_gpus
+from rewardsignal.worker.supervisor import children_for, group_gpus, parse_gpus
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +91,23 @@ def test_gpus_flag_parsing():
     for bad, available in (("all", 0), ("4", 4), ("0,0", 2), ("x", 2), ("", 2), ("-1", 2)):
         with pytest.raises(ValidationError):
             parse_gpus(bad, available)
+
+
+def test_groups_of_gpus_make_one_worker_each_with_the_model_spread(monkeypatch):
+    """--gpus-per-worker N: one child per N GPUs, pinned to them (through the
+    box's own CUDA_VISIBLE_DEVICES), spreading each base over them."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6")
+    flags = ["--coordinator", "http://127.0.0.1:1"]
+    pairs = children_for([0, 1, 2, 3], flags, "box", cpu_standins=False, per_worker=2)
+    assert [c.name for c in pairs] == ["box-gpu0+1", "box-gpu2+3"]
+    assert [c.env["CUDA_VISIBLE_DEVICES"] for c in pairs] == ["3,4", "5,6"]
+    assert pairs[0].argv[-6:] == ["--device", "cuda", "--device-map", "auto",
+                                  "--name", "box-gpu0+1"]
+    singles = children_for([1, 3], flags, "box", cpu_standins=False)
+    assert [(c.name, c.env["CUDA_VISIBLE_DEVICES"]) for c in singles] == [("box-gpu1", "4"),
+                                                                         ("box-gpu3", "6")]
+    assert "--device-map" not in singles[0].argv
+    assert group_gpus([0, 1, 2, 3], 4) == [[0, 1, 2, 3]]
+    for gpus, n in (([0, 1, 2], 2), ([0], 0)):
+        with pytest.raises(ValidationError, match="do not split"):
+            group_gpus(gpus, n)
