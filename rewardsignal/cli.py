@@ -200,6 +200,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="auto: spread each base model over every GPU this worker sees "
                         "(CUDA_VISIBLE_DEVICES) with accelerate's device_map, offering their "
                         "summed memory; needs --device cuda (--gpus-per-worker sets it)")
+    p.add_argument("--sampler", default="builtin", choices=["builtin", "vllm"],
+                   help="what runs sample tasks: the built-in batched generation, or vLLM "
+                        "on a CUDA worker (pip install 'rewardsignal[vllm]'; temperatures 0 "
+                        "and 1 of unquantized bases, others stay built-in)")
+    p.add_argument("--vllm-memory", type=_fraction, default=0.3,
+                   help="with --sampler vllm: the share of the GPU its engine takes (weights "
+                        "and KV cache), beside the training engine (default 0.3)")
     # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
     p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
@@ -222,7 +229,8 @@ def worker_config(args: argparse.Namespace):
                         micro_batch_tokens=args.micro_batch_tokens, codec=args.codec,
                         threads=args.threads, model_cache_gb=args.model_cache_gb,
                         memory_gb=args.memory_gb, max_tasks=args.max_tasks,
-                        device_map=args.device_map)
+                        device_map=args.device_map, sampler=args.sampler,
+                        vllm_memory=args.vllm_memory)
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
@@ -271,7 +279,8 @@ def _run_box(args: argparse.Namespace, config) -> int:
     except ValidationError as exc:
         raise _die(exc.message) from None
     flags = ["--coordinator", config.coordinator, "--codec", config.codec,
-             "--log-level", args.log_level]
+             "--log-level", args.log_level, "--sampler", config.sampler,
+             "--vllm-memory", str(config.vllm_memory)]
     for flag, value in (("--max-tokens-per-task", config.max_tokens_per_task),
                         ("--micro-batch-tokens", config.micro_batch_tokens),
                         ("--threads", config.threads), ("--model-cache-gb", config.model_cache_gb),

@@ -53,6 +53,8 @@ class WorkerConfig:
     model_cache_gb: float | None = None  # None: a share of device memory
     memory_gb: float | None = None  # memory offered to placement (per GPU); None: the device's
     device_map: str | None = None  # "auto": each base spread over every visible GPU
+    sampler: str = "builtin"  # "vllm": sample tasks on vLLM (worker.vllm_sampler)
+    vllm_memory: float = 0.3  # share of the GPU the vLLM engine takes
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
 
 
@@ -85,6 +87,7 @@ class Worker:
         self.engine = Engine(str(self.device), cache_bytes=cache_budget(config, self.device,
                                                                         self.gpus),
                              device_map=config.device_map)
+        self.vllm = self._vllm_sampler(config)
         self.name = config.name or f"{socket.gethostname()}-{self.device.type}"
         self.status = StatusLine(self.name)
         self.worker_id: str | None = None
@@ -169,6 +172,8 @@ class Worker:
             finally:
                 await self._goodbye()
         self._compute_pool.shutdown(wait=False, cancel_futures=True)
+        if self.vllm is not None:
+            self.vllm.close()
         self.status.event(f"stopped after {self.tasks_done} tasks{self._peak_memory_note()}")
         return code
 
@@ -398,7 +403,7 @@ class Worker:
                "version": task["version"]}
         payload = task["payload"]
         if task["kind"] == "sample":
-            return {**msg, "result": self._sample(model, base, payload)}
+            return {**msg, "result": self._sample(model, base, payload, task, adapter)}
         tok = self.engine.tokenizer(base)
         datums = [example_to_datum(d, tok, where=f"datums[{i}]")
                   for i, d in enumerate(payload["datums"])]
@@ -421,10 +426,28 @@ class Worker:
             msg["tensors"] = protocol.tensors_to_bytes(encode(res.grads, self.config.codec))
         return msg
 
-    def _sample(self, model, base: str, payload: dict) -> dict:
+    def _vllm_sampler(self, config: WorkerConfig):
+        if config.sampler != "vllm":
+            return None
+        import importlib.util
+
+        if self.device.type != "cuda":
+            raise ValidationError(f"--sampler vllm needs a CUDA device, not {self.device}")
+        if not 0 < config.vllm_memory < 1:
+            raise ValidationError(f"--vllm-memory is the GPU share vLLM takes, in (0, 1); got "
+                                  f"{config.vllm_memory:g}")
+        if importlib.util.find_spec("vllm") is None:
+            raise ValidationError("--sampler vllm: vLLM is not installed "
+                                  "(pip install 'rewardsignal[vllm]')")
+        from rewardsignal.worker.vllm_sampler import VllmSampler
+
+        return VllmSampler(config.vllm_memory)
+
+    def _sample(self, model, base: str, payload: dict, task: dict, adapter: dict) -> dict:
         """A group of prompts, ``num_samples`` sequences each, seeded by their
         place in the whole request (``prompt_offset``), so the split of a request
-        over workers does not change a sequence."""
+        over workers does not change a sequence. On vLLM when this worker runs
+        it and the task keeps the built-in path's meaning there."""
         prompts = payload["prompt_tokens"]
         n = payload.get("num_samples", 1)
         offset = payload.get("prompt_offset", 0)
@@ -436,11 +459,37 @@ class Worker:
             top_p=payload.get("top_p", 1.0), top_k=payload.get("top_k", 0),
             stop_ids=stop_ids, stop_strings=tuple(payload.get("stop_strings", ())),
             prompt_logprobs=bool(payload.get("prompt_logprobs")))
-        samples, prompt_lps = self.engine.sample(model, base, prompts, seeds, params)
+        samples, prompt_lps = (self._sample_on_vllm(model, base, task, adapter, prompts, seeds,
+                                                    params)
+                               or self.engine.sample(model, base, prompts, seeds, params))
         result: dict = {"outputs": [s for group in samples for s in group]}
         if prompt_lps is not None:
             result["prompt_logprobs"] = prompt_lps
         return result
+
+    def _sample_on_vllm(self, model, base: str, task: dict, adapter: dict,
+                        prompts: list[list[int]], seeds: list[list[int]], params: SampleParams
+                        ) -> tuple[list[list[dict]], list | None] | None:
+        """``worker.vllm_sampler`` for this task; None: the built-in path samples."""
+        from rewardsignal.worker.vllm_sampler import unsupported
+
+        precision = Precision.from_json(task)
+        if self.vllm is None or self.vllm.broken or unsupported(precision, params):
+            return None
+        from rewardsignal.models import resolve_model_path
+
+        try:
+            return self.vllm.generate(
+                model_path=str(resolve_model_path(base)), base_model=base,
+                dtype=precision.resolve(self.engine.auto_dtype),
+                spec=LoraSpec.from_json(task["lora"]), run_id=task["run_id"],
+                version=task["version"], adapter=adapter,
+                vocab_size=len(self.engine.tokenizer(base)),
+                output_size=model.get_output_embeddings().weight.shape[0], prompts=prompts,
+                seeds=seeds, params=params)
+        except Exception as exc:  # vLLM's failures are its own many types
+            self.vllm.give_up(exc)
+            return None
 
     def _micro_tokens(self, datums) -> int:
         micro = self.config.micro_batch_tokens or (4096 if self.device.type == "cpu" else 16384)
