@@ -18,7 +18,7 @@ Without CUDA it says so and exits 0 (--device cpu runs it anyway, to debug
 the script with a tiny model; its figures mean nothing).
 
     python bench/gpu_worker.py [--model signal-1b] [--batch 128] [--seq-len 1024]
-                               [--quantization nf4] [--base-dtype bf16]
+                               [--quantization nf4] [--base-dtype bf16] [--sampler vllm]
 
 ``--quantization nf4`` (needs bitsandbytes) loads the frozen base as QLoRA does
 on both sides: the reference through the same ``load_model``, Signal as a run
@@ -158,7 +158,7 @@ def run_signal(args, batch, prompts) -> dict:
     tokens = sum(len(d["model_input"]) for d in batch)
     log = os.path.join(tempfile.mkdtemp(prefix="signal-gpu-bench-"), "worker.log")
     worker_args = ("--max-tokens-per-task", str(tokens),
-                   "--micro-batch-tokens", str(args.micro_batch_tokens))
+                   "--micro-batch-tokens", str(args.micro_batch_tokens), "--sampler", args.sampler)
     times = []
     with Cluster(1, device=args.device, worker_args=worker_args, worker_log=log) as cluster:
         run = cluster.client.create_run(base_model=args.model, lora_r=args.lora_r,
@@ -208,6 +208,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sample-prompts", type=int, default=8)
     ap.add_argument("--sample-tokens", type=int, default=128)
+    ap.add_argument("--sampler", default="builtin", choices=["builtin", "vllm"],
+                    help="what the worker samples with (vllm: pip install 'rewardsignal[vllm]')")
     ap.add_argument("--base-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="the frozen base's dtype on both sides (auto: bf16 on GPUs)")
     ap.add_argument("--quantization", default=None, choices=["nf4", "int8"],
@@ -268,7 +270,8 @@ def main() -> int:
     s_sps = sig["sample_tokens"] / sig["sample_s"]
     print(f"sampling, {args.sample_prompts} prompts x up to {args.sample_tokens} new tokens, "
           f"greedy: reference model.generate {r_sps:,.0f} tok/s ({ref['sample_tokens']} tokens), "
-          f"signal sample task {s_sps:,.0f} tok/s ({sig['sample_tokens']} tokens), "
+          f"signal sample task ({args.sampler}) {s_sps:,.0f} tok/s "
+          f"({sig['sample_tokens']} tokens), "
           f"ratio {s_sps / r_sps:.3f}")
     # Where the time beyond the worker's compute goes, and each process's CPU
     # (the per-token cost of the batch and its logprobs on the wire shows here).
