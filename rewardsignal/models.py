@@ -329,7 +329,11 @@ def load_model(model_id: str, *, dtype=None, device: str = "cpu",
         if needs_cuda is not None and not str(device).startswith("cuda"):
             raise ValidationError(f"{what} needs a CUDA device, not {device}")
     if device_map is not None:
+        # Only the GPUs: what does not fit them is an error, not layers quietly
+        # offloaded to the CPU or disk.
         extra["device_map"] = device_map
+        extra["max_memory"] = {i: torch.cuda.mem_get_info(i)[0]
+                               for i in range(torch.cuda.device_count())}
     elif quantization is not None:
         # Quantized weights are made on the device while loading; they cannot be
         # moved afterwards with ``.to``.
@@ -343,6 +347,10 @@ def load_model(model_id: str, *, dtype=None, device: str = "cpu",
         **extra)
     model.requires_grad_(False)
     model.eval()
+    placed = set(getattr(model, "hf_device_map", {}).values())
+    if device_map is not None and not all(isinstance(d, int) for d in placed):
+        raise ValidationError(f"{model_id} does not fit this worker's GPUs (accelerate placed "
+                              f"part of it on {sorted(map(str, placed))})")
     if "device_map" in extra:
         return model
     # transformers wraps ``to`` in a decorator whose stub types its first argument

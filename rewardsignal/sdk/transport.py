@@ -113,8 +113,14 @@ class Transport:
         headers = {**headers, "Accept": f"{MSGPACK}, application/json"}
         data_out = None
         if body is not None:
-            data_out = msgpack.packb(body, use_bin_type=True)
-            headers["Content-Type"] = MSGPACK
+            try:
+                data_out = msgpack.packb(body, use_bin_type=True)
+                headers["Content-Type"] = MSGPACK
+            except (OverflowError, TypeError, ValueError):
+                # What msgpack cannot carry (an int beyond 64 bits) goes as JSON, for the
+                # coordinator to answer as it does any value it refuses.
+                data_out = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
         async with self.session.request(
                 method, self.base_url + path, data=data_out, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:

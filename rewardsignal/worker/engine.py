@@ -267,8 +267,11 @@ class Engine:
                 loss_sum, _, _ = self._accumulate(model, batch, "cross_entropy", {},
                                                   backward=True, micro_tokens=micro_tokens,
                                                   loss_scale=1.0 / weight)
+                # Each norm onto one device: with a device map the LoRA layers
+                # (and their gradients) live on several GPUs.
                 grad_norms.append(float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in params.values() if p.grad is not None]))))
+                    [p.grad.norm().to(self.device) for p in params.values()
+                     if p.grad is not None]))))
                 opt.step()
                 losses.append(loss_sum / weight)
                 tokens += sum(len(d) for d in batch)

@@ -84,10 +84,13 @@ class Worker:
                                   f"GPU this worker sees: use it with --device cuda, not "
                                   f"{config.device}")
         self.gpus = hardware.worker_gpus(self.device, config.device_map)
-        self.engine = Engine(str(self.device), cache_bytes=cache_budget(config, self.device,
-                                                                        self.gpus),
-                             device_map=config.device_map)
         self.vllm = self._vllm_sampler(config)
+        # What training may use of the GPU: all of it, or what vLLM leaves.
+        self.share = 1.0 - config.vllm_memory if self.vllm is not None else 1.0
+        budget = (cache_budget(config, self.device, self.gpus)
+                  or default_budget_bytes(self.device, gpus=self.gpus))
+        self.engine = Engine(str(self.device), cache_bytes=int(budget * self.share),
+                             device_map=config.device_map)
         self.name = config.name or f"{socket.gethostname()}-{self.device.type}"
         self.status = StatusLine(self.name)
         self.worker_id: str | None = None
@@ -136,9 +139,10 @@ class Worker:
 
     async def register(self) -> None:
         tokens = (self.config.max_tokens_per_task
-                  or hardware.default_task_tokens(self.device, self.gpus))
+                  or int(hardware.default_task_tokens(self.device, self.gpus) * self.share))
         precisions = hardware.precisions(self.device, self.engine.auto_dtype)
-        memory = hardware.offered_memory_bytes(self.device, self.config.memory_gb, self.gpus)
+        memory = int(hardware.offered_memory_bytes(self.device, self.config.memory_gb, self.gpus)
+                     * self.share)
         reply = await self._call("POST", "/v1/workers/register", json={
             "name": self.name, "device": str(self.device),
             "hardware": hardware.describe(self.device, self.gpus), "max_tokens_per_task": tokens,
@@ -433,6 +437,10 @@ class Worker:
 
         if self.device.type != "cuda":
             raise ValidationError(f"--sampler vllm needs a CUDA device, not {self.device}")
+        if config.device_map is not None or (self.device.index or 0) != 0:
+            # vLLM runs on the first GPU the process sees, on one GPU.
+            raise ValidationError("--sampler vllm runs on a worker of one GPU: pick it with "
+                                  "CUDA_VISIBLE_DEVICES or --gpus, not cuda:N or --device-map")
         if not 0 < config.vllm_memory < 1:
             raise ValidationError(f"--vllm-memory is the GPU share vLLM takes, in (0, 1); got "
                                   f"{config.vllm_memory:g}")
@@ -474,7 +482,10 @@ class Worker:
         from rewardsignal.worker.vllm_sampler import unsupported
 
         precision = Precision.from_json(task)
-        if self.vllm is None or self.vllm.broken or unsupported(precision, params):
+        context = int(model.config.max_position_embeddings)
+        longest = max(len(p) for p in prompts)
+        if self.vllm is None or self.vllm.broken or unsupported(precision, params, longest,
+                                                                 context):
             return None
         from rewardsignal.models import resolve_model_path
 
@@ -483,10 +494,9 @@ class Worker:
                 model_path=str(resolve_model_path(base)), base_model=base,
                 dtype=precision.resolve(self.engine.auto_dtype),
                 spec=LoraSpec.from_json(task["lora"]), run_id=task["run_id"],
-                version=task["version"], adapter=adapter,
-                vocab_size=len(self.engine.tokenizer(base)),
-                output_size=model.get_output_embeddings().weight.shape[0], prompts=prompts,
-                seeds=seeds, params=params)
+                version=task["version"], adapter=adapter, tokenizer=self.engine.tokenizer(base),
+                output_size=model.get_output_embeddings().weight.shape[0], context=context,
+                prompts=prompts, seeds=seeds, params=params)
         except Exception as exc:  # vLLM's failures are its own many types
             self.vllm.give_up(exc)
             return None

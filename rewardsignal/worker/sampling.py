@@ -93,9 +93,9 @@ def _hit_stop_string(row: _Row, tokenizer: Any, params: SampleParams) -> bool:
     return any(s in tail for s in params.stop_strings)
 
 
-def _text(row: _Row, tokenizer: Any, params: SampleParams) -> str:
+def sample_text(tokens: list[int], tokenizer: Any, params: SampleParams) -> str:
     """The generated text, ending before the stop string that ended it."""
-    text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     cuts = [text.find(s) for s in params.stop_strings if s in text]
     return text[:min(cuts)] if cuts else text
 
@@ -144,7 +144,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], seeds: list[l
     samples: list[list[dict]] = [[] for _ in prompts]
     for (p, _), r in zip(plan, rows, strict=True):
         samples[p].append({"tokens": r.tokens, "logprobs": r.logprobs,
-                           "text": _text(r, tokenizer, params), "stop_reason": r.stop_reason})
+                           "text": sample_text(r.tokens, tokenizer, params),
+                           "stop_reason": r.stop_reason})
     return samples, prompt_lps
 
 

@@ -39,18 +39,31 @@ from safetensors.torch import save_file
 
 from rewardsignal.lora import LoraSpec, adapter_config_json
 from rewardsignal.precision import Precision
-from rewardsignal.worker.sampling import SampleParams
+from rewardsignal.worker.sampling import SampleParams, sample_text
 
 log = logging.getLogger("signal.worker")
 
 # LoRA ranks vLLM's kernels take; its max_lora_rank is the smallest that holds the run's.
 _VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 _KEEP_ADAPTERS = 4
+# The longest prompt + generation vLLM is set up for (its KV cache is sized for
+# it): a model's whole context (128k for many) would not fit the GPU share. A
+# task that needs more samples on the built-in path.
+MAX_MODEL_LEN = 8192
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def unsupported(precision: Precision, params: SampleParams) -> str | None:
-    """Why a task cannot sample on vLLM with the built-in path's meaning, or None."""
+def model_len(context: int) -> int:
+    """The sequence length a vLLM engine is set up for, for a model of ``context``."""
+    return min(context, MAX_MODEL_LEN)
+
+
+def unsupported(precision: Precision, params: SampleParams, longest: int,
+                context: int) -> str | None:
+    """Why a task (its longest prompt ``longest`` tokens, a model of ``context``
+    positions) cannot sample on vLLM with the built-in path's meaning, or None."""
+    if longest + params.max_tokens > model_len(context):
+        return f"{longest} + {params.max_tokens} tokens exceed {model_len(context)}"
     if precision.quantization is not None:
         return f"a {precision.quantization} base"
     if params.temperature not in (0, 1):
@@ -79,7 +92,7 @@ class VllmSampler:
         self._llm = None
 
     # -- engine and adapters -------------------------------------------------------------
-    def _engine(self, model_path: str, dtype: str, rank: int):
+    def _engine(self, model_path: str, dtype: str, rank: int, context: int):
         need = next((r for r in _VLLM_RANKS if r >= rank), rank)
         key = (model_path, dtype, need)
         if self._llm is None or self._llm_key is None or self._llm_key[:2] != key[:2] \
@@ -88,8 +101,11 @@ class VllmSampler:
 
             self._llm = None  # the old engine's memory goes before the new one asks
             self._adapters.clear()
+            # vLLM's engine checks that its share is free on the GPU: the training
+            # engine's cached blocks go back to the driver first.
+            torch.cuda.empty_cache()
             self._llm = LLM(model=model_path, dtype=_DTYPES[dtype], enable_lora=True,
-                            max_lora_rank=need, max_loras=2,
+                            max_lora_rank=need, max_loras=2, max_model_len=model_len(context),
                             gpu_memory_utilization=self.memory_fraction,
                             logprobs_mode="raw_logprobs", seed=0)
             self._llm_key = key
@@ -119,13 +135,14 @@ class VllmSampler:
     # -- sampling --------------------------------------------------------------------------
     def generate(self, *, model_path: str, base_model: str, dtype: str, spec: LoraSpec,
                  run_id: str, version: int, adapter: dict[str, torch.Tensor],
-                 vocab_size: int, output_size: int, prompts: list[list[int]],
+                 tokenizer: Any, output_size: int, context: int, prompts: list[list[int]],
                  seeds: list[list[int]], params: SampleParams
                  ) -> tuple[list[list[dict]], list | None]:
         """What ``worker.sampling.generate`` returns, computed by vLLM."""
         from vllm import SamplingParams
 
-        llm = self._engine(model_path, dtype, spec.r)
+        llm = self._engine(model_path, dtype, spec.r, context)
+        vocab_size = len(tokenizer)
         lora = self._adapter(run_id, version, spec, base_model, adapter)
         allowed = list(range(vocab_size)) if output_size > vocab_size else None
         plan = [(p, s, i) for p, ss in enumerate(seeds) for i, s in enumerate(ss)]
@@ -136,7 +153,9 @@ class VllmSampler:
             seed=seed, stop=list(params.stop_strings) or None,
             stop_token_ids=list(params.stop_ids), ignore_eos=True, logprobs=0,
             prompt_logprobs=0 if params.prompt_logprobs and i == 0 else None,
-            allowed_token_ids=allowed, skip_special_tokens=True) for _, seed, i in plan]
+            # Stop strings are matched against text with special tokens kept, as the
+            # built-in path matches them; the text returned is made as there.
+            allowed_token_ids=allowed, skip_special_tokens=False) for _, seed, i in plan]
         outs = llm.generate(requests, sampling, lora_request=lora, use_tqdm=False)
         samples: list[list[dict]] = [[] for _ in prompts]
         prompt_lps: list | None = [None] * len(prompts) if params.prompt_logprobs else None
@@ -149,7 +168,7 @@ class VllmSampler:
                 "tokens": tokens,
                 "logprobs": [float(lp[t].logprob) for t, lp in zip(tokens, seq.logprobs,
                                                                     strict=True)],
-                "text": seq.text,
+                "text": sample_text(tokens, tokenizer, params),
                 "stop_reason": "length" if seq.finish_reason == "length" else "stop"})
             if prompt_lps is not None and i == 0:
                 prompt_lps[p] = [None] + [float(d[t].logprob) for t, d in

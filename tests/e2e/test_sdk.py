@@ -153,6 +153,9 @@ def test_typed_errors_reach_the_caller(cluster):
         run.forward_backward([{"text": ""}])
     with pytest.raises(ValidationError, match="call forward_backward before optim_step"):
         run.optim_step()
+    # A value msgpack cannot carry goes as JSON, and is refused as any bad value is.
+    with pytest.raises(ValidationError, match="seed"):
+        run.sample(prompts=["hi"], max_tokens=2, seed=2**70)
     assert "signal-tiny" in client.list_models()
     assert {w["name"] for w in client.list_workers()} == {"w0", "w1"}
 

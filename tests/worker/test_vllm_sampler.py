@@ -95,11 +95,22 @@ def _params(**kw) -> SampleParams:
                            "stop_ids": (2, 9), "stop_strings": ("END",), **kw})
 
 
+class _Tokenizer:
+    """260 ids; a token decodes to its number, and id 99 to the stop string."""
+
+    def __len__(self) -> int:
+        return 260
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join("END" if i == 99 else str(i) for i in ids)
+
+
 def _generate(sampler, version=3, **kw):
     return sampler.generate(
         model_path="/models/base", base_model="base", dtype="bf16", spec=SPEC, run_id="run-1",
-        version=version, adapter=ADAPTER, vocab_size=260, output_size=264,
-        prompts=[[1, 2, 3], [4, 5]], seeds=[[11, 12], [13, 14]], params=_params(**kw))
+        version=version, adapter=ADAPTER, tokenizer=_Tokenizer(), output_size=264,
+        context=2048, prompts=[[1, 2, 3], [4, 5]], seeds=[[11, 12], [99, 14]],
+        params=_params(**kw))
 
 
 def test_each_sequence_is_one_seeded_request_on_the_runs_adapter(fake_vllm):
@@ -110,15 +121,17 @@ def test_each_sequence_is_one_seeded_request_on_the_runs_adapter(fake_vllm):
         samples, prompt_lps = _generate(sampler, prompt_logprobs=True)
         (llm,) = fake_vllm.LLM.made
         assert llm.kw == {"model": "/models/base", "dtype": "bfloat16", "enable_lora": True,
-                          "max_lora_rank": 8, "max_loras": 2, "gpu_memory_utilization": 0.3,
-                          "logprobs_mode": "raw_logprobs", "seed": 0}
+                          "max_lora_rank": 8, "max_loras": 2, "max_model_len": 2048,
+                          "gpu_memory_utilization": 0.3, "logprobs_mode": "raw_logprobs",
+                          "seed": 0}
         ((requests, params, lora),) = llm.calls
         assert [r["prompt_token_ids"] for r in requests] == [[1, 2, 3]] * 2 + [[4, 5]] * 2
-        assert [p.seed for p in params] == [11, 12, 13, 14]
+        assert [p.seed for p in params] == [11, 12, 99, 14]
         p = params[0]
         assert (p.n, p.temperature, p.top_k, p.max_tokens) == (1, 1.0, -1, 5)
         assert (p.stop, p.stop_token_ids, p.ignore_eos, p.logprobs) == (["END"], [2, 9], True, 0)
         assert p.allowed_token_ids == list(range(260))  # never past the tokenizer's vocabulary
+        assert p.skip_special_tokens is False  # stop strings see special tokens, as built in
         assert [q.prompt_logprobs for q in params] == [0, None, 0, None]
         # The adapter for the version asked, as a PEFT folder.
         with open(f"{lora.lora_path}/adapter_config.json") as f:
@@ -129,8 +142,10 @@ def test_each_sequence_is_one_seeded_request_on_the_runs_adapter(fake_vllm):
         assert all(torch.equal(saved[k], ADAPTER[k]) for k in ADAPTER)
         # Read back as the built-in path answers.
         assert samples[0][1] == {"tokens": [12, 7], "logprobs": [-0.25, -0.5],
-                                 "text": "text12", "stop_reason": "stop"}
-        assert [s["tokens"][0] for group in samples for s in group] == [11, 12, 13, 14]
+                                 "text": "12 7", "stop_reason": "stop"}
+        assert [s["tokens"][0] for group in samples for s in group] == [11, 12, 99, 14]
+        # The text is made as the built-in path makes it: ending before the stop string.
+        assert samples[1][0]["text"] == ""
         assert prompt_lps == [[None, -1.0, -2.0], [None, -1.0]]
         # One LoRA id per (run, version); old adapter folders go.
         assert _generate_lora(sampler, 3).lora_int_id == lora.lora_int_id
@@ -151,10 +166,14 @@ def _generate_lora(sampler, version):
 def test_what_keeps_the_built_in_meaning_only_there():
     from rewardsignal.worker.vllm_sampler import unsupported
 
-    assert unsupported(Precision(), _params(temperature=1.0)) is None
-    assert unsupported(Precision(), _params(temperature=0.0)) is None
-    assert "temperature 0.7" in unsupported(Precision(), _params(temperature=0.7))
-    assert "nf4" in unsupported(Precision("bf16", "nf4"), _params())
+    def why(precision=Precision(), longest=100, context=4096, **kw):
+        return unsupported(precision, _params(**kw), longest, context)
+
+    assert why(temperature=1.0) is None and why(temperature=0.0) is None
+    assert "temperature 0.7" in why(temperature=0.7)
+    assert "nf4" in why(Precision("bf16", "nf4"))
+    assert why(longest=4091) is None and why(longest=4092) == "4092 + 5 tokens exceed 4096"
+    assert why(longest=8188, context=131072) == "8188 + 5 tokens exceed 8192"  # vLLM's cap
 
 
 def test_a_failing_vllm_turns_off_and_the_built_in_path_answers(fake_vllm, caplog):

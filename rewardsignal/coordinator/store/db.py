@@ -87,11 +87,12 @@ def _unsynced(c: sqlite3.Connection) -> Iterator[None]:
 def _pack(obj: Any) -> bytes | str:
     """A request's arguments or result for its row: msgpack (a batch's token ids
     and a result's per-token logprobs encode and parse several times faster than
-    as JSON), or JSON text for what msgpack cannot hold (an int beyond 64 bits).
+    as JSON), or JSON text for what msgpack cannot hold (an int beyond 64 bits,
+    a string with a lone surrogate).
     Rows written as JSON text by earlier versions read back the same way."""
     try:
         return msgpack.packb(obj, use_bin_type=True)
-    except (OverflowError, TypeError):
+    except (OverflowError, TypeError, ValueError):  # ValueError: a lone surrogate in a str
         return json.dumps(obj)
 
 

@@ -53,9 +53,9 @@ def test_the_database_keeps_a_window_of_finished_requests_and_every_open_one(tmp
 
 
 def test_request_rows_round_trip_and_rows_stored_as_json_text_still_read(tmp_path):
-    """Arguments and results are stored as msgpack (a big int that msgpack
-    cannot hold falls back to JSON text), and rows written as JSON text by
-    earlier versions read back the same."""
+    """Arguments and results are stored as msgpack (what msgpack cannot hold,
+    a big int or a lone surrogate, falls back to JSON text), and rows written
+    as JSON text by earlier versions read back the same."""
     async def go() -> None:
         db = Database(tmp_path / "signal.db")
         args = {"datums": [{"model_input": [1, 2, 3], "weights": [0.5, 1.0, -2.25]}],
@@ -63,19 +63,22 @@ def test_request_rows_round_trip_and_rows_stored_as_json_text_still_read(tmp_pat
         result = {"loss": 1.25, "logprobs": [[-0.1, -2.5e-8]], "version": 3}
         await db.add_request("req-new", "alice", "run-1", "forward", args, None)
         await db.add_request("req-open", "alice", "run-1", "forward", {"n": [1, 2]}, None)
+        await db.add_request("req-odd", "alice", "run-2", "sample", {"stop": ["\ud800"]}, None)
         await db.finish_request("req-new", "done", result, keep_args=True)
         await db._do(lambda: db._c().execute(
             "INSERT INTO requests VALUES ('req-old', 0, 'alice', 'run-1', 'forward', ?, NULL, "
             "'done', ?, 0, 0)", (json.dumps({"n": 1}), json.dumps({"loss": 0.5}))))
         stored = await db._do(lambda: dict(db._c().execute(
             "SELECT request_id, typeof(args) FROM requests").fetchall()))
-        assert stored == {"req-new": "text", "req-open": "blob", "req-old": "text"}
+        assert stored == {"req-new": "text", "req-open": "blob", "req-old": "text",
+                          "req-odd": "text"}
         assert (await db.finished_request("req-new"))["result"] == result
         assert (await db.finished_request("req-old"))["result"] == {"loss": 0.5}
         done = await db.done_requests("run-1", "forward")
         assert [(d["request_id"], d["args"]) for d in done] == [("req-old", {"n": 1}),
                                                                 ("req-new", args)]
-        assert (await db.open_requests())[0]["args"] == {"n": [1, 2]}
+        assert [r["args"] for r in await db.open_requests()] == [{"n": [1, 2]},
+                                                                {"stop": ["\ud800"]}]
         await db.close()
 
     asyncio.run(go())
