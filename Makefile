@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test test-fast bench lint check clean
+.PHONY: venv demo test test-fast bench gpu-check lint check clean
 
 $(BIN)/.installed: pyproject.toml requirements/cookbook.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python bench/step_overhead.py
+
+# On a CUDA box: the GPU tests, then the GPU benchmark in bf16, in nf4 where
+# bitsandbytes is installed, and sampling on vLLM where it is installed.
+GPU_BENCH := $(BIN)/python bench/gpu_worker.py --batch 64 --steps 3 --warmup 1 \
+	--sample-prompts 4 --sample-tokens 64
+gpu-check: venv
+	$(BIN)/python -m pytest -q -s -m gpu tests/gpu
+	$(GPU_BENCH)
+	if $(BIN)/python -c "import bitsandbytes" 2>/dev/null; then $(GPU_BENCH) --quantization nf4; \
+	else echo "nf4: skipped, bitsandbytes is not installed (pip install -e '.[quant]')"; fi
+	if $(BIN)/python -c "import vllm" 2>/dev/null; then $(GPU_BENCH) --sampler vllm; \
+	else echo "vLLM sampling: skipped, vLLM is not installed (pip install -e '.[vllm]')"; fi
 
 lint: venv
 	$(BIN)/ruff check rewardsignal tests bench tools
