@@ -95,10 +95,16 @@ def check_loss_inputs(name: str, extras: Sequence[Mapping[str, object]]) -> None
                                   f"{missing[0]}")
 
 
-def compute_loss(name: str, logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
-                 extra: dict[str, torch.Tensor], config: dict) -> tuple[torch.Tensor, float]:
+def loss_of(name: str, logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
+            extra: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+    """The loss ``name`` sums over the batch (a 0-dim tensor, no host sync)."""
     for key in REQUIRED_INPUTS[name]:
         if key not in extra:
             raise ValidationError(f"loss_fn {name} needs loss_fn_inputs.{key} on every datum")
-    loss = _FNS[name](logprobs_BT, weights_BT, extra, config)
-    return loss, float(weights_BT.abs().sum())
+    return _FNS[name](logprobs_BT, weights_BT, extra, config)
+
+
+def compute_loss(name: str, logprobs_BT: torch.Tensor, weights_BT: torch.Tensor,
+                 extra: dict[str, torch.Tensor], config: dict) -> tuple[torch.Tensor, float]:
+    """``loss_of`` and the batch's total absolute weight."""
+    return loss_of(name, logprobs_BT, weights_BT, extra, config), float(weights_BT.abs().sum())

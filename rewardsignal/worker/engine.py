@@ -16,7 +16,7 @@ import torch
 
 from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
-from rewardsignal.losses import compute_loss
+from rewardsignal.losses import loss_of
 from rewardsignal.precision import TORCH_NAMES, Precision
 from rewardsignal.worker.hardware import worker_gpus
 from rewardsignal.worker.model_cache import (
@@ -153,16 +153,10 @@ class Engine:
     def _target_logprobs(self, model, batch: Sequence[Datum], temperature: float = 1.0
                          ) -> tuple[torch.Tensor, ...]:
         width = max(len(d) for d in batch)
-        ids = torch.full((len(batch), width), _PAD_ID, dtype=torch.long)
-        tgt = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        w = torch.zeros((len(batch), width), dtype=torch.float32)
-        for i, d in enumerate(batch):
-            n = len(d)
-            ids[i, :n] = torch.tensor(d.input_ids)
-            tgt[i, :n] = torch.tensor(d.target_ids)
-            mask[i, :n] = 1
-            w[i, :n] = torch.tensor(d.weights)
+        ids = _padded([d.input_ids for d in batch], width, _PAD_ID, torch.long)
+        tgt = _padded([d.target_ids for d in batch], width, 0, torch.long)
+        w = _padded([d.weights for d in batch], width, 0.0, torch.float32)
+        mask = (torch.arange(width) < torch.tensor([len(d) for d in batch]).unsqueeze(1)).long()
         first = self._input_device(model)
         logits = model(input_ids=ids.to(first), attention_mask=mask.to(first)).logits.float()
         # On the device the logits come out on: the input's, or with a device
@@ -193,23 +187,26 @@ class Engine:
                     temperature: float = 1.0) -> tuple[float, float, list[list[float]]]:
         """Forward (and backward of ``loss_scale`` x the loss sum) in micro-batches
         of at most ``micro_tokens`` padded tokens; gradients add up in ``.grad``."""
-        loss_total, weight_total, logprobs_out = 0.0, 0.0, []
+        # Each micro-batch's loss, weight sum and logprobs stay on the device until
+        # every micro-batch is queued: reading one back is a host sync, which on a
+        # GPU would leave it idle while the next micro-batch is prepared. They are
+        # added up afterwards, as floats in the same order (the same bits).
+        parts = []
         for chunk in _micro_batches(datums, micro_tokens):
             with torch.set_grad_enabled(backward):
                 lp_BT, w_BT, _ = self._target_logprobs(model, chunk, temperature)
-                extra = {}
-                for k in ("logprobs", "advantages"):
-                    if all(k in d.extra for d in chunk):
-                        t = torch.zeros_like(w_BT)
-                        for i, d in enumerate(chunk):
-                            t[i, : len(d)] = torch.tensor(d.extra[k])
-                        extra[k] = t
-                loss, wsum = compute_loss(loss_fn, lp_BT, w_BT, extra, loss_config)
+                extra = {k: _padded([d.extra[k] for d in chunk], w_BT.shape[1], 0.0,
+                                    torch.float32).to(w_BT.device)
+                         for k in ("logprobs", "advantages") if all(k in d.extra for d in chunk)}
+                loss = loss_of(loss_fn, lp_BT, w_BT, extra, loss_config)
             if backward:
                 (loss * loss_scale).backward()
-            loss_total += float(loss.detach())
-            weight_total += wsum
-            lp = lp_BT.detach().cpu()
+            parts.append((chunk, loss.detach(), w_BT.abs().sum(), lp_BT.detach()))
+        loss_total, weight_total, logprobs_out = 0.0, 0.0, []
+        for chunk, loss, wsum, lp_BT in parts:
+            loss_total += float(loss)
+            weight_total += float(wsum)
+            lp = lp_BT.cpu()
             logprobs_out += [lp[i, : len(d)].tolist() for i, d in enumerate(chunk)]
         return loss_total, weight_total, logprobs_out
 
@@ -318,6 +315,13 @@ def _cuda_free_bytes(gpus: list[int]):
                    - torch.cuda.memory_allocated(i) for i in gpus)
 
     return free
+
+
+def _padded(rows: Sequence[Sequence[float]], width: int, fill: float, dtype: torch.dtype
+            ) -> torch.Tensor:
+    """``rows`` as one (len(rows), width) tensor, each row filled out with ``fill``:
+    one conversion instead of one small tensor per row."""
+    return torch.tensor([[*r, *[fill] * (width - len(r))] for r in rows], dtype=dtype)
 
 
 def _micro_batches(datums: Sequence[Datum], micro_tokens: int) -> list[list[Datum]]:
