@@ -479,15 +479,15 @@ class Worker:
                         prompts: list[list[int]], seeds: list[list[int]], params: SampleParams
                         ) -> tuple[list[list[dict]], list | None] | None:
         """``worker.vllm_sampler`` for this task; None: the built-in path samples."""
-        from rewardsignal.worker.vllm_sampler import unsupported
-
-        precision = Precision.from_json(task)
-        context = int(model.config.max_position_embeddings)
-        longest = max(len(p) for p in prompts)
-        if self.vllm is None or self.vllm.broken or unsupported(precision, params, longest,
-                                                                 context):
+        if self.vllm is None or self.vllm.broken:
             return None
         from rewardsignal.models import resolve_model_path
+        from rewardsignal.worker.vllm_sampler import MAX_MODEL_LEN, unsupported
+
+        precision = Precision.from_json(task)
+        context = int(getattr(model.config, "max_position_embeddings", MAX_MODEL_LEN))
+        if unsupported(precision, params, max(len(p) for p in prompts), context):
+            return None
 
         try:
             return self.vllm.generate(
