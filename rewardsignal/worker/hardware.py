@@ -49,7 +49,7 @@ def describe(device: torch.device, gpus: list[int] | None = None) -> dict:
     info: dict = {"platform": platform.platform(), "torch": torch.__version__,
                   "cpu_count": os.cpu_count()}
     if device.type == "cuda":
-        gpus = gpus or [device.index or 0]
+        gpus = gpus or worker_gpus(device)
         props = [torch.cuda.get_device_properties(i) for i in gpus]
         free, total = map(sum, zip(*(torch.cuda.mem_get_info(i) for i in gpus), strict=True))
         names = sorted({p.name for p in props})
@@ -66,7 +66,7 @@ def describe(device: torch.device, gpus: list[int] | None = None) -> dict:
 def default_task_tokens(device: torch.device, gpus: list[int] | None = None) -> int:
     if device.type != "cuda":
         return _CPU_TASK_TOKENS
-    free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus or [device.index or 0])
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus or worker_gpus(device))
     return int(min(max(free * 0.7 // _BYTES_PER_TOKEN_GPU, 1024), 65536))
 
 
@@ -108,7 +108,7 @@ def offered_memory_bytes(device: torch.device, memory_gb: float | None,
     GPU of ``gpus``) when given, else the GPUs' total memory, else the machine's
     RAM."""
     if device.type == "cuda":
-        gpus = gpus or [device.index or 0]
+        gpus = gpus or worker_gpus(device)
         if memory_gb is not None:
             return int(memory_gb * 2**30) * len(gpus)
         return sum(int(torch.cuda.get_device_properties(i).total_memory) for i in gpus)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from rewardsignal.worker.hardware import ram_bytes
+from rewardsignal.worker.hardware import offered_memory_bytes
 
 # Share of device memory the cached bases may take by default: the rest is for
 # the activations of the task being computed (a 1B model at bf16 is 2 GB, its
@@ -34,12 +34,9 @@ def default_budget_bytes(device: torch.device, offered_bytes: int | None = None,
     that the cache never takes more than the worker offered; else of the
     memory of its GPUs (``gpus``, default the device's) or of the machine (CPU)."""
     share = _DEVICE_SHARE if device.type == "cuda" else _HOST_SHARE
-    if offered_bytes is not None:
-        return int(offered_bytes * share)
-    if device.type == "cuda":
-        return int(sum(torch.cuda.get_device_properties(i).total_memory
-                       for i in gpus or [device.index or 0]) * share)
-    return int(ram_bytes() * share)
+    if offered_bytes is None:
+        offered_bytes = offered_memory_bytes(device, None, gpus)
+    return int(offered_bytes * share)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
