@@ -32,7 +32,7 @@ from rewardsignal.coordinator.scheduling.placement import Requirement
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
-from rewardsignal.errors import NotFoundError, ValidationError
+from rewardsignal.errors import NotFoundError, SignalError, ValidationError
 from rewardsignal.memory import gpu_config_memory_bytes
 from rewardsignal.models import (
     BUILTIN_MODELS,
@@ -248,8 +248,15 @@ class Coordinator:
                      timeout_s: float | None, idem_key: str | None = None, *,
                      request_id: str | None = None) -> dict:
         """Accept an operation: it is written to the database (with its
-        idempotency key) before it is queued and before the caller hears 202, so
-        a restart re-runs it and a retry finds it. Returns the 202 answer.
+        idempotency key) before the caller hears 202, so a restart re-runs it and
+        a retry finds it. Returns the 202 answer.
+
+        It is queued while that write is synced (about a millisecond per request
+        on the step's path otherwise): an operation that ``starts_unstored``
+        changes nothing durable before ``request.until_stored()``, and every
+        other one starts only then. The write is queued first, so it lands before
+        anything the operation writes to the database. If it fails, the request
+        fails with nothing done and the caller hears why.
         ``request_id``: one the caller handed out already (a front end whose
         clients learn the id before the operation is queued)."""
         extra = await operation.accept(self.services, run, owner, args)
@@ -257,11 +264,22 @@ class Coordinator:
                                             request_id=request_id)
         timeout_s = timeout_s or self.config.request_timeout_s
         answer = {**req.to_json(), **extra}
-        await self.services.db.add_request(req.request_id, owner, run.run_id, operation.name,
-                                           operation.dump(args), timeout_s, idem_key=idem_key,
-                                           answer=answer)
+        req.stored = self.services.db.add_request(
+            req.request_id, owner, run.run_id, operation.name, operation.dump(args),
+            timeout_s, idem_key=idem_key, answer=answer)
         assert run.processor is not None
         run.processor.put(Op(operation, req, args, timeout_s))
+        try:
+            # Shielded: a client that disconnects does not unmake the request.
+            await req.until_stored()
+        except Exception as exc:
+            log.error("request not stored request=%s run=%s error=%r", req.request_id,
+                      run.run_id, exc)
+            err = SignalError(f"the coordinator could not store the request ({exc}); nothing "
+                              "was done: check its disk, then send the request again")
+            if not req.future.done():
+                req.future.set_exception(err)
+            raise err from exc
         return answer
 
     async def register_worker(self, *, name: str, device: str, hardware: dict,

@@ -32,6 +32,10 @@ class Operation(ABC):
     # Its effect may outrun its checkpoint: a finished request keeps its stored
     # arguments, and a restart rebuilds the effect with ``replay``.
     replayable: ClassVar[bool] = False
+    # Starts while its acceptance is still being synced to the database: it
+    # changes nothing that outlives the process before ``request.until_stored()``
+    # (False: it starts once the request is stored).
+    starts_unstored: ClassVar[bool] = False
 
     @abstractmethod
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:

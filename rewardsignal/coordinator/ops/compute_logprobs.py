@@ -37,6 +37,7 @@ def _read(body: Body, vocab: int, run: Run) -> LogprobArgs:
 class ComputeLogprobs(Operation):
     name = "compute_logprobs"
     ordered = False
+    starts_unstored = True  # changes nothing
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> LogprobArgs:
         tok = await asyncio.to_thread(ctx.tokenizers.get, run.spec.base_model)

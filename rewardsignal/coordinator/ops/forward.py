@@ -66,6 +66,7 @@ async def shard_forward(ctx: Services, run: Run, request: Request, datums: list[
 class Forward(Operation):
     name = "forward"
     backward = False
+    starts_unstored = True  # its shards go out at once; a gradient counts once stored
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> ForwardArgs:
         loss_fn = body.str("loss_fn", "cross_entropy", choices=LOSS_FNS)
@@ -100,6 +101,7 @@ class Forward(Operation):
         num_tokens = sum(len(d) for d in datums)
         total = sink.total() if sink is not None else None
         if total is not None:
+            await request.until_stored()
             await self._accumulate(ctx, run, Contribution(
                 request.request_id, total, out.weight_sum, args.reduction, num_tokens,
                 out.loss_sum, out.weight_sum, out.parts))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
 from rewardsignal.aggregation.tensors import global_norm
@@ -33,6 +34,7 @@ log = logging.getLogger("signal.coordinator")
 class OptimStep(Operation):
     name = "optim_step"
     barrier = True
+    starts_unstored = True  # AdamW runs while the request is synced; the version waits
     replayable = True
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> AdamWConfig:
@@ -59,7 +61,8 @@ class OptimStep(Operation):
         await settle_owed(ctx, run, request)
         if run.accum.empty:
             raise ValidationError("nothing to apply: call forward_backward before optim_step")
-        result = await self._apply(ctx, run, args, request.request_id, track=True)
+        result = await self._apply(ctx, run, args, request.request_id, track=True,
+                                   until_stored=request.until_stored)
         ctx.metrics.steps.labels(run.run_id).inc()
         ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
@@ -71,7 +74,11 @@ class OptimStep(Operation):
         return await self._apply(ctx, run, args, request_id)
 
     async def _apply(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str, *,
-                     track: bool = False) -> dict:
+                     track: bool = False,
+                     until_stored: Callable[[], Awaitable[None]] | None = None) -> dict:
+        """AdamW on the accumulated gradient, committed as the next version once
+        ``until_stored()`` returns (the request is durable: a replay can rebuild
+        the version before its checkpoint lands)."""
         accum = run.accum
 
         def gradient_and_adamw() -> tuple:  # one hop off the loop for all (~1 ms a hop)
@@ -89,6 +96,8 @@ class OptimStep(Operation):
         if set(run.opt_state) - set(state):
             state = {**run.opt_state, **state}
         run_id = run.run_id
+        if until_stored is not None:
+            await until_stored()
 
         async def landed(version: int) -> None:
             await ctx.pending.drop_before(run_id, version)

@@ -31,6 +31,8 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
     assert isinstance(operation, Operation)
     fut = op.request.future
     try:
+        if not operation.starts_unstored:
+            await op.request.until_stored()
         timeout = op.timeout_s if operation.bounded else None
         result = await asyncio.wait_for(operation.execute(ctx, run, op.request, op.args),
                                         timeout)
@@ -44,13 +46,23 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
         if not fut.done():
             fut.set_exception(err)
     except Exception as exc:  # a bug, not bad input: log it fully, fail only this request
+        if op.request.store_failed():  # submit() failed it and told its caller
+            return
         log.exception("request crashed request=%s run=%s", op.request.request_id, run.run_id)
         if not fut.done():
             fut.set_exception(SignalError(f"internal error: {type(exc).__name__}: {exc}"))
     else:
         if not fut.done():
             fut.set_result(result)
+    if op.request.store_failed():  # never in the database: nothing to finish there
+        return
     body = op.request.to_json()
     outcome: dict = body["result"] if body["status"] == "done" else {"error": body["error"]}
-    await ctx.db.finish_request(op.request.request_id, body["status"], outcome,
-                                keep_args=operation.replayable and body["status"] == "done")
+    try:
+        await ctx.db.finish_request(op.request.request_id, body["status"], outcome,
+                                    keep_args=operation.replayable and body["status"] == "done")
+    except Exception:  # the run's queue goes on; the stored request stays open
+        # and runs again after a restart, which answers it from durable state
+        # or applies it once more from the same inputs.
+        log.exception("request finished but its outcome was not stored request=%s run=%s",
+                      op.request.request_id, run.run_id)

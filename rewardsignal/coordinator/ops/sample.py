@@ -134,6 +134,7 @@ def _groups(args: SampleArgs) -> list[tuple[int, int]]:
 class Sample(Operation):
     name = "sample"
     ordered = False  # reads the version it names: never waits behind a federated job
+    starts_unstored = True  # changes nothing
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> SampleArgs:
         tok = await asyncio.to_thread(ctx.tokenizers.get, run.spec.base_model)

@@ -23,6 +23,21 @@ class Request:
     waiting_for_workers: bool = False
     # Set when something a waiting client should hear changes before the end.
     noticed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The database write that makes it durable (``Database.add_request``); None
+    # for one read back from the database.
+    stored: asyncio.Future | None = None
+
+    async def until_stored(self) -> None:
+        """Return once the request is durable; raises what storing it raised.
+        An operation that starts while its acceptance is being synced waits here
+        before it changes anything that outlives the process."""
+        if self.stored is not None:
+            await asyncio.shield(self.stored)
+
+    def store_failed(self) -> bool:
+        stored = self.stored
+        return (stored is not None and stored.done()
+                and (stored.cancelled() or stored.exception() is not None))
 
     def set_waiting_for_workers(self, waiting: bool) -> None:
         if waiting and not self.waiting_for_workers:

@@ -198,11 +198,13 @@ class Database:
         return [json.loads(r[0]) for r in rows]
 
     # -- requests ----------------------------------------------------------------------
-    async def add_request(self, request_id: str, owner: str, run_id: str, kind: str,
-                          args: dict, timeout_s: float | None, *, idem_key: str | None = None,
-                          answer: dict | None = None) -> None:
+    def add_request(self, request_id: str, owner: str, run_id: str, kind: str,
+                    args: dict, timeout_s: float | None, *, idem_key: str | None = None,
+                    answer: dict | None = None) -> asyncio.Future[None]:
         """Store an accepted request (and its idempotency key with the answer the
-        client was given, in the same transaction)."""
+        client was given, in the same transaction). The write is queued now, on
+        the event loop, ahead of every database write asked for after this call
+        (one thread runs them in order); the future is done once it is synced."""
         def add() -> None:
             c = self._c()
             with c:
@@ -213,7 +215,7 @@ class Database:
                                        _pack(args), timeout_s, time.time()))
                 self._claim_key(c, owner, idem_key, "request", request_id, answer or {})
 
-        await self._do(add)
+        return asyncio.get_running_loop().run_in_executor(self._pool, add)
 
     async def finish_request(self, request_id: str, status: str, result: dict, *,
                              keep_args: bool = False) -> None:
