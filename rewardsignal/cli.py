@@ -36,6 +36,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if value > 65535:
@@ -108,6 +118,10 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                         "5x the update size per slot (env SIGNAL_UPLOAD_SLOTS, default 2)")
     p.add_argument("--keep-last", type=_positive(int), default=5,
                    help="unnamed checkpoints kept per run (default 5)")
+    p.add_argument("--checkpoint-interval-s", type=_seconds, default=1.0,
+                   help="a run's optim_step checkpoints are written in the background at "
+                        "most this often; steps in between are replayed after a crash "
+                        "(0: every version; default 1)")
     p.add_argument("--no-worker-grace-s", type=_positive(float),
                    default=_env("SIGNAL_NO_WORKER_GRACE_S", float, 60.0),
                    help="a request that no live worker can take fails after this many seconds "
@@ -154,7 +168,8 @@ def coordinator_config(args: argparse.Namespace):
         tick_interval_s=args.tick_interval_s, lease_timeout_s=args.lease_timeout_s,
         max_task_attempts=args.max_task_attempts, max_body_bytes=args.max_body_mb << 20,
         upload_slots=args.upload_slots,
-        keep_last_checkpoints=args.keep_last, num_tasks_per_round=args.num_tasks_per_round,
+        keep_last_checkpoints=args.keep_last, checkpoint_interval_s=args.checkpoint_interval_s,
+        num_tasks_per_round=args.num_tasks_per_round,
         min_updates_per_round=args.min_updates_per_round,
         round_timeout_s=args.round_timeout_s, no_worker_grace_s=args.no_worker_grace_s,
         worker_retention_s=args.worker_retention_s, verify_fraction=args.verify_fraction,

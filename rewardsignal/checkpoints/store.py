@@ -141,10 +141,11 @@ class CheckpointStore:
                 "parent_version": parent_version, "created_at": time.time(),
                 "metrics": metrics or {}, "files": files, **(meta or {}),
             }
-            with open(tmp / MANIFEST_FILE, "w") as fh:
-                json.dump(manifest, fh, indent=2, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
+            # One line, by the C encoder: with an indent, json encodes in Python,
+            # and a manifest holds up to 1,000 history entries (milliseconds of
+            # CPU per version, beside a worker's compute on a small machine).
+            _write_synced(tmp / MANIFEST_FILE,
+                          json.dumps(manifest, sort_keys=True).encode())
             _fsync_path(tmp)
             os.replace(tmp, final)
             _fsync_path(final.parent)

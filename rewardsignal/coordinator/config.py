@@ -28,6 +28,8 @@ class CoordinatorConfig:
     max_body_bytes: int = 512 << 20
     upload_slots: int = 2                  # submission bodies taken in at once (memory bound)
     keep_last_checkpoints: int = 5
+    checkpoint_interval_s: float = 1.0     # a run's background checkpoints: at most one per
+                                           # this many seconds (0: one per version)
     default_task_tokens: int = 8192        # shard size while no worker has said otherwise
     straggler_factor: float = 3.0          # re-issue a lease running this many times its estimate
     straggler_min_s: float = 2.0
@@ -59,6 +61,7 @@ class CoordinatorConfig:
             (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
             (1 <= self.upload_slots <= 64, "upload_slots must be in [1, 64]"),
             (self.keep_last_checkpoints >= 1, "keep_last_checkpoints must be >= 1"),
+            (self.checkpoint_interval_s >= 0, "checkpoint_interval_s must be >= 0"),
             (self.default_task_tokens >= 1, "default_task_tokens must be >= 1"),
             (self.num_tasks_per_round >= 1, "num_tasks_per_round must be >= 1"),
             (1 <= self.min_updates_per_round <= self.num_tasks_per_round,

@@ -93,7 +93,7 @@ class Services:
                       metrics=metrics, runs=runs, live_window_s=config.lease_timeout_s)
         return cls(config=config, metrics=metrics, db=db, scheduler=scheduler, runs=runs,
                    trust=trust,
-                   versions=Versions(store, metrics),
+                   versions=Versions(store, metrics, config.checkpoint_interval_s),
                    pending=PendingGradients(db, root / "pending"),
                    artifacts=ArtifactStore(root / "artifacts", store),
                    datasets=DatasetStore(root / "datasets"),

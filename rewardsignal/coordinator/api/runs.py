@@ -163,6 +163,10 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
     body = versions.adapter_bytes(run_id, version)
     if body is None:
         await versions.flush(run_id)  # not in memory: its checkpoint must have landed
+        if not await asyncio.to_thread(file.is_file):
+            # A version between two background checkpoints was never written.
+            raise NotFoundError(f"run {run_id} has no weights for version {version} on disk "
+                                "(only some versions are checkpointed); ask for a newer one")
     resp = web.StreamResponse(headers=headers)
     resp.content_type = "application/vnd.safetensors"
     if request.method == "HEAD":

@@ -9,6 +9,15 @@ after it: recovery rebuilds such a version by replaying the step
 (``coordinator.recovery``). Background writes of a run land in version order; the
 gradients a checkpoint contains are dropped only once it has landed.
 
+Background writes of a run start at most once per ``interval_s``: a version
+committed sooner after the last one started waits, and a newer version replaces
+it (its step is replayed instead, from inputs kept until a checkpoint after it
+lands). The newest version waiting is written when the interval is up, at
+``flush`` and at a clean stop, or once ``MAX_DEFERRED`` versions have waited.
+A fast run (a step in tens of milliseconds) then pays for a checkpoint a
+second instead of one a step: on a small machine its writes and hashing took
+CPU from the worker computing beside it.
+
 The sha256 names a version on the wire (task messages, the weights ETag); it is
 cached here so that leases and weight downloads never read a manifest on the
 event loop. All disk work runs in a thread.
@@ -41,16 +50,36 @@ log = logging.getLogger("signal.coordinator")
 # (run, version) -> adapter sha256 entries kept; far more than any run's live
 # versions (older ones are re-read from their manifest, off the loop, if asked).
 _SHA_CACHE = 4096
+# Versions of a run whose checkpoint may wait at once: a restart replays at most
+# this many steps (their finished requests must still be in the database).
+MAX_DEFERRED = 32
+
+
+@dataclasses.dataclass
+class _Deferred:
+    """The newest version of a run whose background write waits its turn."""
+
+    staged: Run
+    adapter: bytes
+    metrics: dict
+    request_id: str | None
+    landed: Callable[[int], Awaitable[None]]
+    waited: int  # versions deferred since the last write started
 
 
 class Versions:
-    def __init__(self, store: CheckpointStore, metrics: Metrics) -> None:
+    def __init__(self, store: CheckpointStore, metrics: Metrics, interval_s: float = 0.0
+                 ) -> None:
         self.store = store
         self.metrics = metrics
+        self.interval_s = interval_s
         self._sha: OrderedDict[tuple[str, int], str] = OrderedDict()
         self.recent = RecentWeights()
         # run_id -> the newest background checkpoint write (each awaits the one before)
         self._writing: dict[str, asyncio.Task] = {}
+        self._started: dict[str, float] = {}  # run_id -> when its last background write began
+        self._deferred: dict[str, _Deferred] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     def _remember(self, run_id: str, version: int, sha: str) -> None:
         self._sha[(run_id, version)] = sha
@@ -104,8 +133,10 @@ class Versions:
         return await self._write_now(run, adapter, metrics, request_id)
 
     async def flush(self, run_id: str | None = None) -> None:
-        """Wait for the background checkpoint writes of ``run_id`` (of every run
-        when None) to land."""
+        """Write the version of ``run_id`` (of every run when None) whose
+        checkpoint waits its turn, and wait for the background writes to land."""
+        for rid in list(self._deferred) if run_id is None else [run_id]:
+            self._write_deferred(rid)
         tasks = list(self._writing.values()) if run_id is None else [
             t for t in (self._writing.get(run_id),) if t is not None]
         if tasks:
@@ -114,6 +145,11 @@ class Versions:
     async def forget(self, run_id: str) -> None:
         """A deleted run: its background writes land (so none writes into a removed
         directory), then its cached hashes and files go."""
+        timer = self._timers.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._deferred.pop(run_id, None)
+        self._started.pop(run_id, None)
         await self.flush(run_id)
         for key in [k for k in self._sha if k[0] == run_id]:
             del self._sha[key]
@@ -167,6 +203,34 @@ class Versions:
 
     def _write_behind(self, staged: Run, adapter: bytes, metrics: dict, request_id: str | None,
                       landed: Callable[[int], Awaitable[None]]) -> None:
+        run_id = staged.run_id
+        now = time.monotonic()
+        started = self._started.get(run_id)
+        if self.interval_s > 0 and started is not None and now - started < self.interval_s:
+            before = self._deferred.get(run_id)
+            waited = before.waited + 1 if before is not None else 1
+            self._deferred[run_id] = _Deferred(staged, adapter, metrics, request_id, landed,
+                                               waited)
+            if waited >= MAX_DEFERRED:
+                self._write_deferred(run_id)
+            elif run_id not in self._timers:
+                self._timers[run_id] = asyncio.get_running_loop().call_later(
+                    started + self.interval_s - now, self._write_deferred, run_id)
+            return
+        self._write_started(staged, adapter, metrics, request_id, landed)
+
+    def _write_deferred(self, run_id: str) -> None:
+        timer = self._timers.pop(run_id, None)
+        if timer is not None:
+            timer.cancel()
+        d = self._deferred.pop(run_id, None)
+        if d is not None:
+            self._write_started(d.staged, d.adapter, d.metrics, d.request_id, d.landed)
+
+    def _write_started(self, staged: Run, adapter: bytes, metrics: dict,
+                       request_id: str | None, landed: Callable[[int], Awaitable[None]]
+                       ) -> None:
+        self._started[staged.run_id] = time.monotonic()
         before = self._writing.get(staged.run_id)
 
         async def write() -> None:

@@ -240,3 +240,54 @@ async def _until(cond, timeout_s: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition never held"
         await asyncio.sleep(0.02)
+
+
+def test_a_fast_runs_checkpoints_wait_their_interval_and_the_steps_between_replay(tmp_path):
+    """Background checkpoints of a run start at most once per interval; versions
+    committed in between wait (the newest replaces the one before), so a crash
+    replays several steps from their kept gradients, to the same bits."""
+    import asyncio
+
+    h = Harness(tmp_path / "data", checkpoint_interval_s=60)
+    worker = FakeWorker(h)
+    run_id = _new_run(h)
+    versions = h.coordinator.services.versions
+    for seed in range(1, 5):  # version 1 is written at once; 2, 3 and 4 wait
+        _forward_backward(h, worker, run_id, seed=seed)
+        _optim_step(h, run_id)
+    async def landed() -> None:
+        await asyncio.gather(*versions._writing.values())
+
+    h.call(landed())
+    store = CheckpointStore(tmp_path / "data" / "checkpoints")
+    assert store.versions(run_id) == [0, 1]
+    assert [r["version"] for r, _ in h.call(h.coordinator.services.pending.load(run_id))
+            ] == [1, 2, 3]  # kept: the steps after version 1 may have to be replayed
+    run = h.coordinator.runs[run_id]
+    adapter = {k: v.clone() for k, v in run.adapter.items()}
+    opt_state = {k: v.clone() for k, v in run.opt_state.items()}
+    # A crash: the waiting version is never written.
+    versions._timers.pop(run_id).cancel()
+    versions._deferred.clear()
+    h.close()
+    assert store.versions(run_id) == [0, 1]
+
+    h = Harness(tmp_path / "data", checkpoint_interval_s=0.2)
+    try:
+        run = h.coordinator.runs[run_id]
+        assert run.version == 4 and run.opt_step == 4
+        assert all(torch.equal(run.adapter[k], v) for k, v in adapter.items())
+        assert all(torch.equal(run.opt_state[k], v) for k, v in opt_state.items())
+        # The replayed steps' checkpoints wait their turn too (3 was replaced by 4);
+        # step 6 is written when the interval is up, with no call to wait on.
+        worker = FakeWorker(h)
+        for seed in (5, 6):
+            _forward_backward(h, worker, run_id, seed=seed)
+            _optim_step(h, run_id)
+        h.call(_until(lambda: store.latest(run_id) == 6, timeout_s=5))
+        assert 3 not in store.versions(run_id)
+        # Gradients are dropped once a checkpoint after them has landed.
+        pending = tmp_path / "data" / "pending" / run_id
+        h.call(_until(lambda: not list(pending.glob("*.safetensors"))))
+    finally:
+        h.close()
