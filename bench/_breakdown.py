@@ -46,6 +46,7 @@ class Breakdown:
         snap = {name: m(name) for _, name in _STAGES}
         snap["bytes"] = m("signal_bytes_served_total", kind="weights")
         snap["bytes_inline"] = m("signal_bytes_served_total", kind="weights_inline")
+        snap["bytes_pushed"] = m("signal_bytes_served_total", kind="weights_pushed")
         for route in WORKER_ROUTES:
             snap[f"n {route}"] = m("signal_http_request_duration_seconds_count", route=route)
             snap[f"s {route}"] = m("signal_http_request_duration_seconds_sum", route=route)
@@ -87,4 +88,5 @@ class Breakdown:
             print(f"    {k[4:]:<58} {d[k] * 1000:7.1f} ms")
         print(f"  worker round trips per step: {self.round_trips():.2f}")
         print(f"  weight bytes sent per step: {d['bytes']:,.0f} by GET, "
-              f"{d['bytes_inline']:,.0f} inside leases")
+              f"{d['bytes_inline']:,.0f} inside tasks, {d['bytes_pushed']:,.0f} pushed to "
+              "waiting leases")

@@ -27,6 +27,9 @@ from rewardsignal.errors import ValidationError
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 SAFETENSORS = "application/vnd.safetensors"
+# A lease answered as a stream (``docs/protocol.md``: the lease): frames, each a
+# 4-byte big-endian length and a msgpack map.
+FRAMES = "application/vnd.signal.frames"
 
 # Upper bound of a safetensors header we accept; real adapters need a few KiB.
 _MAX_HEADER_BYTES = 16 << 20
@@ -196,6 +199,12 @@ def apply_xor_delta(old: bytes, delta: bytes) -> bytes:
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def frame(obj: Any) -> bytes:
+    """One frame of a ``FRAMES`` stream."""
+    body = pack(obj)
+    return len(body).to_bytes(4, "big") + body
 
 
 def unpack(data: bytes | bytearray, *, max_bytes: int) -> Any:

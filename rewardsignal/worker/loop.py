@@ -35,6 +35,7 @@ from rewardsignal.worker.weights import WeightCache
 
 _MAX_BACKOFF_S = 30.0
 _LEASE_POLL_S = 20.0
+_MAX_FRAME_BYTES = 1 << 30
 # Submissions up to this size go without reserving an upload slot first (one
 # round trip less per task); the coordinator holds them until a slot frees.
 _SLOT_FREE_BYTES = 1 << 20
@@ -137,6 +138,48 @@ class Worker:
                 raise error_from_json(resp.status, payload)
             return payload
 
+    async def _lease(self) -> dict | None:
+        """Long-poll for a task. The lease says which versions this worker holds
+        and asks for a stream: while it waits, each new version of a run it holds
+        arrives as the exact delta from the one before and is applied here, so
+        the next step's weights are in place before its task comes (the last
+        frame). A coordinator that does not stream answers one msgpack message."""
+        headers = {**self._headers(), "Content-Type": protocol.MSGPACK,
+                   "Accept": f"{protocol.FRAMES}, {protocol.MSGPACK}"}
+        url = f"{self.config.coordinator.rstrip('/')}/v1/workers/{self.worker_id}/lease"
+        async with self._http.post(
+                url, params={"timeout_s": str(_LEASE_POLL_S), "push": "1"}, headers=headers,
+                data=protocol.pack({"have": self.weights.have()}),
+                timeout=aiohttp.ClientTimeout(total=_LEASE_POLL_S + 30)) as resp:
+            if resp.status == 204:
+                return None
+            if resp.status >= 400 or resp.content_type != protocol.FRAMES:
+                payload = _decode(resp, await resp.read())
+                if resp.status >= 400:
+                    raise error_from_json(resp.status, payload)
+                return payload
+            while True:
+                try:
+                    head = await resp.content.readexactly(4)
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        raise aiohttp.ClientPayloadError("lease stream cut mid-frame") from None
+                    return None  # ended without a task
+                size = int.from_bytes(head, "big")
+                if size > _MAX_FRAME_BYTES:
+                    raise aiohttp.ClientPayloadError(f"lease frame of {size} bytes")
+                try:
+                    msg = protocol.unpack(await resp.content.readexactly(size),
+                                          max_bytes=_MAX_FRAME_BYTES)
+                except asyncio.IncompleteReadError:
+                    raise aiohttp.ClientPayloadError("lease stream cut mid-frame") from None
+                if not isinstance(msg, dict):
+                    raise aiohttp.ClientPayloadError("lease frame is not a map")
+                if isinstance(msg.get("version"), dict):
+                    self.weights.take(msg["version"])
+                elif isinstance(msg.get("task"), dict):
+                    return msg["task"]
+
     async def register(self) -> None:
         tokens = (self.config.max_tokens_per_task
                   or int(hardware.default_task_tokens(self.device, self.gpus) * self.share))
@@ -191,14 +234,7 @@ class Worker:
                 if self.worker_id is None:
                     await self._register_or_explain()
                 self.status.update("idle", waiting="task")
-                # Msgpack, and the versions held: the task comes with the exact
-                # delta to its version when this worker holds the one before.
-                task = await self._call("POST", f"/v1/workers/{self.worker_id}/lease",
-                                        params={"timeout_s": str(_LEASE_POLL_S)},
-                                        data=protocol.pack({"have": self.weights.have()}),
-                                        content_type=protocol.MSGPACK,
-                                        accept=protocol.MSGPACK,
-                                        timeout_s=_LEASE_POLL_S + 30)
+                task = await self._lease()
                 backoff = 1.0
                 if task is not None:
                     await self._handle(task)

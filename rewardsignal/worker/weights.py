@@ -1,7 +1,8 @@
-"""The adapters a worker holds, and how it gets a task's version: from its cache,
-from the exact delta its lease carried (``protocol.xor_delta``, from the
-version it held), or, when it is further behind or the delta does not check
-out, the full download from the version's immutable URL.
+"""The adapters a worker holds, and how it gets a task's version: from its cache
+(where versions pushed to it while it waited for work land, ``take``), from the
+exact delta its lease carried (``protocol.xor_delta``, from the version it
+held), or, when it is further behind or the delta does not check out, the full
+download from the version's immutable URL.
 
 Every adapter a worker computes on is checked against the task's
 ``weights_sha256``, whichever way it came.
@@ -51,6 +52,29 @@ class WeightCache:
             self.bytes_downloaded += len(raw)
             if hashlib.sha256(raw).hexdigest() != task["weights_sha256"]:
                 raise SignalError("downloaded weights do not match their sha256; retrying later")
+        return self._keep(key, raw)
+
+    def take(self, update: dict) -> bool:
+        """A version pushed while this worker waited for work (a lease's
+        ``version`` frame: run_id, version, weights_sha256, weights_delta from a
+        version held): kept if it applies and checks out. False otherwise (the
+        task on it then brings the weights as usual)."""
+        run_id, version = update.get("run_id"), update.get("version")
+        if (not isinstance(run_id, str) or type(version) is not int
+                or not isinstance(update.get("weights_sha256"), str)):
+            return False
+        if (run_id, version) in self._held:
+            return True
+        raw = self._from_delta(update)
+        if raw is None:
+            return False
+        try:
+            self._keep((run_id, version), raw)
+        except ValidationError:  # its sha256 matched: only a broken coordinator sends this
+            return False
+        return True
+
+    def _keep(self, key: tuple[str, int], raw: bytes) -> dict[str, torch.Tensor]:
         tensors = protocol.tensors_from_bytes(raw)
         self._held[key] = (raw, tensors)
         while len(self._held) > self.keep:

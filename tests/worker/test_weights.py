@@ -4,6 +4,7 @@ delta does not check out; the same fp32 bits either way."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -165,3 +166,30 @@ def test_xor_delta_rebuilds_the_new_bytes_exactly(size):
     assert protocol.xor_delta(a, b + b"x") is None  # shapes changed: no delta
     with pytest.raises(ValidationError):
         protocol.apply_xor_delta(a + b"xyzw", delta)
+
+
+def test_a_pushed_version_is_kept_only_if_it_applies_and_checks_out():
+    old = {"a": torch.randn(4, 3), "b": torch.randn(5)}
+    new = {k: v + 0.01 for k, v in old.items()}
+    old_b, new_b = protocol.tensors_to_bytes(old), protocol.tensors_to_bytes(new)
+    cache = WeightCache()
+    cache._keep(("run-1", 1), old_b)
+    update = {"run_id": "run-1", "version": 2,
+              "weights_sha256": hashlib.sha256(new_b).hexdigest(),
+              "weights_delta": {"from_version": 1, "codec": protocol.XOR_DELTA,
+                                "data": protocol.xor_delta(old_b, new_b)}}
+    # From a version not held, with a wrong sha256, or malformed: not kept.
+    assert not cache.take({**update, "weights_delta": {**update["weights_delta"],
+                                                       "from_version": 0}})
+    assert not cache.take({**update, "weights_sha256": "0" * 64})
+    assert not cache.take({**update, "version": "2"})
+    assert cache.have() == {"run-1": 1}
+    assert cache.take(update)
+    assert cache.have() == {"run-1": 2}
+    assert cache.take(update)  # again: already held
+
+    async def no_download(task: dict) -> bytes:
+        raise AssertionError("a pushed version needs no download")
+
+    got = asyncio.run(cache.get({"run_id": "run-1", "version": 2}, no_download))
+    assert _exact(got, new)

@@ -11,6 +11,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -27,16 +28,24 @@ from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.scheduling.tasks import Task, Uploads
+from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.errors import ConflictError, PayloadTooLargeError, ValidationError
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
 from rewardsignal.protocol import (
     CHECK_FEATURES,
+    FRAMES,
     MSGPACK,
     OPTIONAL_TASKS,
     XOR_DELTA,
     TaskMessage,
+    frame,
     pack,
 )
+
+# Versions pushed to a worker through streamed leases since its last task of a
+# run: it stays current across the few steps it sits out, and one that stopped
+# getting the run's tasks stops getting its deltas.
+PUSH_CREDIT = 4
 
 
 async def register_worker(request: web.Request) -> web.Response:
@@ -106,7 +115,7 @@ async def _task_message(coord: Coordinator, task: Task, lease_id: str) -> TaskMe
         base_dtype=run.spec.precision.base_dtype, quantization=run.spec.precision.quantization)
 
 
-async def lease_task(request: web.Request) -> web.Response:
+async def lease_task(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     await request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
@@ -116,28 +125,104 @@ async def lease_task(request: web.Request) -> web.Response:
                                             "message": w.quarantine_reason}}, status=403)
     timeout_s = query_float(request, "timeout_s", 20.0, MAX_WAIT_S)
     have = await _versions_held(request)
+    accept = request.headers.get("Accept", "")
+    if request.query.get("push") == "1" and FRAMES in accept:
+        return await _lease_stream(request, coord, w, timeout_s, have, started)
     got = await coord.scheduler.lease(w, timeout_s)
     if got is None:
         return web.Response(status=204)
     task, lease = got
-    msg = (await _task_message(coord, task, lease.lease_id)).to_json()
-    if MSGPACK in request.headers.get("Accept", ""):
+    if MSGPACK in accept:
         # A worker that reads msgpack gets the task's version as the exact delta
         # from the one it holds, when it is one behind: no download round trip.
-        held = have.get(task.run_id)
-        delta = (await coord.services.versions.recent.delta(task.run_id, held, task.version)
-                 if held is not None else None)
-        if delta is not None:
-            msg["weights_delta"] = {"from_version": held, "codec": XOR_DELTA, "data": delta}
-            coord.metrics.bytes_out.labels("weights_inline").inc(len(delta))
+        msg = await _lease_message(coord, w, task, lease.lease_id, have.get(task.run_id))
         resp = web.Response(body=pack(msg), content_type=MSGPACK)
     else:
-        resp = web.json_response(msg)
+        resp = web.json_response(await _lease_message(coord, w, task, lease.lease_id, None))
+    _observe_lease(coord, lease.parked, started)
+    return resp
+
+
+def _observe_lease(coord: Coordinator, parked: bool, started: float) -> None:
     # How long handing out work takes: split by whether the lease found nothing it
     # could take on arrival and parked (then the time is mostly waiting for work).
-    coord.metrics.lease_seconds.labels("yes" if lease.parked else "no"
+    coord.metrics.lease_seconds.labels("yes" if parked else "no"
                                        ).observe(time.monotonic() - started)
+
+
+async def _lease_message(coord: Coordinator, w: WorkerInfo, task: Task, lease_id: str,
+                         held: int | None) -> dict:
+    """The task message, with the exact delta to its version when the worker
+    holds the version before (``held``)."""
+    w.push_credit[task.run_id] = PUSH_CREDIT
+    msg = (await _task_message(coord, task, lease_id)).to_json()
+    delta = (await coord.services.versions.recent.delta(task.run_id, held, task.version)
+             if held is not None else None)
+    if delta is not None:
+        msg["weights_delta"] = {"from_version": held, "codec": XOR_DELTA, "data": delta}
+        coord.metrics.bytes_out.labels("weights_inline").inc(len(delta))
+    return msg
+
+
+async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
+                        timeout_s: float, have: dict[str, int], started: float
+                        ) -> web.StreamResponse:
+    """``?push=1`` with ``Accept: FRAMES``: the lease as a stream of frames.
+    While it is parked, each version of a run the worker holds that is committed
+    meanwhile goes to it as the exact delta from the one before (a ``version``
+    frame), so the weights of the next step are in place before its task comes;
+    the task is the last frame (none: the stream ends at the timeout)."""
+    resp = web.StreamResponse(headers={"Content-Type": FRAMES})
+    await resp.prepare(request)
+    held = dict(have)
+    recent = coord.services.versions.recent
+    leasing = asyncio.ensure_future(coord.scheduler.lease(w, timeout_s))
+    try:
+        while True:
+            changed = recent.changed()  # before looking: no commit goes unseen
+            for run_id in list(held):
+                while (update := await _next_version(coord, w, run_id, held[run_id])):
+                    await resp.write(frame({"version": update}))
+                    held[run_id] = update["version"]
+            if leasing.done():
+                break
+            either: set[asyncio.Future[Any]] = {leasing, changed}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        got = leasing.result()
+        if got is not None:
+            task, lease = got
+            msg = await _lease_message(coord, w, task, lease.lease_id, held.get(task.run_id))
+            try:
+                await resp.write(frame({"task": msg}))
+            except ConnectionError:
+                coord.scheduler.release(task, lease.lease_id,
+                                        f"worker {w.name} left before its task reached it")
+                raise
+            _observe_lease(coord, lease.parked, started)
+        await resp.write_eof()
+    except ConnectionError:  # the worker went away; it leases again when it is back
+        pass
+    finally:
+        leasing.cancel()
     return resp
+
+
+async def _next_version(coord: Coordinator, w: WorkerInfo, run_id: str, version: int
+                        ) -> dict | None:
+    """The ``version`` frame taking a worker from ``version`` of ``run_id`` to the
+    next, while it has push credit for the run and the exact delta is kept."""
+    run = coord.runs.get(run_id)
+    if run is None or run.version <= version or w.push_credit.get(run_id, 0) <= 0:
+        return None
+    versions = coord.services.versions
+    delta = await versions.recent.delta(run_id, version, version + 1)
+    if delta is None:
+        return None
+    w.push_credit[run_id] -= 1
+    coord.metrics.bytes_out.labels("weights_pushed").inc(len(delta))
+    return {"run_id": run_id, "version": version + 1,
+            "weights_sha256": await versions.adapter_sha256(run_id, version + 1),
+            "weights_delta": {"from_version": version, "codec": XOR_DELTA, "data": delta}}
 
 
 async def _versions_held(request: web.Request) -> dict[str, int]:

@@ -34,6 +34,14 @@ class RecentWeights:
         # (run_id, to_version) -> the delta from to_version - 1, being computed
         # in a thread (off the step's path) or done
         self._deltas: dict[tuple[str, int], asyncio.Task[bytes | None]] = {}
+        self._changed: asyncio.Future[None] | None = None
+
+    def changed(self) -> asyncio.Future[None]:
+        """Done at the next ``put`` (a version committed): what streamed leases
+        wait on to push it. Shared by every waiter; never cancel it."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
 
     def put(self, run_id: str, version: int, data: bytes, *, delta: bool = True) -> None:
         """Keep ``data`` (the adapter file of ``version``) and start computing its
@@ -47,6 +55,8 @@ class RecentWeights:
         if delta and prev is not None:
             self._deltas[(run_id, version)] = asyncio.create_task(
                 asyncio.to_thread(xor_delta, prev, data))
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
         while len(files) > self.keep_versions:
             old, gone_data = files.popitem(last=False)
             self.bytes -= len(gone_data)

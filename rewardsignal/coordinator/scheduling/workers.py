@@ -47,6 +47,10 @@ class WorkerInfo:
     # Base models it has been given tasks on (so has loaded, as far as we know).
     bases_loaded: set[str] = field(default_factory=set)
     departed: bool = False  # said goodbye (a worker stopping cleanly)
+    # run_id -> versions still pushed to it (a streamed lease) before it computes
+    # a task of that run again: a worker that stopped getting a run's tasks stops
+    # getting its deltas.
+    push_credit: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.auto_dtype:

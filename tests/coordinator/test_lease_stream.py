@@ -1,0 +1,137 @@
+"""A streamed lease (``?push=1``, ``Accept: application/vnd.signal.frames``):
+while a worker waits for work, each version of a run it holds that is committed
+meanwhile reaches it as the exact delta from the one before, and the task comes
+last, with no delta left to send. Pushes stop for a worker that stopped getting
+the run's tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import torch
+from apphelpers import FakeWorker, Harness, fake_step
+
+from rewardsignal.coordinator.api.workers import PUSH_CREDIT
+from rewardsignal.protocol import (
+    FRAMES,
+    MSGPACK,
+    apply_xor_delta,
+    pack,
+    tensors_to_bytes,
+    unpack,
+)
+
+
+async def _frames(resp):
+    """Every frame of a streamed lease, as it arrives."""
+    assert resp.status == 200 and resp.content_type == FRAMES
+    while True:
+        try:
+            head = await resp.content.readexactly(4)
+        except asyncio.IncompleteReadError as exc:
+            assert not exc.partial
+            return
+        yield unpack(await resp.content.readexactly(int.from_bytes(head, "big")),
+                     max_bytes=1 << 30)
+
+
+def _stream(h: Harness, worker: FakeWorker, have: dict, timeout_s: float):
+    return h.client.post(f"/v1/workers/{worker.worker_id}/lease?push=1&timeout_s={timeout_s}",
+                         data=pack({"have": have}),
+                         headers={"Content-Type": MSGPACK, "Accept": f"{FRAMES}, {MSGPACK}"})
+
+
+def _gradient(h: Harness, worker: FakeWorker, run_id: str) -> None:
+    """A forward_backward computed through a plain lease."""
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                       json={"batch": [{"text": "one two"}]}, expect=202)
+    task = worker.lease()
+    grads = {k: torch.full(s, 0.02) for k, s in h.coordinator.runs[run_id].shapes.items()}
+    code, _ = worker.submit(task, codec="fp32", tensors=tensors_to_bytes(grads), duration_s=0.1,
+                            result={"loss_sum": 1.0, "weight_sum": 2.0,
+                                    "logprobs": [[-1.0] * len(d["model_input"])
+                                                 for d in task["payload"]["datums"]]})
+    assert code == 200
+    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+
+
+def _weights(h: Harness, run_id: str, version: int) -> bytes:
+    _, body = h.request("GET", f"/v1/runs/{run_id}/weights/{version}", expect=200)
+    return body
+
+
+def test_new_versions_reach_a_waiting_worker_before_its_task(tmp_path):
+    h = Harness(tmp_path / "data")
+    try:
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           expect=201)
+        rid = run["run_id"]
+        worker = FakeWorker(h)
+        fake_step(h, worker, rid)  # version 1; the worker got a task of the run
+        _gradient(h, worker, rid)
+        v1 = _weights(h, rid, 1)
+
+        async def go() -> list[dict]:
+            resp = await _stream(h, worker, {rid: 1}, timeout_s=10)
+            frames = _frames(resp)
+            step = asyncio.ensure_future(h.client.post(f"/v1/runs/{rid}/optim_step?wait_s=5",
+                                                       json={}))
+            pushed = await asyncio.wait_for(frames.__anext__(), 10)
+            assert (await step).status == 200
+            # The next forward_backward's task follows on the same stream.
+            fb = asyncio.ensure_future(h.client.post(f"/v1/runs/{rid}/forward_backward",
+                                                     json={"batch": [{"text": "three"}]}))
+            task = await asyncio.wait_for(frames.__anext__(), 10)
+            assert (await fb).status == 202
+            rest = [f async for f in frames]
+            return [pushed, task, *rest]
+
+        pushed, task, *rest = h.call(go())
+        assert rest == []  # the task is the last frame
+        update = pushed["version"]
+        assert (update["run_id"], update["version"]) == (rid, 2)
+        assert update["weights_delta"]["from_version"] == 1
+        v2 = apply_xor_delta(v1, update["weights_delta"]["data"])
+        assert v2 == _weights(h, rid, 2)  # exact: the same bytes as a download
+        assert hashlib.sha256(v2).hexdigest() == update["weights_sha256"]
+        assert task["task"]["version"] == 2
+        assert "weights_delta" not in task["task"]  # the worker holds version 2 already
+    finally:
+        h.close()
+
+
+def test_a_stream_ends_without_a_task_and_pushes_stop_for_an_idle_worker(tmp_path):
+    h = Harness(tmp_path / "data")
+    try:
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           expect=201)
+        rid = run["run_id"]
+        computing = FakeWorker(h, "computing")
+        fake_step(h, computing, rid)
+        # A worker the run's tasks no longer go to (here: it serves another model
+        # now), with the credit its last task of the run gave it.
+        idle = FakeWorker(h, "idle", models=["signal-small"])
+        h.coordinator.scheduler.worker(idle.worker_id).push_credit[rid] = PUSH_CREDIT
+        held = 1
+
+        async def stream() -> list[dict]:
+            resp = await _stream(h, idle, {rid: held}, timeout_s=0.3)
+            return [f async for f in _frames(resp)]
+
+        got = []
+        for _ in range(PUSH_CREDIT + 2):
+            fake_step(h, computing, rid)  # a version the idle worker has not seen
+            frames = h.call(stream())
+            got.append(frames)
+            for f in frames:
+                held = f["version"]["version"]
+        pushed = [f for frames in got for f in frames]
+        # Every frame is a version (no task: the stream ended at its timeout), one
+        # a step until the credit the worker's last task gave is spent.
+        assert all("version" in f and "task" not in f for f in pushed)
+        assert len(pushed) == PUSH_CREDIT
+        assert held == 1 + PUSH_CREDIT
+        assert [len(frames) for frames in got] == [1] * PUSH_CREDIT + [0, 0]
+    finally:
+        h.close()
