@@ -23,6 +23,19 @@ from rewardsignal.data.types import Datum
 from rewardsignal.losses import LOSS_FNS, check_loss_fn, check_loss_inputs
 
 MAX_BATCH = 65_536
+# A batch of token ids up to this many tokens is checked on the event loop (well
+# under a millisecond); text, and larger batches, go to a thread.
+INLINE_TOKENS = 16_384
+
+
+def _small_token_batch(batch: list) -> bool:
+    tokens = 0
+    for x in batch:
+        ids = x.get("model_input") if isinstance(x, dict) else None
+        if not isinstance(ids, list):
+            return False
+        tokens += len(ids)
+    return tokens <= INLINE_TOKENS
 
 
 @dataclass(frozen=True)
@@ -73,9 +86,10 @@ class Forward(Operation):
         config = check_loss_fn(loss_fn, body.dict("loss_fn_config", {}))
         reduction = (body.str("reduction", "mean", choices=("mean", "sum")) if self.backward
                      else "mean")
+        batch = body.list("batch", max_len=MAX_BATCH)
         # Tokenising (chat templates) is CPU work: off the event loop.
-        datums = await asyncio.to_thread(ctx.tokenizers.datums, run,
-                                         body.list("batch", max_len=MAX_BATCH))
+        datums = (ctx.tokenizers.datums(run, batch) if _small_token_batch(batch)
+                  else await asyncio.to_thread(ctx.tokenizers.datums, run, batch))
         check_loss_inputs(loss_fn, [d.extra for d in datums])
         return ForwardArgs(datums, loss_fn, config, reduction)
 
