@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import torch
-from apphelpers import FakeWorker, Harness, fake_step
+from apphelpers import FakeWorker, Harness, fake_gradient, fake_step, new_run
 
 from rewardsignal.coordinator.api.workers import PUSH_CREDIT
 from rewardsignal.protocol import (
@@ -18,7 +17,6 @@ from rewardsignal.protocol import (
     MSGPACK,
     apply_xor_delta,
     pack,
-    tensors_to_bytes,
     unpack,
 )
 
@@ -42,20 +40,6 @@ def _stream(h: Harness, worker: FakeWorker, have: dict, timeout_s: float):
                          headers={"Content-Type": MSGPACK, "Accept": f"{FRAMES}, {MSGPACK}"})
 
 
-def _gradient(h: Harness, worker: FakeWorker, run_id: str) -> None:
-    """A forward_backward computed through a plain lease."""
-    _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
-                       json={"batch": [{"text": "one two"}]}, expect=202)
-    task = worker.lease()
-    grads = {k: torch.full(s, 0.02) for k, s in h.coordinator.runs[run_id].shapes.items()}
-    code, _ = worker.submit(task, codec="fp32", tensors=tensors_to_bytes(grads), duration_s=0.1,
-                            result={"loss_sum": 1.0, "weight_sum": 2.0,
-                                    "logprobs": [[-1.0] * len(d["model_input"])
-                                                 for d in task["payload"]["datums"]]})
-    assert code == 200
-    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
-
-
 def _weights(h: Harness, run_id: str, version: int) -> bytes:
     _, body = h.request("GET", f"/v1/runs/{run_id}/weights/{version}", expect=200)
     return body
@@ -64,12 +48,10 @@ def _weights(h: Harness, run_id: str, version: int) -> bytes:
 def test_new_versions_reach_a_waiting_worker_before_its_task(tmp_path):
     h = Harness(tmp_path / "data")
     try:
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        rid = run["run_id"]
+        rid = new_run(h)
         worker = FakeWorker(h)
         fake_step(h, worker, rid)  # version 1; the worker got a task of the run
-        _gradient(h, worker, rid)
+        fake_gradient(h, worker, rid)
         v1 = _weights(h, rid, 1)
 
         async def go() -> list[dict]:
@@ -104,9 +86,7 @@ def test_new_versions_reach_a_waiting_worker_before_its_task(tmp_path):
 def test_a_stream_ends_without_a_task_and_pushes_stop_for_an_idle_worker(tmp_path):
     h = Harness(tmp_path / "data")
     try:
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        rid = run["run_id"]
+        rid = new_run(h)
         computing = FakeWorker(h, "computing")
         fake_step(h, computing, rid)
         # A worker the run's tasks no longer go to (here: it serves another model
@@ -133,5 +113,37 @@ def test_a_stream_ends_without_a_task_and_pushes_stop_for_an_idle_worker(tmp_pat
         assert len(pushed) == PUSH_CREDIT
         assert held == 1 + PUSH_CREDIT
         assert [len(frames) for frames in got] == [1] * PUSH_CREDIT + [0, 0]
+    finally:
+        h.close()
+
+
+def test_a_worker_that_leaves_while_its_lease_waits_holds_no_task(tmp_path):
+    # No checks by recomputation: "other" is the only worker left to make them.
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        rid = new_run(h)
+        gone = FakeWorker(h, "gone")
+
+        async def leave() -> None:
+            resp = await _stream(h, gone, {}, timeout_s=10)
+            assert resp.status == 200
+            resp.close()  # the worker's connection drops while its lease waits
+            await asyncio.sleep(0.2)
+
+        h.call(leave())
+        _, req = h.request("POST", f"/v1/runs/{rid}/forward", json={"batch": [{"text": "a"}]},
+                           expect=202)
+        h.call(asyncio.sleep(0.5))
+        # The stream of the worker that left ended with its connection (a task it
+        # had been handed but could not be sent would go back in line): another
+        # worker gets the task now, not after a lease expires (30 s).
+        other = FakeWorker(h, "other")
+        task = other.lease(timeout_s=5)
+        assert task is not None and task["kind"] == "forward"
+        lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+        code, _ = other.submit(task, result={"loss_sum": 1.0, "weight_sum": 1.0,
+                                             "logprobs": lp}, duration_s=0.1)
+        assert code == 200
+        h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
     finally:
         h.close()

@@ -177,6 +177,7 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
     held = dict(have)
     recent = coord.services.versions.recent
     leasing = asyncio.ensure_future(coord.scheduler.lease(w, timeout_s))
+    sent = False
     try:
         while True:
             changed = recent.changed()  # before looking: no commit goes unseen
@@ -192,18 +193,19 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
         if got is not None:
             task, lease = got
             msg = await _lease_message(coord, w, task, lease.lease_id, held.get(task.run_id))
-            try:
-                await resp.write(frame({"task": msg}))
-            except ConnectionError:
-                coord.scheduler.release(task, lease.lease_id,
-                                        f"worker {w.name} left before its task reached it")
-                raise
+            await resp.write(frame({"task": msg}))
+            sent = True
             _observe_lease(coord, lease.parked, started)
         await resp.write_eof()
     except ConnectionError:  # the worker went away; it leases again when it is back
         pass
     finally:
         leasing.cancel()
+        granted = (leasing.result() if leasing.done() and not leasing.cancelled()
+                   and leasing.exception() is None else None)
+        if granted is not None and not sent:  # handed out, never delivered: back in line
+            coord.scheduler.release(granted[0], granted[1].lease_id,
+                                    f"worker {w.name} left before its task reached it")
     return resp
 
 
