@@ -90,10 +90,26 @@ DROP = object()  # a field value meaning: leave this field out
 
 
 
+def new_run(h: Harness, **fields) -> str:
+    """A signal-tiny run (LoRA r=2 unless ``fields`` say otherwise); its id."""
+    _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2,
+                                                 **fields}, expect=201)
+    return run["run_id"]
+
+
 def fake_step(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: float = 1.0,
               weight_sum: float = 2.0) -> None:
     """One forward_backward + optim_step, the fake worker submitting a small
     gradient of the right shapes."""
+    fake_gradient(h, worker, run_id, loss_sum=loss_sum, weight_sum=weight_sum)
+    _, req = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
+    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+
+
+def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: float = 1.0,
+                  weight_sum: float = 2.0) -> None:
+    """One forward_backward, the fake worker submitting a small gradient of the
+    right shapes."""
     import torch
 
     from rewardsignal.protocol import tensors_to_bytes
@@ -107,6 +123,4 @@ def fake_step(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: float = 
                             result={"loss_sum": loss_sum, "weight_sum": weight_sum,
                                     "logprobs": lp}, duration_s=0.5)
     assert code == 200
-    h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
-    _, req = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
     h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)

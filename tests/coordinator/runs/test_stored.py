@@ -8,7 +8,7 @@ import asyncio
 import threading
 
 import torch
-from apphelpers import FakeWorker, Harness, fake_step
+from apphelpers import FakeWorker, Harness, fake_step, new_run
 
 from rewardsignal.coordinator.store import db as db_module
 from rewardsignal.protocol import MSGPACK, pack, tensors_to_bytes, unpack
@@ -42,9 +42,7 @@ async def _compute(h: Harness, worker_id: str, run_id: str) -> int:
 def test_shards_go_out_while_the_request_is_synced_and_count_once_it_is_stored(tmp_path):
     h = Harness(tmp_path / "data")
     try:
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        rid = run["run_id"]
+        rid = new_run(h)
         worker_id = FakeWorker(h).worker_id
         coord = h.coordinator
         db = coord.services.db
@@ -84,9 +82,7 @@ def test_shards_go_out_while_the_request_is_synced_and_count_once_it_is_stored(t
 def test_a_request_that_cannot_be_stored_fails_and_changes_nothing(tmp_path, monkeypatch):
     h = Harness(tmp_path / "data")
     try:
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        rid = run["run_id"]
+        rid = new_run(h)
         worker = FakeWorker(h)
         worker_id = worker.worker_id
         fake_step(h, worker, rid)  # version 1, through the normal path
@@ -141,9 +137,7 @@ def test_a_request_that_cannot_be_stored_fails_and_changes_nothing(tmp_path, mon
 def test_an_outcome_that_cannot_be_stored_does_not_stop_the_runs_queue(tmp_path):
     h = Harness(tmp_path / "data")
     try:
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        rid = run["run_id"]
+        rid = new_run(h)
         worker = FakeWorker(h)
         db = h.coordinator.services.db
         real_finish = db.finish_request
