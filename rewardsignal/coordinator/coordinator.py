@@ -26,7 +26,7 @@ from rewardsignal.coordinator.monitor import Monitor
 from rewardsignal.coordinator.ops import Operation, runner
 from rewardsignal.coordinator.runs.create import RunRequest, build_run
 from rewardsignal.coordinator.runs.processor import Op, RunProcessor
-from rewardsignal.coordinator.runs.requests import RequestRegistry
+from rewardsignal.coordinator.runs.requests import Request, RequestRegistry
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.scheduling.placement import Requirement
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
@@ -43,6 +43,20 @@ from rewardsignal.models import (
 )
 
 log = logging.getLogger("signal.coordinator")
+
+
+def _unstored_error(exc: BaseException) -> SignalError:
+    return SignalError(f"the coordinator could not store the request ({exc}); nothing was "
+                       "done: check its disk, then send the request again")
+
+
+def _fail_unstored(req: Request, stored: asyncio.Future) -> None:
+    exc = asyncio.CancelledError() if stored.cancelled() else stored.exception()
+    if exc is None:
+        return
+    log.error("request not stored request=%s run=%s error=%r", req.request_id, req.run_id, exc)
+    if not req.future.done():
+        req.future.set_exception(_unstored_error(exc))
 
 
 def _describe(model_ids: list[str]) -> list[dict]:
@@ -264,22 +278,18 @@ class Coordinator:
                                             request_id=request_id)
         timeout_s = timeout_s or self.config.request_timeout_s
         answer = {**req.to_json(), **extra}
-        req.stored = self.services.db.add_request(
+        req.stored = stored = self.services.db.add_request(
             req.request_id, owner, run.run_id, operation.name, operation.dump(args),
             timeout_s, idem_key=idem_key, answer=answer)
+        # The request fails if it cannot be stored, whether or not this caller is
+        # still there to hear it (a client that disconnects does not unmake it).
+        stored.add_done_callback(lambda f: _fail_unstored(req, f))
         assert run.processor is not None
         run.processor.put(Op(operation, req, args, timeout_s))
         try:
-            # Shielded: a client that disconnects does not unmake the request.
             await req.until_stored()
         except Exception as exc:
-            log.error("request not stored request=%s run=%s error=%r", req.request_id,
-                      run.run_id, exc)
-            err = SignalError(f"the coordinator could not store the request ({exc}); nothing "
-                              "was done: check its disk, then send the request again")
-            if not req.future.done():
-                req.future.set_exception(err)
-            raise err from exc
+            raise _unstored_error(exc) from exc
         return answer
 
     async def register_worker(self, *, name: str, device: str, hardware: dict,

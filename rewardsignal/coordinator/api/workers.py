@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -29,7 +30,12 @@ from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.scheduling.tasks import Task, Uploads
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
-from rewardsignal.errors import ConflictError, PayloadTooLargeError, ValidationError
+from rewardsignal.errors import (
+    ConflictError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ValidationError,
+)
 from rewardsignal.precision import BASE_DTYPES, QUANTIZATIONS, TORCH_NAMES
 from rewardsignal.protocol import (
     CHECK_FEATURES,
@@ -41,6 +47,8 @@ from rewardsignal.protocol import (
     frame,
     pack,
 )
+
+log = logging.getLogger("signal.coordinator")
 
 # Versions pushed to a worker through streamed leases since its last task of a
 # run: it stays current across the few steps it sits out, and one that stopped
@@ -199,6 +207,12 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
         await resp.write_eof()
     except ConnectionError:  # the worker went away; it leases again when it is back
         pass
+    except Exception:  # the answer has begun: end it (the worker leases again) and say why
+        log.exception("streamed lease failed worker=%s", w.name)
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            pass
     finally:
         leasing.cancel()
         granted = (leasing.result() if leasing.done() and not leasing.cancelled()
@@ -220,10 +234,13 @@ async def _next_version(coord: Coordinator, w: WorkerInfo, run_id: str, version:
     delta = await versions.recent.delta(run_id, version, version + 1)
     if delta is None:
         return None
+    try:
+        sha = await versions.adapter_sha256(run_id, version + 1)
+    except NotFoundError:  # no longer served: the task brings the weights instead
+        return None
     w.push_credit[run_id] -= 1
     coord.metrics.bytes_out.labels("weights_pushed").inc(len(delta))
-    return {"run_id": run_id, "version": version + 1,
-            "weights_sha256": await versions.adapter_sha256(run_id, version + 1),
+    return {"run_id": run_id, "version": version + 1, "weights_sha256": sha,
             "weights_delta": {"from_version": version, "codec": XOR_DELTA, "data": delta}}
 
 

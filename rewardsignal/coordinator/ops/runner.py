@@ -15,6 +15,9 @@ from rewardsignal.errors import NoWorkerError, RequestTimeoutError, SignalError
 
 log = logging.getLogger("signal.coordinator")
 
+# Waits between attempts to store a finished request's outcome.
+_FINISH_RETRY_S = (0.1, 0.5, 2.0, 5.0)
+
 
 def _timeout_error(ctx: Services, run: Run, op: Op) -> SignalError:
     base = run.spec.base_model
@@ -58,11 +61,20 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
         return
     body = op.request.to_json()
     outcome: dict = body["result"] if body["status"] == "done" else {"error": body["error"]}
-    try:
-        await ctx.db.finish_request(op.request.request_id, body["status"], outcome,
-                                    keep_args=operation.replayable and body["status"] == "done")
-    except Exception:  # the run's queue goes on; the stored request stays open
-        # and runs again after a restart, which answers it from durable state
-        # or applies it once more from the same inputs.
-        log.exception("request finished but its outcome was not stored request=%s run=%s",
-                      op.request.request_id, run.run_id)
+    # A failed write is retried: while the request's row says pending, a restart
+    # would run it again, and a step after it could not be told apart from it.
+    for delay in (*_FINISH_RETRY_S, None):
+        try:
+            await ctx.db.finish_request(op.request.request_id, body["status"], outcome,
+                                        keep_args=operation.replayable
+                                        and body["status"] == "done")
+            return
+        except Exception:
+            if delay is None:  # the run's queue stops behind it (a barrier's does)
+                log.exception("request finished but its outcome could not be stored "
+                              "request=%s run=%s; check the disk, then restart",
+                              op.request.request_id, run.run_id)
+                raise
+            log.warning("storing the outcome of request=%s failed; retrying in %gs",
+                        op.request.request_id, delay)
+            await asyncio.sleep(delay)

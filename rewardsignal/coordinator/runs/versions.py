@@ -163,9 +163,11 @@ class Versions:
                                                    request_id)
         # Pruned versions are gone from disk: forget them here too (a 404, not a
         # task no worker can fetch weights for). Newer ones may not be on disk
-        # yet (written in the background): they stay.
+        # yet (written in the background), and ones never written (between two
+        # checkpoints) are served from memory while they are held: they stay.
         for key in [k for k in self._sha
-                    if k[0] == run.run_id and k[1] < run.version and k[1] not in kept]:
+                    if k[0] == run.run_id and k[1] < run.version and k[1] not in kept
+                    and self.recent.file(run.run_id, k[1]) is None]:
             del self._sha[key]
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
         self.metrics.checkpoint_bytes.labels(run.run_id).set(size)
@@ -200,13 +202,18 @@ class Versions:
         if history_entry.get("loss") is not None:
             run.last_loss = history_entry["loss"]
         self.metrics.version.labels(run.run_id).set(run.version)
+        self.recent.announce()  # now that the run is at it: waiting leases push it
 
     def _write_behind(self, staged: Run, adapter: bytes, metrics: dict, request_id: str | None,
                       landed: Callable[[int], Awaitable[None]]) -> None:
         run_id = staged.run_id
         now = time.monotonic()
         started = self._started.get(run_id)
-        if self.interval_s > 0 and started is not None and now - started < self.interval_s:
+        writing = self._writing.get(run_id)
+        # Too soon after the last write began, or that write has not landed yet
+        # (a slow disk): wait, so the steps a restart replays stay bounded.
+        if self.interval_s > 0 and started is not None and (
+                now - started < self.interval_s or (writing is not None and not writing.done())):
             before = self._deferred.get(run_id)
             waited = before.waited + 1 if before is not None else 1
             self._deferred[run_id] = _Deferred(staged, adapter, metrics, request_id, landed,
@@ -215,7 +222,7 @@ class Versions:
                 self._write_deferred(run_id)
             elif run_id not in self._timers:
                 self._timers[run_id] = asyncio.get_running_loop().call_later(
-                    started + self.interval_s - now, self._write_deferred, run_id)
+                    max(started + self.interval_s - now, 0.05), self._write_deferred, run_id)
             return
         self._write_started(staged, adapter, metrics, request_id, landed)
 

@@ -37,8 +37,9 @@ class RecentWeights:
         self._changed: asyncio.Future[None] | None = None
 
     def changed(self) -> asyncio.Future[None]:
-        """Done at the next ``put`` (a version committed): what streamed leases
-        wait on to push it. Shared by every waiter; never cancel it."""
+        """Done at the next ``announce`` (a version committed, the run at it):
+        what streamed leases wait on to push it. Shared by every waiter; never
+        cancel it."""
         if self._changed is None or self._changed.done():
             self._changed = asyncio.get_running_loop().create_future()
         return self._changed
@@ -55,8 +56,6 @@ class RecentWeights:
         if delta and prev is not None:
             self._deltas[(run_id, version)] = asyncio.create_task(
                 asyncio.to_thread(xor_delta, prev, data))
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
         while len(files) > self.keep_versions:
             old, gone_data = files.popitem(last=False)
             self.bytes -= len(gone_data)
@@ -67,6 +66,11 @@ class RecentWeights:
             for v, gone_data in versions.items():
                 self.bytes -= len(gone_data)
                 self._deltas.pop((gone, v), None)
+
+    def announce(self) -> None:
+        """A version was committed and its run is at it: wake the waiters."""
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
 
     def forget(self, run_id: str) -> None:
         """Drop a deleted run's files and deltas."""

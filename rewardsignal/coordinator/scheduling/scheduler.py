@@ -375,7 +375,8 @@ class Scheduler:
             w.rejections_in_row = 0
             w.tasks_completed += 1
             w.tokens_processed += tokens
-            w.current_task = None
+            if w.current_task == t.task_id:  # not a task leased meanwhile (lease ahead)
+                w.current_task = None
             if duration_s > 0 and tokens > 0:
                 rate = tokens / duration_s
                 w.tokens_per_s = rate if w.tokens_per_s is None else 0.7 * w.tokens_per_s + 0.3 * rate

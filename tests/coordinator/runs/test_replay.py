@@ -291,3 +291,27 @@ def test_a_fast_runs_checkpoints_wait_their_interval_and_the_steps_between_repla
         h.call(_until(lambda: not list(pending.glob("*.safetensors"))))
     finally:
         h.close()
+
+
+def test_a_version_never_checkpointed_is_served_while_held_in_memory(tmp_path):
+    import hashlib
+
+    h = Harness(tmp_path / "data", checkpoint_interval_s=0.2)
+    try:
+        worker = FakeWorker(h)
+        run_id = _new_run(h)
+        for seed in (1, 2, 3):  # 1 is written at once, 2 waits and 3 replaces it
+            _forward_backward(h, worker, run_id, seed=seed)
+            _optim_step(h, run_id)
+        store = CheckpointStore(tmp_path / "data" / "checkpoints")
+        h.call(_until(lambda: store.latest(run_id) == 3, timeout_s=5))
+        assert 2 not in store.versions(run_id)
+        # Version 2 never reached the disk; a later checkpoint landed; it is still
+        # held in memory, so it is served (a task or a sample pinned to it works).
+        _, body = h.request("GET", f"/v1/runs/{run_id}/weights/2",
+                            headers={"X-Signal-Worker": ""}, expect=200)
+        assert tensors_from_bytes(body).keys() == h.coordinator.runs[run_id].adapter.keys()
+        sha = h.call(h.coordinator.services.versions.adapter_sha256(run_id, 2))
+        assert hashlib.sha256(body).hexdigest() == sha
+    finally:
+        h.close()

@@ -59,6 +59,8 @@ def test_shards_go_out_while_the_request_is_synced_and_count_once_it_is_stored(t
             await asyncio.sleep(0.2)
             assert not post.done()
             assert coord.runs[rid].accum.empty  # not counted: not durable yet
+            pending = tmp_path / "data" / "pending" / rid
+            assert not list(pending.glob("*.safetensors"))  # nor written
             (req,) = [r for r in coord.requests._items.values() if r.kind == "forward_backward"]
             assert not req.future.done()
             gate.set()
@@ -134,7 +136,7 @@ def test_a_request_that_cannot_be_stored_fails_and_changes_nothing(tmp_path, mon
         h.close()
 
 
-def test_an_outcome_that_cannot_be_stored_does_not_stop_the_runs_queue(tmp_path):
+def test_an_outcome_whose_write_fails_once_is_stored_on_a_retry_and_not_applied_twice(tmp_path):
     h = Harness(tmp_path / "data")
     try:
         rid = new_run(h)
@@ -150,9 +152,16 @@ def test_an_outcome_that_cannot_be_stored_does_not_stop_the_runs_queue(tmp_path)
             await real_finish(request_id, status, result, **kw)
 
         db.finish_request = finish_once
-        fake_step(h, worker, rid)  # the optim_step's outcome is not stored
-        fake_step(h, worker, rid)  # the run's queue still runs
+        fake_step(h, worker, rid)  # the optim_step's outcome is stored on the retry
+        fake_step(h, worker, rid)  # and the run's queue goes on
         assert len(failed) == 1
+        assert h.coordinator.runs[rid].version == 2
+        row = h.call(real_finish.__self__.finished_request(failed[0]))
+        assert row is not None and row["status"] == "done" and row["result"]["version"] == 1
+    finally:
+        h.close()
+    h = Harness(tmp_path / "data")  # a restart runs neither step again
+    try:
         assert h.coordinator.runs[rid].version == 2
     finally:
         h.close()
