@@ -9,8 +9,8 @@ after it: recovery rebuilds such a version by replaying the step
 (``coordinator.recovery``). Background writes of a run land in version order; the
 gradients a checkpoint contains are dropped only once it has landed.
 
-Background writes of a run start at most once per ``interval_s``: a version
-committed sooner after the last one started waits, and a newer version replaces
+Background writes of a run start at most once per ``interval_s``, and not while
+the last one has not landed: a version committed sooner waits, and a newer version replaces
 it (its step is replayed instead, from inputs kept until a checkpoint after it
 lands). The newest version waiting is written when the interval is up, at
 ``flush`` and at a clean stop, or once ``MAX_DEFERRED`` versions have waited.
