@@ -164,10 +164,11 @@ class Versions:
         # Pruned versions are gone from disk: forget them here too (a 404, not a
         # task no worker can fetch weights for). Newer ones may not be on disk
         # yet (written in the background), and ones never written (between two
-        # checkpoints) are served from memory while they are held: they stay.
+        # kept checkpoints) are served from memory while they are held: they stay.
+        oldest = min(kept, default=run.version)
         for key in [k for k in self._sha
                     if k[0] == run.run_id and k[1] < run.version and k[1] not in kept
-                    and self.recent.file(run.run_id, k[1]) is None]:
+                    and (k[1] < oldest or self.recent.file(run.run_id, k[1]) is None)]:
             del self._sha[key]
         self.metrics.checkpoint_seconds.observe(time.monotonic() - t0)
         self.metrics.checkpoint_bytes.labels(run.run_id).set(size)
