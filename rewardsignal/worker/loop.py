@@ -28,6 +28,7 @@ from rewardsignal.lora import LoraSpec
 from rewardsignal.precision import Precision
 from rewardsignal.worker import export, hardware
 from rewardsignal.worker.engine import Engine
+from rewardsignal.worker.lease_stream import read_task
 from rewardsignal.worker.model_cache import default_budget_bytes, release_device_memory
 from rewardsignal.worker.sampling import SampleParams, row_seed
 from rewardsignal.worker.status import StatusLine
@@ -35,7 +36,6 @@ from rewardsignal.worker.weights import WeightCache
 
 _MAX_BACKOFF_S = 30.0
 _LEASE_POLL_S = 20.0
-_MAX_FRAME_BYTES = 1 << 30
 # Submissions up to this size go without reserving an upload slot first (one
 # round trip less per task); the coordinator holds them until a slot frees.
 _SLOT_FREE_BYTES = 1 << 20
@@ -160,27 +160,7 @@ class Worker:
                 if resp.status >= 400:
                     raise error_from_json(resp.status, payload)
                 return payload
-            while True:
-                try:
-                    head = await resp.content.readexactly(4)
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial:
-                        raise aiohttp.ClientPayloadError("lease stream cut mid-frame") from None
-                    return None  # ended without a task
-                size = int.from_bytes(head, "big")
-                if size > _MAX_FRAME_BYTES:
-                    raise aiohttp.ClientPayloadError(f"lease frame of {size} bytes")
-                try:
-                    msg = protocol.unpack(await resp.content.readexactly(size),
-                                          max_bytes=_MAX_FRAME_BYTES)
-                except asyncio.IncompleteReadError:
-                    raise aiohttp.ClientPayloadError("lease stream cut mid-frame") from None
-                if not isinstance(msg, dict):
-                    raise aiohttp.ClientPayloadError("lease frame is not a map")
-                if isinstance(msg.get("version"), dict):
-                    self.weights.take(msg["version"])
-                elif isinstance(msg.get("task"), dict):
-                    return msg["task"]
+            return await read_task(resp.content, self.weights.take)
 
     async def register(self) -> None:
         tokens = (self.config.max_tokens_per_task
