@@ -44,7 +44,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 def tensors_to_bytes(tensors: dict[str, torch.Tensor],
                      metadata: dict[str, str] | None = None) -> bytes:
     """Safetensors bytes of ``tensors``: the header, then each tensor's bytes
-    copied once into one buffer, largest elements first then by name (so every
+    copied once into the result, largest elements first then by name (so every
     tensor is aligned), which for one dtype is the byte order the safetensors
     library writes. About 4x faster than ``safetensors.torch.save`` for an
     adapter's hundred small tensors (its per-tensor conversions dominate); the
@@ -63,19 +63,14 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    out = bytearray(8 + len(head) + offset)
-    out[:8] = len(head).to_bytes(8, "little")
-    out[8: 8 + len(head)] = head
-    view, pos = memoryview(out), 8 + len(head)
     flat = flat_buffer(tensors)
     if flat is not None and flat.dtype == torch.float32 and order == list(tensors):
-        view[pos:] = flat.detach().cpu().view(torch.uint8).numpy().data  # already in order
-        return bytes(out)
-    for k in order:
-        raw = cpu[k].reshape(-1).view(torch.uint8).numpy()
-        view[pos: pos + raw.size] = raw.data
-        pos += raw.size
-    return bytes(out)
+        parts = [flat.detach().cpu().view(torch.uint8).numpy().data]  # already in order
+    else:
+        parts = [cpu[k].reshape(-1).view(torch.uint8).numpy().data for k in order]
+    # One copy, into the bytes returned (a buffer then ``bytes()`` copied twice,
+    # page-faulting fresh memory each time: 80 ms for an optimizer state of 28 MB).
+    return b"".join([len(head).to_bytes(8, "little"), head, *parts])
 
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -159,38 +154,46 @@ OPTIONAL_TASKS = ("export_merged",)
 # Weight deltas between two versions' adapter files (``docs/protocol.md``: the
 # lease). Exact: the new file is ``old XOR delta``, bit for bit, so a worker that
 # applies one holds the same fp32 bits as a full download (and checks the sha256).
-XOR_DELTA = "xor-planes-zlib"
+# The XOR is split into byte planes (byte i of every 4-byte word together); the
+# codec says how many low planes go as they are, the rest being deflated. Only
+# the top plane (the sign and high exponent bits) barely changes from one step
+# to the next: measured on signal-small, r=64, it deflates 6.3x in 21 ms, where
+# the plane below it deflates by 13% in 87 ms.
+XOR_DELTA = "xor-planes3-zlib"
+# Made by coordinators before it (two planes deflated); workers still apply it.
+XOR_DELTA_V1 = "xor-planes-zlib"
+_RAW_PLANES = {XOR_DELTA: 3, XOR_DELTA_V1: 2}
 _WORD = 4  # fp32 words, little-endian
-_RAW_PLANES = 2  # the low mantissa bytes change at random: deflating them buys nothing
 
 
-def xor_delta(old: bytes, new: bytes) -> bytes | None:
-    """``new`` as the change from ``old``: their XOR split into byte planes (byte
-    i of every 4-byte word together). The two low planes go as they are; the two
-    high ones (sign, exponent, high mantissa bits), which barely change from one
-    step to the next, are deflated. None when the two differ in length (the
-    tensors' names or shapes changed): send the full weights."""
+def xor_delta(old: bytes, new: bytes, codec: str = XOR_DELTA) -> bytes | None:
+    """``new`` as the change from ``old``, by ``codec``. None when the two
+    differ in length (the tensors' names or shapes changed): send the full
+    weights."""
     if len(old) != len(new):
         return None
+    raw = _RAW_PLANES[codec]
     x = np.bitwise_xor(np.frombuffer(old, np.uint8), np.frombuffer(new, np.uint8))
     pad = -len(x) % _WORD
     if pad:
         x = np.concatenate([x, np.zeros(pad, np.uint8)])
     planes = x.reshape(-1, _WORD).T
-    return (planes[:_RAW_PLANES].tobytes()
-            + zlib.compress(planes[_RAW_PLANES:].tobytes(), 1))
+    return planes[:raw].tobytes() + zlib.compress(planes[raw:].tobytes(), 1)
 
 
-def apply_xor_delta(old: bytes, delta: bytes) -> bytes:
+def apply_xor_delta(old: bytes, delta: bytes, codec: str = XOR_DELTA) -> bytes:
     """The inverse of ``xor_delta``: the new bytes from ``old`` and the delta."""
+    raw = _RAW_PLANES.get(codec)
+    if raw is None:
+        raise ValidationError(f"unknown weight delta codec {codec!r}")
     words = (len(old) + _WORD - 1) // _WORD
-    raw_len = words * _RAW_PLANES
+    raw_len = words * raw
     d = zlib.decompressobj()
     try:
-        high = d.decompress(delta[raw_len:], words * (_WORD - _RAW_PLANES))
+        high = d.decompress(delta[raw_len:], words * (_WORD - raw))
     except zlib.error as exc:
         raise ValidationError(f"weight delta is not valid deflate data: {exc}") from None
-    if len(delta) < raw_len or len(high) != words * (_WORD - _RAW_PLANES) or d.unconsumed_tail:
+    if len(delta) < raw_len or len(high) != words * (_WORD - raw) or d.unconsumed_tail:
         raise ValidationError("weight delta does not fit the weights it applies to")
     planes = np.frombuffer(delta[:raw_len] + high, np.uint8).reshape(_WORD, words)
     x = planes.T.reshape(-1)[: len(old)]

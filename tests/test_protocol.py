@@ -10,7 +10,14 @@ from safetensors.torch import save as library_save
 
 from rewardsignal.aggregation.tensors import FlatTensors
 from rewardsignal.errors import ValidationError
-from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
+from rewardsignal.protocol import (
+    XOR_DELTA,
+    XOR_DELTA_V1,
+    apply_xor_delta,
+    tensors_from_bytes,
+    tensors_to_bytes,
+    xor_delta,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -76,3 +83,30 @@ def test_payloads_that_are_not_a_tiled_fp32_body_are_left_to_the_library():
     assert lying != data and int.from_bytes(lying[:8], "little") == head
     with pytest.raises(ValidationError):
         tensors_from_bytes(lying)
+
+
+@pytest.mark.parametrize("codec", [XOR_DELTA, XOR_DELTA_V1])
+@pytest.mark.parametrize("size", [0, 3, 4096, 4097])
+def test_a_weight_delta_rebuilds_the_new_file_bit_for_bit(codec, size):
+    g = torch.Generator().manual_seed(size)
+    old_t = torch.randn(size // 4 + 1, generator=g)
+    new_t = old_t - 1e-3 * torch.randn(old_t.shape, generator=g)  # one AdamW-sized step
+    old = old_t.numpy().tobytes()[:size]
+    new = new_t.numpy().tobytes()[:size]
+    delta = xor_delta(old, new, codec)
+    assert delta is not None and apply_xor_delta(old, delta, codec) == new
+    if size >= 4096:  # the top byte plane barely changes: it deflates
+        assert len(delta) < 0.9 * size
+    assert xor_delta(old, new + b"x", codec) is None  # a different length: full weights
+
+
+def test_a_weight_delta_that_does_not_fit_is_refused():
+    old, new = bytes(4096), bytes(range(256)) * 16
+    delta = xor_delta(old, new)
+    assert delta is not None
+    with pytest.raises(ValidationError, match="does not fit"):
+        apply_xor_delta(old, delta[:-8])
+    with pytest.raises(ValidationError, match="does not fit|not valid deflate"):
+        apply_xor_delta(old, delta, XOR_DELTA_V1)  # read by the other codec
+    with pytest.raises(ValidationError, match="unknown weight delta codec"):
+        apply_xor_delta(old, delta, "lz4")

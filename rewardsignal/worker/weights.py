@@ -86,7 +86,8 @@ class WeightCache:
         None (download instead) when there is none, its base is not held, or the
         result is not the version's file bit for bit."""
         delta = task.get("weights_delta")
-        if not isinstance(delta, dict) or delta.get("codec") != protocol.XOR_DELTA:
+        if not isinstance(delta, dict) or delta.get("codec") not in (protocol.XOR_DELTA,
+                                                                     protocol.XOR_DELTA_V1):
             return None
         base_version, data = delta.get("from_version"), delta.get("data")
         if not isinstance(base_version, int) or not isinstance(data, bytes | bytearray):
@@ -95,7 +96,7 @@ class WeightCache:
         if base is None:
             return None
         try:
-            raw = protocol.apply_xor_delta(base[0], bytes(data))
+            raw = protocol.apply_xor_delta(base[0], bytes(data), delta["codec"])
         except ValidationError:
             return None
         if hashlib.sha256(raw).hexdigest() != task["weights_sha256"]:

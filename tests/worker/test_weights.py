@@ -128,6 +128,40 @@ def test_a_delta_that_does_not_check_out_falls_back_to_the_download(tmp_path):
         h.close()
 
 
+def test_a_delta_from_an_older_coordinator_still_applies(tmp_path):
+    """A coordinator from before ``xor-planes3-zlib`` sends ``xor-planes-zlib``
+    (two planes deflated): the worker applies it, bit for bit, with no download."""
+    h = Harness(tmp_path / "data", verify_fraction=0.0)
+    try:
+        stepper, worker = FakeWorker(h, "stepper"), FakeWorker(h, "w")
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           expect=201)
+        run_id = run["run_id"]
+        cache = WeightCache()
+        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "a"}]},
+                  expect=202)
+        task = _lease(h, worker, {})
+        before = h.coordinator.services.versions.adapter_bytes(run_id, task["version"])
+        _get(h, cache, task, worker)
+        _finish(worker, task)
+        fake_step(h, stepper, run_id)
+        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "b"}]},
+                  expect=202)
+        task = _lease(h, worker, cache.have())
+        after = h.coordinator.services.versions.adapter_bytes(run_id, task["version"])
+        assert task["weights_delta"]["codec"] == protocol.XOR_DELTA
+        task["weights_delta"] = {"from_version": task["weights_delta"]["from_version"],
+                                 "codec": protocol.XOR_DELTA_V1,
+                                 "data": protocol.xor_delta(before, after,
+                                                            protocol.XOR_DELTA_V1)}
+        downloaded = cache.bytes_downloaded
+        got = _get(h, cache, task, worker)
+        assert _exact(got, h.coordinator.runs[run_id].adapter)
+        assert cache.bytes_downloaded == downloaded and cache.bytes_delta > 0
+    finally:
+        h.close()
+
+
 def test_old_workers_get_json_leases_without_deltas(tmp_path):
     h = Harness(tmp_path / "data", verify_fraction=0.0)
     try:
