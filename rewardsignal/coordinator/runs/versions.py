@@ -9,9 +9,10 @@ after it: recovery rebuilds such a version by replaying the step
 (``coordinator.recovery``). Background writes of a run land in version order; the
 gradients a checkpoint contains are dropped only once it has landed.
 
-Background writes of a run start at most once per ``interval_s``, and not while
-the last one has not landed: a version committed sooner waits, and a newer version replaces
-it (its step is replayed instead, from inputs kept until a checkpoint after it
+Background writes of a run start at most once per ``interval_s`` (and at most
+``WRITE_SHARE`` of the time: after a write that took 0.2 s the next waits 2 s),
+and not while the last one has not landed: a version committed sooner waits, and
+a newer version replaces it (its step is replayed instead, from inputs kept until a checkpoint after it
 lands). The newest version waiting is written when the interval is up, at
 ``flush`` and at a clean stop, or once ``MAX_DEFERRED`` versions have waited.
 A fast run (a step in tens of milliseconds) then pays for a checkpoint a
@@ -53,6 +54,10 @@ _SHA_CACHE = 4096
 # Versions of a run whose checkpoint may wait at once: a restart replays at most
 # this many steps (their finished requests must still be in the database).
 MAX_DEFERRED = 32
+# The share of the time a run's background checkpoints may take: a big adapter's
+# (tens of MB of weights and optimizer state, written, hashed and synced) are
+# spaced out further than ``interval_s`` so they do not take the CPU a step needs.
+WRITE_SHARE = 0.1
 
 
 @dataclasses.dataclass
@@ -78,6 +83,7 @@ class Versions:
         # run_id -> the newest background checkpoint write (each awaits the one before)
         self._writing: dict[str, asyncio.Task] = {}
         self._started: dict[str, float] = {}  # run_id -> when its last background write began
+        self._took: dict[str, float] = {}  # run_id -> how long its last background write took
         self._deferred: dict[str, _Deferred] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
 
@@ -150,6 +156,7 @@ class Versions:
             timer.cancel()
         self._deferred.pop(run_id, None)
         self._started.pop(run_id, None)
+        self._took.pop(run_id, None)
         await self.flush(run_id)
         for key in [k for k in self._sha if k[0] == run_id]:
             del self._sha[key]
@@ -213,8 +220,9 @@ class Versions:
         writing = self._writing.get(run_id)
         # Too soon after the last write began, or that write has not landed yet
         # (a slow disk): wait, so the steps a restart replays stay bounded.
+        gap = max(self.interval_s, self._took.get(run_id, 0.0) / WRITE_SHARE)
         if self.interval_s > 0 and started is not None and (
-                now - started < self.interval_s or (writing is not None and not writing.done())):
+                now - started < gap or (writing is not None and not writing.done())):
             before = self._deferred.get(run_id)
             waited = before.waited + 1 if before is not None else 1
             self._deferred[run_id] = _Deferred(staged, adapter, metrics, request_id, landed,
@@ -223,7 +231,7 @@ class Versions:
                 self._write_deferred(run_id)
             elif run_id not in self._timers:
                 self._timers[run_id] = asyncio.get_running_loop().call_later(
-                    max(started + self.interval_s - now, 0.05), self._write_deferred, run_id)
+                    max(started + gap - now, 0.05), self._write_deferred, run_id)
             return
         self._write_started(staged, adapter, metrics, request_id, landed)
 
@@ -245,7 +253,9 @@ class Versions:
             if before is not None:
                 await asyncio.gather(before, return_exceptions=True)
             try:
+                t0 = time.monotonic()
                 await self._write_now(staged, adapter, metrics, request_id)
+                self._took[staged.run_id] = time.monotonic() - t0
                 await landed(staged.version)
             except Exception:  # the version lives on in memory; a restart replays it
                 log.exception("background checkpoint failed run=%s version=%d",

@@ -315,3 +315,41 @@ def test_a_version_never_checkpointed_is_served_while_held_in_memory(tmp_path):
         assert hashlib.sha256(body).hexdigest() == sha
     finally:
         h.close()
+
+
+def test_a_slow_checkpoint_spaces_out_the_next_ones(tmp_path):
+    """Background checkpoints take at most ``WRITE_SHARE`` of the time: after a
+    write that took 0.3 s the next waits 3 s however short the interval (a big
+    adapter's writes would otherwise take the CPU its steps need); ``flush``
+    still writes the newest at once."""
+    import asyncio
+    import time
+
+    from rewardsignal.coordinator.runs.versions import WRITE_SHARE
+
+    h = Harness(tmp_path / "data", checkpoint_interval_s=0.01)
+    try:
+        worker = FakeWorker(h)
+        run_id = _new_run(h)
+        versions = h.coordinator.services.versions
+        write = versions.store.write
+
+        def slow_write(*args, **kwargs):
+            time.sleep(0.3)
+            return write(*args, **kwargs)
+
+        versions.store.write = slow_write  # type: ignore[method-assign]
+        _forward_backward(h, worker, run_id, seed=1)
+        _optim_step(h, run_id)  # version 1: written at once, in 0.3 s
+        h.call(_until(lambda: versions._took.get(run_id, 0) >= 0.3, timeout_s=5))
+        for seed in (2, 3):
+            _forward_backward(h, worker, run_id, seed=seed)
+            _optim_step(h, run_id)
+        h.call(asyncio.sleep(1.0))  # well past the interval, within 0.3 / WRITE_SHARE
+        assert 0.3 / WRITE_SHARE > 1.5
+        store = CheckpointStore(tmp_path / "data" / "checkpoints")
+        assert store.versions(run_id) == [0, 1]
+        h.call(versions.flush(run_id))
+        assert store.latest(run_id) == 3
+    finally:
+        h.close()
