@@ -36,6 +36,10 @@ class Operation(ABC):
     # changes nothing that outlives the process before ``request.until_stored()``
     # (False: it starts once the request is stored).
     starts_unstored: ClassVar[bool] = False
+    # A barrier that starts once the operations before it have their effects
+    # in memory (``request.staged``), not once they have finished: it changes
+    # nothing durable before ``request.until_prior_done()``.
+    starts_on_staged: ClassVar[bool] = False
 
     @abstractmethod
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:

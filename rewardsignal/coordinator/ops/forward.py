@@ -115,8 +115,7 @@ class Forward(Operation):
         num_tokens = sum(len(d) for d in datums)
         total = sink.total() if sink is not None else None
         if total is not None:
-            await request.until_stored()
-            await self._accumulate(ctx, run, Contribution(
+            await self._accumulate(ctx, run, request, Contribution(
                 request.request_id, total, out.weight_sum, args.reduction, num_tokens,
                 out.loss_sum, out.weight_sum, out.parts))
             ctx.metrics.fb_duration.labels(run.run_id).observe(time.monotonic() - started)
@@ -128,13 +127,22 @@ class Forward(Operation):
                 "num_shards": out.num_shards,
                 "datums": [d.to_json() for d in datums] if not self.backward else None}
 
-    async def _accumulate(self, ctx: Services, run: Run, c: Contribution) -> None:
+    async def _accumulate(self, ctx: Services, run: Run, request: Request,
+                          c: Contribution) -> None:
         # Durable before it counts: a restart finds this gradient and either adds
-        # it back (not yet stepped) or drops it (already in a version).
-        await ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
-                               version=run.version, grads=c.grads, weight=c.weight,
-                               reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
-                               loss_weight=c.loss_weight)
+        # it back (not yet stepped) or drops it (already in a version). Staged
+        # meanwhile: an ``optim_step`` behind it computes on it as it is written.
+        run.accum.stage(c)
+        request.staged.set()
+        try:
+            await request.until_stored()
+            await ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
+                                   version=run.version, grads=c.grads, weight=c.weight,
+                                   reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
+                                   loss_weight=c.loss_weight)
+        except BaseException:
+            run.accum.unstage(c)
+            raise
         # One kernel call per worker's part for a flat gradient: on the loop
         # when small, as a submission's own sum is.
         await off_loop(4 * sum(t.numel() for t in c.grads.values()), run.accum.add, c)

@@ -27,14 +27,18 @@ from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.runs.versions import make_adapter_file
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import ValidationError
+from rewardsignal.protocol import xor_delta
 
 log = logging.getLogger("signal.coordinator")
+
+_NOTHING = "nothing to apply: call forward_backward before optim_step"
 
 
 class OptimStep(Operation):
     name = "optim_step"
     barrier = True
     starts_unstored = True  # AdamW runs while the request is synced; the version waits
+    starts_on_staged = True  # ... and while the last gradient is written
     replayable = True
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> AdamWConfig:
@@ -59,10 +63,15 @@ class OptimStep(Operation):
         started = time.monotonic()
         # Shards taken out with a quarantined worker are recomputed first.
         await settle_owed(ctx, run, request)
-        if run.accum.empty:
-            raise ValidationError("nothing to apply: call forward_backward before optim_step")
+        if run.accum.empty and not run.accum.staged:
+            raise ValidationError(_NOTHING)
+
+        async def until_durable() -> None:
+            await request.until_stored()
+            await request.until_prior_done()
+
         result = await self._apply(ctx, run, args, request.request_id, track=True,
-                                   until_stored=request.until_stored)
+                                   until_durable=until_durable)
         ctx.metrics.steps.labels(run.run_id).inc()
         ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
@@ -75,19 +84,37 @@ class OptimStep(Operation):
 
     async def _apply(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str, *,
                      track: bool = False,
-                     until_stored: Callable[[], Awaitable[None]] | None = None) -> dict:
+                     until_durable: Callable[[], Awaitable[None]] | None = None) -> dict:
         """AdamW on the accumulated gradient, committed as the next version once
-        ``until_stored()`` returns (the request is durable: a replay can rebuild
-        the version before its checkpoint lands)."""
+        ``until_durable()`` returns (this request and every gradient it applies
+        are stored: a replay can rebuild the version before its checkpoint
+        lands). AdamW runs on the gradients staged so far (``Accumulator.snapshot``)
+        while they are written, and again if what lands is not what it ran on (a
+        gradient that could not be stored, a worker taken out meanwhile)."""
         accum = run.accum
+        snap = accum.snapshot()
+        before = ctx.versions.adapter_bytes(run.run_id, run.version)
 
-        def gradient_and_adamw() -> tuple:  # one hop off the loop for all (~1 ms a hop)
-            grads = accum.gradient()
+        def gradient_and_adamw(of: Callable[[], Accumulator]) -> tuple:
+            # The new version's file and its delta from this one too: what a
+            # worker waiting for it is sent, ready when the version is.
+            grads = of().gradient()
             params, state, step = adamw_step(run.adapter, grads, run.opt_state, run.opt_step,
                                              args)
-            return grads, params, state, step, make_adapter_file(params)
+            data, sha = make_adapter_file(params)
+            delta = xor_delta(before, data) if before is not None else None
+            return grads, params, state, step, (data, sha), delta
 
-        grads, params, state, step, adapter = await asyncio.to_thread(gradient_and_adamw)
+        # In a thread: the last gradient's writes go on beside it (the loop
+        # hands them on; the fsync needs no CPU).
+        out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
+        if until_durable is not None:
+            await until_durable()
+        if not accum.matches(snap):
+            if accum.empty:
+                raise ValidationError(_NOTHING + " (the forward_backward before it failed)")
+            out = await asyncio.to_thread(gradient_and_adamw, lambda: accum)
+        grads, params, state, step, adapter, delta = out
         loss = accum.loss
         entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
                  "time": time.time()}
@@ -96,15 +123,14 @@ class OptimStep(Operation):
         if set(run.opt_state) - set(state):
             state = {**run.opt_state, **state}
         run_id = run.run_id
-        if until_stored is not None:
-            await until_stored()
 
         async def landed(version: int) -> None:
             await ctx.pending.drop_before(run_id, version)
 
         await ctx.versions.commit(run, params, state, history_entry=entry, opt_step=step,
                                   metrics={"loss": loss, "tokens": accum.tokens},
-                                  request_id=request_id, background=landed, adapter=adapter)
+                                  request_id=request_id, background=landed, adapter=adapter,
+                                  delta=delta)
         run.accum = Accumulator()
         if track and ctx.trackers.logs(run.run_id):
             # The accumulated gradient's norm (before clipping), for tracking.

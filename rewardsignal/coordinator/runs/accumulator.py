@@ -33,6 +33,7 @@ class GradientSum:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sum: Tensors | None = None
+        self._shared = False  # another GradientSum holds the same tensors
 
     def add(self, tensors: Tensors, *, owned: bool = False) -> None:
         """Add ``tensors``. With ``owned`` the first addend becomes the buffer
@@ -42,7 +43,17 @@ class GradientSum:
             if self._sum is None:
                 self._sum = tensors if owned else tree_clone(tensors)
             else:
+                if self._shared:  # the same bits as adding in place, into a copy
+                    self._sum, self._shared = tree_clone(self._sum), False
                 tree_add_(self._sum, tensors)
+
+    def share(self) -> GradientSum:
+        """A copy holding the same tensors; neither writes to them after this."""
+        out = GradientSum()
+        with self._lock:
+            out._sum = self._sum
+            out._shared = self._shared = self._sum is not None
+        return out
 
     @property
     def empty(self) -> bool:
@@ -127,6 +138,10 @@ class _WorkerSums:
     # (request id, reduction, shard payload) of what it computed this step
     shards: list[tuple[str, str, dict]] = field(default_factory=list)
 
+    def share(self) -> _WorkerSums:
+        return _WorkerSums(self.mean.share(), self.sum.share(), self.weight_mean, self.tokens,
+                           self.loss_sum, self.loss_weight, list(self.shards))
+
 
 @dataclass
 class Accumulator:
@@ -135,9 +150,48 @@ class Accumulator:
     # Shards taken out with a quarantined worker, waiting to be recomputed
     # (by ``optim_step``, before it steps): (request id, reduction, payload).
     owed: list[tuple[str, str, dict]] = field(default_factory=list)
+    # Contributions on their way to the disk: not counted until ``add``ed.
+    staged: list[Contribution] = field(default_factory=list)
+    # What was added and taken out, in order (what ``matches`` compares).
+    log: list[tuple[str, str]] = field(default_factory=list)
+    # Guards the above against a big contribution added from a thread while a
+    # snapshot is taken on the event loop.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
+                                  compare=False)
+
+    def stage(self, c: Contribution) -> None:
+        """``c`` is being made durable: a step may compute on it ahead of time."""
+        with self._lock:
+            self.staged.append(c)
+
+    def unstage(self, c: Contribution) -> None:
+        """``c`` will never be added (it could not be stored)."""
+        with self._lock:
+            self.staged = [s for s in self.staged if s is not c]
+
+    def snapshot(self) -> Snapshot:
+        """The accumulator now and its staged contributions (cheap: no tensor
+        is copied; the arithmetic is in ``Snapshot.ahead``)."""
+        with self._lock:
+            copy = Accumulator(self.calls, {w: ws.share() for w, ws in self.workers.items()},
+                               log=list(self.log))
+            return Snapshot(copy, tuple(self.staged),
+                            [*self.log, *(("add", c.request_id) for c in self.staged)])
+
+    def matches(self, snap: Snapshot) -> bool:
+        """Whether this is now what ``snap.ahead()`` computed: every staged
+        contribution added, in that order, and nothing else changed."""
+        with self._lock:
+            return self.log == snap.expected_log
 
     def add(self, c: Contribution) -> None:
         """The one place a contribution is counted (live path and recovery)."""
+        with self._lock:
+            self.staged = [s for s in self.staged if s is not c]
+            self.log.append(("add", c.request_id))
+            self._add(c)
+
+    def _add(self, c: Contribution) -> None:
         for worker, part in c.by_worker().items():
             ws = self.workers.setdefault(worker, _WorkerSums())
             if part.grads is not None:
@@ -156,9 +210,11 @@ class Accumulator:
     def remove_worker(self, worker: str) -> int:
         """Take ``worker``'s part out (exactly: the others' sums are untouched)
         and owe its shards; how many shards are owed."""
-        ws = self.workers.pop(worker, None)
-        if ws is None:
-            return 0
+        with self._lock:
+            ws = self.workers.pop(worker, None)
+            if ws is None:
+                return 0
+            self.log.append(("remove", worker))
         self.owed.extend(ws.shards)
         return len(ws.shards)
 
@@ -208,3 +264,20 @@ class Accumulator:
         for p in parts[1:]:
             out = {k: out[k] + p[k] for k in out}
         return out
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An accumulator as it was, and the contributions staged on it then."""
+
+    copy: Accumulator
+    staged: tuple[Contribution, ...]
+    # The accumulator's log once the staged contributions are added in order.
+    expected_log: list[tuple[str, str]]
+
+    def ahead(self) -> Accumulator:
+        """The accumulator once the staged contributions are added in order
+        (call once, in a thread for big gradients: it sums them)."""
+        for c in self.staged:
+            self.copy.add(c)
+        return self.copy

@@ -3,7 +3,10 @@
 Operations that are not barriers overlap (forward passes: gradients add
 commutatively and all of them see the same version), up to a bound; a barrier
 (``optim_step``, ``save_state``, a federated job) waits for everything queued
-before it and runs alone. Operations that are not ordered (``sample``) skip the
+before it and runs alone. A barrier that ``starts_on_staged`` (``optim_step``)
+starts once everything before it has its effect in memory (``request.staged``),
+and waits for the rest to finish (``request.until_prior_done``) before it makes
+anything durable: AdamW runs while the last gradient is being written. Operations that are not ordered (``sample``) skip the
 queue and run at once on the current version.
 """
 
@@ -33,6 +36,9 @@ class Ordered(Protocol):
     @property
     def ordered(self) -> bool: ...
 
+    @property
+    def starts_on_staged(self) -> bool: ...
+
 
 @dataclass
 class Op:
@@ -50,6 +56,8 @@ class RunProcessor:
         self._max_inflight = max_inflight
         self._task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        # The ordered operations running (not barriers), with their requests.
+        self._running: dict[asyncio.Task, Request] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -77,7 +85,11 @@ class RunProcessor:
         while True:
             op = await self.queue.get()
             barrier = op.operation.barrier
-            if barrier and inflight:
+            if barrier and op.operation.starts_on_staged:
+                running = dict(self._running)
+                await asyncio.gather(*(r.staged.wait() for r in running.values()))
+                op.request.prior = tuple(running)
+            elif barrier and inflight:
                 await asyncio.wait(inflight)
             while len(inflight) >= self._max_inflight:
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
@@ -86,4 +98,11 @@ class RunProcessor:
                 await t
             else:
                 inflight.add(t)
-                t.add_done_callback(inflight.discard)
+                self._running[t] = op.request
+                t.add_done_callback(self._done)
+
+    def _done(self, t: asyncio.Task) -> None:
+        self._inflight.discard(t)
+        request = self._running.pop(t, None)
+        if request is not None:
+            request.staged.set()

@@ -26,6 +26,12 @@ class Request:
     # The database write that makes it durable (``Database.add_request``); None
     # for one read back from the database.
     stored: asyncio.Future | None = None
+    # Set once what it does is in memory and only making it durable is left
+    # (``forward_backward``: its gradient is staged), or once it has finished.
+    staged: asyncio.Event = field(default_factory=asyncio.Event)
+    # The operations queued before this one that were still finishing when it
+    # started (a barrier that ``starts_on_staged``); ``until_prior_done``.
+    prior: tuple[asyncio.Future, ...] = ()
 
     async def until_stored(self) -> None:
         """Return once the request is durable; raises what storing it raised.
@@ -33,6 +39,19 @@ class Request:
         before it changes anything that outlives the process."""
         if self.stored is not None:
             await asyncio.shield(self.stored)
+
+    async def until_prior_done(self) -> None:
+        """Return once the operations before this one have finished and stored
+        their outcomes; raises if one of them could not (what this one would
+        make durable could then be applied twice after a restart)."""
+        if not self.prior:
+            return
+        await asyncio.wait(self.prior)
+        for t in self.prior:
+            if t.cancelled() or t.exception() is not None:
+                raise SignalError("an operation queued before this one did not finish "
+                                  "storing its outcome; nothing was applied. Check the "
+                                  "coordinator's log and disk, then retry")
 
     def store_failed(self) -> bool:
         stored = self.stored

@@ -106,14 +106,15 @@ class Versions:
         """The adapter file of a recent version, from memory (None: read the file)."""
         return self.recent.file(run_id, version)
 
-    async def _serialize(self, run: Run, made: tuple[bytes, str] | None = None) -> bytes:
+    async def _serialize(self, run: Run, made: tuple[bytes, str] | None = None,
+                         delta: bytes | None = None) -> bytes:
         """The adapter file's bytes (made and hashed in a thread, unless the
         caller ``made`` them already: ``make_adapter_file``), its sha256 remembered;
-        its delta from the version before is computed behind it."""
+        its delta from the version before is computed behind it (unless given)."""
         if made is None:
             made = await asyncio.to_thread(make_adapter_file, run.adapter)
         data, sha = made
-        self.recent.put(run.run_id, run.version, data)
+        self.recent.put(run.run_id, run.version, data, made=delta)
         self._remember(run.run_id, run.version, sha)
         return data
 
@@ -185,7 +186,8 @@ class Versions:
                      opt_step: int | None = None, metrics: dict | None = None,
                      request_id: str | None = None,
                      background: Callable[[int], Awaitable[None]] | None = None,
-                     adapter: tuple[bytes, str] | None = None) -> None:
+                     adapter: tuple[bytes, str] | None = None,
+                     delta: bytes | None = None) -> None:
         """Make version v+1 from new weights and optimizer state. Without
         ``background`` the checkpoint is written before the version becomes
         visible: a crash in between leaves the old version current and this one
@@ -193,7 +195,8 @@ class Versions:
         rebuild the version) the version is visible at once, served from memory,
         and its checkpoint is written behind it; ``background(version)`` runs once
         it has landed (dropping what the checkpoint now contains). ``adapter``:
-        ``make_adapter_file(params)``, when the caller made it in its own thread."""
+        ``make_adapter_file(params)``, when the caller made it in its own thread;
+        ``delta``: ``xor_delta`` from the current version's file to it, likewise."""
         staged = dataclasses.replace(
             run, version=run.version + 1, adapter=params, opt_state=state,
             opt_step=run.opt_step if opt_step is None else opt_step,
@@ -202,7 +205,7 @@ class Versions:
         if background is None:
             await self.write(staged, metrics=metrics, request_id=request_id)
         else:
-            data = await self._serialize(staged, adapter)
+            data = await self._serialize(staged, adapter, delta)
             self._write_behind(staged, data, metrics, request_id, background)
         run.version, run.adapter, run.opt_state, run.opt_step = (
             staged.version, params, state, staged.opt_step)

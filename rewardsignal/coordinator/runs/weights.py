@@ -33,7 +33,7 @@ class RecentWeights:
         self._files: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
         # (run_id, to_version) -> the delta from to_version - 1, being computed
         # in a thread (off the step's path) or done
-        self._deltas: dict[tuple[str, int], asyncio.Task[bytes | None]] = {}
+        self._deltas: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
         self._changed: asyncio.Future[None] | None = None
 
     def changed(self) -> asyncio.Future[None]:
@@ -44,18 +44,25 @@ class RecentWeights:
             self._changed = asyncio.get_running_loop().create_future()
         return self._changed
 
-    def put(self, run_id: str, version: int, data: bytes, *, delta: bool = True) -> None:
-        """Keep ``data`` (the adapter file of ``version``) and start computing its
-        delta from the version before (when held), dropping the oldest beyond the
-        limits. Call on the event loop."""
+    def put(self, run_id: str, version: int, data: bytes, *, delta: bool = True,
+            made: bytes | None = None) -> None:
+        """Keep ``data`` (the adapter file of ``version``) and its delta from the
+        version before (when held): ``made`` by the caller, or computed in a
+        thread from now on. The oldest beyond the limits are dropped. Call on
+        the event loop."""
         files = self._files.setdefault(run_id, OrderedDict())
         self._files.move_to_end(run_id)
         prev = files.get(version - 1)
         self.bytes += len(data) - len(files.get(version, b""))
         files[version] = data
         if delta and prev is not None:
-            self._deltas[(run_id, version)] = asyncio.create_task(
-                asyncio.to_thread(xor_delta, prev, data))
+            if made is not None:
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(made)
+                self._deltas[(run_id, version)] = done
+            else:
+                self._deltas[(run_id, version)] = asyncio.create_task(
+                    asyncio.to_thread(xor_delta, prev, data))
         while len(files) > self.keep_versions:
             old, gone_data = files.popitem(last=False)
             self.bytes -= len(gone_data)

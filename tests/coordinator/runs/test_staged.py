@@ -1,0 +1,207 @@
+"""An ``optim_step`` computes AdamW on the last ``forward_backward``'s gradient
+while that gradient is being written (``Accumulator.stage``), and commits the
+version only once it is durable. What it commits is what a step after the write
+would have committed, bit for bit; if a gradient it computed on never lands, it
+computes again on what did (or fails, when nothing did), and nothing of the lost
+one counts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from apphelpers import FakeWorker, Harness, new_run
+
+from rewardsignal.coordinator.ops import optim_step as optim_module
+from rewardsignal.protocol import MSGPACK, pack, tensors_to_bytes, unpack
+
+
+async def _json(resp) -> tuple[int, dict]:
+    body = await resp.read()
+    return resp.status, (unpack(body, max_bytes=1 << 30) if resp.content_type == MSGPACK
+                         else (await resp.json() if body else {}))
+
+
+async def _forward_backward(h: Harness, worker_id: str, run_id: str, value: float) -> str:
+    """A forward_backward whose gradient (every element ``value``) is accepted;
+    its request id (the request itself may still be finishing)."""
+    c = h.client
+    status, req = await _json(await c.post(f"/v1/runs/{run_id}/forward_backward",
+                                           json={"batch": [{"text": "one two"}]}))
+    assert status == 202, req
+    status, task = await _json(await c.post(f"/v1/workers/{worker_id}/lease?timeout_s=5"))
+    assert status == 200, task
+    grads = {k: torch.full(s, value) for k, s in h.coordinator.runs[run_id].shapes.items()}
+    msg = {"worker_id": worker_id, "lease_id": task["lease_id"],
+           "fingerprint": task["fingerprint"], "version": task["version"], "codec": "fp32",
+           "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
+           "result": {"loss_sum": 1.0, "weight_sum": 2.0,
+                      "logprobs": [[-1.0] * len(d["model_input"])
+                                   for d in task["payload"]["datums"]]}}
+    resp = await c.post(f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
+                        headers={"Content-Type": MSGPACK})
+    assert resp.status == 200
+    return req["request_id"]
+
+
+async def _result(h: Harness, request_id: str) -> dict:
+    _, body = await _json(await h.client.get(f"/v1/requests/{request_id}?timeout_s=10"))
+    return body
+
+
+def _gate_saves(h: Harness, fail: frozenset[int] = frozenset()
+                ) -> tuple[asyncio.Event, list[str]]:
+    """Gradient writes from now on wait for the returned event; the ``fail``-th
+    of them (0 = the first) then fail, as on a full disk. The list records the
+    request of each write begun."""
+    pending = h.coordinator.services.pending
+    original = pending.save
+    gate = asyncio.Event()
+    begun: list[str] = []
+
+    async def save(**kw):
+        n = len(begun)
+        begun.append(kw["request_id"])
+        await gate.wait()
+        if n in fail:
+            raise OSError(28, "No space left on device")
+        await original(**kw)
+
+    pending.save = save  # type: ignore[method-assign]
+    return gate, begun
+
+
+async def _until(cond, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def _count_adamw(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = optim_module.adamw_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(optim_module, "adamw_step", counted)
+    return calls
+
+
+def _reference(tmp_path, values: list[float]) -> dict[str, torch.Tensor]:
+    """The adapter after one step on the gradients of ``values``, nothing gated."""
+    h = Harness(tmp_path / "reference")
+    try:
+        rid = new_run(h)
+        worker_id = FakeWorker(h).worker_id
+
+        async def go() -> None:
+            for v in values:
+                assert (await _result(h, await _forward_backward(h, worker_id, rid, v))
+                        )["status"] == "done"
+            status, req = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
+                                                          json={}))
+            assert status == 202
+            assert (await _result(h, req["request_id"]))["status"] == "done"
+
+        h.call(go())
+        return {k: v.clone() for k, v in h.coordinator.runs[rid].adapter.items()}
+    finally:
+        h.close()
+
+
+def test_adamw_runs_while_the_gradient_is_written_and_the_version_waits_for_it(
+        tmp_path, monkeypatch):
+    reference = _reference(tmp_path, [0.01])
+    adamw = _count_adamw(monkeypatch)
+    h = Harness(tmp_path / "data")
+    try:
+        rid = new_run(h)
+        worker_id = FakeWorker(h).worker_id
+        run = h.coordinator.runs[rid]
+
+        async def go() -> None:
+            gate, begun = _gate_saves(h)
+            fb = await _forward_backward(h, worker_id, rid, 0.01)
+            status, step = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
+                                                           json={}))
+            assert status == 202
+            await _until(lambda: bool(adamw))  # AdamW ran on the staged gradient
+            assert begun == [fb]  # ... whose write is held
+            await asyncio.sleep(0.2)
+            assert run.version == 0  # not committed: the gradient is not durable yet
+            assert run.accum.empty and len(run.accum.staged) == 1
+            gate.set()
+            assert (await _result(h, step["request_id"]))["result"]["version"] == 1
+            assert (await _result(h, fb))["status"] == "done"
+
+        h.call(go())
+        assert len(adamw) == 1  # what it computed ahead stood
+        assert all(torch.equal(run.adapter[k], v) for k, v in reference.items())
+        assert not run.accum.staged
+    finally:
+        h.close()
+
+
+def test_a_staged_gradient_that_cannot_be_stored_fails_its_request_and_the_step(
+        tmp_path, monkeypatch):
+    adamw = _count_adamw(monkeypatch)
+    h = Harness(tmp_path / "data")
+    try:
+        rid = new_run(h)
+        worker_id = FakeWorker(h).worker_id
+        run = h.coordinator.runs[rid]
+        before = {k: v.clone() for k, v in run.adapter.items()}
+
+        async def go() -> None:
+            gate, begun = _gate_saves(h, fail=frozenset({0}))
+            fb = await _forward_backward(h, worker_id, rid, 0.01)
+            status, step = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
+                                                           json={}))
+            assert status == 202
+            await _until(lambda: bool(adamw))
+            assert begun == [fb]
+            gate.set()
+            failed = await _result(h, fb)
+            assert failed["status"] == "failed"
+            out = await _result(h, step["request_id"])
+            assert out["status"] == "failed" and "nothing to apply" in out["error"]["message"]
+
+        h.call(go())
+        assert run.version == 0 and run.accum.empty and not run.accum.staged
+        assert all(torch.equal(run.adapter[k], v) for k, v in before.items())
+    finally:
+        h.close()
+
+
+def test_a_step_computes_again_without_a_gradient_that_never_landed(tmp_path, monkeypatch):
+    reference = _reference(tmp_path, [0.01])
+    adamw = _count_adamw(monkeypatch)
+    h = Harness(tmp_path / "data")
+    try:
+        rid = new_run(h)
+        worker_id = FakeWorker(h).worker_id
+        run = h.coordinator.runs[rid]
+
+        async def go() -> None:
+            first = await _forward_backward(h, worker_id, rid, 0.01)
+            assert (await _result(h, first))["status"] == "done"
+            gate, begun = _gate_saves(h, fail=frozenset({0}))  # the second one's write fails
+            second = await _forward_backward(h, worker_id, rid, 0.5)
+            status, step = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
+                                                           json={}))
+            assert status == 202
+            await _until(lambda: bool(adamw))
+            assert begun == [second]
+            gate.set()
+            assert (await _result(h, second))["status"] == "failed"
+            assert (await _result(h, step["request_id"]))["result"]["version"] == 1
+
+        h.call(go())
+        assert len(adamw) == 2  # computed ahead with both, again with the first alone
+        assert all(torch.equal(run.adapter[k], v) for k, v in reference.items())
+    finally:
+        h.close()
