@@ -124,3 +124,32 @@ def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: floa
                                     "logprobs": lp}, duration_s=0.5)
     assert code == 200
     h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+
+
+async def answer(resp) -> tuple[int, dict]:
+    """An in-process response's status and body (msgpack or JSON; {} if empty)."""
+    body = await resp.read()
+    return resp.status, (unpack(body, max_bytes=1 << 30) if resp.content_type == MSGPACK
+                         else (await resp.json() if body else {}))
+
+
+async def submit_shard(h: Harness, worker_id: str, run_id: str, value: float = 0.01) -> int:
+    """From a running loop: lease one task and submit a gradient of the run's
+    shapes (every element ``value``, weight sum 2); the submission's status."""
+    import torch
+
+    from rewardsignal.protocol import tensors_to_bytes
+
+    c = h.client
+    status, task = await answer(await c.post(f"/v1/workers/{worker_id}/lease?timeout_s=5"))
+    assert status == 200, (status, task)
+    grads = {k: torch.full(s, value) for k, s in h.coordinator.runs[run_id].shapes.items()}
+    msg = {"worker_id": worker_id, "lease_id": task["lease_id"],
+           "fingerprint": task["fingerprint"], "version": task["version"], "codec": "fp32",
+           "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
+           "result": {"loss_sum": 1.0, "weight_sum": 2.0,
+                      "logprobs": [[-1.0] * len(d["model_input"])
+                                   for d in task["payload"]["datums"]]}}
+    resp = await c.post(f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
+                        headers={"Content-Type": MSGPACK})
+    return resp.status

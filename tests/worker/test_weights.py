@@ -101,23 +101,32 @@ def test_a_worker_behind_by_several_versions_gets_exact_weights(tmp_path):
         h.close()
 
 
+def _one_behind(h: Harness) -> tuple[str, WeightCache, dict, FakeWorker]:
+    """A worker that holds version 0 of a new run, and its lease of a task on
+    version 1, which carries the delta between them: (run id, the worker's
+    cache, the task, the worker)."""
+    stepper, worker = FakeWorker(h, "stepper"), FakeWorker(h, "w")
+    _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                       expect=201)
+    run_id = run["run_id"]
+    cache = WeightCache()
+    h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "a"}]},
+              expect=202)
+    task = _lease(h, worker, {})
+    _get(h, cache, task, worker)
+    _finish(worker, task)
+    fake_step(h, stepper, run_id)
+    h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "b"}]},
+              expect=202)
+    task = _lease(h, worker, cache.have())
+    assert task["weights_delta"]["from_version"] == 0
+    return run_id, cache, task, worker
+
+
 def test_a_delta_that_does_not_check_out_falls_back_to_the_download(tmp_path):
     h = Harness(tmp_path / "data", verify_fraction=0.0)
     try:
-        stepper, worker = FakeWorker(h, "stepper"), FakeWorker(h, "w")
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        run_id = run["run_id"]
-        cache = WeightCache()
-        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "a"}]},
-                  expect=202)
-        task = _lease(h, worker, {})
-        _get(h, cache, task, worker)
-        _finish(worker, task)
-        fake_step(h, stepper, run_id)
-        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "b"}]},
-                  expect=202)
-        task = _lease(h, worker, cache.have())
+        run_id, cache, task, worker = _one_behind(h)
         data = bytearray(task["weights_delta"]["data"])
         data[0] ^= 1  # one flipped bit: the result's sha256 no longer matches
         task["weights_delta"]["data"] = bytes(data)
@@ -133,25 +142,12 @@ def test_a_delta_from_an_older_coordinator_still_applies(tmp_path):
     (two planes deflated): the worker applies it, bit for bit, with no download."""
     h = Harness(tmp_path / "data", verify_fraction=0.0)
     try:
-        stepper, worker = FakeWorker(h, "stepper"), FakeWorker(h, "w")
-        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
-                           expect=201)
-        run_id = run["run_id"]
-        cache = WeightCache()
-        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "a"}]},
-                  expect=202)
-        task = _lease(h, worker, {})
-        before = h.coordinator.services.versions.adapter_bytes(run_id, task["version"])
-        _get(h, cache, task, worker)
-        _finish(worker, task)
-        fake_step(h, stepper, run_id)
-        h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "b"}]},
-                  expect=202)
-        task = _lease(h, worker, cache.have())
-        after = h.coordinator.services.versions.adapter_bytes(run_id, task["version"])
+        run_id, cache, task, worker = _one_behind(h)
+        versions = h.coordinator.services.versions
+        before, after = (versions.adapter_bytes(run_id, v) for v in (0, 1))
+        assert before is not None and after is not None
         assert task["weights_delta"]["codec"] == protocol.XOR_DELTA
-        task["weights_delta"] = {"from_version": task["weights_delta"]["from_version"],
-                                 "codec": protocol.XOR_DELTA_V1,
+        task["weights_delta"] = {"from_version": 0, "codec": protocol.XOR_DELTA_V1,
                                  "data": protocol.xor_delta(before, after,
                                                             protocol.XOR_DELTA_V1)}
         downloaded = cache.bytes_downloaded

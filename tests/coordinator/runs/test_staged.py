@@ -10,42 +10,29 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from apphelpers import FakeWorker, Harness, new_run
+from apphelpers import FakeWorker, Harness, answer, new_run, submit_shard
 
 from rewardsignal.coordinator.ops import optim_step as optim_module
-from rewardsignal.protocol import MSGPACK, pack, tensors_to_bytes, unpack
-
-
-async def _json(resp) -> tuple[int, dict]:
-    body = await resp.read()
-    return resp.status, (unpack(body, max_bytes=1 << 30) if resp.content_type == MSGPACK
-                         else (await resp.json() if body else {}))
 
 
 async def _forward_backward(h: Harness, worker_id: str, run_id: str, value: float) -> str:
     """A forward_backward whose gradient (every element ``value``) is accepted;
     its request id (the request itself may still be finishing)."""
-    c = h.client
-    status, req = await _json(await c.post(f"/v1/runs/{run_id}/forward_backward",
-                                           json={"batch": [{"text": "one two"}]}))
+    status, req = await answer(await h.client.post(f"/v1/runs/{run_id}/forward_backward",
+                                                   json={"batch": [{"text": "one two"}]}))
     assert status == 202, req
-    status, task = await _json(await c.post(f"/v1/workers/{worker_id}/lease?timeout_s=5"))
-    assert status == 200, task
-    grads = {k: torch.full(s, value) for k, s in h.coordinator.runs[run_id].shapes.items()}
-    msg = {"worker_id": worker_id, "lease_id": task["lease_id"],
-           "fingerprint": task["fingerprint"], "version": task["version"], "codec": "fp32",
-           "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
-           "result": {"loss_sum": 1.0, "weight_sum": 2.0,
-                      "logprobs": [[-1.0] * len(d["model_input"])
-                                   for d in task["payload"]["datums"]]}}
-    resp = await c.post(f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
-                        headers={"Content-Type": MSGPACK})
-    assert resp.status == 200
+    assert await submit_shard(h, worker_id, run_id, value) == 200
+    return req["request_id"]
+
+
+async def _optim_step(h: Harness, run_id: str) -> str:
+    status, req = await answer(await h.client.post(f"/v1/runs/{run_id}/optim_step", json={}))
+    assert status == 202, req
     return req["request_id"]
 
 
 async def _result(h: Harness, request_id: str) -> dict:
-    _, body = await _json(await h.client.get(f"/v1/requests/{request_id}?timeout_s=10"))
+    _, body = await answer(await h.client.get(f"/v1/requests/{request_id}?timeout_s=10"))
     return body
 
 
@@ -102,10 +89,7 @@ def _reference(tmp_path, values: list[float]) -> dict[str, torch.Tensor]:
             for v in values:
                 assert (await _result(h, await _forward_backward(h, worker_id, rid, v))
                         )["status"] == "done"
-            status, req = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
-                                                          json={}))
-            assert status == 202
-            assert (await _result(h, req["request_id"]))["status"] == "done"
+            assert (await _result(h, await _optim_step(h, rid)))["status"] == "done"
 
         h.call(go())
         return {k: v.clone() for k, v in h.coordinator.runs[rid].adapter.items()}
@@ -126,16 +110,14 @@ def test_adamw_runs_while_the_gradient_is_written_and_the_version_waits_for_it(
         async def go() -> None:
             gate, begun = _gate_saves(h)
             fb = await _forward_backward(h, worker_id, rid, 0.01)
-            status, step = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
-                                                           json={}))
-            assert status == 202
+            step = await _optim_step(h, rid)
             await _until(lambda: bool(adamw))  # AdamW ran on the staged gradient
             assert begun == [fb]  # ... whose write is held
             await asyncio.sleep(0.2)
             assert run.version == 0  # not committed: the gradient is not durable yet
             assert run.accum.empty and len(run.accum.staged) == 1
             gate.set()
-            assert (await _result(h, step["request_id"]))["result"]["version"] == 1
+            assert (await _result(h, step))["result"]["version"] == 1
             assert (await _result(h, fb))["status"] == "done"
 
         h.call(go())
@@ -159,15 +141,13 @@ def test_a_staged_gradient_that_cannot_be_stored_fails_its_request_and_the_step(
         async def go() -> None:
             gate, begun = _gate_saves(h, fail=frozenset({0}))
             fb = await _forward_backward(h, worker_id, rid, 0.01)
-            status, step = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
-                                                           json={}))
-            assert status == 202
+            step = await _optim_step(h, rid)
             await _until(lambda: bool(adamw))
             assert begun == [fb]
             gate.set()
             failed = await _result(h, fb)
             assert failed["status"] == "failed"
-            out = await _result(h, step["request_id"])
+            out = await _result(h, step)
             assert out["status"] == "failed" and "nothing to apply" in out["error"]["message"]
 
         h.call(go())
@@ -191,14 +171,12 @@ def test_a_step_computes_again_without_a_gradient_that_never_landed(tmp_path, mo
             assert (await _result(h, first))["status"] == "done"
             gate, begun = _gate_saves(h, fail=frozenset({0}))  # the second one's write fails
             second = await _forward_backward(h, worker_id, rid, 0.5)
-            status, step = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
-                                                           json={}))
-            assert status == 202
+            step = await _optim_step(h, rid)
             await _until(lambda: bool(adamw))
             assert begun == [second]
             gate.set()
             assert (await _result(h, second))["status"] == "failed"
-            assert (await _result(h, step["request_id"]))["result"]["version"] == 1
+            assert (await _result(h, step))["result"]["version"] == 1
 
         h.call(go())
         assert len(adamw) == 2  # computed ahead with both, again with the first alone

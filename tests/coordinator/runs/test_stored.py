@@ -8,35 +8,11 @@ import asyncio
 import threading
 
 import torch
-from apphelpers import FakeWorker, Harness, fake_step, new_run
+from apphelpers import FakeWorker, Harness, answer, fake_step, new_run, submit_shard
 
 from rewardsignal.coordinator.store import db as db_module
-from rewardsignal.protocol import MSGPACK, pack, tensors_to_bytes, unpack
 
 FB = {"batch": [{"text": "one two three"}]}
-
-
-async def _json(resp) -> tuple[int, dict]:
-    body = await resp.read()
-    return resp.status, (unpack(body, max_bytes=1 << 30) if resp.content_type == MSGPACK
-                         else (await resp.json() if body else {}))
-
-
-async def _compute(h: Harness, worker_id: str, run_id: str) -> int:
-    """Lease one task and submit a gradient of the run's shapes; the status."""
-    c = h.client
-    status, task = await _json(await c.post(f"/v1/workers/{worker_id}/lease?timeout_s=5"))
-    assert status == 200, (status, task)
-    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[run_id].shapes.items()}
-    msg = {"worker_id": worker_id, "lease_id": task["lease_id"],
-           "fingerprint": task["fingerprint"], "version": task["version"], "codec": "fp32",
-           "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
-           "result": {"loss_sum": 1.0, "weight_sum": 2.0,
-                      "logprobs": [[-1.0] * len(d["model_input"])
-                                   for d in task["payload"]["datums"]]}}
-    resp = await c.post(f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
-                        headers={"Content-Type": MSGPACK})
-    return resp.status
 
 
 def test_shards_go_out_while_the_request_is_synced_and_count_once_it_is_stored(tmp_path):
@@ -55,7 +31,7 @@ def test_shards_go_out_while_the_request_is_synced_and_count_once_it_is_stored(t
                                                        json=FB))
             # The worker gets the shard and its gradient is accepted before the
             # request is stored; the caller has not heard 202 yet.
-            assert await _compute(h, worker_id, rid) == 200
+            assert await submit_shard(h, worker_id, rid) == 200
             await asyncio.sleep(0.2)
             assert not post.done()
             assert coord.runs[rid].accum.empty  # not counted: not durable yet
@@ -65,8 +41,8 @@ def test_shards_go_out_while_the_request_is_synced_and_count_once_it_is_stored(t
             assert not req.future.done()
             gate.set()
             await blocked
-            status, answer = await _json(await post)
-            assert status == 202 and answer["request_id"] == req.request_id
+            status, body = await answer(await post)
+            assert status == 202 and body["request_id"] == req.request_id
             result = await asyncio.wait_for(asyncio.shield(req.future), 10)
             assert result["loss_sum"] == 1.0
             assert not coord.runs[rid].accum.empty
@@ -103,24 +79,24 @@ def test_a_request_that_cannot_be_stored_fails_and_changes_nothing(tmp_path, mon
         async def go() -> None:
             post = asyncio.ensure_future(h.client.post(f"/v1/runs/{rid}/forward_backward",
                                                        json=FB))
-            status, answer = await _json(await post)
-            assert status == 500, answer
-            assert "could not store the request" in answer["error"]["message"]
-            assert "No space left" in answer["error"]["message"]
+            status, body = await answer(await post)
+            assert status == 500, body
+            assert "could not store the request" in body["error"]["message"]
+            assert "No space left" in body["error"]["message"]
             monkeypatch.setattr(db_module, "_pack", real_pack)
-            assert await _compute(h, worker_id, rid) == 200
+            assert await submit_shard(h, worker_id, rid) == 200
             await asyncio.sleep(0.2)
             assert coord.runs[rid].accum.empty
             # A stored forward_backward, then an optim_step that cannot be stored:
             # AdamW may run, but no version is made and the gradient stays.
             post = asyncio.ensure_future(h.client.post(
                 f"/v1/runs/{rid}/forward_backward?wait_s=10", json=FB))
-            assert await _compute(h, worker_id, rid) == 200
+            assert await submit_shard(h, worker_id, rid) == 200
             assert (await post).status == 200
             monkeypatch.setattr(db_module, "_pack", full_disk)
-            status, answer = await _json(await h.client.post(f"/v1/runs/{rid}/optim_step",
-                                                             json={}))
-            assert status == 500 and "could not store" in answer["error"]["message"]
+            status, body = await answer(await h.client.post(f"/v1/runs/{rid}/optim_step",
+                                                            json={}))
+            assert status == 500 and "could not store" in body["error"]["message"]
             monkeypatch.setattr(db_module, "_pack", real_pack)
             await asyncio.sleep(0.2)
             assert not coord.runs[rid].accum.empty
