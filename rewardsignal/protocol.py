@@ -163,6 +163,9 @@ XOR_DELTA = "xor-planes3-zlib"
 # Made by coordinators before it (two planes deflated); workers still apply it.
 XOR_DELTA_V1 = "xor-planes-zlib"
 _RAW_PLANES = {XOR_DELTA: 3, XOR_DELTA_V1: 2}
+# What a worker applies, named in its lease (``?deltas=``): a coordinator sends
+# deltas only to a worker that names the codec it makes.
+DELTA_CODECS = tuple(_RAW_PLANES)
 _WORD = 4  # fp32 words, little-endian
 
 

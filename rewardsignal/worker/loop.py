@@ -150,7 +150,8 @@ class Worker:
                    "Accept": f"{protocol.FRAMES}, {protocol.MSGPACK}"}
         url = f"{self.config.coordinator.rstrip('/')}/v1/workers/{self.worker_id}/lease"
         async with self._http.post(
-                url, params={"timeout_s": str(_LEASE_POLL_S), "push": "1"}, headers=headers,
+                url, params={"timeout_s": str(_LEASE_POLL_S), "push": "1",
+                             "deltas": ",".join(protocol.DELTA_CODECS)}, headers=headers,
                 data=protocol.pack({"have": self.weights.have()}),
                 timeout=aiohttp.ClientTimeout(total=_LEASE_POLL_S + 30)) as resp:
             if resp.status == 204:

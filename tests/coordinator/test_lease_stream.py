@@ -15,6 +15,7 @@ from rewardsignal.coordinator.api.workers import PUSH_CREDIT
 from rewardsignal.protocol import (
     FRAMES,
     MSGPACK,
+    XOR_DELTA,
     apply_xor_delta,
     pack,
     unpack,
@@ -35,7 +36,8 @@ async def _frames(resp):
 
 
 def _stream(h: Harness, worker: FakeWorker, have: dict, timeout_s: float):
-    return h.client.post(f"/v1/workers/{worker.worker_id}/lease?push=1&timeout_s={timeout_s}",
+    return h.client.post(f"/v1/workers/{worker.worker_id}/lease?push=1&timeout_s={timeout_s}"
+                         f"&deltas={XOR_DELTA}",
                          data=pack({"have": have}),
                          headers={"Content-Type": MSGPACK, "Accept": f"{FRAMES}, {MSGPACK}"})
 

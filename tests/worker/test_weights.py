@@ -20,10 +20,12 @@ from rewardsignal.worker.weights import WeightCache
 # subject here (tests/coordinator/trust is).
 
 
-def _lease(h: Harness, worker: FakeWorker, have: dict) -> dict:
-    """A lease as ``signal-worker`` asks for it (msgpack, with the versions held)."""
+def _lease(h: Harness, worker: FakeWorker, have: dict,
+           deltas: tuple[str, ...] = protocol.DELTA_CODECS) -> dict:
+    """A lease as ``signal-worker`` asks for it (msgpack, with the versions held
+    and the delta codecs it applies)."""
     status, task = h.request(
-        "POST", f"/v1/workers/{worker.worker_id}/lease?timeout_s=5",
+        "POST", f"/v1/workers/{worker.worker_id}/lease?timeout_s=5&deltas={','.join(deltas)}",
         data=protocol.pack({"have": have}),
         headers={"Content-Type": protocol.MSGPACK, "Accept": protocol.MSGPACK})
     assert status == 200, task
@@ -154,6 +156,24 @@ def test_a_delta_from_an_older_coordinator_still_applies(tmp_path):
         got = _get(h, cache, task, worker)
         assert _exact(got, h.coordinator.runs[run_id].adapter)
         assert cache.bytes_downloaded == downloaded and cache.bytes_delta > 0
+    finally:
+        h.close()
+
+
+def test_a_worker_that_does_not_name_the_codec_gets_no_delta(tmp_path):
+    """A worker from before ``xor-planes3-zlib`` (it names no codec, or only the
+    old one) downloads the version rather than be sent a delta it cannot apply."""
+    h = Harness(tmp_path / "data", verify_fraction=0.0)
+    try:
+        run_id, cache, task, worker = _one_behind(h)  # one that names it gets the delta
+        _finish(worker, task)
+        fake_step(h, FakeWorker(h, "stepper2"), run_id)
+        for deltas in ((), (protocol.XOR_DELTA_V1,)):
+            h.request("POST", f"/v1/runs/{run_id}/forward", json={"batch": [{"text": "c"}]},
+                      expect=202)
+            task = _lease(h, worker, {run_id: task["version"]}, deltas)
+            assert "weights_delta" not in task
+            _finish(worker, task)
     finally:
         h.close()
 

@@ -133,6 +133,10 @@ async def lease_task(request: web.Request) -> web.StreamResponse:
                                             "message": w.quarantine_reason}}, status=403)
     timeout_s = query_float(request, "timeout_s", 20.0, MAX_WAIT_S)
     have = await _versions_held(request)
+    if XOR_DELTA not in request.query.get("deltas", "").split(","):
+        # A worker from before this delta codec (it names the codecs it applies):
+        # it downloads each version rather than be sent a delta it cannot use.
+        have = {}
     accept = request.headers.get("Accept", "")
     if request.query.get("push") == "1" and FRAMES in accept:
         return await _lease_stream(request, coord, w, timeout_s, have, started)

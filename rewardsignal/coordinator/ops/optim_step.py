@@ -70,8 +70,11 @@ class OptimStep(Operation):
             await request.until_stored()
             await request.until_prior_done()
 
+        async def settle() -> None:
+            await settle_owed(ctx, run, request)
+
         result = await self._apply(ctx, run, args, request.request_id, track=True,
-                                   until_durable=until_durable)
+                                   until_durable=until_durable, settle=settle)
         ctx.metrics.steps.labels(run.run_id).inc()
         ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
@@ -84,13 +87,15 @@ class OptimStep(Operation):
 
     async def _apply(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str, *,
                      track: bool = False,
-                     until_durable: Callable[[], Awaitable[None]] | None = None) -> dict:
+                     until_durable: Callable[[], Awaitable[None]] | None = None,
+                     settle: Callable[[], Awaitable[None]] | None = None) -> dict:
         """AdamW on the accumulated gradient, committed as the next version once
         ``until_durable()`` returns (this request and every gradient it applies
         are stored: a replay can rebuild the version before its checkpoint
         lands). AdamW runs on the gradients staged so far (``Accumulator.snapshot``)
         while they are written, and again if what lands is not what it ran on (a
-        gradient that could not be stored, a worker taken out meanwhile)."""
+        gradient that could not be stored; a worker taken out meanwhile, whose
+        shards ``settle`` recomputes first)."""
         accum = run.accum
         snap = accum.snapshot()
         before = ctx.versions.adapter_bytes(run.run_id, run.version)
@@ -107,13 +112,22 @@ class OptimStep(Operation):
 
         # In a thread: the last gradient's writes go on beside it (the loop
         # hands them on; the fsync needs no CPU).
-        out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
+        out: tuple | None
+        try:
+            out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
+        except ValidationError:  # e.g. no loss weight staged: judged on what lands
+            out = None
         if until_durable is not None:
             await until_durable()
-        if not accum.matches(snap):
+        # Until what it computed on is what is there (each pass follows a change:
+        # a gradient that did not land, a worker quarantined meanwhile).
+        while out is None or (settle is not None and accum.owed) or not accum.matches(snap):
+            if settle is not None and accum.owed:
+                await settle()
             if accum.empty:
                 raise ValidationError(_NOTHING + " (the forward_backward before it failed)")
-            out = await asyncio.to_thread(gradient_and_adamw, lambda: accum)
+            snap = accum.snapshot()
+            out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
         grads, params, state, step, adapter, delta = out
         loss = accum.loss
         entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,

@@ -239,7 +239,8 @@ class Accumulator:
 
     @property
     def empty(self) -> bool:
-        return all(ws.mean.empty and ws.sum.empty for ws in self.workers.values())
+        with self._lock:  # a big contribution may be being added from a thread
+            return all(ws.mean.empty and ws.sum.empty for ws in self.workers.values())
 
     @property
     def loss(self) -> float | None:

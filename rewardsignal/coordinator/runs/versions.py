@@ -58,6 +58,8 @@ MAX_DEFERRED = 32
 # (tens of MB of weights and optimizer state, written, hashed and synced) are
 # spaced out further than ``interval_s`` so they do not take the CPU a step needs.
 WRITE_SHARE = 0.1
+# ... but one write stalled by the disk spaces the next out by this much at most.
+MAX_WRITE_GAP_S = 60.0
 
 
 @dataclasses.dataclass
@@ -120,6 +122,7 @@ class Versions:
 
     def _write_sync(self, run: Run, adapter: bytes, metrics: dict | None,
                     request_id: str | None) -> tuple[Path, int, set[int]]:
+        t0 = time.monotonic()  # the write itself, not its wait for a thread
         path = self.store.write(
             run.run_id, run.version, adapter=run.adapter, adapter_bytes=adapter,
             optimizer=run.opt_state,
@@ -129,6 +132,7 @@ class Versions:
                   "history": run.history[-1000:], "request_id": request_id})
         size = sum(p.stat().st_size for p in path.iterdir())
         kept = set(self.store.versions(run.run_id))  # after retention pruned the oldest
+        self._took[run.run_id] = time.monotonic() - t0
         return path, size, kept
 
     async def write(self, run: Run, *, metrics: dict | None = None,
@@ -223,7 +227,8 @@ class Versions:
         writing = self._writing.get(run_id)
         # Too soon after the last write began, or that write has not landed yet
         # (a slow disk): wait, so the steps a restart replays stay bounded.
-        gap = max(self.interval_s, self._took.get(run_id, 0.0) / WRITE_SHARE)
+        gap = max(self.interval_s,
+                  min(self._took.get(run_id, 0.0) / WRITE_SHARE, MAX_WRITE_GAP_S))
         if self.interval_s > 0 and started is not None and (
                 now - started < gap or (writing is not None and not writing.done())):
             before = self._deferred.get(run_id)
@@ -256,9 +261,7 @@ class Versions:
             if before is not None:
                 await asyncio.gather(before, return_exceptions=True)
             try:
-                t0 = time.monotonic()
                 await self._write_now(staged, adapter, metrics, request_id)
-                self._took[staged.run_id] = time.monotonic() - t0
                 await landed(staged.version)
             except Exception:  # the version lives on in memory; a restart replays it
                 log.exception("background checkpoint failed run=%s version=%d",

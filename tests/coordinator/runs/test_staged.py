@@ -183,3 +183,78 @@ def test_a_step_computes_again_without_a_gradient_that_never_landed(tmp_path, mo
         assert all(torch.equal(run.adapter[k], v) for k, v in reference.items())
     finally:
         h.close()
+
+
+def test_a_worker_quarantined_while_the_gradient_is_written_has_its_shards_recomputed(
+        tmp_path, monkeypatch):
+    """The step computed ahead with the quarantined worker's gradient: it takes it
+    out, has its shards computed by another worker, and computes again; the step
+    is the one an honest fleet would have made, bit for bit."""
+    reference = _reference(tmp_path, [0.01, 0.02])
+    adamw = _count_adamw(monkeypatch)
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        rid = new_run(h)
+        good, bad = FakeWorker(h, "good").worker_id, FakeWorker(h, "bad").worker_id
+        run = h.coordinator.runs[rid]
+
+        async def recompute() -> None:  # the honest worker takes what is owed
+            for _ in range(50):
+                if await submit_shard(h, good, rid, 0.02) == 200:
+                    return
+
+        async def go() -> None:
+            assert (await _result(h, await _forward_backward(h, good, rid, 0.01))
+                    )["status"] == "done"
+            gate, _ = _gate_saves(h)
+            fb = await _forward_backward(h, bad, rid, 0.02)
+            step = await _optim_step(h, rid)
+            await _until(lambda: bool(adamw))
+            await h.coordinator.services.trust.quarantine(bad, "disagreed")
+            gate.set()
+            await asyncio.wait_for(recompute(), 20)
+            assert (await _result(h, fb))["status"] == "done"
+            assert (await _result(h, step))["result"]["version"] == 1
+
+        h.call(go())
+        assert len(adamw) >= 2 and not run.accum.owed
+        assert all(torch.equal(run.adapter[k], v) for k, v in reference.items())
+    finally:
+        h.close()
+
+
+def test_a_step_does_not_commit_behind_a_request_whose_outcome_was_not_stored(
+        tmp_path, monkeypatch):
+    """The forward_backward before it could not record that it finished: a
+    restart would run it again, so the step must not apply its gradient now."""
+    from rewardsignal.coordinator.ops import runner
+
+    monkeypatch.setattr(runner, "_FINISH_RETRY_S", (0.0,))
+    h = Harness(tmp_path / "data")
+    try:
+        rid = new_run(h)
+        worker_id = FakeWorker(h).worker_id
+        run = h.coordinator.runs[rid]
+        db = h.coordinator.services.db
+        finish = db.finish_request
+
+        async def go() -> None:
+            gate, _ = _gate_saves(h)
+            fb = await _forward_backward(h, worker_id, rid, 0.01)
+
+            async def failing(request_id, *args, **kwargs):
+                if request_id == fb:
+                    raise OSError(5, "Input/output error")
+                await finish(request_id, *args, **kwargs)
+
+            db.finish_request = failing  # type: ignore[method-assign]
+            step = await _optim_step(h, rid)
+            gate.set()
+            out = await _result(h, step)
+            assert out["status"] == "failed"
+            assert "did not finish storing its outcome" in out["error"]["message"]
+
+        h.call(go())
+        assert run.version == 0
+    finally:
+        h.close()
