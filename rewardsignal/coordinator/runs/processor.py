@@ -6,8 +6,9 @@ commutatively and all of them see the same version), up to a bound; a barrier
 before it and runs alone. A barrier that ``starts_on_staged`` (``optim_step``)
 starts once everything before it has its effect in memory (``request.staged``),
 and waits for the rest to finish (``request.until_prior_done``) before it makes
-anything durable: AdamW runs while the last gradient is being written. Operations that are not ordered (``sample``) skip the
-queue and run at once on the current version.
+anything durable: AdamW runs while the last gradient is being written.
+Operations that are not ordered (``sample``) skip the queue and run at once on
+the current version.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Background writes of a run start at most once per ``interval_s`` (and at most
 ``WRITE_SHARE`` of the time: after a write that took 0.2 s the next waits 2 s),
 and not while the last one has not landed: a version committed sooner waits,
 and a newer version replaces it (its step is replayed instead, from inputs kept
-until a checkpoint after it lands). The newest version waiting is written when the interval is up, at
-``flush`` and at a clean stop, or once ``MAX_DEFERRED`` versions have waited.
+until a checkpoint after it lands). The newest version waiting is written when
+the interval is up, at ``flush`` and at a clean stop, or once ``MAX_DEFERRED``
+versions have waited.
 A fast run (a step in tens of milliseconds) then pays for a checkpoint a
 second instead of one a step: on a small machine its writes and hashing took
 CPU from the worker computing beside it.
