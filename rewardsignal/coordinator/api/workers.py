@@ -170,10 +170,16 @@ async def _lease_message(coord: Coordinator, w: WorkerInfo, task: Task, lease_id
     msg = (await _task_message(coord, task, lease_id)).to_json()
     delta = (await coord.services.versions.recent.delta(task.run_id, held, task.version)
              if held is not None else None)
-    if delta is not None:
-        msg["weights_delta"] = {"from_version": held, "codec": XOR_DELTA, "data": delta}
-        coord.metrics.bytes_out.labels("weights_inline").inc(len(delta))
+    if held is not None and delta is not None:
+        msg["weights_delta"] = _weights_delta(coord, "weights_inline", held, delta)
     return msg
+
+
+def _weights_delta(coord: Coordinator, kind: str, from_version: int, delta: bytes) -> dict:
+    """A message's ``weights_delta`` (in a task or a pushed ``version`` frame),
+    its bytes counted under ``kind``."""
+    coord.metrics.bytes_out.labels(kind).inc(len(delta))
+    return {"from_version": from_version, "codec": XOR_DELTA, "data": delta}
 
 
 async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
@@ -243,9 +249,8 @@ async def _next_version(coord: Coordinator, w: WorkerInfo, run_id: str, version:
     except NotFoundError:  # no longer served: the task brings the weights instead
         return None
     w.push_credit[run_id] -= 1
-    coord.metrics.bytes_out.labels("weights_pushed").inc(len(delta))
     return {"run_id": run_id, "version": version + 1, "weights_sha256": sha,
-            "weights_delta": {"from_version": version, "codec": XOR_DELTA, "data": delta}}
+            "weights_delta": _weights_delta(coord, "weights_pushed", version, delta)}
 
 
 async def _versions_held(request: web.Request) -> dict[str, int]:

@@ -157,10 +157,7 @@ class Versions:
     async def forget(self, run_id: str) -> None:
         """A deleted run: its background writes land (so none writes into a removed
         directory), then its cached hashes and files go."""
-        timer = self._timers.pop(run_id, None)
-        if timer is not None:
-            timer.cancel()
-        self._deferred.pop(run_id, None)
+        self._take_deferred(run_id)  # dropped: the run is gone
         self._started.pop(run_id, None)
         self._took.pop(run_id, None)
         await self.flush(run_id)
@@ -244,11 +241,15 @@ class Versions:
             return
         self._write_started(staged, adapter, metrics, request_id, landed)
 
-    def _write_deferred(self, run_id: str) -> None:
+    def _take_deferred(self, run_id: str) -> _Deferred | None:
+        """The version of ``run_id`` waiting to be written (no longer waiting)."""
         timer = self._timers.pop(run_id, None)
         if timer is not None:
             timer.cancel()
-        d = self._deferred.pop(run_id, None)
+        return self._deferred.pop(run_id, None)
+
+    def _write_deferred(self, run_id: str) -> None:
+        d = self._take_deferred(run_id)
         if d is not None:
             self._write_started(d.staged, d.adapter, d.metrics, d.request_id, d.landed)
 
