@@ -114,16 +114,19 @@ class CheckpointStore:
     def write(self, run_id: str, version: int, *, adapter: dict[str, torch.Tensor],
               adapter_config: dict, optimizer: dict[str, torch.Tensor] | None = None,
               parent_version: int | None = None, metrics: dict | None = None,
-              meta: dict | None = None, adapter_bytes: bytes | None = None) -> Path:
+              meta: dict | None = None, adapter_bytes: bytes | None = None,
+              adapter_sha256: str | None = None) -> Path:
         """Write version ``version`` atomically; an existing version is never overwritten.
         ``adapter_bytes``: the adapter file already serialised (the bytes the
-        caller serves and hashed), written as they are."""
+        caller serves), written as they are; ``adapter_sha256``: their hash, when
+        the caller has it."""
         final = self.path(run_id, version)
         if final.exists():
             raise CheckpointError(f"checkpoint {final} already exists; versions are immutable")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
+            known = {ADAPTER_FILE: adapter_sha256} if adapter_bytes is not None else {}
             if adapter_bytes is None:
                 adapter_bytes = tensors_to_bytes(adapter, metadata={"format": "pt"})
             contents = {
@@ -135,7 +138,8 @@ class CheckpointStore:
             files = {}
             for name, data in contents.items():
                 _write_synced(tmp / name, data)
-                files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                sha = known.get(name) or hashlib.sha256(data).hexdigest()
+                files[name] = {"sha256": sha, "bytes": len(data)}
             manifest = {
                 "format": FORMAT, "run_id": run_id, "version": version,
                 "parent_version": parent_version, "created_at": time.time(),

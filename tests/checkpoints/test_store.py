@@ -39,6 +39,19 @@ def test_round_trip(tmp_path, adapter, tiny_spec):
         _write(store, 0, adapter, tiny_spec)
 
 
+def test_an_adapter_file_made_and_hashed_by_the_caller_is_written_as_given(
+        tmp_path, adapter, tiny_spec):
+    from rewardsignal.coordinator.runs.versions import make_adapter_file
+
+    data, sha = make_adapter_file(adapter)
+    store = CheckpointStore(tmp_path)
+    path = _write(store, 0, adapter, tiny_spec, adapter_bytes=data, adapter_sha256=sha)
+    assert (path / "adapter_model.safetensors").read_bytes() == data
+    ck = store.load("run1", 0)  # every file checked against the manifest's hashes
+    assert ck.manifest["files"]["adapter_model.safetensors"]["sha256"] == sha
+    assert all(torch.equal(ck.adapter[k], adapter[k]) for k in adapter)
+
+
 def test_hash_mismatch_is_detected(tmp_path, adapter, tiny_spec):
     store = CheckpointStore(tmp_path)
     _write(store, 0, adapter, tiny_spec)

@@ -24,10 +24,9 @@ from rewardsignal.coordinator.runs.accumulator import Accumulator
 from rewardsignal.coordinator.runs.create import read_adamw
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
-from rewardsignal.coordinator.runs.versions import make_adapter_file
+from rewardsignal.coordinator.runs.versions import make_adapter_file_and_delta
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import ValidationError
-from rewardsignal.protocol import xor_delta
 
 log = logging.getLogger("signal.coordinator")
 
@@ -106,9 +105,8 @@ class OptimStep(Operation):
             grads = of().gradient()
             params, state, step = adamw_step(run.adapter, grads, run.opt_state, run.opt_step,
                                              args)
-            data, sha = make_adapter_file(params)
-            delta = xor_delta(before, data) if before is not None else None
-            return grads, params, state, step, (data, sha), delta
+            made, delta = make_adapter_file_and_delta(params, before)
+            return grads, params, state, step, made, delta
 
         # In a thread: the last gradient's writes go on beside it (the loop
         # hands them on; the fsync needs no CPU).

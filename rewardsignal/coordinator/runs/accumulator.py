@@ -36,12 +36,14 @@ class GradientSum:
         self._shared = False  # another GradientSum holds the same tensors
 
     def add(self, tensors: Tensors, *, owned: bool = False) -> None:
-        """Add ``tensors``. With ``owned`` the first addend becomes the buffer
-        (the caller hands it over, e.g. a freshly decoded submission); otherwise
-        it is copied so the caller's tensors are never mutated."""
+        """Add ``tensors``. The first addend becomes the sum as it is: with
+        ``owned`` the caller hands it over (e.g. a freshly decoded submission);
+        otherwise it is shared, and copied before anything is added to it, so
+        the caller's tensors are never written (a step's one gradient is summed
+        without a copy)."""
         with self._lock:
             if self._sum is None:
-                self._sum = tensors if owned else tree_clone(tensors)
+                self._sum, self._shared = tensors, not owned
             else:
                 if self._shared:  # the same bits as adding in place, into a copy
                     self._sum, self._shared = tree_clone(self._sum), False
@@ -86,9 +88,13 @@ class PartialSums:
         return _ordered_sum([s for _, s in sorted(self.by_worker.items()) if not s.empty])
 
 
-def _ordered_sum(sums: list[GradientSum]) -> Tensors | None:
+def _ordered_sum(sums: list[GradientSum], *, new: bool = True) -> Tensors | None:
+    """The sums added in order; ``new=False``: one sum may come back as it is
+    (the caller only reads it)."""
     if not sums:
         return None
+    if len(sums) == 1 and not new:
+        return sums[0].value()
     out = tree_clone(sums[0].value())
     for s in sums[1:]:
         tree_add_(out, s.value())
@@ -249,13 +255,14 @@ class Accumulator:
         return sum(w.loss_sum for w in ws) / weight if weight else None
 
     def gradient(self) -> Tensors:
+        """The step's gradient, to be read only: it may be the sum itself."""
         parts = []
         ws = self._ordered()
         weight_mean = sum(w.weight_mean for w in ws)
-        mean = _ordered_sum([w.mean for w in ws if not w.mean.empty])
+        mean = _ordered_sum([w.mean for w in ws if not w.mean.empty], new=False)
         if mean is not None and weight_mean != 0:
             parts.append(tree_div(mean, weight_mean))
-        summed = _ordered_sum([w.sum for w in ws if not w.sum.empty])
+        summed = _ordered_sum([w.sum for w in ws if not w.sum.empty], new=False)
         if summed is not None:
             parts.append(summed)
         if not parts:

@@ -71,8 +71,10 @@ def test_gradient_sum_owned_buffer_and_copy():
     copied = GradientSum()
     original = _grads(3)
     copied.add(original)
-    copied.add(_grads(4))
+    assert copied.value() is original  # one addend: held as it is, not copied
+    copied.add(_grads(4))  # copied before the first add
     assert torch.equal(original["a"], _grads(3)["a"])
+    torch.testing.assert_close(copied.value()["a"], _grads(3)["a"] + _grads(4)["a"])
 
 
 def test_empty_and_zero_weight_are_clear_errors():

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
+import torch
+
+from rewardsignal.coordinator.runs.versions import make_adapter_file, make_adapter_file_and_delta
 from rewardsignal.coordinator.runs.weights import RecentWeights
 from rewardsignal.protocol import apply_xor_delta
 
@@ -39,3 +43,16 @@ def test_whole_runs_are_dropped_beyond_the_byte_budget_but_never_the_newest():
         assert recent.bytes == 5000
 
     asyncio.run(go())
+
+
+def test_a_new_versions_file_hash_and_delta_whether_hashed_beside_it_or_not():
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, 600_000):  # 4 KB, and 2.4 MB (hashed in a second thread)
+        old = {"a.lora_A": torch.randn(n, generator=g)}
+        new = {"a.lora_A": old["a.lora_A"] - 1e-3 * torch.randn(n, generator=g)}
+        before, _ = make_adapter_file(old)
+        (data, sha), delta = make_adapter_file_and_delta(new, before)
+        assert (data, sha) == make_adapter_file(new)
+        assert sha == hashlib.sha256(data).hexdigest()
+        assert delta is not None and apply_xor_delta(before, delta) == data
+        assert make_adapter_file_and_delta(new, None) == ((data, sha), None)
