@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from rewardsignal.coordinator.app import make_app
 from rewardsignal.coordinator.config import CoordinatorConfig
-from rewardsignal.protocol import MSGPACK, pack, unpack
+from rewardsignal.protocol import MSGPACK, RESULT, pack, pack_result, unpack
 
 
 class Harness:
@@ -71,18 +71,21 @@ class FakeWorker:
                             json={"name": name, "device": "cpu", "max_tokens_per_task": 100000,
                                   **register})
         self.worker_id = body["worker_id"]
+        self.result_types = body.get("result_types", [])
 
     def lease(self, timeout_s: float = 2.0):
         status, body = self.h.request("POST", f"/v1/workers/{self.worker_id}/lease?timeout_s="
                                       f"{timeout_s}", headers=self.headers)
         return body if status == 200 else None
 
-    def submit(self, task: dict, **fields):
+    def submit(self, task: dict, *, as_result: bool = False, **fields):
+        """``as_result``: the tensors after the map (``protocol.RESULT``), not in it."""
         msg = {"worker_id": self.worker_id, "lease_id": task["lease_id"],
                "fingerprint": task["fingerprint"], "version": task["version"], **fields}
         msg = {k: v for k, v in msg.items() if v is not DROP}
-        return self.h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
-                              headers={"Content-Type": MSGPACK, **self.headers})
+        body, kind = (pack_result(msg), RESULT) if as_result else (pack(msg), MSGPACK)
+        return self.h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=body,
+                              headers={"Content-Type": kind, **self.headers})
 
 
 DROP = object()  # a field value meaning: leave this field out
@@ -98,16 +101,17 @@ def new_run(h: Harness, **fields) -> str:
 
 
 def fake_step(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: float = 1.0,
-              weight_sum: float = 2.0) -> None:
+              weight_sum: float = 2.0, as_result: bool = False) -> None:
     """One forward_backward + optim_step, the fake worker submitting a small
     gradient of the right shapes."""
-    fake_gradient(h, worker, run_id, loss_sum=loss_sum, weight_sum=weight_sum)
+    fake_gradient(h, worker, run_id, loss_sum=loss_sum, weight_sum=weight_sum,
+                  as_result=as_result)
     _, req = h.request("POST", f"/v1/runs/{run_id}/optim_step", json={}, expect=202)
     h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
 
 
 def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: float = 1.0,
-                  weight_sum: float = 2.0) -> None:
+                  weight_sum: float = 2.0, as_result: bool = False) -> None:
     """One forward_backward, the fake worker submitting a small gradient of the
     right shapes."""
     import torch
@@ -119,7 +123,8 @@ def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: floa
     task = worker.lease()
     grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[run_id].shapes.items()}
     lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
-    code, _ = worker.submit(task, codec="fp32", tensors=tensors_to_bytes(grads),
+    code, _ = worker.submit(task, as_result=as_result, codec="fp32",
+                            tensors=tensors_to_bytes(grads),
                             result={"loss_sum": loss_sum, "weight_sum": weight_sum,
                                     "logprobs": lp}, duration_s=0.5)
     assert code == 200

@@ -14,8 +14,11 @@ from rewardsignal.protocol import (
     XOR_DELTA,
     XOR_DELTA_V1,
     apply_xor_delta,
+    pack,
+    pack_result,
     tensors_from_bytes,
     tensors_to_bytes,
+    unpack_result,
     xor_delta,
 )
 
@@ -71,6 +74,44 @@ def test_fp32_sets_are_read_as_views_of_one_buffer(metadata):
     read.flat.mul_(2)  # the views follow their buffer
     assert torch.equal(read["w.lora_A"], 2 * t["w.lora_A"])
     assert tensors_to_bytes(read) == library_save({k: 2 * v.contiguous() for k, v in t.items()})
+
+
+def test_a_bytearray_is_handed_over_and_bytes_are_copied():
+    t = _fp32()
+    data = tensors_to_bytes(t)
+    mine = bytearray(data)
+    viewed = tensors_from_bytes(mine)
+    mine[-4:] = bytes(4)  # the views are the bytearray's memory: no copy was made
+    last = next(reversed(viewed.layout))[0]
+    assert viewed[last].reshape(-1)[-1].item() == 0.0
+    copied = tensors_from_bytes(data)  # bytes cannot be written: its own buffer
+    assert all(torch.equal(copied[k], v) for k, v in t.items())
+    copied.flat.zero_()
+    assert tensors_to_bytes(tensors_from_bytes(data)) == data
+
+
+@pytest.mark.parametrize("extra", ["", "x" * 5])  # the map's length moves the padding
+def test_a_result_with_its_tensors_after_the_map_is_read_in_place(extra):
+    t = _fp32()
+    msg = {"lease_id": "L" + extra, "version": 3, "tensors": tensors_to_bytes(t)}
+    body = bytearray(pack_result(msg))
+    got = unpack_result(body, max_bytes=1 << 20)
+    assert {k: v for k, v in got.items() if k != "tensors"} == {"lease_id": "L" + extra,
+                                                                "version": 3}
+    read = tensors_from_bytes(got["tensors"])
+    assert all(torch.equal(read[k], v) for k, v in t.items())
+    body[-4:] = bytes(4)  # the tensors are the body's own memory: nothing was copied
+    last = next(reversed(read.layout))[0]
+    assert read[last].reshape(-1)[-1].item() == 0.0
+
+
+def test_a_result_body_that_does_not_add_up_is_refused():
+    good = pack_result({"lease_id": "L", "tensors": tensors_to_bytes(_fp32())})
+    for bad in (b"", b"\x00\x00", bytearray(good[:6]), b"\xff\xff\xff\xff" + good[4:],
+                len(pack([1])).to_bytes(4, "big") + pack([1]) + bytes(3),  # not a map
+                len(pack({"tensors": b"x"})).to_bytes(4, "big") + pack({"tensors": b"x"})):
+        with pytest.raises(ValidationError):
+            unpack_result(bytearray(bad), max_bytes=1 << 20)
 
 
 def test_payloads_that_are_not_a_tiled_fp32_body_are_left_to_the_library():

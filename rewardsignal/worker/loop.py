@@ -101,6 +101,8 @@ class Worker:
         self._main: asyncio.Task | None = None
         self._busy = False
         self._said_precisions = False
+        # Whether the coordinator reads tensors after a result's map (``RESULT``).
+        self._tensors_after = False
         # The lease asked for while the last result was on its way (``_submit``).
         self._next_lease: asyncio.Task | None = None
         self.tasks_done = 0
@@ -176,6 +178,7 @@ class Worker:
             "host_memory_bytes": hardware.host_memory_bytes(self.device, self.config.memory_gb),
             "checks": list(protocol.CHECK_FEATURES), "tasks": list(protocol.OPTIONAL_TASKS)})
         self.worker_id = reply["worker_id"]
+        self._tensors_after = protocol.RESULT in (reply.get("result_types") or ())
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
                           f"(device {self.device}, {tokens} tokens per task, offers "
                           f"{memory / 2**30:.2f} GiB)")
@@ -376,7 +379,9 @@ class Worker:
     async def _submit(self, task: dict, msg: dict, timeout_s: float = 300) -> dict:
         """Submit, retrying a few times on connection trouble: a computed result is
         worth more than the seconds it takes (a duplicate is a no-op server-side)."""
-        body = protocol.pack({**msg, "worker_id": self.worker_id, "lease_id": task["lease_id"]})
+        fields = {**msg, "worker_id": self.worker_id, "lease_id": task["lease_id"]}
+        kind = protocol.RESULT if "tensors" in msg and self._tensors_after else protocol.MSGPACK
+        body = protocol.pack_result(fields) if kind == protocol.RESULT else protocol.pack(fields)
         big = "tensors" in msg and len(body) > _SLOT_FREE_BYTES
         if "result" in msg and not big and self._may_lease_ahead():
             # The next lease goes out with the result, not a round trip after it:
@@ -387,7 +392,7 @@ class Worker:
                 # Big bodies go out only once the coordinator has a slot for them.
                 params = {"slot": await self._upload_slot(task)} if big else None
                 return await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
-                                        data=body, content_type=protocol.MSGPACK,
+                                        data=body, content_type=kind,
                                         params=params, timeout_s=timeout_s)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 if attempt == 3:

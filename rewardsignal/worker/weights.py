@@ -27,8 +27,8 @@ class WeightCache:
     def __init__(self, keep: int = CACHE_VERSIONS) -> None:
         self.keep = keep
         # (run_id, version) -> (adapter file bytes, their tensors)
-        self._held: OrderedDict[tuple[str, int], tuple[bytes, dict[str, torch.Tensor]]] = (
-            OrderedDict())
+        self._held: OrderedDict[tuple[str, int],
+                                tuple[bytes | bytearray, dict[str, torch.Tensor]]] = OrderedDict()
         self.bytes_downloaded = 0  # full adapters fetched
         self.bytes_delta = 0  # deltas applied
 
@@ -46,7 +46,7 @@ class WeightCache:
         if key in self._held:
             self._held.move_to_end(key)
             return self._held[key][1]
-        raw = self._from_delta(task)
+        raw: bytes | bytearray | None = self._from_delta(task)
         if raw is None:
             raw = await download(task)
             self.bytes_downloaded += len(raw)
@@ -74,14 +74,14 @@ class WeightCache:
             return False
         return True
 
-    def _keep(self, key: tuple[str, int], raw: bytes) -> dict[str, torch.Tensor]:
+    def _keep(self, key: tuple[str, int], raw: bytes | bytearray) -> dict[str, torch.Tensor]:
         tensors = protocol.tensors_from_bytes(raw)
         self._held[key] = (raw, tensors)
         while len(self._held) > self.keep:
             self._held.popitem(last=False)
         return tensors
 
-    def _from_delta(self, task: dict) -> bytes | None:
+    def _from_delta(self, task: dict) -> bytearray | None:
         """The new file from the lease's delta and the version it starts from;
         None (download instead) when there is none, its base is not held, or the
         result is not the version's file bit for bit."""
@@ -96,7 +96,7 @@ class WeightCache:
         if base is None:
             return None
         try:
-            raw = protocol.apply_xor_delta(base[0], bytes(data), delta["codec"])
+            raw = protocol.apply_xor_delta(base[0], data, delta["codec"])
         except ValidationError:
             return None
         if hashlib.sha256(raw).hexdigest() != task["weights_sha256"]:

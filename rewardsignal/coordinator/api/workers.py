@@ -42,10 +42,12 @@ from rewardsignal.protocol import (
     FRAMES,
     MSGPACK,
     OPTIONAL_TASKS,
+    RESULT,
     XOR_DELTA,
     TaskMessage,
     frame,
     pack,
+    unpack_result,
 )
 
 log = logging.getLogger("signal.coordinator")
@@ -75,7 +77,10 @@ async def register_worker(request: web.Request) -> web.Response:
         name=name, device=device, hardware=hardware, max_tokens_per_task=max_tokens,
         models=tuple(models) if models is not None else None, capabilities=caps,
         token_id=token_id)
-    return web.json_response({"worker_id": w.worker_id}, status=201)
+    # The result bodies it reads besides msgpack: a worker sends tensors after
+    # the map (``RESULT``) only to a coordinator that names it.
+    return web.json_response({"worker_id": w.worker_id, "result_types": [MSGPACK, RESULT]},
+                             status=201)
 
 
 def _read_capabilities(b: Body) -> dict:
@@ -304,17 +309,19 @@ async def submit_result(request: web.Request) -> web.Response:
     try:
         await request.app[AUTH].worker(request)
         raw = await read_raw(request)
-        # A multi-MB map is parsed off the event loop.
-        msg = await off_loop(len(raw), decode_body, raw, request.content_type,
-                             coord.config.max_body_bytes)
-        del raw  # the decoded map holds its own copy of the tensors
+        if request.content_type == RESULT:  # the tensors stay where they are, in raw
+            msg = unpack_result(raw, max_bytes=coord.config.max_body_bytes)
+        else:  # a multi-MB map is parsed off the event loop
+            msg = await off_loop(len(raw), decode_body, raw, request.content_type,
+                                 coord.config.max_body_bytes)
+        del raw  # the map holds its tensors (a view of the body, or a copy)
         if not isinstance(msg, dict):
             raise ValidationError("submission must be a msgpack map")
         w = coord.scheduler.worker(str(msg.get("worker_id")))
         out = await coord.ingest.submit(w, request.match_info["task_id"], msg)
     finally:
         slots.release()
-    if request.content_type == MSGPACK:
+    if request.content_type in (MSGPACK, RESULT):
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)
 

@@ -96,7 +96,7 @@ class Ingest:
         run = self.runs[task.run_id]
         view = RunView(run.spec.fingerprint, run.version, run.shapes)
         raw = msg.get("tensors")
-        nbytes = len(raw) if isinstance(raw, bytes) else 0
+        nbytes = len(raw) if isinstance(raw, bytes | memoryview) else 0
         if nbytes and task.kind in ("forward_backward", "train"):
             kind = "delta" if task.kind == "train" else "gradient"
             self.metrics.bytes_in.labels(kind, str(msg.get("codec", "fp32"))[:8]).inc(nbytes)

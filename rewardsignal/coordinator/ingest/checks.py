@@ -67,7 +67,7 @@ def decode_tensors(msg: dict) -> Tensors:
     decoded so only the fp32 copy stays alive."""
     codec = str(msg.get("codec", "fp32"))
     raw = msg.pop("tensors", None)
-    if not isinstance(raw, bytes):
+    if not isinstance(raw, bytes | memoryview):  # memoryview: a ``RESULT`` body's tail
         raise RejectedUpdate("malformed", "missing 'tensors' (safetensors bytes)")
     try:
         return decode(tensors_from_bytes(raw), codec)
