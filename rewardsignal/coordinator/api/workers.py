@@ -310,7 +310,9 @@ async def submit_result(request: web.Request) -> web.Response:
         await request.app[AUTH].worker(request)
         raw = await read_raw(request)
         if request.content_type == RESULT:  # the tensors stay where they are, in raw
-            msg = unpack_result(raw, max_bytes=coord.config.max_body_bytes)
+            head = int.from_bytes(raw[:4], "big")  # a big map is parsed off the loop
+            msg = await off_loop(head, unpack_result, raw,
+                                 max_bytes=coord.config.max_body_bytes)
         else:  # a multi-MB map is parsed off the event loop
             msg = await off_loop(len(raw), decode_body, raw, request.content_type,
                                  coord.config.max_body_bytes)

@@ -311,7 +311,8 @@ def make_adapter_file(adapter: Tensors) -> tuple[bytes, str]:
 # delta is computed: each is a pass over the file (45 MB: 29 and 98 ms), and
 # the worker waiting for the version is idle meanwhile, so a core is free.
 _HASH_BESIDE_BYTES = 1 << 20
-_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="version-sha256")
+# A few threads: runs stepping at once do not queue behind each other's hashes.
+_hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="version-sha256")
 
 
 def make_adapter_file_and_delta(adapter: Tensors, before: bytes | None

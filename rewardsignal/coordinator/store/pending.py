@@ -9,11 +9,15 @@ import asyncio
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator.store.db import Database
-from rewardsignal.protocol import tensors_to_bytes
+from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
+
+
+def _load_tensors(path: Path) -> Tensors:
+    """A stored gradient, read into memory (the accumulator holds it as it is: a
+    view of a mapped file would change, or fault, with the file)."""
+    return tensors_from_bytes(bytearray(path.read_bytes()))
 
 
 def _save_tensors(tensors: Tensors, path: Path) -> None:
@@ -55,5 +59,5 @@ class PendingGradients:
         """(row, gradient) of each pending gradient of ``run_id``."""
         out = []
         for row in await self.db.pending_grads(run_id):
-            out.append((row, await asyncio.to_thread(load_file, row["path"])))
+            out.append((row, await asyncio.to_thread(_load_tensors, Path(row["path"]))))
         return out
