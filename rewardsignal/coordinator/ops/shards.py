@@ -45,10 +45,12 @@ async def compute_shards(ctx: Services, run: Run, request: Request, shards: list
         await _round(ctx, run, request, shards, todo, counted, kind=kind, version=version,
                      sink=sink, first=attempt == 0)
         bad = {o.worker_id for o in counted.values() if ctx.trust.is_quarantined(o.worker_id)}
+        redo = set(bad)  # with any worker whose gradients shared a bad one's sum
         for w in bad:
             if sink is not None:
-                sink.drop(w)
-        todo = [i for i in range(len(shards)) if i not in counted or counted[i].worker_id in bad]
+                redo |= sink.drop(w)
+        todo = [i for i in range(len(shards))
+                if i not in counted or counted[i].worker_id in redo]
         for i in todo:
             if i in counted:
                 ctx.metrics.recomputed.labels("request").inc()
@@ -80,19 +82,21 @@ async def _round(ctx: Services, run: Run, request: Request, shards: list[Shard],
 
 def parts_of(shards: list[Shard], outcomes: list[Outcome], sink: PartialSums | None
              ) -> dict[str, Part]:
-    """Each worker's share of a request: its summed gradient, weights, loss and
-    the shards it computed (what ``Accumulator.remove_worker`` owes back)."""
+    """Each sum's share of a request (a worker's, or the few workers' sharing
+    it): its summed gradient, weights, loss and the shards computed into it
+    (what ``Accumulator.remove_worker`` owes back)."""
     parts: dict[str, Part] = defaultdict(Part)
     for shard, o in zip(shards, outcomes, strict=True):
-        p = parts[o.worker_id]
+        p = parts[sink.key_of(o.worker_id) if sink is not None else o.worker_id]
+        p.workers.add(o.worker_id)
         p.weight += o.result["weight_sum"]
         p.loss_sum += o.result["loss_sum"]
         p.tokens += shard.tokens
         p.shards.append(shard.payload)
     if sink is not None:
-        for w, s in sink.by_worker.items():
-            if not s.empty and w in parts:
-                parts[w].grads = s.value()
+        for key, s in sink.by_key.items():
+            if not s.empty and key in parts:
+                parts[key].grads = s.value()
     return dict(parts)
 
 

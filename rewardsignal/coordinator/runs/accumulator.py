@@ -11,11 +11,20 @@ and adds the ``sum`` part: exactly the gradient of the whole accumulated batch
 (DESIGN.md's rule). When verification quarantines a worker, ``remove_worker``
 drops its sums (nothing is subtracted, so what is left is exactly the honest
 workers' sum) and hands back the shards it computed, to be recomputed.
+
+At most ``MAX_SUMS`` sums are kept apart, per request and per run's open step
+(``Groups``): each is an adapter-sized fp32 buffer, and a step whose shards went
+to 1,000 workers held 1,000 of them (14 GB for signal-small at r=64, and the
+coordinator ran out of memory). A worker beyond that many shares the sum of one
+already there, chosen by its id; taking it out takes its sum-mates' parts out
+too, and their shards are recomputed with its own.
 """
 
 from __future__ import annotations
 
 import threading
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,25 +76,92 @@ class GradientSum:
         return self._sum
 
 
-class PartialSums:
-    """A request's shard gradients, one running sum per worker (a task's sink)."""
+# Gradient sums kept apart per request and per run's open step (module docstring).
+MAX_SUMS = 8
 
-    def __init__(self) -> None:
+
+class Groups:
+    """Which sum each name's gradients go into: a name (a worker, or a request's
+    part) has its own key while fewer than ``limit`` keys exist, and otherwise
+    the key of one already there, chosen by the name's crc32. Also which workers
+    each key's sum holds (a worker may be in several), to take them out."""
+
+    def __init__(self, limit: int = MAX_SUMS) -> None:
+        self.limit = limit
+        self._key: dict[str, str] = {}  # name -> key
+        self._members: dict[str, set[str]] = {}  # key -> workers in its sum
+        self._of: dict[str, set[str]] = {}  # worker -> keys of the sums it is in
+
+    def copy(self) -> Groups:
+        out = Groups(self.limit)
+        out._key = dict(self._key)
+        out._members = {k: set(v) for k, v in self._members.items()}
+        out._of = {w: set(v) for w, v in self._of.items()}
+        return out
+
+    def place(self, name: str, workers: Iterable[str] = ()) -> str:
+        """The key of ``name``'s sum; ``workers`` (default: ``name``) are in it."""
+        key = self._key.get(name)
+        if key is None:
+            if len(self._members) < self.limit:
+                key = name
+            else:
+                keys = sorted(self._members)
+                key = keys[zlib.crc32(name.encode()) % len(keys)]
+            self._key[name] = key
+        members = set(workers) or {name}
+        self._members.setdefault(key, set()).update(members)
+        for w in members:
+            self._of.setdefault(w, set()).add(key)
+        return key
+
+    def key_of(self, worker: str) -> str | None:
+        """The key of a sum ``worker`` is in (the one, for a request's)."""
+        return min(self._of[worker]) if self._of.get(worker) else None
+
+    def take(self, worker: str) -> dict[str, set[str]]:
+        """The keys of the sums ``worker`` is in, with every worker in each,
+        forgotten."""
+        taken = {key: self._members.pop(key, set()) for key in self._of.pop(worker, set())}
+        for key, members in taken.items():
+            for w in members:
+                self._of.get(w, set()).discard(key)
+        self._key = {n: k for n, k in self._key.items() if k not in taken}
+        return taken
+
+
+class PartialSums:
+    """A request's shard gradients, one running sum per worker, at most
+    ``MAX_SUMS`` (a task's sink)."""
+
+    def __init__(self, limit: int = MAX_SUMS) -> None:
         self._lock = threading.Lock()
-        self.by_worker: dict[str, GradientSum] = {}
+        self.groups = Groups(limit)
+        self.by_key: dict[str, GradientSum] = {}
 
     def add(self, tensors: Tensors, *, owned: bool = False, worker: str = RECOVERED) -> None:
         with self._lock:
-            part = self.by_worker.setdefault(worker, GradientSum())
+            part = self.by_key.setdefault(self.groups.place(worker), GradientSum())
         part.add(tensors, owned=owned)
 
-    def drop(self, worker: str) -> None:
+    def key_of(self, worker: str) -> str:
+        """The key of the sum ``worker``'s gradients went into."""
         with self._lock:
-            self.by_worker.pop(worker, None)
+            return self.groups.key_of(worker) or worker
+
+    def drop(self, worker: str) -> set[str]:
+        """Drop the sum holding ``worker``'s gradients; the workers whose shards
+        it held (``worker`` and any that shared it), to compute again."""
+        with self._lock:
+            redo = {worker}
+            for key, members in self.groups.take(worker).items():
+                self.by_key.pop(key, None)
+                redo |= members
+            return redo
 
     def total(self) -> Tensors | None:
-        """The sum over workers (a new buffer), in worker order; None if empty."""
-        return _ordered_sum([s for _, s in sorted(self.by_worker.items()) if not s.empty])
+        """The sum over workers (a new buffer), in key order; None if empty."""
+        return _ordered_sum([s for _, s in sorted(self.by_key.items()) if not s.empty])
 
 
 def _ordered_sum(sums: list[GradientSum], *, new: bool = True) -> Tensors | None:
@@ -103,14 +179,16 @@ def _ordered_sum(sums: list[GradientSum], *, new: bool = True) -> Tensors | None
 
 @dataclass
 class Part:
-    """One worker's share of one request: its gradient sum and bookkeeping, and
-    the task payloads of the shards it computed (to recompute them elsewhere)."""
+    """One worker's share of one request (or a few workers' that share a sum):
+    its gradient sum and bookkeeping, and the task payloads of the shards it
+    computed (to recompute them elsewhere)."""
 
     grads: Tensors | None = field(default=None, repr=False)
     weight: float = 0.0
     tokens: int = 0
     loss_sum: float = 0.0
     shards: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    workers: set[str] = field(default_factory=set)  # empty: the one its key names
 
 
 @dataclass(frozen=True)
@@ -128,9 +206,13 @@ class Contribution:
     parts: dict[str, Part] | None = field(default=None, repr=False)
 
     def by_worker(self) -> dict[str, Part]:
+        """Its parts by sum key (a worker's id, or the first of those sharing it)."""
         if self.parts is not None:
             return self.parts
         return {RECOVERED: Part(self.grads, self.weight, self.tokens, self.loss_sum)}
+
+    def workers(self) -> set[str]:
+        return {w for key, p in (self.parts or {}).items() for w in (p.workers or {key})}
 
 
 @dataclass
@@ -160,6 +242,8 @@ class Accumulator:
     staged: list[Contribution] = field(default_factory=list)
     # What was added and taken out, in order (what ``matches`` compares).
     log: list[tuple[str, str]] = field(default_factory=list)
+    # Which sum each part's workers are in (at most ``MAX_SUMS``).
+    groups: Groups = field(default_factory=Groups, repr=False, compare=False)
     # Guards the above against a big contribution added from a thread while a
     # snapshot is taken on the event loop.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False,
@@ -180,7 +264,7 @@ class Accumulator:
         is copied; the arithmetic is in ``Snapshot.ahead``)."""
         with self._lock:
             copy = Accumulator(self.calls, {w: ws.share() for w, ws in self.workers.items()},
-                               log=list(self.log))
+                               log=list(self.log), groups=self.groups.copy())
             return Snapshot(copy, tuple(self.staged),
                             [*self.log, *(("add", c.request_id) for c in self.staged)])
 
@@ -198,8 +282,8 @@ class Accumulator:
             self._add(c)
 
     def _add(self, c: Contribution) -> None:
-        for worker, part in c.by_worker().items():
-            ws = self.workers.setdefault(worker, _WorkerSums())
+        for name, part in c.by_worker().items():
+            ws = self.workers.setdefault(self.groups.place(name, part.workers), _WorkerSums())
             if part.grads is not None:
                 if c.reduction == "mean":
                     ws.mean.add(part.grads)
@@ -214,15 +298,18 @@ class Accumulator:
         self.calls += 1
 
     def remove_worker(self, worker: str) -> int:
-        """Take ``worker``'s part out (exactly: the others' sums are untouched)
-        and owe its shards; how many shards are owed."""
+        """Take ``worker``'s part out (exactly: the other sums are untouched) and
+        owe its shards, with those of any worker sharing its sum; how many
+        shards are owed."""
         with self._lock:
-            ws = self.workers.pop(worker, None)
-            if ws is None:
+            gone = [ws for key in sorted(self.groups.take(worker))
+                    if (ws := self.workers.pop(key, None)) is not None]
+            if not gone:
                 return 0
             self.log.append(("remove", worker))
-        self.owed.extend(ws.shards)
-        return len(ws.shards)
+        shards = [s for ws in gone for s in ws.shards]
+        self.owed.extend(shards)
+        return len(shards)
 
     def _ordered(self) -> list[_WorkerSums]:
         return [ws for _, ws in sorted(self.workers.items())]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rewardsignal.coordinator.runs.accumulator import (
+    MAX_SUMS,
     Accumulator,
     Contribution,
     GradientSum,
@@ -129,3 +130,49 @@ def test_partial_sums_keep_workers_apart():
         assert torch.equal(sums.total()[k], _grads(1)[k] + _grads(3)[k])
     sums.drop("a")
     assert sums.total() is None
+
+
+def _close(a: dict, b: dict) -> None:
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_many_workers_share_at_most_max_sums_and_one_taken_out_takes_its_mates():
+    # Prepare: a request computed by 3 x MAX_SUMS workers, one shard each.
+    workers = [f"w{i:02d}" for i in range(3 * MAX_SUMS)]
+    sums = PartialSums()
+    for i, w in enumerate(workers):
+        sums.add(_grads(i), worker=w)
+    assert len(sums.by_key) == MAX_SUMS  # memory stays bounded
+    _close(sums.total(), {k: sum(_grads(i)[k] for i in range(len(workers))) for k in "ab"})
+    # Execute: a worker beyond the first MAX_SUMS is taken out.
+    bad = workers[-1]
+    redo = sums.drop(bad)
+    # Assert: its sum-mates come back to be computed again, and what is left is
+    # the others' gradients (the dropped sum's are gone, nothing subtracted).
+    assert bad in redo and len(redo) >= 2
+    assert sums.key_of(bad) == bad  # nothing of it is held any more
+    kept = [i for i, w in enumerate(workers) if w not in redo]
+    _close(sums.total(), {k: sum(_grads(i)[k] for i in kept) for k in "ab"})
+
+
+def test_an_accumulator_of_many_workers_owes_every_shard_of_the_sum_a_bad_one_shared():
+    # Prepare: two requests over 3 x MAX_SUMS workers (each its own part, as a
+    # request of that many shards makes them), and the same without one of them.
+    workers = tuple(f"w{i:02d}" for i in range(3 * MAX_SUMS))
+    acc = Accumulator()
+    for i in (1, 2):
+        acc.add(_with_parts(i, _parts(i, workers)))
+    assert len(acc.workers) == MAX_SUMS
+    # Execute
+    owed = acc.remove_worker(workers[-1])
+    # Assert: every shard of each sum it was in is owed (its own among them),
+    # and the gradient left is exactly the sums nobody bad was in.
+    owed_shards = {p["shard"] for _, _, p in acc.owed}
+    assert owed == len(owed_shards) >= 4 and {"1-w23", "2-w23"} <= owed_shards
+    left = Accumulator()
+    for i in (1, 2):
+        left.add(_with_parts(i, {w: p for w, p in _parts(i, workers).items()
+                                 if f"{i}-{w}" not in owed_shards}))
+    _close(acc.gradient(), left.gradient())
+    assert acc.remove_worker(workers[-1]) == 0
