@@ -147,7 +147,7 @@ class Forward(Operation):
         # when small, as a submission's own sum is.
         await off_loop(4 * sum(t.numel() for t in c.grads.values()), run.accum.add, c)
         # A worker quarantined while this was made durable: its part comes out now.
-        for worker in c.workers():
+        for worker in sorted(c.workers()):
             if ctx.trust.is_quarantined(worker):
                 run.accum.remove_worker(worker)
         ctx.metrics.tokens.labels(run.run_id).inc(c.tokens)

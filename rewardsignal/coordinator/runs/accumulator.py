@@ -17,7 +17,13 @@ At most ``MAX_SUMS`` sums are kept apart, per request and per run's open step
 to 1,000 workers held 1,000 of them (14 GB for signal-small at r=64, and the
 coordinator ran out of memory). A worker beyond that many shares the sum of one
 already there, chosen by its id; taking it out takes its sum-mates' parts out
-too, and their shards are recomputed with its own.
+too, and their shards are recomputed with its own. Two costs beyond 8 workers
+(up to 8, nothing changes): which workers share depends on which 8 came first,
+so the sum's bits depend on arrival order; and each request folds workers its
+own way, so a worker quarantined at the step may be in several of the step's
+sums (with 1,000 workers over 4 requests, about half the step's shards are
+recomputed). A recovered gradient's sum is never shared (it has no shards to
+recompute).
 """
 
 from __future__ import annotations
@@ -103,10 +109,12 @@ class Groups:
         """The key of ``name``'s sum; ``workers`` (default: ``name``) are in it."""
         key = self._key.get(name)
         if key is None:
-            if len(self._members) < self.limit:
+            # Gradients recovered after a restart have no shards to compute again:
+            # nothing is folded into their sum, or taking a worker out would lose them.
+            keys = sorted(k for k in self._members if k != RECOVERED)
+            if len(self._members) < self.limit or not keys or name == RECOVERED:
                 key = name
             else:
-                keys = sorted(self._members)
                 key = keys[zlib.crc32(name.encode()) % len(keys)]
             self._key[name] = key
         members = set(workers) or {name}

@@ -176,3 +176,19 @@ def test_an_accumulator_of_many_workers_owes_every_shard_of_the_sum_a_bad_one_sh
                                  if f"{i}-{w}" not in owed_shards}))
     _close(acc.gradient(), left.gradient())
     assert acc.remove_worker(workers[-1]) == 0
+
+
+def test_a_gradient_recovered_after_a_restart_is_never_taken_out_with_a_worker():
+    # Prepare: a gradient recovered from disk (no shards to compute again), then
+    # a request over 3 x MAX_SUMS workers, so that later workers share sums.
+    workers = tuple(f"x{i:02d}" for i in range(3 * MAX_SUMS))
+    acc = Accumulator()
+    acc.add(Contribution("req-0", _grads(99), 1.0, "sum", 3, 0.5, 1.0))  # recovered
+    acc.add(_with_parts(1, _parts(1, workers), "sum"))
+    # Execute: every worker is taken out.
+    for w in workers:
+        acc.remove_worker(w)
+    # Assert: the recovered gradient is all that is left, and every live shard is owed.
+    for k, v in _grads(99).items():
+        assert torch.equal(acc.gradient()[k], v)
+    assert sorted(p["shard"] for _, _, p in acc.owed) == sorted(f"1-{w}" for w in workers)
