@@ -8,6 +8,8 @@ one counts."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from apphelpers import FakeWorker, Harness, answer, new_run, submit_shard
@@ -34,6 +36,17 @@ async def _optim_step(h: Harness, run_id: str) -> str:
 async def _result(h: Harness, request_id: str) -> dict:
     _, body = await answer(await h.client.get(f"/v1/requests/{request_id}?timeout_s=10"))
     return body
+
+
+@contextmanager
+def _one_worker(data_dir) -> Iterator[tuple[Harness, str, str]]:
+    """A coordinator with a signal-tiny run and one fake worker: (harness, run
+    id, worker id); closed on the way out."""
+    h = Harness(data_dir)
+    try:
+        yield h, new_run(h), FakeWorker(h).worker_id
+    finally:
+        h.close()
 
 
 def _gate_saves(h: Harness, fail: frozenset[int] = frozenset()
@@ -80,11 +93,7 @@ def _count_adamw(monkeypatch) -> list[int]:
 
 def _reference(tmp_path, values: list[float]) -> dict[str, torch.Tensor]:
     """The adapter after one step on the gradients of ``values``, nothing gated."""
-    h = Harness(tmp_path / "reference")
-    try:
-        rid = new_run(h)
-        worker_id = FakeWorker(h).worker_id
-
+    with _one_worker(tmp_path / "reference") as (h, rid, worker_id):
         async def go() -> None:
             for v in values:
                 assert (await _result(h, await _forward_backward(h, worker_id, rid, v))
@@ -93,18 +102,13 @@ def _reference(tmp_path, values: list[float]) -> dict[str, torch.Tensor]:
 
         h.call(go())
         return {k: v.clone() for k, v in h.coordinator.runs[rid].adapter.items()}
-    finally:
-        h.close()
 
 
 def test_adamw_runs_while_the_gradient_is_written_and_the_version_waits_for_it(
         tmp_path, monkeypatch):
     reference = _reference(tmp_path, [0.01])
     adamw = _count_adamw(monkeypatch)
-    h = Harness(tmp_path / "data")
-    try:
-        rid = new_run(h)
-        worker_id = FakeWorker(h).worker_id
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
         run = h.coordinator.runs[rid]
 
         async def go() -> None:
@@ -124,17 +128,12 @@ def test_adamw_runs_while_the_gradient_is_written_and_the_version_waits_for_it(
         assert len(adamw) == 1  # what it computed ahead stood
         assert all(torch.equal(run.adapter[k], v) for k, v in reference.items())
         assert not run.accum.staged
-    finally:
-        h.close()
 
 
 def test_a_staged_gradient_that_cannot_be_stored_fails_its_request_and_the_step(
         tmp_path, monkeypatch):
     adamw = _count_adamw(monkeypatch)
-    h = Harness(tmp_path / "data")
-    try:
-        rid = new_run(h)
-        worker_id = FakeWorker(h).worker_id
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
         run = h.coordinator.runs[rid]
         before = {k: v.clone() for k, v in run.adapter.items()}
 
@@ -153,17 +152,12 @@ def test_a_staged_gradient_that_cannot_be_stored_fails_its_request_and_the_step(
         h.call(go())
         assert run.version == 0 and run.accum.empty and not run.accum.staged
         assert all(torch.equal(run.adapter[k], v) for k, v in before.items())
-    finally:
-        h.close()
 
 
 def test_a_step_computes_again_without_a_gradient_that_never_landed(tmp_path, monkeypatch):
     reference = _reference(tmp_path, [0.01])
     adamw = _count_adamw(monkeypatch)
-    h = Harness(tmp_path / "data")
-    try:
-        rid = new_run(h)
-        worker_id = FakeWorker(h).worker_id
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
         run = h.coordinator.runs[rid]
 
         async def go() -> None:
@@ -181,8 +175,6 @@ def test_a_step_computes_again_without_a_gradient_that_never_landed(tmp_path, mo
         h.call(go())
         assert len(adamw) == 2  # computed ahead with both, again with the first alone
         assert all(torch.equal(run.adapter[k], v) for k, v in reference.items())
-    finally:
-        h.close()
 
 
 def test_a_worker_quarantined_while_the_gradient_is_written_has_its_shards_recomputed(
@@ -230,10 +222,7 @@ def test_a_step_does_not_commit_behind_a_request_whose_outcome_was_not_stored(
     from rewardsignal.coordinator.ops import runner
 
     monkeypatch.setattr(runner, "_FINISH_RETRY_S", (0.0,))
-    h = Harness(tmp_path / "data")
-    try:
-        rid = new_run(h)
-        worker_id = FakeWorker(h).worker_id
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
         run = h.coordinator.runs[rid]
         db = h.coordinator.services.db
         finish = db.finish_request
@@ -256,5 +245,3 @@ def test_a_step_does_not_commit_behind_a_request_whose_outcome_was_not_stored(
 
         h.call(go())
         assert run.version == 0
-    finally:
-        h.close()
