@@ -158,3 +158,24 @@ async def submit_shard(h: Harness, worker_id: str, run_id: str, value: float = 0
     resp = await c.post(f"/v1/tasks/{task['task_id']}/result", data=pack(msg),
                         headers={"Content-Type": MSGPACK})
     return resp.status
+
+
+def real_worker_steps(h: Harness, run_id: str, steps: int):
+    """A real worker process loop (``Worker``, in this process) against the
+    harness's coordinator, serving ``steps`` forward_backward requests of
+    ``run_id`` sent one after the other, then stopping (``max_tasks``); the worker."""
+    from rewardsignal.worker.loop import Worker, WorkerConfig
+
+    url = str(h.client.make_url("")).rstrip("/")
+    worker = Worker(WorkerConfig(coordinator=url, device="cpu", max_tasks=steps))
+
+    async def go() -> None:
+        running = asyncio.ensure_future(worker.run())
+        for i in range(steps):
+            resp = await h.client.post(f"/v1/runs/{run_id}/forward_backward?wait_s=60",
+                                       json={"batch": [{"text": f"step {i}"}]})
+            assert resp.status == 200, await resp.text()
+        assert await asyncio.wait_for(running, 60) == 0
+
+    h.call(go())
+    return worker

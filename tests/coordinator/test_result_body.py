@@ -5,7 +5,7 @@ with the tensors inside the map, and refuses a body that does not add up."""
 from __future__ import annotations
 
 import torch
-from apphelpers import FakeWorker, Harness, fake_step, new_run
+from apphelpers import FakeWorker, Harness, fake_step, new_run, real_worker_steps
 
 from rewardsignal.protocol import MSGPACK, RESULT, tensors_to_bytes
 
@@ -54,10 +54,7 @@ def test_a_result_body_that_does_not_add_up_is_refused_and_changes_nothing(tmp_p
 
 
 def test_a_real_worker_sends_its_gradients_after_the_map(tmp_path, monkeypatch):
-    import asyncio
-
     from rewardsignal.coordinator.api import workers as workers_api
-    from rewardsignal.worker.loop import Worker, WorkerConfig
 
     read: list[int] = []
     real = workers_api.unpack_result
@@ -70,18 +67,7 @@ def test_a_real_worker_sends_its_gradients_after_the_map(tmp_path, monkeypatch):
     h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
     try:
         rid = new_run(h)
-        url = str(h.client.make_url("")).rstrip("/")
-        worker = Worker(WorkerConfig(coordinator=url, device="cpu", max_tasks=2))
-
-        async def go() -> None:
-            running = asyncio.ensure_future(worker.run())
-            for i in range(2):
-                resp = await h.client.post(f"/v1/runs/{rid}/forward_backward?wait_s=60",
-                                           json={"batch": [{"text": f"step {i}"}]})
-                assert resp.status == 200, await resp.text()
-            assert await asyncio.wait_for(running, 60) == 0
-
-        h.call(go())
+        real_worker_steps(h, rid, 2)
         assert len(read) == 2 and h.coordinator.runs[rid].accum.calls == 2
     finally:
         h.close()

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from apphelpers import Harness, new_run
-
-from rewardsignal.worker.loop import Worker, WorkerConfig
+from apphelpers import Harness, new_run, real_worker_steps
 
 
 def test_the_next_lease_goes_out_while_a_result_is_being_accepted(tmp_path):
@@ -36,18 +34,7 @@ def test_the_next_lease_goes_out_while_a_result_is_being_accepted(tmp_path):
 
         coord.ingest.submit = slow_submit
         coord.scheduler.lease = lease
-        url = str(h.client.make_url("")).rstrip("/")
-        worker = Worker(WorkerConfig(coordinator=url, device="cpu", max_tasks=3))
-
-        async def go() -> None:
-            running = asyncio.ensure_future(worker.run())
-            for i in range(3):
-                resp = await h.client.post(f"/v1/runs/{rid}/forward_backward?wait_s=60",
-                                           json={"batch": [{"text": f"step {i}"}]})
-                assert resp.status == 200, await resp.text()
-            assert await asyncio.wait_for(running, 60) == 0
-
-        h.call(go())
+        worker = real_worker_steps(h, rid, 3)
         assert worker.tasks_done == 3 and len(accepting) == 3
         # The leases after the first two results began while those were being
         # accepted; the last result asks for nothing more (max_tasks).
