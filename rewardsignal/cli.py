@@ -148,6 +148,11 @@ def add_coordinator_args(p: argparse.ArgumentParser) -> None:
                         "worker recomputes (same shard, seed and local steps) before they "
                         "count; a worker on probation has all of them checked; 0 checks none "
                         "(env SIGNAL_VERIFY_TRAIN_FRACTION, default 0.05)")
+    p.add_argument("--verify-memory-mb", type=_non_negative_int,
+                   default=_env("SIGNAL_VERIFY_MEMORY_MB", int, 1024),
+                   help="memory for gradients waiting for their checks: a worker on probation "
+                        "computes checks of others' results instead of new work while this is "
+                        "full (0: one at a time; env SIGNAL_VERIFY_MEMORY_MB, default 1024)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
 
@@ -174,7 +179,8 @@ def coordinator_config(args: argparse.Namespace):
         min_updates_per_round=args.min_updates_per_round,
         round_timeout_s=args.round_timeout_s, no_worker_grace_s=args.no_worker_grace_s,
         worker_retention_s=args.worker_retention_s, verify_fraction=args.verify_fraction,
-        probation_tasks=args.probation_tasks, verify_train_fraction=args.verify_train_fraction)
+        probation_tasks=args.probation_tasks, verify_train_fraction=args.verify_train_fraction,
+        verify_memory_mb=args.verify_memory_mb)
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:

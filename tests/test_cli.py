@@ -39,6 +39,7 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     (["coordinator", "--upload-slots", "65", "--port", "0"], "upload_slots must be in [1, 64]"),
     (["coordinator", "--verify-fraction", "1.5"], "--verify-fraction: must be in [0, 1]"),
     (["coordinator", "--probation-tasks", "-1"], "--probation-tasks: must be >= 0"),
+    (["coordinator", "--verify-memory-mb", "-1"], "--verify-memory-mb: must be >= 0"),
     (["worker"], "--coordinator URL is required"),
     (["worker", "--coordinator", "127.0.0.1:8000"], "must be an http(s) URL"),
     (["worker", "--coordinator", "http://127.0.0.1:1", "--device", "tpu"], "--device must be"),
@@ -122,9 +123,9 @@ def test_verification_knobs_from_flags_and_environment():
     from rewardsignal.cli import build_parser, coordinator_config
 
     args = build_parser().parse_args(["coordinator", "--verify-fraction", "0.2",
-                                      "--probation-tasks", "9"])
+                                      "--probation-tasks", "9", "--verify-memory-mb", "64"])
     cfg = coordinator_config(args)
-    assert (cfg.verify_fraction, cfg.probation_tasks) == (0.2, 9)
+    assert (cfg.verify_fraction, cfg.probation_tasks, cfg.verify_memory_mb) == (0.2, 9, 64)
     res = _cli("coordinator", "--port", "0", env={"SIGNAL_VERIFY_FRACTION": "3"})
     assert res.returncode != 0 and "verify_fraction must be in [0, 1]" in res.stderr
 

@@ -48,6 +48,7 @@ class CoordinatorConfig:
     verify_fraction: float = 0.05          # VERIFY_FRACTION: trusted workers' results checked
     probation_tasks: int = 5               # PROBATION_TASKS: a new worker's results all checked
     verify_train_fraction: float = 0.05    # VERIFY_TRAIN_FRACTION: trusted federated deltas checked
+    verify_memory_mb: int = 1024           # VERIFY_MEMORY_MB: gradients held for their checks
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +74,7 @@ class CoordinatorConfig:
             (0 <= self.verify_fraction <= 1, "verify_fraction must be in [0, 1]"),
             (self.probation_tasks >= 0, "probation_tasks must be >= 0"),
             (0 <= self.verify_train_fraction <= 1, "verify_train_fraction must be in [0, 1]"),
+            (self.verify_memory_mb >= 0, "verify_memory_mb must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -102,6 +102,9 @@ class Metrics:
         self.verify_same_token = Counter("signal_verification_same_token", "checks computed "
                                          "by a worker under the checked worker's token (no "
                                          "other was live)", registry=r)
+        self.verify_held_bytes = Gauge(
+            "signal_verification_held_bytes", "gradients held for their checks, and leases "
+            "whose results will be (bounded by --verify-memory-mb)", registry=r)
         self.verify_overhead = Gauge("signal_verification_overhead", "check tasks / all "
                                      "checkable tasks (the compute verification costs)",
                                      registry=r)

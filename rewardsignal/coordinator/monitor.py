@@ -29,6 +29,7 @@ class Monitor:
         counts = self.scheduler.counts()
         self.metrics.tasks_pending.set(counts["pending"])
         self.metrics.tasks_leased.set(counts["leased"])
+        self.metrics.verify_held_bytes.set(self.scheduler.holds.used)
         ws = list(self.scheduler.workers.values())
         self.metrics.workers.labels("registered").set(sum(not w.departed for w in ws))
         self.metrics.workers.labels("active").set(sum(w.active for w in ws))

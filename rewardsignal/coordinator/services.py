@@ -85,7 +85,7 @@ class Services:
             default_task_tokens=config.default_task_tokens,
             straggler_factor=config.straggler_factor, straggler_min_s=config.straggler_min_s,
             quarantine_after=config.quarantine_after, quarantine_s=config.quarantine_s,
-            metrics=metrics)
+            metrics=metrics, hold_limit_bytes=config.verify_memory_mb << 20)
         runs: dict[str, Run] = {}
         trust = Trust(verify_fraction=config.verify_fraction,
                       probation_tasks=config.probation_tasks,

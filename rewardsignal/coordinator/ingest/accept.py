@@ -78,8 +78,16 @@ class Ingest:
         task.claimed = True  # claimed on the event loop: exactly one submission gets past here
         task.done_by = worker.worker_id
         # A result held for a check (``coordinator.trust``) counts only once it
-        # agrees with another worker's: its gradient waits on the task.
+        # agrees with another worker's: its gradient waits on the task, counted
+        # against the memory for held results (the lease's share, made exact).
         task.check = task.checkable and self.trust.wants_check(worker, task.kind)
+        hold = self.scheduler.take_hold(task, lease_id)
+        if task.check and checked.tensors is not None:
+            nbytes = _nbytes(checked.tensors)
+            task.hold = (hold.resize(nbytes) if hold is not None
+                         else self.scheduler.holds.take(nbytes))
+        elif hold is not None:
+            hold.release()
         if task.keep or task.check:
             task.held = checked.tensors
         elif task.sink is not None and checked.tensors is not None:

@@ -21,6 +21,7 @@ from rewardsignal.coordinator.ops.tasks import counted_results
 from rewardsignal.coordinator.runs.accumulator import Contribution, Part, PartialSums
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.services import Services
 from rewardsignal.coordinator.trust.verify import Outcome
 from rewardsignal.errors import TaskFailedError
@@ -68,16 +69,25 @@ async def _round(ctx: Services, run: Run, request: Request, shards: list[Shard],
         kind=kind, run_id=run.run_id, base_model=run.spec.base_model, version=version,
         tokens=shards[i].tokens, preferred_worker=shards[i].preferred_worker if first else None,
         sink=sink, group=run.spec.owner, payload=shards[i].payload) for i in todo]
-    got = await counted_results(ctx, run, request, tasks,
-                                lambda t, outcome: ctx.verifier.check(run, t, outcome))
+
+    async def verified(t: Task, first: Outcome) -> Outcome | None:
+        """``first`` checked, and summed at once if it counts (its memory is then free)."""
+        got = None
+        try:
+            got = await ctx.verifier.check(run, t, first)
+            if got is not None and sink is not None and got.tensors is not None:
+                await asyncio.to_thread(sink.add, got.tensors, owned=True, worker=got.worker_id)
+            return got
+        finally:
+            first.release()
+            if got is not None:
+                got.release()
+
+    got = await counted_results(ctx, run, request, tasks, verified)
     for j, outcome in got.items():
-        if outcome is None:
-            continue
-        if sink is not None and outcome.tensors is not None:  # checked: summed now
-            await asyncio.to_thread(sink.add, outcome.tensors, owned=True,
-                                    worker=outcome.worker_id)
-        outcome.tensors = None
-        counted[todo[j]] = outcome
+        if outcome is not None:
+            outcome.tensors = None
+            counted[todo[j]] = outcome
 
 
 def parts_of(shards: list[Shard], outcomes: list[Outcome], sink: PartialSums | None

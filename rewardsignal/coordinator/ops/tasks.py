@@ -65,7 +65,9 @@ async def counted_results(ctx: Services, run: Run, request: Request, tasks: list
     """Each task's result that counts, by index: an unchecked result as it came
     (its gradient already summed where the task's sink wants it), or, for one the
     trust policy held for a check, what ``check(task, outcome)`` decided (None:
-    it did not hold; ``tensors``: the held gradient, not summed yet)."""
+    it did not hold). ``check`` is given the held gradient and its hold, and
+    releases them (``Outcome.release``) once it has summed or dropped them, so
+    that a request's checked gradients do not wait for each other in memory."""
     for t in tasks:
         t.checkable = ctx.trust.checkable(run, t.kind)
     counted: dict[int, Outcome | None] = {}
@@ -74,8 +76,8 @@ async def counted_results(ctx: Services, run: Run, request: Request, tasks: list
         async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
                                          ctx.config.no_worker_grace_s):
             t = tasks[j]
-            outcome = Outcome(t.done_by, res, t.held)
-            t.held = None
+            outcome = Outcome(t.done_by, res, t.held, t.hold)
+            t.held = t.hold = None
             if t.check:
                 checks.append((j, asyncio.create_task(check(t, outcome))))
             else:
@@ -85,4 +87,8 @@ async def counted_results(ctx: Services, run: Run, request: Request, tasks: list
     finally:
         for _, pending in checks:
             pending.cancel()
+        for t in tasks:  # computed, but the request ended before it was taken
+            if t.hold is not None:
+                t.hold.release()
+            t.held = t.hold = None
     return counted

@@ -1,6 +1,9 @@
 """Sharing the fleet between runs and their owners.
 
-Pending tasks wait in one FIFO queue per run. When a worker asks for work, the
+Pending tasks wait in one FIFO queue per run, a run's check tasks (a second
+worker recomputing a result held for a check) ahead of its other tasks: a
+check frees the memory its result holds (``holds``) and lets the request it
+belongs to finish. When a worker asks for work, the
 runs are tried in order of the service they received lately: first by owner
 (tokens handed to all of that owner's runs), then by run, each a decayed sum
 (half-life ``half_life_s``) so that history fades. A small run or an interactive
@@ -11,10 +14,11 @@ order ranks uploads waiting for a slot (``UploadSlots``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from rewardsignal.coordinator.scheduling.tasks import Task
 
@@ -39,39 +43,43 @@ class _Decayed:
 
 class FairQueue:
     def __init__(self, half_life_s: float = 10.0) -> None:
-        self._queues: dict[str, deque[str]] = {}   # run id -> pending task ids, FIFO
+        # run id -> (check tasks, other tasks): pending task ids, each FIFO
+        self._queues: dict[str, tuple[deque[str], deque[str]]] = {}
         self._owner: dict[str, str] = {}           # run id -> owner (its group)
         self._by_run = _Decayed(half_life_s)
         self._by_owner = _Decayed(half_life_s)
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(c) + len(q) for c, q in self._queues.values())
 
     def __iter__(self) -> Iterator[str]:
-        for q in self._queues.values():
-            yield from q
+        for run_id in self._queues:
+            yield from self.queue(run_id)
 
     def append(self, t: Task, *, front: bool = False) -> None:
-        q = self._queues.setdefault(t.run_id, deque())
+        checks, rest = self._queues.setdefault(t.run_id, (deque(), deque()))
         self._owner[t.run_id] = t.group
+        q = checks if t.keep else rest
         if front:
             q.appendleft(t.task_id)
         else:
             q.append(t.task_id)
 
     def remove(self, t: Task) -> None:
-        q = self._queues.get(t.run_id)
-        if q is None:
+        queues = self._queues.get(t.run_id)
+        if queues is None:
             return
         try:
-            q.remove(t.task_id)
+            queues[0 if t.keep else 1].remove(t.task_id)
         except ValueError:
             return
-        if not q:
+        if not queues[0] and not queues[1]:
             del self._queues[t.run_id]
 
-    def queue(self, run_id: str) -> deque[str]:
-        return self._queues.get(run_id, deque())
+    def queue(self, run_id: str) -> Iterable[str]:
+        """The run's pending task ids in the order they are handed out."""
+        checks, rest = self._queues.get(run_id, ((), ()))
+        return itertools.chain(checks, rest)
 
     def rank(self, run_id: str, owner: str, now: float | None = None) -> tuple[float, float]:
         """Lower goes first: (owner's recent service, run's recent service)."""

@@ -2,7 +2,9 @@
 
 A task is created with an ``asyncio.Future``; the first valid submission
 resolves it and every later one is a no-op. Pending tasks are handed out to
-long-polling workers (their own shards first, then any they can steal); a lease
+long-polling workers (their own shards first, then any they can steal), a
+lease whose result will be held for a check only while the memory for held
+results allows (``holds``); a lease
 has a deadline that heartbeats push back; the ticker returns expired leases'
 tasks to the queue and fails a task that ran out of attempts. A straggler's
 task may be leased a second time to an idle worker: first result wins.
@@ -16,11 +18,13 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.scheduling.fairness import FairQueue
+from rewardsignal.coordinator.scheduling.holds import Hold, HoldBudget
 from rewardsignal.coordinator.scheduling.placement import Requirement, refusal
 from rewardsignal.coordinator.scheduling.planning import plan_shards
 from rewardsignal.coordinator.scheduling.stragglers import Stragglers
@@ -42,7 +46,8 @@ _REMEMBER_DONE = 50_000
 class Scheduler:
     def __init__(self, *, lease_timeout_s: float, max_attempts: int, default_task_tokens: int,
                  straggler_factor: float, straggler_min_s: float, quarantine_after: int,
-                 quarantine_s: float, metrics: Metrics | None = None) -> None:
+                 quarantine_s: float, metrics: Metrics | None = None,
+                 hold_limit_bytes: int = 1 << 30) -> None:
         self.workers: dict[str, WorkerInfo] = {}
         self.tasks: dict[str, Task] = {}
         self.pending = FairQueue()
@@ -62,7 +67,12 @@ class Scheduler:
         # run id -> what a worker needs to serve it (placement)
         self.requirements: dict[str, Requirement] = {}
         self.stragglers = Stragglers(self.tasks, self.workers, factor=straggler_factor,
-                                     min_s=straggler_min_s, serves=self.can_serve)
+                                     min_s=straggler_min_s,
+                                     serves=lambda w, t: self.can_serve(w, t) and self.fits(w, t))
+        # Results held for a check, and leases whose results will be: what a
+        # lease costs is the trust policy's to say (``Trust.hold_cost``).
+        self.holds = HoldBudget(hold_limit_bytes, wake=self._notify)
+        self.hold_cost: Callable[[WorkerInfo, Task], int] = lambda w, t: 0
 
     # -- workers -----------------------------------------------------------------
     def register(self, *, name: str, device: str, hardware: dict, max_tokens_per_task: int,
@@ -155,6 +165,12 @@ class Scheduler:
     def can_serve(self, w: WorkerInfo, t: Task) -> bool:
         return self.takes(w, t) and self.refusal(w, t.run_id, t.base_model) is None
 
+    def fits(self, w: WorkerInfo, t: Task) -> bool:
+        """Whether the memory for held results has room for ``w``'s result of ``t``
+        (not a placement rule: a worker kept waiting by it still counts as one
+        that can serve the run)."""
+        return not t.checkable or t.keep or self.holds.fits(self.hold_cost(w, t))
+
     def eligible_workers(self, model_id: str, run_id: str | None = None) -> list[WorkerInfo]:
         """Live workers that can take the run's tasks (``run_id``), or, without
         one, any task on ``model_id``."""
@@ -192,12 +208,14 @@ class Scheduler:
                  payload: dict, tokens: int, preferred_worker: str | None = None,
                  job_id: str | None = None, limits: UpdateLimits | None = None,
                  sink: Sink | None = None, group: str = "",
-                 exclude: frozenset[str] = frozenset()) -> Task:
+                 exclude: frozenset[str] = frozenset(), keep: bool = False) -> Task:
         """``group``: who the work is for (the run's owner); runs and groups share
-        the fleet fairly (``fairness``)."""
+        the fleet fairly (``fairness``). ``keep``: a check task (its result is
+        held for the verifier, never summed); it goes ahead of the run's others."""
         task = Task("t-" + secrets.token_hex(8), kind, run_id, base_model, version, payload,
                     tokens, asyncio.get_running_loop().create_future(), preferred_worker,
-                    job_id=job_id, limits=limits, sink=sink, group=group, exclude=exclude)
+                    job_id=job_id, limits=limits, sink=sink, group=group, exclude=exclude,
+                    keep=keep)
         self.tasks[task.task_id] = task
         self.pending.append(task)
         if preferred_worker is not None:
@@ -212,6 +230,9 @@ class Scheduler:
         self._forget(task)
 
     def _forget(self, task: Task) -> None:
+        for lease in task.leases.values():  # leases left on it will not be answered
+            _release(lease.hold)
+            lease.hold = None
         self.tasks.pop(task.task_id, None)
         self.finished[task.task_id] = None
         while len(self.finished) > _REMEMBER_DONE:
@@ -248,20 +269,28 @@ class Scheduler:
         by_run = self._preferred.get(w.worker_id)
         own = by_run.get(run_id) if by_run else None
         while own:
-            t = self.tasks.get(own.popleft())
+            t = self.tasks.get(own[0])
             # Still waiting (not leased, finished or handed to someone else)?
             if (t is not None and not t.done and not t.leases
                     and t.preferred_worker == w.worker_id):
+                if not self.fits(w, t):
+                    return None  # still planned for it, once there is room
+                own.popleft()
                 return t
+            own.popleft()
         if by_run is not None and own is not None:
             del by_run[run_id]
         return None
 
     def _stealable(self, w: WorkerInfo, run_id: str, now: float) -> Task | None:
         # The queue's head is enough: past it sit younger shards of the same requests.
+        no_room: set[str] = set()  # kinds whose held results do not fit (the same cost)
         for tid in itertools.islice(self.pending.queue(run_id), _SCAN_LIMIT):
             t = self.tasks[tid]
             if not w.serves(t.base_model) or w.worker_id in t.exclude or not self.takes(w, t):
+                continue
+            if t.checkable and not t.keep and (t.kind in no_room or not self.fits(w, t)):
+                no_room.add(t.kind)
                 continue
             if t.preferred_worker in (None, w.worker_id):
                 return t
@@ -275,7 +304,8 @@ class Scheduler:
                ) -> tuple[Task, Lease]:
         now = time.monotonic()
         lease = Lease("l-" + secrets.token_hex(8), w.worker_id, now, now + self.lease_timeout_s,
-                      parked)
+                      parked, hold=self.holds.take(self.hold_cost(w, t))
+                      if t.checkable and not t.keep else None)
         t.leases[lease.lease_id] = lease
         if not speculative:
             self.pending.remove(t)
@@ -367,9 +397,17 @@ class Scheduler:
                                               for le in t.leases.values())
                    for t in self.tasks.values())
 
+    def take_hold(self, t: Task, lease_id: str) -> Hold | None:
+        """The lease's hold on memory for its held result, handed to the caller
+        (who keeps it while the result is held, or releases it)."""
+        lease = t.leases[lease_id]
+        hold, lease.hold = lease.hold, None
+        return hold
+
     def complete(self, t: Task, lease_id: str, result: Any, *, tokens: int,
                  duration_s: float) -> None:
         lease = t.leases.pop(lease_id)
+        _release(lease.hold)
         w = self.workers.get(lease.worker_id)
         if w is not None:
             w.rejections_in_row = 0
@@ -389,6 +427,7 @@ class Scheduler:
         requeue the task, or fail it after ``max_attempts``."""
         lease = t.leases.pop(lease_id, None)
         if lease is not None:
+            _release(lease.hold)
             w = self.workers.get(lease.worker_id)
             if w is not None and w.current_task == t.task_id:
                 w.current_task = None
@@ -424,3 +463,8 @@ class Scheduler:
     def counts(self) -> dict[str, int]:
         leased = sum(1 for t in self.tasks.values() if t.leases)
         return {"pending": len(self.pending), "leased": leased}
+
+
+def _release(hold: Hold | None) -> None:
+    if hold is not None:
+        hold.release()

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.aggregation.validate import UpdateLimits
+from rewardsignal.coordinator.scheduling.holds import Hold
 
 
 class Sink(Protocol):
@@ -25,6 +26,7 @@ class Lease:
     deadline: float
     parked: bool = False  # the long-poll found nothing on arrival and waited for work
     uploading: bool = False  # computed; its holder is waiting for or using an upload slot
+    hold: Hold | None = None  # memory counted for its result, held for a check (``holds``)
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Task:
     done_by: str = ""             # the worker whose result was accepted
     held: Tensors | None = field(default=None, repr=False)  # gradient held for a check
     check: bool = False           # the accepted result awaits a check
+    hold: Hold | None = None      # the memory that result is counted as (``holds``)
     # Files uploaded for this task (``export_merged``), by lease.
     uploads: dict[str, Uploads] = field(default_factory=dict)
 

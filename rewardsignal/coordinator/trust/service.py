@@ -14,6 +14,10 @@ live; when only workers under the same token are live, one of them checks
 (counted: ``signal_verification_same_token``); when no other worker is live, the
 result counts unchecked (``signal_verification_skipped{reason="no_other_worker"}``)
 and the worker's reputation does not move.
+
+Held results take memory until their check: the scheduler leases a task whose
+result will be held only while the memory for held results has room
+(``scheduling.holds``), and ``hold_cost`` tells it what such a result weighs.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
+from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.store.db import Database
 from rewardsignal.coordinator.trust.reputation import Reputation
@@ -33,6 +38,10 @@ from rewardsignal.coordinator.trust.reputation import Reputation
 log = logging.getLogger("signal.trust")
 
 CHECKED_KINDS = ("forward_backward", "forward", "sample", "train")
+# Kinds whose held result weighs an adapter (a gradient). A train task's delta is
+# held by its federated round whether or not it is checked; forward and sample
+# results are a few numbers per token.
+_HEAVY_KINDS = ("forward_backward",)
 # Kinds whose computation draws dropout masks in a run with lora_dropout > 0.
 _DROPOUT_KINDS = ("forward_backward", "train")
 
@@ -55,6 +64,8 @@ class Trust:
         self.metrics = metrics
         self.runs = runs
         self.reputations: dict[str, Reputation] = {}
+        self._gradient_bytes: dict[str, int] = {}  # run id -> its fp32 adapter's bytes
+        scheduler.hold_cost = self.hold_cost
         self._rng = random.Random(seed)
         self.primary_tasks = 0  # checkable results accepted
         self.extra_tasks = 0    # tasks issued only to check another's result
@@ -97,6 +108,23 @@ class Trust:
             return True
         fraction = self.train_fraction if kind == "train" else self.verify_fraction
         return self._rng.random() < fraction
+
+    def hold_cost(self, w: WorkerInfo, t: Task) -> int:
+        """Bytes ``w``'s result for ``t`` will hold while it waits for a check: a
+        gradient (the run's adapter in fp32) when ``w`` is on probation, and
+        nothing otherwise (a trusted worker's result is held by chance; it is
+        counted once it is)."""
+        if (not self.enabled or t.keep or t.kind not in _HEAVY_KINDS
+                or self.reputation(w).state(self.probation_tasks) != "probation"):
+            return 0
+        size = self._gradient_bytes.get(t.run_id)
+        if size is None:
+            run = self.runs.get(t.run_id)
+            if run is None:
+                return 0
+            size = self._gradient_bytes[t.run_id] = 4 * sum(
+                math.prod(shape) for shape in run.shapes.values())
+        return size
 
     def is_quarantined(self, worker_id: str) -> bool:
         rep = self.reputations.get(worker_id)

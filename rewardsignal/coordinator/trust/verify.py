@@ -23,6 +23,7 @@ from rewardsignal.aggregation.agreement import (
 )
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.holds import Hold
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.trust.service import Trust
@@ -34,11 +35,20 @@ _CHECK_S = 1.0
 @dataclass
 class Outcome:
     """One worker's accepted result for a shard (``tensors``: its gradient, held
-    while the result is checked, or a ``train`` task's delta)."""
+    while the result is checked, or a ``train`` task's delta; ``hold``: the
+    memory it is counted as while held, released once it is summed or dropped)."""
 
     worker_id: str
     result: dict[str, Any]
     tensors: Tensors | None = field(default=None, repr=False)
+    hold: Hold | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """The held tensors are summed or dropped: their memory is free."""
+        self.tensors = None
+        if self.hold is not None:
+            self.hold.release()
+            self.hold = None
 
     def comparable(self) -> Result:
         r = self.result
@@ -141,8 +151,7 @@ class Verifier:
             kind=kind or task.kind, run_id=task.run_id, base_model=task.base_model,
             version=task.version, payload=payload or task.payload, tokens=task.tokens,
             group=task.group, exclude=frozenset(barred), job_id=task.job_id,
-            limits=task.limits)
-        copy.keep = True
+            limits=task.limits, keep=True)
         try:
             if not await self._wait(copy, run, barred):
                 self.trust.note_skipped("no_other_worker")

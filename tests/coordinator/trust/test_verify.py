@@ -1,10 +1,15 @@
 """Verification in an in-process coordinator with fake workers that speak the
 real protocol: who may check whom, the tie-break, and the exact removal of a
-quarantined worker's part of the open step (recomputed before the step)."""
+quarantined worker's part of the open step (recomputed before the step); and
+the memory for gradients held for their checks (with room for one, a fleet on
+probation computes one new result at a time and checks meanwhile, and every
+held gradient is given back)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 
 import pytest
 import torch
@@ -289,3 +294,74 @@ def test_no_step_is_applied_while_a_shard_awaits_its_verdict(h):
     submit(b, b.lease(), g)  # the check agrees
     done(h, req)
     assert done(h, step["request_id"])["result"]["version"] == 1
+
+
+# -- the memory for gradients held for their checks (``scheduling.holds``) ----------
+def _fb(h: Harness, run_id: str, n: int) -> str:
+    _, req = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                       json={"batch": [{"text": f"shard {i}"} for i in range(n)]}, expect=202)
+    return req["request_id"]
+
+
+def _gradient_bytes(h: Harness, run_id: str) -> int:
+    return 4 * sum(math.prod(s) for s in h.coordinator.runs[run_id].shapes.values())
+
+
+@pytest.fixture
+def tight(tmp_path):
+    # Room for one held gradient (0: one at a time); every result is checked.
+    h = Harness(tmp_path / "data", verify_fraction=1.0, probation_tasks=100,
+                verify_memory_mb=0, worker_tokens=("tok-a", "tok-b", "tok-c"))
+    yield h
+    h.close()
+
+
+def test_a_fleet_on_probation_holds_one_gradient_at_a_time_and_steps_exactly(tight):
+    h = tight
+    run_id = _run(h)
+    holds = h.coordinator.scheduler.holds
+    g = _gradient_bytes(h, run_id)
+    a, b, c = (FakeWorker(h, n, token=f"tok-{n}") for n in "abc")
+    req = _fb(h, run_id, 3)
+    first = a.lease()
+    assert holds.used == g
+    assert b.lease(0.3) is None and c.lease(0.3) is None  # no room for another
+    shards = {repr(first["payload"]): honest(h, run_id, first["payload"])}
+    submit(a, first, shards[repr(first["payload"])])
+    check = b.lease()
+    assert check["payload"] == first["payload"]  # a check, not new work
+    assert holds.used == g and c.lease(0.3) is None
+    submit(b, check, shards[repr(first["payload"])])  # agrees: summed, memory given back
+    h.call(asyncio.sleep(0.05))
+    assert holds.used == 0
+
+    for _ in range(40):  # the other two shards and their checks, whoever leases them
+        if len(shards) == 3 and holds.used == 0:
+            break
+        for w in (a, b, c):
+            task = w.lease(0.2)
+            if task is not None:
+                grads = shards.setdefault(repr(task["payload"]),
+                                          honest(h, run_id, task["payload"]))
+                submit(w, task, grads)
+            assert holds.used <= g
+    done(h, req)
+    assert len(shards) == 3 and holds.used == 0 and holds.peak == g
+    for k, v in h.coordinator.runs[run_id].accum.gradient().items():
+        want = sum(x[k] for x in shards.values()) / (3 * WEIGHT)
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=0)
+
+
+def test_results_held_when_their_request_ends_are_given_back(tight):
+    h = tight
+    run_id = _run(h)
+    holds = h.coordinator.scheduler.holds
+    a, b = FakeWorker(h, "a", token="tok-a"), FakeWorker(h, "b", token="tok-b")
+    _fb(h, run_id, 2)
+    task = a.lease()
+    submit(a, task, honest(h, run_id, task["payload"]))
+    assert holds.used == _gradient_bytes(h, run_id)  # held, its check not computed
+    h.request("DELETE", f"/v1/runs/{run_id}", expect=200)
+    h.call(asyncio.sleep(0.1))
+    assert holds.used == 0
+    assert b.lease(0.3) is None  # nothing of the deleted run is left to lease
