@@ -75,14 +75,20 @@ class Ingest:
         if task.done or task.claimed:  # another lease won while this one was checked
             self.metrics.duplicates.inc()
             return {"status": "duplicate"}
+        if lease_id not in task.leases:  # it expired, or its worker was withdrawn, meanwhile
+            self._reject("unknown_lease")
+            raise ConflictError(f"lease {lease_id} on task {task_id} ended while its result "
+                                "was checked; the task went back to the queue",
+                                code="unknown_lease")
         task.claimed = True  # claimed on the event loop: exactly one submission gets past here
         task.done_by = worker.worker_id
         # A result held for a check (``coordinator.trust``) counts only once it
         # agrees with another worker's: its gradient waits on the task, counted
         # against the memory for held results (the lease's share, made exact).
         task.check = task.checkable and self.trust.wants_check(worker, task.kind)
+        # A check task's gradient is counted too, until its verdict (always granted).
         hold = self.scheduler.take_hold(task, lease_id)
-        if task.check and checked.tensors is not None:
+        if (task.check or task.keep) and checked.tensors is not None:
             nbytes = _nbytes(checked.tensors)
             task.hold = (hold.resize(nbytes) if hold is not None
                          else self.scheduler.holds.take(nbytes))

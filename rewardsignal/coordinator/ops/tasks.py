@@ -71,7 +71,7 @@ async def counted_results(ctx: Services, run: Run, request: Request, tasks: list
     for t in tasks:
         t.checkable = ctx.trust.checkable(run, t.kind)
     counted: dict[int, Outcome | None] = {}
-    checks: list[tuple[int, asyncio.Task]] = []
+    checks: list[tuple[int, Outcome, asyncio.Task]] = []
     try:
         async for j, res in gather_tasks(ctx.scheduler, tasks, request, run.spec.base_model,
                                          ctx.config.no_worker_grace_s):
@@ -79,14 +79,19 @@ async def counted_results(ctx: Services, run: Run, request: Request, tasks: list
             outcome = Outcome(t.done_by, res, t.held, t.hold)
             t.held = t.hold = None
             if t.check:
-                checks.append((j, asyncio.create_task(check(t, outcome))))
+                checks.append((j, outcome, asyncio.create_task(check(t, outcome))))
             else:
                 counted[j] = outcome
-        for j, pending in checks:
+            del outcome  # a failure's traceback keeps this frame: nothing held in it
+        for j, _, pending in checks:
             counted[j] = await pending
     finally:
-        for _, pending in checks:
+        # The request ended (or failed) with checks undecided, some perhaps not
+        # started: their gradients are dropped and their memory given back here.
+        for _, held, pending in checks:
             pending.cancel()
+            held.release()
+        checks.clear()
         for t in tasks:  # computed, but the request ended before it was taken
             if t.hold is not None:
                 t.hold.release()

@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterator
 
 from rewardsignal.coordinator.scheduling.tasks import Task
 
@@ -41,45 +41,71 @@ class _Decayed:
         self._value.pop(key, None)
 
 
+class _RunQueue:
+    """One run's pending task ids: its checks, then the rest, each FIFO, and how
+    many of the rest are of each kind."""
+
+    __slots__ = ("checks", "rest", "kinds")
+
+    def __init__(self) -> None:
+        self.checks: deque[str] = deque()
+        self.rest: deque[str] = deque()
+        self.kinds: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.checks) + len(self.rest)
+
+
 class FairQueue:
     def __init__(self, half_life_s: float = 10.0) -> None:
-        # run id -> (check tasks, other tasks): pending task ids, each FIFO
-        self._queues: dict[str, tuple[deque[str], deque[str]]] = {}
+        self._queues: dict[str, _RunQueue] = {}    # run id -> its pending tasks
         self._owner: dict[str, str] = {}           # run id -> owner (its group)
         self._by_run = _Decayed(half_life_s)
         self._by_owner = _Decayed(half_life_s)
 
     def __len__(self) -> int:
-        return sum(len(c) + len(q) for c, q in self._queues.values())
+        return sum(len(q) for q in self._queues.values())
 
     def __iter__(self) -> Iterator[str]:
-        for run_id in self._queues:
-            yield from self.queue(run_id)
+        for q in self._queues.values():
+            yield from itertools.chain(q.checks, q.rest)
 
     def append(self, t: Task, *, front: bool = False) -> None:
-        checks, rest = self._queues.setdefault(t.run_id, (deque(), deque()))
+        rq = self._queues.get(t.run_id)
+        if rq is None:
+            rq = self._queues[t.run_id] = _RunQueue()
         self._owner[t.run_id] = t.group
-        q = checks if t.keep else rest
+        q = rq.checks if t.keep else rq.rest
         if front:
             q.appendleft(t.task_id)
         else:
             q.append(t.task_id)
+        if not t.keep:
+            rq.kinds[t.kind] += 1
 
     def remove(self, t: Task) -> None:
-        queues = self._queues.get(t.run_id)
-        if queues is None:
+        rq = self._queues.get(t.run_id)
+        if rq is None:
             return
         try:
-            queues[0 if t.keep else 1].remove(t.task_id)
+            (rq.checks if t.keep else rq.rest).remove(t.task_id)
         except ValueError:
             return
-        if not queues[0] and not queues[1]:
+        if not t.keep:
+            rq.kinds[t.kind] -= 1
+        if not rq:
             del self._queues[t.run_id]
 
-    def queue(self, run_id: str) -> Iterable[str]:
-        """The run's pending task ids in the order they are handed out."""
-        checks, rest = self._queues.get(run_id, ((), ()))
-        return itertools.chain(checks, rest)
+    def queues(self, run_id: str) -> tuple[deque[str], deque[str]]:
+        """The run's pending check tasks and its other pending tasks, each in the
+        order they are handed out."""
+        rq = self._queues.get(run_id)
+        return (rq.checks, rq.rest) if rq is not None else (deque(), deque())
+
+    def only(self, run_id: str, kind: str) -> bool:
+        """Whether every pending task of the run but its checks is of ``kind``."""
+        rq = self._queues.get(run_id)
+        return rq is None or rq.kinds[kind] == len(rq.rest)
 
     def rank(self, run_id: str, owner: str, now: float | None = None) -> tuple[float, float]:
         """Lower goes first: (owner's recent service, run's recent service)."""

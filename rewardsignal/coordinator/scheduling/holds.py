@@ -26,7 +26,9 @@ class HoldBudget:
         self.used = 0
         self.peak = 0
         self._wake = wake  # room was given back: a parked lease may look again
-        self._lock = threading.Lock()  # a Hold may be dropped by a thread
+        # A Hold may be dropped by a thread, or by the cyclic collector while this
+        # thread holds the lock (an allocation in _add): reentrant.
+        self._lock = threading.RLock()
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= 0 or self.used == 0 or self.used + nbytes <= self.limit

@@ -283,22 +283,34 @@ class Scheduler:
         return None
 
     def _stealable(self, w: WorkerInfo, run_id: str, now: float) -> Task | None:
-        # The queue's head is enough: past it sit younger shards of the same requests.
-        no_room: set[str] = set()  # kinds whose held results do not fit (the same cost)
-        for tid in itertools.islice(self.pending.queue(run_id), _SCAN_LIMIT):
+        # The head of each queue is enough: past it sit younger shards of the same
+        # requests. Checks first, each queue scanned on its own (a head of checks
+        # that all exclude ``w`` does not hide the run's other work from it).
+        checks, rest = self.pending.queues(run_id)
+        for tid in itertools.islice(checks, _SCAN_LIMIT):
             t = self.tasks[tid]
-            if not w.serves(t.base_model) or w.worker_id in t.exclude or not self.takes(w, t):
-                continue
-            if t.checkable and not t.keep and (t.kind in no_room or not self.fits(w, t)):
+            if self._may_steal(w, t, now):
+                return t
+        no_room: set[str] = set()  # kinds whose held results do not fit (the same cost)
+        for tid in itertools.islice(rest, _SCAN_LIMIT):
+            t = self.tasks[tid]
+            if t.checkable and (t.kind in no_room or not self.fits(w, t)):
+                if self.pending.only(run_id, t.kind):
+                    return None  # all the rest would be held too: no use looking on
                 no_room.add(t.kind)
                 continue
-            if t.preferred_worker in (None, w.worker_id):
-                return t
-            owner = self.workers.get(t.preferred_worker)
-            if (owner is None or not owner.active or owner.quarantined
-                    or now - t.created > _STEAL_AFTER_S):
+            if self._may_steal(w, t, now):
                 return t
         return None
+
+    def _may_steal(self, w: WorkerInfo, t: Task, now: float) -> bool:
+        if not w.serves(t.base_model) or w.worker_id in t.exclude or not self.takes(w, t):
+            return False
+        if t.preferred_worker in (None, w.worker_id):
+            return True
+        owner = self.workers.get(t.preferred_worker)
+        return (owner is None or not owner.active or owner.quarantined
+                or now - t.created > _STEAL_AFTER_S)
 
     def _grant(self, t: Task, w: WorkerInfo, *, speculative: bool, parked: bool
                ) -> tuple[Task, Lease]:

@@ -124,6 +124,11 @@ class Trust:
                 return 0
             size = self._gradient_bytes[t.run_id] = 4 * sum(
                 math.prod(shape) for shape in run.shapes.values())
+            if size > self.scheduler.holds.limit:
+                log.warning("run %s: one gradient (%d MB) is larger than --verify-memory-mb "
+                            "(%d MB): workers on probation compute its shards one at a time "
+                            "across the fleet; raise --verify-memory-mb to let more through",
+                            t.run_id, size >> 20, self.scheduler.holds.limit >> 20)
         return size
 
     def is_quarantined(self, worker_id: str) -> bool:

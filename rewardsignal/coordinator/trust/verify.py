@@ -100,21 +100,30 @@ class Verifier:
                                       "second", kind=kind, payload=payload)
         if second is None:
             return first  # nobody else can check it: counts unchecked
-        why = compare(first, second)
-        if why is None:
-            self.trust.metrics.verdicts.labels("agree").inc()
-            await self.trust.agreed(first.worker_id, second.worker_id)
-            return first
-        third = await self.recompute(run, task, first.worker_id,
-                                     {first.worker_id, second.worker_id} | barred, "tiebreak",
-                                     kind=kind, payload=payload)
-        if third is None:
-            # Two results, no majority: neither counts, both back on probation.
-            self.trust.metrics.verdicts.labels("unresolved").inc()
-            await self.trust.disagreed(first.worker_id, second.worker_id)
-            return None
-        return await self._tiebreak(run, compare, first, second, third,
-                                    f"{what} of run {run.run_id}: {why}")
+        third: Outcome | None = None
+        counts: Outcome | None = None
+        try:
+            why = compare(first, second)
+            if why is None:
+                self.trust.metrics.verdicts.labels("agree").inc()
+                await self.trust.agreed(first.worker_id, second.worker_id)
+                counts = first
+                return counts
+            third = await self.recompute(run, task, first.worker_id,
+                                         {first.worker_id, second.worker_id} | barred,
+                                         "tiebreak", kind=kind, payload=payload)
+            if third is None:
+                # Two results, no majority: neither counts, both back on probation.
+                self.trust.metrics.verdicts.labels("unresolved").inc()
+                await self.trust.disagreed(first.worker_id, second.worker_id)
+                return None
+            counts = await self._tiebreak(run, compare, first, second, third,
+                                          f"{what} of run {run.run_id}: {why}")
+            return counts
+        finally:  # the checkers' gradients, unless one counts (the caller's then)
+            for o in (second, third):
+                if o is not None and o is not counts:
+                    o.release()
 
     async def _tiebreak(self, run: Run, compare: Callable[[Outcome, Outcome], str | None],
                         a: Outcome, b: Outcome, c: Outcome, why: str) -> Outcome | None:
@@ -158,12 +167,17 @@ class Verifier:
                 return None
             res = copy.future.result()
             # A train task's delta travels on its result; a gradient is held on the task.
-            return Outcome(copy.done_by, res, res.pop("delta", None) if copy.kind == "train"
-                           else copy.held)
+            if copy.kind == "train":
+                return Outcome(copy.done_by, res, res.pop("delta", None))
+            out = Outcome(copy.done_by, res, copy.held, copy.hold)
+            copy.hold = None
+            return out
         finally:
             if not copy.done:
                 self.scheduler.cancel(copy, "check withdrawn")
-            copy.held = None
+            if copy.hold is not None:
+                copy.hold.release()
+            copy.held = copy.hold = None
 
     async def _wait(self, copy: Task, run: Run, barred: set[str]) -> bool:
         """Whether ``copy`` was computed; False once no worker that may compute

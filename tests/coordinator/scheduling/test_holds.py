@@ -106,3 +106,33 @@ def test_checks_are_served_first_in_order_and_planned_shards_stay_planned():
         assert t is own  # still planned for it
 
     asyncio.run(go())
+
+
+def test_checks_that_exclude_a_worker_do_not_hide_the_runs_other_work():
+    async def go():
+        s = _scheduler(limit=10 * G)
+        s.hold_cost = lambda w, t: 0  # a trusted worker: nothing of its is held
+        w = _worker(s, "w")
+        for _ in range(300):  # more than a lease looks at, none of them for w
+            s.add_task(kind="forward_backward", run_id="r", base_model="m", version=0,
+                       payload={}, tokens=10, exclude=frozenset({w.worker_id}), keep=True)
+        (shard,) = _add(s, 1)
+        got = await s.lease(w, 0)
+        assert got is not None and got[0] is shard
+
+    asyncio.run(go())
+
+
+def test_a_worker_with_no_room_looks_no_further_than_the_first_task_it_cannot_take():
+    async def go():
+        s = _scheduler(limit=0)
+        calls = []
+        s.hold_cost = lambda w, t: calls.append(t) or G
+        a, b = _worker(s, "a"), _worker(s, "b")
+        _add(s, 1000)
+        await s.lease(a, 0)  # nothing held: one lease fits
+        calls.clear()
+        assert await s.lease(b, 0) is None
+        assert len(calls) <= 2  # not one per pending task (the queue and stragglers)
+
+    asyncio.run(go())

@@ -3,7 +3,7 @@ real protocol: who may check whom, the tie-break, and the exact removal of a
 quarantined worker's part of the open step (recomputed before the step); and
 the memory for gradients held for their checks (with room for one, a fleet on
 probation computes one new result at a time and checks meanwhile, and every
-held gradient is given back)."""
+held gradient is given back, also by a request that fails)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from apphelpers import FakeWorker, Harness
 
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
-from rewardsignal.protocol import tensors_to_bytes
+from rewardsignal.protocol import MSGPACK, pack, tensors_to_bytes
 
 WEIGHT = 2.0  # every fake shard's weight sum
 
@@ -344,9 +344,9 @@ def test_a_fleet_on_probation_holds_one_gradient_at_a_time_and_steps_exactly(tig
                 grads = shards.setdefault(repr(task["payload"]),
                                           honest(h, run_id, task["payload"]))
                 submit(w, task, grads)
-            assert holds.used <= g
+            assert holds.used <= 2 * g  # one new result, and its check's until the verdict
     done(h, req)
-    assert len(shards) == 3 and holds.used == 0 and holds.peak == g
+    assert len(shards) == 3 and holds.used == 0 and holds.peak == 2 * g
     for k, v in h.coordinator.runs[run_id].accum.gradient().items():
         want = sum(x[k] for x in shards.values()) / (3 * WEIGHT)
         torch.testing.assert_close(v, want, rtol=1e-6, atol=0)
@@ -365,3 +365,40 @@ def test_results_held_when_their_request_ends_are_given_back(tight):
     h.call(asyncio.sleep(0.1))
     assert holds.used == 0
     assert b.lease(0.3) is None  # nothing of the deleted run is left to lease
+
+
+def test_a_request_that_fails_with_results_held_gives_their_memory_back(tmp_path):
+    """A held result and a failed shard sent at once: however the request takes
+    them in (the check started and withdrawn, or never started), the request
+    fails and the held gradient's memory is given back."""
+    h = Harness(tmp_path / "data", verify_fraction=1.0, probation_tasks=100,
+                max_task_attempts=1, worker_tokens=("tok-a", "tok-b"))
+    try:
+        run_id = _run(h)
+        holds = h.coordinator.scheduler.holds
+        a, b = FakeWorker(h, "a", token="tok-a"), FakeWorker(h, "b", token="tok-b")
+        req = _fb(h, run_id, 2)
+        ta, tb = a.lease(), b.lease()
+        grads = honest(h, run_id, ta["payload"])
+        lp = [[-1.0] * len(d["model_input"]) for d in ta["payload"]["datums"]]
+
+        async def both():  # answered in the same turn of the loop
+            def post(w, task, msg):
+                return h.client.post(
+                    f"/v1/tasks/{task['task_id']}/result", headers={"Content-Type": MSGPACK,
+                                                                    **w.headers},
+                    data=pack({"worker_id": w.worker_id, "lease_id": task["lease_id"],
+                               "fingerprint": task["fingerprint"], "version": task["version"],
+                               **msg}))
+            return [r.status for r in await asyncio.gather(
+                post(a, ta, {"codec": "fp32", "tensors": tensors_to_bytes(grads),
+                             "result": {"loss_sum": 1.0, "weight_sum": WEIGHT, "logprobs": lp}}),
+                post(b, tb, {"error": "out of memory"}))]
+
+        assert h.call(both()) == [200, 200]
+        _, body = h.request("GET", f"/v1/requests/{req}?timeout_s=5")
+        assert body["status"] == "failed" and body["error"]["code"] == "task_failed", body
+        h.call(asyncio.sleep(0.05))
+        assert holds.used == 0
+    finally:
+        h.close()
