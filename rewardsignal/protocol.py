@@ -83,8 +83,9 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
 def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes, checking the header against the buffer first so a
     lying header is a clean ``ValidationError`` rather than a crash. A writable
-    buffer (a ``bytearray``, or a view of one) is handed over: fp32 tensors may
-    be views of it (no copy), so the caller must not write to it afterwards."""
+    buffer (a ``bytearray``, or a view of one) is handed over: tensors of one
+    float dtype may be views of it (no copy), so the caller must not write to it
+    afterwards."""
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 8:
         raise ValidationError("tensor payload is not safetensors (too short)")
     header_len = int.from_bytes(data[:8], "little")
@@ -96,7 +97,7 @@ def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.
         raise ValidationError("tensor payload header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ValidationError("tensor payload header must be an object")
-    flat = _flat_f32(data, 8 + header_len, header)
+    flat = _flat(data, 8 + header_len, header)
     if flat is not None:
         return flat
     body = len(data) - 8 - header_len
@@ -114,45 +115,52 @@ def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.
         raise ValidationError(f"tensor payload is not valid safetensors: {exc}") from None
 
 
-def _flat_f32(data: bytes | bytearray | memoryview, start: int, header: dict
-              ) -> FlatTensors | None:
-    """The common case, fp32 tensors tiling the body in offset order (what Signal
-    and the safetensors library write): every tensor a view of one buffer, the
-    body itself when ``data`` is writable and the body 4-byte aligned in memory,
-    else a copy of the body. None for anything else, valid or not (the checks
-    below and the library judge it)."""
+_FLAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _flat(data: bytes | bytearray | memoryview, start: int, header: dict
+          ) -> FlatTensors | None:
+    """The common case, tensors of one float dtype tiling the body in offset
+    order (what Signal and the safetensors library write): every tensor a view
+    of one buffer, the body itself when ``data`` is writable and the body
+    aligned in memory, else a copy of the body. None for anything else, valid or
+    not (the checks below and the library judge it)."""
     if sys.byteorder != "little":
         return None
     entries = []
+    dtypes = set()
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") != "F32":
+        if not isinstance(info, dict) or info.get("dtype") not in _FLAT_DTYPES:
             return None
+        dtypes.add(info["dtype"])
         offsets, shape = info.get("data_offsets"), info.get("shape")
-        if (not isinstance(offsets, list) or len(offsets) != 2
+        if (len(dtypes) > 1 or not isinstance(offsets, list) or len(offsets) != 2
                 or not isinstance(shape, list)
                 or not all(type(d) is int and d >= 0 for d in shape)):
             return None
         entries.append((offsets[0], offsets[1], name, tuple(shape)))
+    dtype = _FLAT_DTYPES[dtypes.pop()] if dtypes else torch.float32
+    size = dtype.itemsize
     entries.sort(key=lambda e: e[0] if type(e[0]) is int else -1)
     pos = 0
     for a, b, _, shape in entries:
-        if a != pos or type(b) is not int or b - a != 4 * math.prod(shape):
+        if a != pos or type(b) is not int or b - a != size * math.prod(shape):
             return None
         pos = b
     if pos != len(data) - start:
         return None
     layout = tuple((name, shape) for _, _, name, shape in entries)
     if not pos:
-        return FlatTensors(torch.zeros(0), layout)
+        return FlatTensors(torch.zeros(0, dtype=dtype), layout)
     view = memoryview(data)
     flat = None
     if not view.readonly and view.contiguous and view.itemsize == 1:
         flat = torch.frombuffer(view, dtype=torch.uint8, offset=start)
-    if flat is None or flat.data_ptr() % 4:
+    if flat is None or flat.data_ptr() % size:
         flat = torch.frombuffer(bytearray(view[start:]), dtype=torch.uint8)
-    return FlatTensors(flat.view(torch.float32), layout)
+    return FlatTensors(flat.view(dtype), layout)
 
 
 # Check computations a worker may declare at registration (``checks``), beyond

@@ -76,6 +76,20 @@ def test_fp32_sets_are_read_as_views_of_one_buffer(metadata):
     assert tensors_to_bytes(read) == library_save({k: 2 * v.contiguous() for k, v in t.items()})
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sets_are_read_as_one_buffer_too(dtype):
+    t = {k: v.to(dtype) for k, v in _fp32().items()}
+    data = tensors_to_bytes(t)
+    read = tensors_from_bytes(bytearray(data))
+    assert isinstance(read, FlatTensors) and read.flat.dtype == dtype
+    assert all(read[k].dtype == dtype and torch.equal(read[k], v) for k, v in t.items())
+    assert tensors_to_bytes(read) == data
+    shifted = bytearray(1) + bytearray(data)  # the body one byte off alignment: copied
+    odd = tensors_from_bytes(memoryview(shifted)[1:])
+    assert odd.flat.data_ptr() % 2 == 0
+    assert all(torch.equal(odd[k], v) for k, v in t.items())
+
+
 def test_a_bytearray_is_handed_over_and_bytes_are_copied():
     t = _fp32()
     data = tensors_to_bytes(t)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rewardsignal.aggregation.tensors import Tensors
+from rewardsignal.aggregation.tensors import FlatTensors, Tensors, flat_buffer
 from rewardsignal.errors import RejectedUpdate, ValidationError
 
 _FLOAT_CODECS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,4 +81,20 @@ def decode(tensors: Tensors, codec: str) -> Tensors:
             raise RejectedUpdate("dtype", f"{k} is {v.dtype} but codec {codec} says {dtype}")
     if dtype == torch.float32:
         return tensors  # as decoded (a flat set stays flat)
-    return {k: v.to(torch.float32) for k, v in tensors.items()}
+    return _widen(tensors)
+
+
+def _widen(tensors: Tensors) -> FlatTensors:
+    """fp16/bf16 tensors as one flat fp32 set (the same bits as ``v.float()``
+    for each): one cast kernel for a flat set, and the checks and sums after it
+    are then one kernel each as for an fp32 submission."""
+    flat = flat_buffer(tensors)
+    if flat is not None and isinstance(tensors, FlatTensors):
+        return tensors.with_buffer(flat.float())
+    names = sorted(tensors)  # the order an fp32 file of the same set is laid out in
+    out = torch.empty(sum(tensors[k].numel() for k in names), dtype=torch.float32)
+    layout = tuple((k, tuple(tensors[k].shape)) for k in names)
+    widened = FlatTensors(out, layout)
+    for k in names:
+        widened[k].copy_(tensors[k])  # writes the buffer (the view stays a view)
+    return widened

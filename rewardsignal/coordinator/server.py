@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from rewardsignal.coordinator.app import make_app
 from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.heap import limit_malloc_arenas, trim_forever
 from rewardsignal.coordinator.store.lock import DataDirLock
 from rewardsignal.errors import ConflictError
 
@@ -54,28 +55,6 @@ def _stored_keys(config: CoordinatorConfig) -> tuple[bool, bool]:
             any(k["scope"] == "worker" for k in active))
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` does) before any
-    worker thread exists.
-
-    Submissions are decoded in a thread pool; each thread gets its own arena by
-    default, and multi-MB buffers freed there stay resident. Measured with
-    ``bench/coordinator_load.py`` (2 upload slots, 7 MB updates): the swarm added
-    32x the update size to peak RSS with default arenas, 22x with two, at the
-    same submissions/s. A no-op (False) where the C library has no ``mallopt``.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_arena_max = -8  # from glibc's malloc.h
-    return bool(mallopt(m_arena_max, arenas))
-
-
 async def serve(config: CoordinatorConfig) -> None:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUEST_FILTER)
     lock = DataDirLock(config.data_dir)
@@ -111,14 +90,17 @@ async def _serve_locked(config: CoordinatorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    trimmer = asyncio.create_task(trim_forever())
     await stop.wait()
     log.info("shutting down")
+    trimmer.cancel()
+    await asyncio.gather(trimmer, return_exceptions=True)
     await runner.cleanup()
     log.info("stopped")
 
 
 def run(config: CoordinatorConfig) -> int:
-    if not _limit_malloc_arenas():
+    if not limit_malloc_arenas():
         log.debug("malloc arenas left at the C library's default")
     asyncio.run(serve(config))
     return 0

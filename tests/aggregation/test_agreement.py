@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from rewardsignal.aggregation.agreement import (
@@ -35,6 +36,23 @@ def test_relative_l2_by_hand():
     assert relative_l2(a, a) == 0.0
     assert relative_l2({"x": torch.zeros(2)}, {"x": torch.zeros(2)}) == 0.0
     assert relative_l2(a, {"x": a["x"]}) == math.inf  # different names never agree
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 64])  # one chunk; several, one of them short
+def test_relative_l2_of_flat_sets_is_the_per_tensor_value(chunk, monkeypatch):
+    from rewardsignal.aggregation import agreement
+    from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
+
+    monkeypatch.setattr(agreement, "_CHUNK", chunk)
+
+    gen = torch.Generator().manual_seed(3)
+    a = {"x": torch.randn(40, 8, generator=gen), "y": torch.randn(17, generator=gen)}
+    b = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    fa, fb = (tensors_from_bytes(tensors_to_bytes(t)) for t in (a, b))
+    assert fa.flat is not None and fb.flat is not None  # the one-kernel path is taken
+    assert math.isclose(relative_l2(fa, fb), relative_l2(a, b), rel_tol=1e-12)
+    assert relative_l2(fa, fa) == 0.0
+    assert math.isclose(relative_l2(fa, b), relative_l2(a, b), rel_tol=1e-12)  # one flat
 
 
 def test_tolerance_is_the_looser_dtype():

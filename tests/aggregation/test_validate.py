@@ -60,6 +60,25 @@ def test_float_codecs_round_trip_within_their_precision(codec, tol):
     assert global_norm(y) == pytest.approx(global_norm(x), rel=max(tol, 1e-7))
 
 
+@pytest.mark.parametrize("codec", ["fp16", "bf16"])
+def test_a_half_precision_submission_is_widened_into_one_flat_buffer(codec):
+    from rewardsignal.aggregation.tensors import FlatTensors
+    from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
+
+    gen = torch.Generator().manual_seed(2)
+    x = {"b.lora_B": torch.randn(12, 4, generator=gen), "a.lora_A": torch.randn(4, 9,
+                                                                               generator=gen),
+         "c": torch.randn(5, generator=gen)}
+    sent = encode(x, codec)
+    read = tensors_from_bytes(tensors_to_bytes(sent))  # as the coordinator reads the body
+    assert isinstance(read, FlatTensors) and read.flat.dtype == sent["c"].dtype
+    for got in (decode(read, codec), decode(dict(sent), codec)):  # flat or not
+        assert isinstance(got, FlatTensors) and got.flat is not None
+        assert got.flat.dtype == torch.float32 and list(got) == sorted(x)
+        for k, v in sent.items():
+            assert torch.equal(got[k], v.float())  # the bits of a per-tensor cast
+
+
 def test_decode_refuses_mislabelled_dtype():
     with pytest.raises(RejectedUpdate, match="codec fp16"):
         decode({"w": torch.zeros(2)}, "fp16")
