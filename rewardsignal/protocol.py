@@ -129,27 +129,30 @@ def _flat(data: bytes | bytearray | memoryview, start: int, header: dict
         return None
     entries = []
     dtypes = set()
+    body = len(data) - start
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict):
+                return None
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _FLAT_DTYPES:
             return None
         dtypes.add(info["dtype"])
         offsets, shape = info.get("data_offsets"), info.get("shape")
         if (len(dtypes) > 1 or not isinstance(offsets, list) or len(offsets) != 2
-                or not isinstance(shape, list)
-                or not all(type(d) is int and d >= 0 for d in shape)):
-            return None
+                or not all(type(o) is int for o in offsets) or not isinstance(shape, list)
+                or not all(type(d) is int and 0 <= d <= body for d in shape)):
+            return None  # (a dimension beyond the body: only with a zero beside it)
         entries.append((offsets[0], offsets[1], name, tuple(shape)))
     dtype = _FLAT_DTYPES[dtypes.pop()] if dtypes else torch.float32
     size = dtype.itemsize
-    entries.sort(key=lambda e: e[0] if type(e[0]) is int else -1)
+    entries.sort(key=lambda e: e[0])
     pos = 0
     for a, b, _, shape in entries:
-        if a != pos or type(b) is not int or b - a != size * math.prod(shape):
+        if a != pos or b - a != size * math.prod(shape):
             return None
         pos = b
-    if pos != len(data) - start:
+    if pos != body:
         return None
     layout = tuple((name, shape) for _, _, name, shape in entries)
     if not pos:

@@ -3,6 +3,8 @@ safetensors library: the same bytes, and every tensor read back exactly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load
@@ -126,6 +128,34 @@ def test_a_result_body_that_does_not_add_up_is_refused():
                 len(pack({"tensors": b"x"})).to_bytes(4, "big") + pack({"tensors": b"x"})):
         with pytest.raises(ValidationError):
             unpack_result(bytearray(bad), max_bytes=1 << 20)
+
+
+def _raw(header: dict, body: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + body
+
+
+@pytest.mark.parametrize("dtype, size", [("F32", 4), ("F16", 2), ("BF16", 2)])
+def test_lying_headers_of_one_float_dtype_are_refused_cleanly(dtype, size):
+    body = bytes(5 * size)
+    good = {"a": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2 * size]},
+            "b": {"dtype": dtype, "shape": [3], "data_offsets": [2 * size, 5 * size]}}
+    assert isinstance(tensors_from_bytes(_raw(good, body)), FlatTensors)
+    lies = [
+        {**good, "b": {**good["b"], "data_offsets": [size, 4 * size]}},  # overlaps a
+        {**good, "z": {"dtype": dtype, "shape": [0, 10**30], "data_offsets": [0, 0]}},
+        {**good, "a": {**good["a"], "data_offsets": [False, 2 * size]}},
+        {**good, "__metadata__": "not an object"},
+        {**good, "b": {**good["b"], "dtype": "F64" if dtype == "F32" else "F32"}},  # size
+    ]
+    for lie in lies:
+        with pytest.raises(ValidationError):
+            tensors_from_bytes(_raw(lie, body))
+    other = "BF16" if dtype == "F16" else "F16"  # two dtypes: valid, and not one buffer
+    if size == 2:
+        mixed = tensors_from_bytes(_raw({**good, "b": {**good["b"], "dtype": other}}, body))
+        assert not isinstance(mixed, FlatTensors) and mixed["b"].shape == (3,)
 
 
 def test_payloads_that_are_not_a_tiled_fp32_body_are_left_to_the_library():

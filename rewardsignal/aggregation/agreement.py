@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from rewardsignal.aggregation.tensors import FlatTensors, Tensors, flat_buffer
 
 # Relative L2 bound per compute dtype of the two workers (the looser one wins).
@@ -76,9 +78,10 @@ def relative_l2(a: Tensors, b: Tensors) -> float:
         diff = na = nb = 0.0
         for x, y in zip(fa.split(_CHUNK), fb.split(_CHUNK), strict=True):
             x, y = x.double(), y.double()  # in chunks: the float64 copies stay small
-            diff += float((x - y).pow_(2).sum())
-            na += float(x.pow_(2).sum())
-            nb += float(y.pow_(2).sum())
+            d = x - y
+            diff += float(torch.dot(d, d))
+            na += float(torch.dot(x, x))
+            nb += float(torch.dot(y, y))
     else:
         diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
         na = sum(float(a[k].double().pow(2).sum()) for k in a)

@@ -92,7 +92,9 @@ def _widen(tensors: Tensors) -> FlatTensors:
     if flat is not None and isinstance(tensors, FlatTensors):
         return tensors.with_buffer(flat.float())
     names = sorted(tensors)  # the order an fp32 file of the same set is laid out in
-    out = torch.empty(sum(tensors[k].numel() for k in names), dtype=torch.float32)
+    device = tensors[names[0]].device if names else None
+    out = torch.empty(sum(tensors[k].numel() for k in names), dtype=torch.float32,
+                      device=device)
     layout = tuple((k, tuple(tensors[k].shape)) for k in names)
     widened = FlatTensors(out, layout)
     for k in names:

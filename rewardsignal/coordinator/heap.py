@@ -1,17 +1,20 @@
 """The coordinator process's C heap: few malloc arenas, and freed memory handed
-back to the system every second.
+back to the system when RSS has grown.
 
 Submissions (a few MB of tensors each) are decoded and checked on a thread
 pool. glibc gives each thread an arena of its own by default, and once a large
 block has been freed it raises its mmap threshold, so later blocks of that size
 come from the arenas' heaps too: freed, they stay resident. Under a swarm the
-coordinator's RSS then follows the most it ever had in flight, not what it
-holds. Measured with ``bench/coordinator_load.py`` (1,000 workers, 7 MB fp16
-updates, 2 upload slots; ``bench/RESULTS.md``): the swarm added 32x the update
-size to peak RSS with default arenas, 22x with two; with verification on (every
-result held for its check) two arenas peaked at 3,470-3,570 MB, and a
-``malloc_trim`` every second at 2,324 MB (each trim about 30 ms, on a thread).
-Linux with glibc only: elsewhere nothing changes.
+coordinator's RSS then follows the most it ever had in flight, fragmented, not
+what it holds. Measured with ``bench/coordinator_load.py`` (1,000 workers, 7 MB
+fp16 updates, 2 upload slots; ``bench/RESULTS.md``): the swarm added 32x the
+update size to peak RSS with default arenas, 22x with two. With verification on
+(every new worker's results held for their checks), peak RSS and submissions/s
+over two runs each: no trim 3,080-3,139 MB at 36.5-40.2/s; a trim whenever RSS
+grew by 128 MB 2,320-2,383 MB at 28.9-31.9/s; by 512 MB (``GROWN_BYTES``)
+2,489-2,549 MB at 33.9-36.9/s. A trim costs its pause (each arena's lock is
+held while it runs, tens of ms) and the page faults of the memory touched again
+after it. Linux with glibc only: elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("signal.coordinator")
 
 _M_ARENA_MAX = -8  # mallopt(3) parameter, from glibc's malloc.h
+
+# RSS grown since the last trim that makes the next one worth its pause.
+GROWN_BYTES = 512 << 20
 
 
 def _libc() -> Any:
@@ -48,16 +55,37 @@ def heap_trimmer() -> Callable[[], int] | None:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: int(trim(0))
 
 
-async def trim_forever(interval_s: float = 1.0) -> None:
-    """Trim the heap every ``interval_s`` on a thread (a trim of a few GB of heap
-    takes tens of ms) until cancelled."""
+def resident_bytes() -> int | None:
+    """This process's RSS (``/proc/self/statm``); None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def trim_forever(interval_s: float = 1.0, grown_bytes: int = GROWN_BYTES) -> None:
+    """Every ``interval_s``, trim the heap (on a thread) if RSS grew by
+    ``grown_bytes`` since the last trim, until cancelled. Only then: a trim
+    holds each arena's lock while it walks the heap, so a thread allocating
+    meanwhile (the event loop's included) waits, up to tens of ms."""
     trim = heap_trimmer()
-    if trim is None:
-        log.debug("no malloc_trim in this C library: freed heap stays resident")
+    if trim is None or (floor := resident_bytes()) is None:
+        log.debug("no malloc_trim or RSS in this process: freed heap stays resident")
         return
     while True:
         await asyncio.sleep(interval_s)
-        await asyncio.to_thread(trim)
+        rss = resident_bytes() or 0
+        if rss - floor < grown_bytes:
+            floor = min(floor, rss)
+            continue
+        try:
+            await asyncio.to_thread(trim)
+        except Exception:  # never expected; serving goes on untrimmed
+            log.exception("heap trimming stopped")
+            return
+        floor = resident_bytes() or rss

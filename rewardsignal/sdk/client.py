@@ -45,6 +45,10 @@ class AsyncSignalClient:
     def __init__(self, api_key: str | None = None, base_url: str | None = None, *,
                  timeout_s: float = 600.0,
                  retry_window_s: float = DEFAULT_RETRY_WINDOW_S) -> None:
+        if isinstance(api_key, str) and api_key.startswith(("http://", "https://")):
+            raise ValidationError(f"{api_key!r} was given as the API key (the first "
+                                  f"argument); pass the coordinator's address as "
+                                  f"base_url={api_key!r}")
         self.api_key = api_key if api_key is not None else os.environ.get("SIGNAL_API_KEY")
         self.base_url = (base_url or os.environ.get("SIGNAL_URL")
                          or os.environ.get("SIGNAL_COORDINATOR") or DEFAULT_URL).rstrip("/")

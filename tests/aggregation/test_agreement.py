@@ -44,13 +44,23 @@ def test_relative_l2_of_flat_sets_is_the_per_tensor_value(chunk, monkeypatch):
     from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
 
     monkeypatch.setattr(agreement, "_CHUNK", chunk)
+    flat_seen = []
+    real_flat_buffer = agreement.flat_buffer
+
+    def spy(*args):
+        flat_seen.append(real_flat_buffer(*args) is not None)
+        return real_flat_buffer(*args)
+
+    monkeypatch.setattr(agreement, "flat_buffer", spy)
 
     gen = torch.Generator().manual_seed(3)
     a = {"x": torch.randn(40, 8, generator=gen), "y": torch.randn(17, generator=gen)}
     b = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in a.items()}
     fa, fb = (tensors_from_bytes(tensors_to_bytes(t)) for t in (a, b))
     assert fa.flat is not None and fb.flat is not None  # the one-kernel path is taken
-    assert math.isclose(relative_l2(fa, fb), relative_l2(a, b), rel_tol=1e-12)
+    flat_value = relative_l2(fa, fb)
+    assert flat_seen == [True, True]  # both sets were compared through their buffers
+    assert math.isclose(flat_value, relative_l2(a, b), rel_tol=1e-12)
     assert relative_l2(fa, fa) == 0.0
     assert math.isclose(relative_l2(fa, b), relative_l2(a, b), rel_tol=1e-12)  # one flat
 
@@ -101,3 +111,12 @@ def test_train_deltas_compare_under_the_looser_train_bound():
     for wrong in ({k: -v for k, v in d.items()}, half, _grads(2)):
         why = delta_disagreement(d, wrong, train_tolerance("bf16", "bf16", codec="int8"))
         assert why is not None and "deltas differ" in why
+
+
+def test_relative_l2_leaves_float64_inputs_as_they_were():
+    from rewardsignal.aggregation.tensors import FlatTensors
+
+    x = FlatTensors(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), (("w", (3,)),))
+    y = FlatTensors(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), (("w", (3,)),))
+    assert math.isclose(relative_l2(x, y), 1 / math.sqrt(21), rel_tol=1e-12)
+    assert x.flat.tolist() == [1.0, 2.0, 3.0] and y.flat.tolist() == [1.0, 2.0, 4.0]

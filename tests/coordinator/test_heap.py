@@ -1,5 +1,5 @@
 """The coordinator's heap: large blocks freed on a decoding thread stay resident
-until trimmed, and the trim the server runs every second gives them back."""
+until trimmed, and the trim the server runs once RSS has grown gives them back."""
 
 from __future__ import annotations
 
@@ -63,17 +63,20 @@ def _probe(mode: str) -> tuple[int, int]:
 def test_a_trim_gives_back_what_frees_left_resident():
     kept, freed = _probe("none")
     trimmed, _ = _probe("trim")
-    assert kept == freed < 64  # without a trim most of the 128 MiB stays resident
+    assert abs(kept - freed) <= 1 and freed < 64  # without a trim most stays resident
     assert trimmed >= 112
 
 
-def test_the_trim_runs_every_interval_until_cancelled(monkeypatch):
-    calls = []
+def _run_trims(monkeypatch, rss_step: int, ticks: int = 6) -> int:
+    """How many trims ``trim_forever`` makes over ``ticks`` intervals while RSS
+    moves by ``rss_step`` per look; checks the loop ends when cancelled."""
+    calls, rss = [], iter(range(1 << 30, 1 << 40, rss_step) if rss_step else [1 << 30] * 999)
     monkeypatch.setattr(heap, "heap_trimmer", lambda: lambda: calls.append(1) or 1)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: next(rss))
 
     async def main() -> None:
-        task = asyncio.create_task(heap.trim_forever(0.01))
-        await asyncio.sleep(0.2)
+        task = asyncio.create_task(heap.trim_forever(0.02))
+        await asyncio.sleep(0.02 * ticks + 0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         seen = len(calls)
@@ -81,7 +84,15 @@ def test_the_trim_runs_every_interval_until_cancelled(monkeypatch):
         assert len(calls) == seen  # nothing after the cancel
 
     asyncio.run(main())
-    assert 3 <= len(calls) <= 21
+    return len(calls)
+
+
+def test_the_heap_is_trimmed_only_when_rss_grew(monkeypatch):
+    # Each look sees RSS a whole threshold higher: a trim at (nearly) every tick.
+    assert 2 <= _run_trims(monkeypatch, heap.GROWN_BYTES) <= 6
+    # Growing by less than the threshold between trims: every other tick.
+    assert 1 <= _run_trims(monkeypatch, heap.GROWN_BYTES // 2 + 1) <= 3
+    assert _run_trims(monkeypatch, 0) == 0  # steady RSS: never
 
 
 def test_without_malloc_trim_nothing_runs(monkeypatch):

@@ -8,6 +8,7 @@ import inspect
 import pytest
 
 from rewardsignal import AsyncSignalClient, SignalClient
+from rewardsignal.errors import ValidationError
 from rewardsignal.sdk.client import AsyncRun
 from rewardsignal.sdk.jobs import AsyncFederatedJob
 from rewardsignal.sdk.sync import FederatedJob, Run
@@ -46,3 +47,10 @@ def test_url_from_signal_url_then_its_alias(monkeypatch):
     monkeypatch.setenv("SIGNAL_URL", "http://127.0.0.1:8124")
     with SignalClient() as new_name:
         assert new_name.base_url == "http://127.0.0.1:8124"
+
+
+def test_an_address_given_as_the_api_key_is_refused_with_the_fix():
+    with pytest.raises(ValidationError, match="base_url='http://127.0.0.1:8011'"):
+        SignalClient("http://127.0.0.1:8011")
+    with pytest.raises(ValidationError, match="first argument"):
+        AsyncSignalClient("https://signal.example")
