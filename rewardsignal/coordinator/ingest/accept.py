@@ -15,6 +15,7 @@ from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.ingest.checks import Checked, RunView, check_submission
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.holds import release
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
@@ -92,8 +93,8 @@ class Ingest:
             nbytes = _nbytes(checked.tensors)
             task.hold = (hold.resize(nbytes) if hold is not None
                          else self.scheduler.holds.take(nbytes))
-        elif hold is not None:
-            hold.release()
+        else:
+            release(hold)
         if task.keep or task.check:
             task.held = checked.tensors
         elif task.sink is not None and checked.tensors is not None:

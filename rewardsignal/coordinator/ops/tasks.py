@@ -10,6 +10,7 @@ from typing import Any
 
 from rewardsignal.coordinator.runs.requests import Request
 from rewardsignal.coordinator.runs.state import Run
+from rewardsignal.coordinator.scheduling.holds import release
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.services import Services
@@ -93,7 +94,6 @@ async def counted_results(ctx: Services, run: Run, request: Request, tasks: list
             held.release()
         checks.clear()
         for t in tasks:  # computed, but the request ended before it was taken
-            if t.hold is not None:
-                t.hold.release()
+            release(t.hold)
             t.held = t.hold = None
     return counted

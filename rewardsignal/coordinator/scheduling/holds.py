@@ -49,6 +49,12 @@ class HoldBudget:
             self._wake()
 
 
+def release(hold: Hold | None) -> None:
+    """Give back ``hold``'s bytes, if there is a hold."""
+    if hold is not None:
+        hold.release()
+
+
 class Hold:
     """Bytes counted against a ``HoldBudget`` until released (at the latest when
     the hold is dropped)."""

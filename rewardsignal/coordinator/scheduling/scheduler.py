@@ -24,7 +24,7 @@ from typing import Any
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.scheduling.fairness import FairQueue
-from rewardsignal.coordinator.scheduling.holds import Hold, HoldBudget
+from rewardsignal.coordinator.scheduling.holds import Hold, HoldBudget, release
 from rewardsignal.coordinator.scheduling.placement import Requirement, refusal
 from rewardsignal.coordinator.scheduling.planning import plan_shards
 from rewardsignal.coordinator.scheduling.stragglers import Stragglers
@@ -169,7 +169,12 @@ class Scheduler:
         """Whether the memory for held results has room for ``w``'s result of ``t``
         (not a placement rule: a worker kept waiting by it still counts as one
         that can serve the run)."""
-        return not t.checkable or t.keep or self.holds.fits(self.hold_cost(w, t))
+        return self.holds.fits(self._held_cost(w, t))
+
+    def _held_cost(self, w: WorkerInfo, t: Task) -> int:
+        """Bytes ``w``'s result of ``t`` will hold for a check: none for a task that
+        is never checked, or for a check copy (counted once computed)."""
+        return self.hold_cost(w, t) if t.checkable and not t.keep else 0
 
     def eligible_workers(self, model_id: str, run_id: str | None = None) -> list[WorkerInfo]:
         """Live workers that can take the run's tasks (``run_id``), or, without
@@ -231,7 +236,7 @@ class Scheduler:
 
     def _forget(self, task: Task) -> None:
         for lease in task.leases.values():  # leases left on it will not be answered
-            _release(lease.hold)
+            release(lease.hold)
             lease.hold = None
         self.tasks.pop(task.task_id, None)
         self.finished[task.task_id] = None
@@ -316,8 +321,7 @@ class Scheduler:
                ) -> tuple[Task, Lease]:
         now = time.monotonic()
         lease = Lease("l-" + secrets.token_hex(8), w.worker_id, now, now + self.lease_timeout_s,
-                      parked, hold=self.holds.take(self.hold_cost(w, t))
-                      if t.checkable and not t.keep else None)
+                      parked, hold=self.holds.take(self._held_cost(w, t)))
         t.leases[lease.lease_id] = lease
         if not speculative:
             self.pending.remove(t)
@@ -419,7 +423,7 @@ class Scheduler:
     def complete(self, t: Task, lease_id: str, result: Any, *, tokens: int,
                  duration_s: float) -> None:
         lease = t.leases.pop(lease_id)
-        _release(lease.hold)
+        release(lease.hold)
         w = self.workers.get(lease.worker_id)
         if w is not None:
             w.rejections_in_row = 0
@@ -439,7 +443,7 @@ class Scheduler:
         requeue the task, or fail it after ``max_attempts``."""
         lease = t.leases.pop(lease_id, None)
         if lease is not None:
-            _release(lease.hold)
+            release(lease.hold)
             w = self.workers.get(lease.worker_id)
             if w is not None and w.current_task == t.task_id:
                 w.current_task = None
@@ -475,8 +479,3 @@ class Scheduler:
     def counts(self) -> dict[str, int]:
         leased = sum(1 for t in self.tasks.values() if t.leases)
         return {"pending": len(self.pending), "leased": leased}
-
-
-def _release(hold: Hold | None) -> None:
-    if hold is not None:
-        hold.release()

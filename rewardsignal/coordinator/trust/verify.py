@@ -23,7 +23,7 @@ from rewardsignal.aggregation.agreement import (
 )
 from rewardsignal.aggregation.tensors import Tensors
 from rewardsignal.coordinator.runs.state import Run
-from rewardsignal.coordinator.scheduling.holds import Hold
+from rewardsignal.coordinator.scheduling.holds import Hold, release
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.trust.service import Trust
@@ -46,9 +46,8 @@ class Outcome:
     def release(self) -> None:
         """The held tensors are summed or dropped: their memory is free."""
         self.tensors = None
-        if self.hold is not None:
-            self.hold.release()
-            self.hold = None
+        release(self.hold)
+        self.hold = None
 
     def comparable(self) -> Result:
         r = self.result
@@ -175,8 +174,7 @@ class Verifier:
         finally:
             if not copy.done:
                 self.scheduler.cancel(copy, "check withdrawn")
-            if copy.hold is not None:
-                copy.hold.release()
+            release(copy.hold)
             copy.held = copy.hold = None
 
     async def _wait(self, copy: Task, run: Run, barred: set[str]) -> bool:
