@@ -10,7 +10,16 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from rewardsignal.coordinator.app import make_app
 from rewardsignal.coordinator.config import CoordinatorConfig
+from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.protocol import MSGPACK, RESULT, pack, pack_result, unpack
+
+
+def new_scheduler(**kw) -> Scheduler:
+    """A scheduler on its own, with the tests' defaults (30 s leases, 3 attempts,
+    100-token tasks, stragglers re-leased after 60 s); ``kw`` overrides any."""
+    args = dict(lease_timeout_s=30, max_attempts=3, default_task_tokens=100,
+                straggler_factor=3.0, straggler_min_s=60, quarantine_after=5, quarantine_s=60)
+    return Scheduler(**(args | kw))
 
 
 class Harness:

@@ -6,17 +6,14 @@ import asyncio
 import time
 
 import pytest
+from apphelpers import new_scheduler
 
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.data.types import Datum
 
 
 def _scheduler(**kw) -> Scheduler:
-    args = dict(lease_timeout_s=30, max_attempts=3, default_task_tokens=100,
-                straggler_factor=3.0, straggler_min_s=0.05, quarantine_after=5,
-                quarantine_s=60)
-    args.update(kw)
-    return Scheduler(**args)
+    return new_scheduler(**{"straggler_min_s": 0.05, **kw})
 
 
 def _datums(n: int, length: int = 10) -> list[Datum]:

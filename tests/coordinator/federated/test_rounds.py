@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 import torch
+from apphelpers import new_scheduler
 
 from rewardsignal.aggregation.combine import delta_weight
 from rewardsignal.aggregation.optim import AdamWConfig
@@ -19,7 +20,6 @@ from rewardsignal.coordinator.federated.strategies import make_strategy
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run, RunSpec
 from rewardsignal.coordinator.runs.versions import Versions
-from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.store.db import Database
 from rewardsignal.coordinator.store.jobs import JobStore
 from rewardsignal.data.types import Datum
@@ -37,9 +37,8 @@ def _datums(n: int, length: int = 4) -> list[Datum]:
 
 def _deps(tmp_path) -> rounds.RoundDeps:
     metrics = Metrics()
-    scheduler = Scheduler(lease_timeout_s=30, max_attempts=3, default_task_tokens=1000,
-                          straggler_factor=3, straggler_min_s=2, quarantine_after=5,
-                          quarantine_s=10, metrics=metrics)
+    scheduler = new_scheduler(default_task_tokens=1000, straggler_min_s=2, quarantine_s=10,
+                              metrics=metrics)
     db = Database(tmp_path / "signal.db")
     return rounds.RoundDeps(scheduler, Versions(CheckpointStore(tmp_path / "ck"), metrics),
                             metrics, JobStore(db, tmp_path / "jobs"), float("inf"))

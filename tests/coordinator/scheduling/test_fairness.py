@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+from apphelpers import new_scheduler
+
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.slots import UploadSlots
-
-
-def _scheduler() -> Scheduler:
-    return Scheduler(lease_timeout_s=30, max_attempts=3, default_task_tokens=100,
-                     straggler_factor=3.0, straggler_min_s=60, quarantine_after=5,
-                     quarantine_s=60)
 
 
 def _add(s: Scheduler, run_id: str, n: int, group: str = "u", tokens: int = 10):
@@ -25,7 +21,7 @@ def _add(s: Scheduler, run_id: str, n: int, group: str = "u", tokens: int = 10):
 
 def test_a_small_run_does_not_queue_behind_a_backlog():
     async def go():
-        s = _scheduler()
+        s = new_scheduler()
         _add(s, "big", 200)
         w = s.register(name="w", device="cpu", hardware={}, max_tokens_per_task=100,
                        models=None)
@@ -46,7 +42,7 @@ def test_a_small_run_does_not_queue_behind_a_backlog():
 
 def test_owners_share_equally_whatever_their_number_of_runs():
     async def go():
-        s = _scheduler()
+        s = new_scheduler()
         for r in range(4):
             _add(s, f"alice-{r}", 50, group="alice")
         _add(s, "bob-0", 50, group="bob")

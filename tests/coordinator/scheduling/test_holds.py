@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+from apphelpers import new_scheduler
+
 from rewardsignal.coordinator.scheduling.holds import HoldBudget
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 
@@ -33,9 +35,7 @@ def test_budget_counts_takes_resizes_and_releases_once():
 
 
 def _scheduler(limit: int) -> Scheduler:
-    s = Scheduler(lease_timeout_s=30, max_attempts=3, default_task_tokens=100,
-                  straggler_factor=3.0, straggler_min_s=60, quarantine_after=5,
-                  quarantine_s=60, hold_limit_bytes=limit)
+    s = new_scheduler(hold_limit_bytes=limit)
     s.hold_cost = lambda w, t: G  # every worker's result is held (on probation)
     return s
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 
+from apphelpers import new_scheduler
+
 from rewardsignal.aggregation.optim import AdamWConfig
 from rewardsignal.coordinator.metrics import Metrics
 from rewardsignal.coordinator.runs.state import Run, RunSpec
@@ -16,8 +18,7 @@ from rewardsignal.lora import LoraSpec
 
 
 def _scheduler() -> Scheduler:
-    return Scheduler(lease_timeout_s=30, max_attempts=3, default_task_tokens=1000,
-                     straggler_factor=3, straggler_min_s=2, quarantine_after=5, quarantine_s=60)
+    return new_scheduler(default_task_tokens=1000, straggler_min_s=2)
 
 
 def _trust(db, scheduler, **kw) -> Trust:
