@@ -14,7 +14,8 @@ class Cluster:
     def __init__(self, n_workers: int, *, threads: int | None = None,
                  coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (),
                  device: str = "cpu", worker_log: str | None = None,
-                 worker_delay_s: float = 0.0, data_parent: str | None = None) -> None:
+                 worker_delay_s: float = 0.0, client_delay_s: float = 0.0,
+                 data_parent: str | None = None) -> None:
         from rewardsignal import SignalClient
 
         # data_parent: where the coordinator's data directory goes (e.g. /dev/shm,
@@ -34,13 +35,11 @@ class Cluster:
         if self.url is None:
             self.close()
             raise SystemExit("coordinator did not start")
-        self.proxy = None
-        worker_url = self.url
-        if worker_delay_s:
-            from _proxy import DelayProxy
-
-            self.proxy = DelayProxy(int(self.url.rsplit(":", 1)[1].strip("/")), worker_delay_s)
-            worker_url = f"http://127.0.0.1:{self.proxy.port}"
+        # Proxies adding a delay each way: between the workers and the
+        # coordinator, and between the client (the SDK) and the coordinator.
+        self.proxies: list = []
+        worker_url = self._through(worker_delay_s)
+        client_url = self._through(client_delay_s)
         extra = ("--threads", str(threads)) if threads else ()
         # Workers' output (status lines, the exit line with peak GPU memory) goes
         # to worker_log when one is given.
@@ -51,13 +50,23 @@ class Cluster:
                 [sys.executable, "-m", "rewardsignal.cli", "worker", "--coordinator", worker_url,
                  "--device", device, "--name", f"bench{i}", "--log-level", "warning", *extra,
                  *worker_args], stdout=out, stderr=out))
-        self.client = SignalClient(base_url=self.url)
+        self.client = SignalClient(base_url=client_url)
         deadline = time.monotonic() + 120
         while len(self.client.list_workers()) < n_workers:
             if time.monotonic() > deadline:
                 self.close()
                 raise SystemExit("workers did not register")
             time.sleep(0.2)
+
+    def _through(self, delay_s: float) -> str:
+        """The coordinator's address, through a proxy adding ``delay_s`` each way
+        when it is not 0."""
+        if not delay_s:
+            return self.url
+        from _proxy import DelayProxy
+
+        self.proxies.append(DelayProxy(int(self.url.rsplit(":", 1)[1].strip("/")), delay_s))
+        return f"http://127.0.0.1:{self.proxies[-1].port}"
 
     def metric(self, name: str, **labels: str) -> float:
         """Current value of one sample of /metrics (0 if absent)."""
@@ -83,8 +92,8 @@ class Cluster:
                 p.kill()
         if getattr(self, "_log", None) is not None:
             self._log.close()
-        if getattr(self, "proxy", None) is not None:
-            self.proxy.close()
+        for proxy in getattr(self, "proxies", ()):
+            proxy.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> Cluster:

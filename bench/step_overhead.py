@@ -13,12 +13,17 @@ leaves behind slows the next Signal step, as it would in a training loop, and
 not the reference.
 
     python bench/step_overhead.py [--model signal-small] [--batch 48] [--steps 10]
-                                  [--block 5] [--delay-ms 50] [--pipelined]
-                                  [--tokenized]
+                                  [--block 5] [--delay-ms 50] [--sdk-delay-ms 50]
+                                  [--pipelined]
+                                  [--tokenized] [--timeline]
 
 ``--data-dir-on /dev/shm``: the coordinator's data directory on a RAM file
 system, where fsync costs nothing: the difference from a run on disk is what
 this disk's fsync latency adds to a step (the request, the gradient file).
+
+``--timeline``: every process marks where a step is (``rewardsignal.tracing``)
+and the run ends with a step as a timeline: each mark at its median time after
+the step began, and the CPU its thread spent to get there.
 
 ``--tokenized``: the SDK sends the batch as token ids (datums), tokenized once
 before the steps as the reference's batch is; without it the coordinator
@@ -33,7 +38,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 
 from rewardsignal.worker.allocator import keep_freed_memory
@@ -46,6 +53,8 @@ keep_freed_memory()
 import torch  # noqa: E402
 from _breakdown import Breakdown  # noqa: E402
 from _cluster import Cluster  # noqa: E402
+
+from rewardsignal import tracing  # noqa: E402
 
 
 class Reference:
@@ -88,7 +97,8 @@ class Reference:
 
 
 def measure(model_id: str, batch: list, steps: int, warmup: int, r: int, lr: float, *,
-            block: int = 5, delay_s: float = 0.0, pipelined: bool = False,
+            block: int = 5, delay_s: float = 0.0, sdk_delay_s: float = 0.0,
+            pipelined: bool = False,
             tokenized: bool = False, data_parent: str | None = None
             ) -> tuple[list[float], list[float], Breakdown]:
     """``steps`` timed steps of each side, in blocks of ``block`` reference steps
@@ -98,7 +108,8 @@ def measure(model_id: str, batch: list, steps: int, warmup: int, r: int, lr: flo
     being written, the next version's delta) lands on the next Signal step, not
     on the reference. The first step of each block is run but not timed (it may
     pay for the other side's leftovers). ``delay_s``: the worker talks to the
-    coordinator through a proxy adding this much each way."""
+    coordinator through a proxy adding this much each way; ``sdk_delay_s``: the
+    SDK does."""
     ref = Reference(model_id, batch, r, lr)
     if tokenized:
         from rewardsignal.data import examples_to_datums
@@ -107,11 +118,14 @@ def measure(model_id: str, batch: list, steps: int, warmup: int, r: int, lr: flo
         batch = [d.to_json() for d in examples_to_datums(batch, load_tokenizer(model_id))]
     with Cluster(1, worker_args=("--max-tokens-per-task", "1000000",
                                  "--micro-batch-tokens", "1000000"),
-                 worker_delay_s=delay_s, data_parent=data_parent) as cluster:
+                 worker_delay_s=delay_s, client_delay_s=sdk_delay_s,
+                 data_parent=data_parent) as cluster:
         run = cluster.client.create_run(base_model=model_id, lora_r=r, learning_rate=lr)
         stages = Breakdown(cluster)
 
         def signal_step(record: bool) -> float:
+            if record:
+                tracing.mark("bench: step begins")
             t0 = time.perf_counter()
             if pipelined:
                 run.forward_backward_optim_step(batch=batch)
@@ -156,18 +170,27 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=0.0,
                     help="one-way delay added between the worker and the coordinator "
                          "(an asyncio TCP proxy on 127.0.0.1)")
+    ap.add_argument("--sdk-delay-ms", type=float, default=0.0,
+                    help="one-way delay added between the SDK and the coordinator (a user "
+                         "far from the fleet's coordinator)")
     ap.add_argument("--data-dir-on", default=None, metavar="DIR",
                     help="put the coordinator's data directory under DIR (e.g. /dev/shm)")
     ap.add_argument("--tokenized", action="store_true",
                     help="send token ids (tokenized once, as the reference's batch is)")
     ap.add_argument("--pipelined", action="store_true",
                     help="send forward_backward and optim_step as one pipelined SDK call")
+    ap.add_argument("--timeline", action="store_true",
+                    help="trace every process and print a step's timeline")
     args = ap.parse_args()
+    trace_dir = tempfile.mkdtemp(prefix="signal-trace-") if args.timeline else None
+    if trace_dir:
+        tracing.start(trace_dir)  # before the cluster: its processes inherit it
     resolve_model_path(args.model)
     batch = sample_examples()[: args.batch]
     lr = 1e-3
     ref, sig, stages = measure(args.model, batch, args.steps, 2, args.lora_r, lr,
                                block=args.block, delay_s=args.delay_ms / 1000,
+                               sdk_delay_s=args.sdk_delay_ms / 1000,
                                pipelined=args.pipelined, tokenized=args.tokenized,
                                data_parent=args.data_dir_on)
     ref_s, sig_s = statistics.median(ref), statistics.median(sig)
@@ -188,7 +211,15 @@ def main() -> None:
         print(f"coordinator data directory under {args.data_dir_on}")
     if args.delay_ms:
         print(f"worker <-> coordinator through a proxy adding {args.delay_ms:g} ms each way")
+    if args.sdk_delay_ms:
+        print(f"SDK <-> coordinator through a proxy adding {args.sdk_delay_ms:g} ms each way")
     stages.report(ref_s)
+    if trace_dir:
+        from _timeline import report
+
+        tracing.flush()
+        report(trace_dir)
+        shutil.rmtree(trace_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ submission checks in ``ingest``, disk and database in ``store``. HTTP lives in
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rewardsignal import tracing
 from rewardsignal.coordinator import recovery
 from rewardsignal.coordinator.catalog import ModelEntry
 from rewardsignal.coordinator.config import CoordinatorConfig
@@ -32,6 +34,7 @@ from rewardsignal.coordinator.scheduling.placement import Requirement
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
+from rewardsignal.coordinator.store.db import NewRequest
 from rewardsignal.errors import NotFoundError, SignalError, ValidationError
 from rewardsignal.memory import gpu_config_memory_bytes
 from rewardsignal.models import (
@@ -274,23 +277,45 @@ class Coordinator:
         ``request_id``: one the caller handed out already (a front end whose
         clients learn the id before the operation is queued)."""
         extra = await operation.accept(self.services, run, owner, args)
-        req = self.services.requests.create(owner, run.run_id, operation.name,
-                                            request_id=request_id)
+        answers = await self._queue(owner, run, [(operation, args, extra)], timeout_s,
+                                    idem_key, request_id=request_id, batch=False)
+        return answers[0]
+
+    async def submit_all(self, owner: str, run: Run, steps: Sequence[tuple[Operation, Any]],
+                         timeout_s: float | None, idem_key: str | None = None) -> list[dict]:
+        """Accept several operations on one run as ``submit`` accepts one: in one
+        database transaction (all of them or none, one sync), queued in their
+        order, so each starts as if its caller had waited for the one before to
+        be accepted. Their operations have no side effects at acceptance
+        (``Operation.pipelined``). Returns each one's 202 answer."""
+        return await self._queue(owner, run, [(op, args, {}) for op, args in steps], timeout_s,
+                                 idem_key, request_id=None, batch=True)
+
+    async def _queue(self, owner: str, run: Run, steps: list[tuple[Operation, Any, dict]],
+                     timeout_s: float | None, idem_key: str | None, *,
+                     request_id: str | None, batch: bool) -> list[dict]:
         timeout_s = timeout_s or self.config.request_timeout_s
-        answer = {**req.to_json(), **extra}
-        req.stored = stored = self.services.db.add_request(
-            req.request_id, owner, run.run_id, operation.name, operation.dump(args),
-            timeout_s, idem_key=idem_key, answer=answer)
-        # The request fails if it cannot be stored, whether or not this caller is
-        # still there to hear it (a client that disconnects does not unmake it).
-        stored.add_done_callback(lambda f: _fail_unstored(req, f))
+        reqs = [self.services.requests.create(owner, run.run_id, op.name, request_id=request_id)
+                for op, _, _ in steps]
+        answers = [{**req.to_json(), **extra} for req, (_, _, extra) in zip(reqs, steps, strict=True)]
+        stored = self.services.db.add_requests(
+            owner, run.run_id, [NewRequest(req.request_id, op.name, op.dump(args), timeout_s)
+                                for req, (op, args, _) in zip(reqs, steps, strict=True)],
+            idem_key=idem_key, answer={"requests": answers} if batch else answers[0])
         assert run.processor is not None
-        run.processor.put(Op(operation, req, args, timeout_s))
+        for req, (op, args, _) in zip(reqs, steps, strict=True):
+            req.stored = stored
+            # The request fails if it cannot be stored, whether or not this caller
+            # is still there to hear it (a client that disconnects does not unmake it).
+            stored.add_done_callback(functools.partial(_fail_unstored, req))
+            run.processor.put(Op(op, req, args, timeout_s))
+            tracing.mark(f"coordinator: {op.name} queued")
         try:
-            await req.until_stored()
+            await asyncio.shield(stored)
         except Exception as exc:
             raise _unstored_error(exc) from exc
-        return answer
+        tracing.mark("coordinator: requests stored")
+        return answers
 
     async def register_worker(self, *, name: str, device: str, hardware: dict,
                               max_tokens_per_task: int, models: tuple[str, ...] | None,

@@ -26,6 +26,7 @@ from rewardsignal.errors import (
     SignalError,
     ValidationError,
     error_from_json,
+    http_status_for,
 )
 from rewardsignal.sdk import hub
 from rewardsignal.sdk.evaluation import evaluate_examples
@@ -91,6 +92,28 @@ class AsyncSignalClient:
             return accepted["result"]
         told = _tell_if_waiting(accepted, False)
         return await self._wait(accepted["request_id"], timeout_s + 10, told=told)
+
+    async def _accept_all_and_wait(self, run_id: str, ops: Sequence[tuple[str, dict]],
+                                   timeout_s: float) -> list[dict]:
+        """Queue several operations in one call (``POST /v1/runs/{id}/requests``:
+        in order, all or none, one round trip) and wait for each one's result;
+        the first that failed raises its own error."""
+        accepted = await self._http("POST", f"/v1/runs/{run_id}/requests",
+                                    body={"requests": [{"op": op, "args": args}
+                                                       for op, args in ops],
+                                          "timeout_s": timeout_s},
+                                    params={"wait_s": f"{min(_WAIT_CHUNK_S, timeout_s):.3f}"},
+                                    timeout_s=min(_WAIT_CHUNK_S, timeout_s) + 60)
+        results, told = [], False
+        for state in accepted["requests"]:
+            if state.get("status") == "failed":
+                raise error_from_json(http_status_for(state["error"]["code"]), state)
+            if state.get("status") == "done":
+                results.append(state["result"])
+                continue
+            told = _tell_if_waiting(state, told)
+            results.append(await self._wait(state["request_id"], timeout_s + 10, told=told))
+        return results
 
     async def _accept(self, run_id: str, op: str, body: dict, timeout_s: float) -> str:
         """Queue an operation; its request id (the result comes from ``wait``)."""
@@ -313,28 +336,21 @@ class AsyncRun:
             learning_rate: float | None = None, beta1: float = 0.9, beta2: float = 0.999,
             eps: float = 1e-8, weight_decay: float = 0.0, grad_clip_norm: float | None = None,
             timeout_s: float | None = None) -> tuple[dict, dict]:
-        """``forward_backward`` then ``optim_step``, pipelined: the step is queued
-        right behind the batch without waiting for its result (a run applies its
-        requests in the order accepted), and both results are awaited together.
-        The same effect as the two calls in turn, with fewer round trips.
-        Returns (``forward_backward``'s result, ``optim_step``'s result); a failed
-        ``forward_backward`` raises its own error."""
-        c = self.client
-        t = timeout_s or c.timeout_s
-        fb = await c._accept(self.run_id, "forward_backward", {
-            "batch": list(batch), "loss_fn": loss_fn, "loss_fn_config": loss_fn_config or {},
-            "reduction": reduction}, t)
-        step = c._accept_and_wait(self.run_id, "optim_step", {
-            "learning_rate": learning_rate, "beta1": beta1, "beta2": beta2, "eps": eps,
-            "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm}, t)
-        outs: list[dict | BaseException] = list(await asyncio.gather(
-            c.wait(fb, timeout_s=t + 10), step, return_exceptions=True))
-        results: list[dict] = []
-        for out in outs:
-            if isinstance(out, BaseException):
-                raise out
-            results.append(out)
-        return results[0], results[1]
+        """``forward_backward`` then ``optim_step``, pipelined: both are queued in
+        one call (the step right behind the batch; a run applies its requests in
+        the order accepted), and its answer brings both results. The same effect
+        as the two calls in turn, in one round trip when the step finishes
+        within a wait chunk. Returns (``forward_backward``'s result,
+        ``optim_step``'s result); a failed ``forward_backward`` raises its own
+        error."""
+        fb, step = await self.client._accept_all_and_wait(self.run_id, [
+            ("forward_backward", {"batch": list(batch), "loss_fn": loss_fn,
+                                  "loss_fn_config": loss_fn_config or {},
+                                  "reduction": reduction}),
+            ("optim_step", {"learning_rate": learning_rate, "beta1": beta1, "beta2": beta2,
+                            "eps": eps, "weight_decay": weight_decay,
+                            "grad_clip_norm": grad_clip_norm})], timeout_s or self.client.timeout_s)
+        return fb, step
 
     async def sample(self, prompts: Sequence[str] | None = None, *,
                      prompt_tokens: Sequence[Sequence[int]] | None = None,

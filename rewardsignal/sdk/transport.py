@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from rewardsignal import tracing
 from rewardsignal.errors import CoordinatorUnavailableError, SignalError, error_from_json
 
 DEFAULT_RETRY_WINDOW_S = 120.0
@@ -84,9 +85,15 @@ class Transport:
         retry = method == "GET" or idempotency_key is not None
         give_up_at: float | None = None
         attempt = 0
+        traced = _traced(method, path) if tracing.enabled() else None
         while True:
             try:
-                return await self._once(method, path, body, params, headers, timeout_s, raw)
+                if traced:
+                    tracing.mark(f"sdk: {traced} sent")
+                answer = await self._once(method, path, body, params, headers, timeout_s, raw)
+                if traced:
+                    tracing.mark(f"sdk: {traced} answered")
+                return answer
             except SignalError:  # the coordinator answered (NoWorkerError is a TimeoutError)
                 raise
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -146,3 +153,11 @@ class Transport:
         return CoordinatorUnavailableError(
             f"{base}; the call was not confirmed, so it may or may not have been accepted: "
             "check the run (run.info()) before repeating it")
+
+
+def _traced(method: str, path: str) -> str:
+    """A call's name in a trace: its path with the ids left out."""
+    parts = path.split("?")[0].strip("/").split("/")
+    if len(parts) >= 3 and parts[1] in ("runs", "requests", "workers", "tasks"):
+        parts[2] = "{id}"
+    return f"{method} /{'/'.join(parts)}"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from rewardsignal import protocol
+from rewardsignal import protocol, tracing
 
 MAX_FRAME_BYTES = 1 << 30
 
@@ -36,6 +36,9 @@ async def read_task(content: aiohttp.StreamReader, take_version: Callable[[dict]
         if not isinstance(msg, dict):
             raise aiohttp.ClientPayloadError("lease frame is not a map")
         if isinstance(msg.get("version"), dict):
+            tracing.mark("worker: version frame read")
             take_version(msg["version"])
+            tracing.mark("worker: version applied")
         elif isinstance(msg.get("task"), dict):
+            tracing.mark("worker: task frame read")
             return msg["task"]

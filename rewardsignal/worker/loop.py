@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import torch
 
-from rewardsignal import protocol
+from rewardsignal import protocol, tracing
 from rewardsignal.data.examples import example_to_datum
 from rewardsignal.errors import SignalError, ValidationError, error_from_json
 from rewardsignal.lora import LoraSpec
@@ -312,8 +312,10 @@ class Worker:
             if task["kind"] == "export_merged":
                 msg = await self._export_merged(task, adapter)
             else:
+                tracing.mark("worker: compute queued")
                 msg = await asyncio.get_running_loop().run_in_executor(
                     self._compute_pool, self._compute, task, adapter)
+                tracing.mark("worker: compute returned")
             msg["duration_s"] = time.monotonic() - started
             tokens = sum(len(d["model_input"]) for d in task["payload"].get("datums", []))
             if task["kind"] == "train":
@@ -391,9 +393,12 @@ class Worker:
             try:
                 # Big bodies go out only once the coordinator has a slot for them.
                 params = {"slot": await self._upload_slot(task)} if big else None
-                return await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
-                                        data=body, content_type=kind,
-                                        params=params, timeout_s=timeout_s)
+                tracing.mark("worker: result posted")
+                reply = await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
+                                         data=body, content_type=kind,
+                                         params=params, timeout_s=timeout_s)
+                tracing.mark("worker: result answered")
+                return reply
             except (aiohttp.ClientError, OSError, TimeoutError):
                 if attempt == 3:
                     raise
@@ -436,6 +441,7 @@ class Worker:
     def _compute(self, task: dict, adapter: dict) -> dict:
         from rewardsignal.aggregation.codecs import encode
 
+        tracing.mark("worker: compute begins")
         base = task["base_model"]
         spec = LoraSpec.from_json(task["lora"])
         precision = Precision.from_json(task)
@@ -461,11 +467,13 @@ class Worker:
                     "tensors": protocol.tensors_to_bytes(encode(delta, codec))}
         backward = task["kind"] == "forward_backward"
         res = self._with_oom_retry(model, key, datums, payload, backward)
+        tracing.mark("worker: forward and backward done")
         msg["result"] = {"loss_sum": res.loss_sum, "weight_sum": res.weight_sum,
                          "num_tokens": res.num_tokens, "logprobs": res.logprobs}
         if backward:
             msg["codec"] = self.config.codec
             msg["tensors"] = protocol.tensors_to_bytes(encode(res.grads, self.config.codec))
+        tracing.mark("worker: result encoded")
         return msg
 
     def _vllm_sampler(self, config: WorkerConfig):

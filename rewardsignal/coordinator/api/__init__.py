@@ -25,6 +25,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/runs/{run_id}", runs.delete_run)
     app.router.add_get("/v1/runs/{run_id}/artifacts", runs.list_artifacts)
     app.router.add_get("/v1/runs/{run_id}/jobs", jobs.run_jobs)
+    # Before the operations' route, which would take "requests" for an operation.
+    app.router.add_post("/v1/runs/{run_id}/requests", runs.run_requests)
     app.router.add_post("/v1/runs/{run_id}/{op}", runs.run_op)
     app.router.add_get("/v1/runs/{run_id}/weights/{version}", runs.get_weights)
     app.router.add_get("/v1/runs/{run_id}/artifacts/{name}", runs.get_artifact)

@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 
+from rewardsignal import tracing
 from rewardsignal.errors import SignalError
 
 log = logging.getLogger("signal.http")
@@ -22,6 +23,9 @@ def make_error_middleware(metrics):
         started = time.monotonic()
         route = request.match_info.route.resource
         route_name = route.canonical if route is not None else "unmatched"
+        traced = tracing.enabled() and _traced(request, route_name)
+        if traced:
+            tracing.mark(f"coordinator: {traced} begins")
         try:
             return await handler(request)
         except SignalError as exc:
@@ -41,5 +45,14 @@ def make_error_middleware(metrics):
         finally:
             metrics.request_latency.labels(route_name, request.method).observe(
                 time.monotonic() - started)
+            if traced:
+                tracing.mark(f"coordinator: {traced} answered")
 
     return errors
+
+
+def _traced(request: web.Request, route_name: str) -> str:
+    """A request's name in a trace: its route, with the operation it queues."""
+    op = request.match_info.get("op")
+    return f"{request.method} {route_name.replace('{op}', op) if op else route_name}"
+

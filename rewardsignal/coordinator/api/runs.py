@@ -17,9 +17,14 @@ from rewardsignal.coordinator.api.bodies import (
     reply,
 )
 from rewardsignal.coordinator.api.jobs import request_state
+from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import read_run_request
+from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.errors import NotFoundError, ValidationError, http_status_for
+
+# Operations one ``POST /v1/runs/{run_id}/requests`` queues at most.
+MAX_QUEUED_TOGETHER = 64
 
 
 async def create_run(request: web.Request) -> web.Response:
@@ -105,6 +110,70 @@ async def run_op(request: web.Request) -> web.Response:
             return _answer(request, {**answer, **body}, 200, replayed)
         answer = {**answer, **body}  # still pending, and why (waiting_for_workers)
     return _answer(request, answer, 202, replayed)
+
+
+async def run_requests(request: web.Request) -> web.Response:
+    """POST /v1/runs/{run_id}/requests: several operations queued in one call,
+    in their order, all or none (``Coordinator.submit_all``): ``{"requests":
+    [{"op": name, "args": {...}}, ...], "timeout_s": S}``, each ``args`` what its
+    own ``POST /v1/runs/{run_id}/{op}`` takes and checked the same way; one bad
+    one and nothing is queued (400 naming it). Answers ``{"requests": [...]}``,
+    each one's 202 answer. ``?wait_s=S``: first wait up to S seconds for them to
+    finish, and give each one's state as ``GET /v1/requests/{id}`` would (200
+    once every one has finished, done or failed; 202 while one is pending). The
+    usual training step, ``forward_backward`` then ``optim_step``, is one round
+    trip and one database sync this way."""
+    owner = await request.app[AUTH].user(request)
+    wait_s = query_float(request, "wait_s", 0.0, MAX_WAIT_S)
+    coord = request.app[COORDINATOR]
+    run = coord.run_for(owner, request.match_info["run_id"])
+    key = idempotency_key(request)
+
+    async def accept() -> dict:
+        b = Body(await read_body(request))
+        timeout_s = b.float("timeout_s", None, lo=0, lo_open=True, hi=7 * 86400)
+        items = b.list("requests", max_len=MAX_QUEUED_TOGETHER)
+        b.done()
+        if not items:
+            raise ValidationError("field 'requests' must list at least one operation")
+        steps = [await _pipelined(coord, run, owner, i, item) for i, item in enumerate(items)]
+        return {"requests": await coord.submit_all(owner, run, steps, timeout_s, key)}
+
+    answer, replayed = await coord.once(owner, key, accept)
+    if wait_s <= 0:
+        return _answer(request, answer, 202, replayed)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    states = []
+    for queued in answer["requests"]:
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            state = await request_state(coord, queued["request_id"], owner, left)
+        except NotFoundError:  # forgotten meanwhile: the client waits on it
+            state = {"status": "pending"}
+        if state["status"] == "pending":  # out of time, or news for the client: answer now
+            deadline = 0.0
+        states.append({**queued, **state})
+    finished = all(s["status"] != "pending" for s in states)
+    return _answer(request, {"requests": states}, 200 if finished else 202, replayed)
+
+
+async def _pipelined(coord: Coordinator, run: Run, owner: str, i: int, item: object
+                     ) -> tuple[ops.Operation, object]:
+    """One ``requests`` item: its operation and checked arguments."""
+    try:
+        b = Body(item, f"requests[{i}]")
+        name = b.str("op")
+        args = Body(b.dict("args", {}), f"requests[{i}].args")
+        b.done()
+        operation = ops.get(name)
+        if not operation.pipelined:
+            raise ValidationError(f"{name} is not queued with other operations; send it on "
+                                  f"its own (POST /v1/runs/{{run_id}}/{name})")
+        parsed = await operation.parse(coord.services, run, owner, args)
+        args.done()
+    except (ValidationError, NotFoundError) as exc:
+        raise ValidationError(f"requests[{i}]: {exc.message}") from None
+    return operation, parsed
 
 
 async def get_artifact(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from rewardsignal import tracing
 from rewardsignal.checkpoints.export import MERGED_WEIGHT_SUFFIXES
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
 from rewardsignal.coordinator.api.bodies import (
@@ -207,6 +208,7 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
             for run_id in list(held):
                 while (update := await _next_version(coord, w, run_id, held[run_id])):
                     await resp.write(frame({"version": update}))
+                    tracing.mark("coordinator: version frame written")
                     held[run_id] = update["version"]
             if leasing.done():
                 break
@@ -217,6 +219,7 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
             task, lease = got
             msg = await _lease_message(coord, w, task, lease.lease_id, held.get(task.run_id))
             await resp.write(frame({"task": msg}))
+            tracing.mark("coordinator: task frame written")
             sent = True
             _observe_lease(coord, lease.parked, started)
         await resp.write_eof()

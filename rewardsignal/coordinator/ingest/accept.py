@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+from rewardsignal import tracing
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.ingest.checks import Checked, RunView, check_submission
@@ -73,6 +74,7 @@ class Ingest:
             self.scheduler.release(task, lease_id, f"worker {worker.name}: {error}")
             return {"status": "released"}
         checked = await self._check(worker, task, lease_id, msg)
+        tracing.mark("coordinator: result checked")
         if task.done or task.claimed:  # another lease won while this one was checked
             self.metrics.duplicates.inc()
             return {"status": "duplicate"}

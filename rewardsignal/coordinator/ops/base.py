@@ -40,6 +40,9 @@ class Operation(ABC):
     # in memory (``request.staged``), not once they have finished: it changes
     # nothing durable before ``request.until_prior_done()``.
     starts_on_staged: ClassVar[bool] = False
+    # May be queued with others in one call (``POST /v1/runs/{id}/requests``):
+    # its ``accept`` has no side effects, so a batch refused whole leaves none.
+    pipelined: ClassVar[bool] = True
 
     @abstractmethod
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from rewardsignal import tracing
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.ingest.accept import off_loop
 from rewardsignal.coordinator.ops.base import Operation
@@ -143,6 +144,7 @@ class Forward(Operation):
         except BaseException:
             run.accum.unstage(c)
             raise
+        tracing.mark("coordinator: gradient durable")
         # One kernel call per worker's part for a flat gradient: on the loop
         # when small, as a submission's own sum is.
         await off_loop(4 * sum(t.numel() for t in c.grads.values()), run.accum.add, c)

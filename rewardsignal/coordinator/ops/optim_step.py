@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from rewardsignal import tracing
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
 from rewardsignal.aggregation.tensors import global_norm
 from rewardsignal.coordinator.fields import Body
@@ -102,10 +103,13 @@ class OptimStep(Operation):
         def gradient_and_adamw(of: Callable[[], Accumulator]) -> tuple:
             # The new version's file and its delta from this one too: what a
             # worker waiting for it is sent, ready when the version is.
+            tracing.mark("coordinator: AdamW thread begins")
             grads = of().gradient()
             params, state, step = adamw_step(run.adapter, grads, run.opt_state, run.opt_step,
                                              args)
+            tracing.mark("coordinator: AdamW done")
             made, delta = make_adapter_file_and_delta(params, before)
+            tracing.mark("coordinator: new file and delta made")
             return grads, params, state, step, made, delta
 
         # In a thread: the last gradient's writes go on beside it (the loop
@@ -115,8 +119,10 @@ class OptimStep(Operation):
             out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
         except ValidationError:  # e.g. no loss weight staged: judged on what lands
             out = None
+        tracing.mark("coordinator: AdamW and new file computed")
         if until_durable is not None:
             await until_durable()
+            tracing.mark("coordinator: step's inputs durable")
         # Until what it computed on is what is there (each pass follows a change:
         # a gradient that did not land, a worker quarantined meanwhile).
         while out is None or (settle is not None and accum.owed) or not accum.matches(snap):
@@ -143,6 +149,7 @@ class OptimStep(Operation):
                                   metrics={"loss": loss, "tokens": accum.tokens},
                                   request_id=request_id, background=landed, adapter=adapter,
                                   delta=delta)
+        tracing.mark("coordinator: version committed")
         run.accum = Accumulator()
         if track and ctx.trackers.logs(run.run_id):
             # The accumulated gradient's norm (before clipping), for tracking.

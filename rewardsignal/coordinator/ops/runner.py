@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from rewardsignal import tracing
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.runs.processor import Op
 from rewardsignal.coordinator.runs.state import Run
@@ -33,6 +34,7 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
     operation = op.operation
     assert isinstance(operation, Operation)
     fut = op.request.future
+    tracing.mark(f"coordinator: {operation.name} begins")
     try:
         if not operation.starts_unstored:
             await op.request.until_stored()
@@ -57,6 +59,7 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
     else:
         if not fut.done():
             fut.set_result(result)
+    tracing.mark(f"coordinator: {operation.name} ends")
     if op.request.store_failed():  # never in the database: nothing to finish there
         return
     body = op.request.to_json()

@@ -12,9 +12,10 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,15 @@ def _unpack(stored: bytes | str) -> Any:
     if isinstance(stored, bytes):
         return msgpack.unpackb(stored, raw=False, strict_map_key=False)
     return json.loads(stored)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """An accepted request's row (``Database.add_requests``)."""
+    request_id: str
+    kind: str
+    args: dict
+    timeout_s: float | None
 
 
 class Database:
@@ -201,19 +211,30 @@ class Database:
     def add_request(self, request_id: str, owner: str, run_id: str, kind: str,
                     args: dict, timeout_s: float | None, *, idem_key: str | None = None,
                     answer: dict | None = None) -> asyncio.Future[None]:
-        """Store an accepted request (and its idempotency key with the answer the
-        client was given, in the same transaction). The write is queued now, on
-        the event loop, ahead of every database write asked for after this call
-        (one thread runs them in order); the future is done once it is synced."""
+        """One request (``add_requests``)."""
+        return self.add_requests(owner, run_id, [NewRequest(request_id, kind, args, timeout_s)],
+                                 idem_key=idem_key, answer=answer)
+
+    def add_requests(self, owner: str, run_id: str, requests: Sequence[NewRequest], *,
+                     idem_key: str | None = None, answer: dict | None = None
+                     ) -> asyncio.Future[None]:
+        """Store accepted requests of one run, in their order, in one transaction
+        with the idempotency key and the answer the client was given: all of them
+        or none. The write is queued now, on the event loop, ahead of every
+        database write asked for after this call (one thread runs them in order);
+        the future is done once it is synced."""
         def add() -> None:
             c = self._c()
             with c:
                 c.execute("BEGIN IMMEDIATE")
-                self._seq += 1
-                c.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', NULL, "
-                          "?, NULL)", (request_id, self._seq, owner, run_id, kind,
-                                       _pack(args), timeout_s, time.time()))
-                self._claim_key(c, owner, idem_key, "request", request_id, answer or {})
+                now = time.time()
+                for r in requests:
+                    self._seq += 1
+                    c.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', "
+                              "NULL, ?, NULL)", (r.request_id, self._seq, owner, run_id, r.kind,
+                                                 _pack(r.args), r.timeout_s, now))
+                self._claim_key(c, owner, idem_key, "request", requests[0].request_id,
+                                answer or {})
 
         return asyncio.get_running_loop().run_in_executor(self._pool, add)
 

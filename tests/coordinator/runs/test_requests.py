@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rewardsignal.coordinator.runs.requests import RequestRegistry
-from rewardsignal.coordinator.store.db import Database
+from rewardsignal.coordinator.store.db import Database, NewRequest
 from rewardsignal.errors import NotFoundError
 
 
@@ -47,6 +47,29 @@ def test_the_database_keeps_a_window_of_finished_requests_and_every_open_one(tmp
         kept = [rid for rid in ids if await db.finished_request(rid) is not None]
         assert kept == ids[4:]
         assert [r["request_id"] for r in await db.open_requests()] == ["req-1"]
+        await db.close()
+
+    asyncio.run(go())
+
+
+def test_requests_accepted_together_are_stored_all_or_none(tmp_path):
+    """``add_requests``: one transaction, the key with them; a row that cannot be
+    written (here a request id already taken) leaves none of them, nor the key."""
+    async def go() -> None:
+        db = Database(tmp_path / "signal.db")
+        await db.add_request("req-1", "alice", "run-1", "forward", {}, None)
+        with pytest.raises(Exception, match="UNIQUE"):
+            await db.add_requests("alice", "run-1", [
+                NewRequest("req-2", "forward_backward", {"n": 2}, 5.0),
+                NewRequest("req-1", "optim_step", {}, 5.0)], idem_key="k", answer={"a": 1})
+        assert [r["request_id"] for r in await db.open_requests()] == ["req-1"]
+        assert await db.find_key("alice", "k") is None
+        await db.add_requests("alice", "run-1", [
+            NewRequest("req-2", "forward_backward", {"n": 2}, 5.0),
+            NewRequest("req-3", "optim_step", {}, 5.0)], idem_key="k", answer={"a": 1})
+        assert [(r["request_id"], r["kind"]) for r in await db.open_requests()] == [
+            ("req-1", "forward"), ("req-2", "forward_backward"), ("req-3", "optim_step")]
+        assert (await db.find_key("alice", "k"))["answer"] == {"a": 1}
         await db.close()
 
     asyncio.run(go())
