@@ -20,43 +20,26 @@ after it. Linux with glibc only: elsewhere nothing changes.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
+
+from rewardsignal import libc
 
 log = logging.getLogger("signal.coordinator")
-
-_M_ARENA_MAX = -8  # mallopt(3) parameter, from glibc's malloc.h
 
 # RSS grown since the last trim that makes the next one worth its pause.
 GROWN_BYTES = 512 << 20
 
 
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"))
-    except (OSError, TypeError):
-        return None
-
-
 def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` does); call it before
-    any worker thread exists. Whether it did."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, arenas))
+    """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` does), unless the
+    user set malloc's behaviour themselves; call it before any worker thread
+    exists. Whether it did."""
+    return libc.mallopt([(libc.M_ARENA_MAX, arenas)])
 
 
-def heap_trimmer() -> Callable[[], int] | None:
-    """glibc's ``malloc_trim(0)``: free pages anywhere in the heaps go back to the
-    system. None without it."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is None:
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: int(trim(0))
+# A name of this module, so a test can stand in for it.
+heap_trimmer = libc.malloc_trim
 
 
 def resident_bytes() -> int | None:

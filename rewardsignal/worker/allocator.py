@@ -18,28 +18,13 @@ glibc only; elsewhere, or when the user set any ``MALLOC_*`` variable or
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-
-# mallopt(3) parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
+from rewardsignal import libc
 
 # mallopt takes a C int: the trim threshold's ceiling is 2 GiB of free heap top.
-SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1),
-            (_M_TOP_PAD, 64 << 20))
+SETTINGS = ((libc.M_ARENA_MAX, 1), (libc.M_MMAP_MAX, 0), (libc.M_TRIM_THRESHOLD, 2**31 - 1),
+            (libc.M_TOP_PAD, 64 << 20))
 
 
 def keep_freed_memory() -> bool:
     """Apply ``SETTINGS`` to this process's glibc malloc; whether it did."""
-    if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ or any(
-            k.startswith("MALLOC_") for k in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, say)
-        return False
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    return libc.mallopt(SETTINGS)

@@ -4,6 +4,7 @@ until trimmed, and the trim the server runs once RSS has grown gives them back."
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -98,3 +99,15 @@ def test_the_heap_is_trimmed_only_when_rss_grew(monkeypatch):
 def test_without_malloc_trim_nothing_runs(monkeypatch):
     monkeypatch.setattr(heap, "heap_trimmer", lambda: None)
     asyncio.run(asyncio.wait_for(heap.trim_forever(0.01), 5))  # returns at once
+
+
+def test_the_users_own_arena_setting_is_left_alone():
+    """The coordinator caps malloc's arenas unless the user set malloc's
+    behaviour themselves (as the worker's allocator settings do)."""
+    probe = "from rewardsignal.coordinator.heap import limit_malloc_arenas as f; print(f())"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    runs = [subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True,
+                           text=True, check=True).stdout.strip()
+            for e in (env, {**env, "MALLOC_ARENA_MAX": "8"}, {**env, "GLIBC_TUNABLES": "x"})]
+    assert runs == ["True", "False", "False"]
