@@ -92,7 +92,7 @@ class Ingest:
         # A check task's gradient is counted too, until its verdict (always granted).
         hold = self.scheduler.take_hold(task, lease_id)
         if (task.check or task.keep) and checked.tensors is not None:
-            nbytes = _nbytes(checked.tensors)
+            nbytes = tensor_bytes(checked.tensors)
             task.hold = (hold.resize(nbytes) if hold is not None
                          else self.scheduler.holds.take(nbytes))
         else:
@@ -100,7 +100,7 @@ class Ingest:
         if task.keep or task.check:
             task.held = checked.tensors
         elif task.sink is not None and checked.tensors is not None:
-            await off_loop(_nbytes(checked.tensors), task.sink.add, checked.tensors, owned=True,
+            await off_loop(tensor_bytes(checked.tensors), task.sink.add, checked.tensors, owned=True,
                            worker=worker.worker_id)
         duration_s = _duration(msg)
         self.scheduler.complete(task, lease_id, checked.result, tokens=task.tokens,
@@ -136,7 +136,8 @@ class Ingest:
         return checked
 
 
-def _nbytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
+    """The bytes a set of tensors holds (what ``off_loop`` is told)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

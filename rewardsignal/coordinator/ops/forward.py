@@ -12,7 +12,7 @@ from typing import Any
 
 from rewardsignal import tracing
 from rewardsignal.coordinator.fields import Body
-from rewardsignal.coordinator.ingest.accept import off_loop
+from rewardsignal.coordinator.ingest.accept import off_loop, tensor_bytes
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.shards import Shard, compute_shards, parts_of
 from rewardsignal.coordinator.runs.accumulator import Contribution, Part, PartialSums
@@ -147,7 +147,7 @@ class Forward(Operation):
         tracing.mark("coordinator: gradient durable")
         # One kernel call per worker's part for a flat gradient: on the loop
         # when small, as a submission's own sum is.
-        await off_loop(4 * sum(t.numel() for t in c.grads.values()), run.accum.add, c)
+        await off_loop(tensor_bytes(c.grads), run.accum.add, c)
         # A worker quarantined while this was made durable: its part comes out now.
         for worker in sorted(c.workers()):
             if ctx.trust.is_quarantined(worker):
