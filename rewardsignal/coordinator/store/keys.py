@@ -1,14 +1,36 @@
 """Stored API keys and worker tokens (hashed): created, listed and revoked by the
-CLI while a coordinator may be running (its auth sees the change at once)."""
+CLI while a coordinator may be running (its auth sees the change at once).
+
+Each change, once committed, rewrites a stamp file beside the database
+(``stamp_path``), so a running coordinator learns of it from a ``stat`` on its
+event loop instead of asking SQLite on a thread for every request
+(``KeyStore.stamp``; ``api.auth`` re-reads the keys when the stamp moved, and
+at least once a second in case a change was made without it).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from pathlib import Path
 
 from rewardsignal.coordinator.store.db import connect
+
+
+def stamp_path(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".keys-changed")
+
+
+def _changed(db_path: Path) -> None:
+    """After a committed change to the keys: a new stamp (its content differs
+    each time, so its size or modification time does too, at any clock
+    granularity)."""
+    stamp = stamp_path(db_path)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(f"{time.time_ns()} {os.getpid()}\n")
+    os.replace(tmp, stamp)
 
 
 def create_key(db_path: Path, name: str, scope: str, key_hash: str) -> None:
@@ -20,6 +42,7 @@ def create_key(db_path: Path, name: str, scope: str, key_hash: str) -> None:
         raise ValueError(f"a key named {name!r} already exists") from None
     finally:
         conn.close()
+    _changed(db_path)
 
 
 def list_keys(db_path: Path) -> list[dict]:
@@ -37,9 +60,12 @@ def revoke_key(db_path: Path, name: str) -> bool:
     try:
         cur = conn.execute("UPDATE keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
                            (time.time(), name))
-        return cur.rowcount == 1
+        revoked = cur.rowcount == 1
     finally:
         conn.close()
+    if revoked:
+        _changed(db_path)
+    return revoked
 
 
 def key_hash(key: str) -> str:
@@ -56,6 +82,16 @@ class KeyStore:
         self._conn: sqlite3.Connection | None = None
         self._version = -1
         self._keys: dict[str, set[str]] = {"user": set(), "worker": set()}
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """The stamp file's identity (inode, size, modification time): it changes
+        with every change made through ``create_key`` / ``revoke_key``. None
+        while there is none. A ``stat``: cheap enough for the event loop."""
+        try:
+            st = os.stat(stamp_path(self._db_path))
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def current(self) -> dict[str, set[str]]:
         if self._conn is None:
