@@ -11,12 +11,16 @@ Off, a mark costs a call that returns at once (and building its name, where
 that is an f-string: a fraction of a microsecond). On, it is a buffered write
 (about a microsecond); the file is flushed when the process exits normally
 (the coordinator and the worker do on SIGTERM and Ctrl-C) or on ``flush()``.
+A mark never raises: marks sit on paths that must not fail for a diagnostic
+(between a commit and what follows it), so a folder that cannot be written
+turns tracing off in that process, with one line on stderr.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,16 +53,35 @@ def mark(name: str) -> None:
             f"{name}\n")
     global _file
     with _lock:
-        if _file is None:
-            _file = open(Path(_dir) / f"{os.getpid()}.trace", "a", buffering=1 << 20)  # noqa: SIM115
-            atexit.register(flush)
-        _file.write(line)
+        try:
+            if _file is None:
+                os.makedirs(_dir, exist_ok=True)
+                _file = open(Path(_dir) / f"{os.getpid()}.trace", "a", buffering=1 << 20)  # noqa: SIM115
+                atexit.register(flush)
+            _file.write(line)
+        except Exception as exc:  # never the caller's problem
+            _give_up(exc)
 
 
 def flush() -> None:
     with _lock:
-        if _file is not None:
-            _file.flush()
+        try:
+            if _file is not None:
+                _file.flush()
+        except Exception as exc:
+            _give_up(exc)
+
+
+def _give_up(exc: Exception) -> None:
+    """Tracing off in this process (the lock held)."""
+    global _dir, _file
+    print(f"signal: tracing to {_dir} stopped: {exc}", file=sys.stderr, flush=True)
+    if _file is not None:
+        try:
+            _file.close()
+        except Exception:  # what it could not write is lost with it
+            pass
+    _dir, _file = None, None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from rewardsignal.coordinator.scheduling.scheduler import Scheduler
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.services import Services
 from rewardsignal.coordinator.store.db import NewRequest
-from rewardsignal.errors import NotFoundError, SignalError, ValidationError
+from rewardsignal.errors import ConflictError, NotFoundError, SignalError, ValidationError
 from rewardsignal.memory import gpu_config_memory_bytes
 from rewardsignal.models import (
     BUILTIN_MODELS,
@@ -62,6 +62,13 @@ def _fail_unstored(req: Request, stored: asyncio.Future) -> None:
         req.future.set_exception(_unstored_error(exc))
 
 
+def _same_kind(key: str, first: str, now: str) -> None:
+    if first != now:
+        raise ConflictError(f"idempotency key {key!r} was already used for another kind of "
+                            f"call ({first}, this one is {now}); send this call with a key "
+                            "of its own", code="idempotency_key_reused")
+
+
 def _describe(model_ids: list[str]) -> list[dict]:
     """Sizes of the models known here without a download (blocking)."""
     out = []
@@ -83,7 +90,7 @@ class Coordinator:
                                self.metrics)
         self._ticker: asyncio.Task | None = None
         # (owner, idempotency key) -> the answer of a call still being accepted
-        self._claims: dict[tuple[str, str], asyncio.Future[dict]] = {}
+        self._claims: dict[tuple[str, str], tuple[str, asyncio.Future[dict]]] = {}
         self._forgotten: list[str] = []  # pruned workers still in the database
 
     # The parts most callers (and tests) reach for.
@@ -160,25 +167,30 @@ class Coordinator:
 
     # -- runs and requests -----------------------------------------------------------------
     async def once(self, owner: str, key: str | None,
-                   create: Callable[[], Awaitable[dict]]) -> tuple[dict, bool]:
+                   create: Callable[[], Awaitable[dict]], *, kind: str) -> tuple[dict, bool]:
         """``create()``'s answer, at most once per (owner, idempotency key): a
         retry with the same key gets the first call's answer back (and True),
         whether the first is done, still being accepted, or from before a
-        restart. ``create`` must store the key with what it creates."""
+        restart. ``create`` must store the key with what it creates, as
+        ``kind`` (``run``, ``request``, ``requests``): a key first used for
+        another kind of call is a 409, not that call's answer."""
         if key is None:
             return await create(), False
         claim = (owner, key)
         if claim in self._claims:
-            return await asyncio.shield(self._claims[claim]), True
+            first_kind, first = self._claims[claim]
+            _same_kind(key, first_kind, kind)
+            return await asyncio.shield(first), True
         # Claimed before the first await, so a concurrent retry waits for this one.
         fut: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
-        self._claims[claim] = fut
+        self._claims[claim] = (kind, fut)
         try:
             found = await self.services.db.find_key(owner, key)
             if found is None:
                 answer, replayed = await create(), False
             else:
+                _same_kind(key, found["kind"], kind)
                 run = self.runs.get(found["ref"]) if found["kind"] == "run" else None
                 answer, replayed = (run.to_json() if run else found["answer"]), True
         except asyncio.CancelledError:
@@ -301,7 +313,8 @@ class Coordinator:
         stored = self.services.db.add_requests(
             owner, run.run_id, [NewRequest(req.request_id, op.name, op.dump(args), timeout_s)
                                 for req, (op, args, _) in zip(reqs, steps, strict=True)],
-            idem_key=idem_key, answer={"requests": answers} if batch else answers[0])
+            idem_key=idem_key, key_kind="requests" if batch else "request",
+            answer={"requests": answers} if batch else answers[0])
         assert run.processor is not None
         for req, (op, args, _) in zip(reqs, steps, strict=True):
             req.stored = stored
@@ -309,7 +322,7 @@ class Coordinator:
             # is still there to hear it (a client that disconnects does not unmake it).
             stored.add_done_callback(functools.partial(_fail_unstored, req))
             run.processor.put(Op(op, req, args, timeout_s))
-            tracing.mark(f"coordinator: {op.name} queued")
+        tracing.mark("coordinator: queued")
         try:
             await asyncio.shield(stored)
         except Exception as exc:

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from rewardsignal.errors import (
+    NotFoundError,
     RequestTimeoutError,
     SignalError,
     ValidationError,
@@ -97,13 +98,21 @@ class AsyncSignalClient:
                                    timeout_s: float) -> list[dict]:
         """Queue several operations in one call (``POST /v1/runs/{id}/requests``:
         in order, all or none, one round trip) and wait for each one's result;
-        the first that failed raises its own error."""
-        accepted = await self._http("POST", f"/v1/runs/{run_id}/requests",
-                                    body={"requests": [{"op": op, "args": args}
-                                                       for op, args in ops],
-                                          "timeout_s": timeout_s},
-                                    params={"wait_s": f"{min(_WAIT_CHUNK_S, timeout_s):.3f}"},
-                                    timeout_s=min(_WAIT_CHUNK_S, timeout_s) + 60)
+        the first that failed raises its own error. A coordinator from before
+        that route gets them one after another, each queued once the one before
+        was accepted (the same order), and the results are awaited together."""
+        deadline = time.monotonic() + timeout_s + 10
+        try:
+            accepted = await self._http(
+                "POST", f"/v1/runs/{run_id}/requests",
+                body={"requests": [{"op": op, "args": args} for op, args in ops],
+                      "timeout_s": timeout_s},
+                params={"wait_s": f"{min(_WAIT_CHUNK_S, timeout_s):.3f}"},
+                timeout_s=min(_WAIT_CHUNK_S, timeout_s) + 60)
+        except NotFoundError as exc:
+            if "unknown operation 'requests'" not in exc.message:
+                raise
+            return await self._accept_in_turn(run_id, ops, timeout_s)
         results, told = [], False
         for state in accepted["requests"]:
             if state.get("status") == "failed":
@@ -112,7 +121,23 @@ class AsyncSignalClient:
                 results.append(state["result"])
                 continue
             told = _tell_if_waiting(state, told)
-            results.append(await self._wait(state["request_id"], timeout_s + 10, told=told))
+            # One deadline for all of them: each wait gets what is left.
+            left = max(deadline - time.monotonic(), 1.0)
+            results.append(await self._wait(state["request_id"], left, told=told))
+        return results
+
+    async def _accept_in_turn(self, run_id: str, ops: Sequence[tuple[str, dict]],
+                              timeout_s: float) -> list[dict]:
+        """``_accept_all_and_wait`` against a coordinator without ``/requests``."""
+        first = [await self._accept(run_id, op, args, timeout_s) for op, args in ops[:-1]]
+        outs = await asyncio.gather(
+            *(self.wait(rid, timeout_s=timeout_s + 10) for rid in first),
+            self._accept_and_wait(run_id, *ops[-1], timeout_s), return_exceptions=True)
+        results: list[dict] = []
+        for out in outs:
+            if isinstance(out, BaseException):
+                raise out
+            results.append(out)
         return results
 
     async def _accept(self, run_id: str, op: str, body: dict, timeout_s: float) -> str:

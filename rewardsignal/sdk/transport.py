@@ -90,10 +90,12 @@ class Transport:
             try:
                 if traced:
                     tracing.mark(f"sdk: {traced} sent")
-                answer = await self._once(method, path, body, params, headers, timeout_s, raw)
-                if traced:
-                    tracing.mark(f"sdk: {traced} answered")
-                return answer
+                try:
+                    return await self._once(method, path, body, params, headers, timeout_s,
+                                            raw)
+                finally:
+                    if traced:
+                        tracing.mark(f"sdk: {traced} answered")
             except SignalError:  # the coordinator answered (NoWorkerError is a TimeoutError)
                 raise
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:

@@ -46,7 +46,7 @@ def make_error_middleware(metrics):
             metrics.request_latency.labels(route_name, request.method).observe(
                 time.monotonic() - started)
             if traced:
-                tracing.mark(f"coordinator: {traced} answered")
+                tracing.mark(f"coordinator: {traced} handled")
 
     return errors
 

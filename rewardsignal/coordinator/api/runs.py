@@ -21,7 +21,7 @@ from rewardsignal.coordinator.coordinator import Coordinator
 from rewardsignal.coordinator.fields import Body
 from rewardsignal.coordinator.runs.create import read_run_request
 from rewardsignal.coordinator.runs.state import Run
-from rewardsignal.errors import NotFoundError, ValidationError, http_status_for
+from rewardsignal.errors import NotFoundError, SignalError, ValidationError, http_status_for
 
 # Operations one ``POST /v1/runs/{run_id}/requests`` queues at most.
 MAX_QUEUED_TOGETHER = 64
@@ -41,7 +41,7 @@ async def create_run(request: web.Request) -> web.Response:
         run = await coord.create_run(owner, run_request, key)
         return {**run.to_json(), "warnings": coord.placement_warnings(run)}
 
-    answer, replayed = await coord.once(owner, key, create)
+    answer, replayed = await coord.once(owner, key, create, kind="run")
     return _answer(request, answer, 201, replayed)
 
 
@@ -98,7 +98,7 @@ async def run_op(request: web.Request) -> web.Response:
         b.done()
         return await coord.submit(owner, run, operation, args, timeout_s, key)
 
-    answer, replayed = await coord.once(owner, key, accept)
+    answer, replayed = await coord.once(owner, key, accept, kind="request")
     if wait_s > 0:
         try:
             body = await request_state(coord, answer["request_id"], owner, wait_s)
@@ -139,7 +139,7 @@ async def run_requests(request: web.Request) -> web.Response:
         steps = [await _pipelined(coord, run, owner, i, item) for i, item in enumerate(items)]
         return {"requests": await coord.submit_all(owner, run, steps, timeout_s, key)}
 
-    answer, replayed = await coord.once(owner, key, accept)
+    answer, replayed = await coord.once(owner, key, accept, kind="requests")
     if wait_s <= 0:
         return _answer(request, answer, 202, replayed)
     deadline = asyncio.get_running_loop().time() + wait_s
@@ -165,14 +165,19 @@ async def _pipelined(coord: Coordinator, run: Run, owner: str, i: int, item: obj
         name = b.str("op")
         args = Body(b.dict("args", {}), f"requests[{i}].args")
         b.done()
-        operation = ops.get(name)
+        try:
+            operation = ops.get(name)
+        except NotFoundError as exc:  # a bad item, not a missing resource
+            raise ValidationError(exc.message) from None
         if not operation.pipelined:
             raise ValidationError(f"{name} is not queued with other operations; send it on "
                                   f"its own (POST /v1/runs/{{run_id}}/{name})")
         parsed = await operation.parse(coord.services, run, owner, args)
         args.done()
-    except (ValidationError, NotFoundError) as exc:
-        raise ValidationError(f"requests[{i}]: {exc.message}") from None
+    except SignalError as exc:  # as its own route would answer, naming the item
+        exc.message = f"requests[{i}]: {exc.message}"
+        exc.args = (exc.message,)
+        raise
     return operation, parsed
 
 

@@ -40,9 +40,6 @@ class Operation(ABC):
     # in memory (``request.staged``), not once they have finished: it changes
     # nothing durable before ``request.until_prior_done()``.
     starts_on_staged: ClassVar[bool] = False
-    # May be queued with others in one call (``POST /v1/runs/{id}/requests``):
-    # its ``accept`` has no side effects, so a batch refused whole leaves none.
-    pipelined: ClassVar[bool] = True
 
     @abstractmethod
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> Any:
@@ -51,8 +48,16 @@ class Operation(ABC):
 
     async def accept(self, ctx: Services, run: Run, owner: str, args: Any) -> dict:
         """Side effects once the arguments are valid, before the request is
-        stored and queued; extra fields for the 202 answer."""
+        stored and queued; extra fields for the 202 answer. An operation that
+        has some is not queued with others (``POST /v1/runs/{id}/requests``,
+        all or none, has no way to undo them): see ``pipelined``."""
         return {}
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether it may be queued with other operations in one call: its
+        acceptance does nothing (``accept`` is this class's)."""
+        return type(self).accept is Operation.accept
 
     def dump(self, args: Any) -> dict:
         """The arguments as JSON, stored with the request."""

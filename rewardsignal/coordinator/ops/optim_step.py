@@ -117,9 +117,9 @@ class OptimStep(Operation):
         out: tuple | None
         try:
             out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
+            tracing.mark("coordinator: AdamW and new file computed")
         except ValidationError:  # e.g. no loss weight staged: judged on what lands
             out = None
-        tracing.mark("coordinator: AdamW and new file computed")
         if until_durable is not None:
             await until_durable()
             tracing.mark("coordinator: step's inputs durable")
@@ -149,8 +149,8 @@ class OptimStep(Operation):
                                   metrics={"loss": loss, "tokens": accum.tokens},
                                   request_id=request_id, background=landed, adapter=adapter,
                                   delta=delta)
-        tracing.mark("coordinator: version committed")
         run.accum = Accumulator()
+        tracing.mark("coordinator: version committed")
         if track and ctx.trackers.logs(run.run_id):
             # The accumulated gradient's norm (before clipping), for tracking.
             norm = await asyncio.to_thread(global_norm, grads)

@@ -88,7 +88,6 @@ class TrainFederated(Operation):
     name = "train_federated"
     barrier = True
     bounded = False
-    pipelined = False  # accepting one writes its job
 
     async def parse(self, ctx: Services, run: Run, owner: str, body: Body) -> FederatedJob:
         train = await _examples(ctx, body, owner, "dataset_id", "examples", True, "dataset")

@@ -216,8 +216,8 @@ class Database:
                                  idem_key=idem_key, answer=answer)
 
     def add_requests(self, owner: str, run_id: str, requests: Sequence[NewRequest], *,
-                     idem_key: str | None = None, answer: dict | None = None
-                     ) -> asyncio.Future[None]:
+                     idem_key: str | None = None, key_kind: str = "request",
+                     answer: dict | None = None) -> asyncio.Future[None]:
         """Store accepted requests of one run, in their order, in one transaction
         with the idempotency key and the answer the client was given: all of them
         or none. The write is queued now, on the event loop, ahead of every
@@ -233,7 +233,7 @@ class Database:
                     c.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', "
                               "NULL, ?, NULL)", (r.request_id, self._seq, owner, run_id, r.kind,
                                                  _pack(r.args), r.timeout_s, now))
-                self._claim_key(c, owner, idem_key, "request", requests[0].request_id,
+                self._claim_key(c, owner, idem_key, key_kind, requests[0].request_id,
                                 answer or {})
 
         return asyncio.get_running_loop().run_in_executor(self._pool, add)

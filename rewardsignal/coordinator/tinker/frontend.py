@@ -172,7 +172,7 @@ class TinkerFrontEnd:
                     return await self.coord.submit(owner, run, op, args, None, key,
                                                    request_id=request_id)
 
-            answer, _ = await self.coord.once(owner, key, accept)
+            answer, _ = await self.coord.once(owner, key, accept, kind="request")
             req = self.coord.requests.get(answer["request_id"], owner)
             return await self.to_tinker(req.kind, await asyncio.shield(req.future), run.run_id)
 
