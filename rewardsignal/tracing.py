@@ -53,6 +53,8 @@ def mark(name: str) -> None:
             f"{name}\n")
     global _file
     with _lock:
+        if _dir is None:  # another thread gave up meanwhile
+            return
         try:
             if _file is None:
                 os.makedirs(_dir, exist_ok=True)
@@ -75,7 +77,10 @@ def flush() -> None:
 def _give_up(exc: Exception) -> None:
     """Tracing off in this process (the lock held)."""
     global _dir, _file
-    print(f"signal: tracing to {_dir} stopped: {exc}", file=sys.stderr, flush=True)
+    try:
+        print(f"signal: tracing to {_dir} stopped: {exc}", file=sys.stderr, flush=True)
+    except Exception:  # no stderr to say it on
+        pass
     if _file is not None:
         try:
             _file.close()

@@ -58,6 +58,11 @@ def test_a_mark_never_raises(tmp_path):
         text=True, check=True)
     assert done.stdout.strip() == "went on False"
     assert done.stderr.count("tracing to") == 1 and "stopped" in done.stderr
+    # Not even with no stderr to say so on.
+    mute = "import sys\nsys.stderr.close()\n" + _CHILD + "print('went on')"
+    done = subprocess.run([sys.executable, "-c", mute], capture_output=True, text=True,
+                          env={**os.environ, tracing.ENV: str(blocker / "under")}, check=True)
+    assert done.stdout.strip() == "went on"
 
 
 def test_an_sdk_call_is_named_by_its_route_not_its_ids():

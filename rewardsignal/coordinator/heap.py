@@ -33,8 +33,8 @@ GROWN_BYTES = 512 << 20
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (what ``MALLOC_ARENA_MAX`` does), unless the
-    user set malloc's behaviour themselves; call it before any worker thread
-    exists. Whether it did."""
+    user set the arenas themselves; call it before any worker thread exists.
+    Whether it did."""
     return libc.mallopt([(libc.M_ARENA_MAX, arenas)])
 
 

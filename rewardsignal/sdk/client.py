@@ -56,6 +56,8 @@ class AsyncSignalClient:
                          or os.environ.get("SIGNAL_COORDINATOR") or DEFAULT_URL).rstrip("/")
         self.timeout_s = timeout_s
         self._transport = Transport(self.base_url, self.api_key, retry_window_s)
+        # Set once the coordinator answered that it has no POST /v1/runs/{id}/requests.
+        self._no_requests_route = False
 
     async def __aenter__(self) -> AsyncSignalClient:
         return self
@@ -102,6 +104,8 @@ class AsyncSignalClient:
         that route gets them one after another, each queued once the one before
         was accepted (the same order), and the results are awaited together."""
         deadline = time.monotonic() + timeout_s + 10
+        if self._no_requests_route:
+            return await self._accept_in_turn(run_id, ops, timeout_s, deadline)
         try:
             accepted = await self._http(
                 "POST", f"/v1/runs/{run_id}/requests",
@@ -112,7 +116,8 @@ class AsyncSignalClient:
         except NotFoundError as exc:
             if "unknown operation 'requests'" not in exc.message:
                 raise
-            return await self._accept_in_turn(run_id, ops, timeout_s)
+            self._no_requests_route = True  # not asked again of this coordinator
+            return await self._accept_in_turn(run_id, ops, timeout_s, deadline)
         results, told = [], False
         for state in accepted["requests"]:
             if state.get("status") == "failed":
@@ -127,18 +132,18 @@ class AsyncSignalClient:
         return results
 
     async def _accept_in_turn(self, run_id: str, ops: Sequence[tuple[str, dict]],
-                              timeout_s: float) -> list[dict]:
-        """``_accept_all_and_wait`` against a coordinator without ``/requests``."""
-        first = [await self._accept(run_id, op, args, timeout_s) for op, args in ops[:-1]]
-        outs = await asyncio.gather(
-            *(self.wait(rid, timeout_s=timeout_s + 10) for rid in first),
-            self._accept_and_wait(run_id, *ops[-1], timeout_s), return_exceptions=True)
-        results: list[dict] = []
-        for out in outs:
-            if isinstance(out, BaseException):
-                raise out
-            results.append(out)
-        return results
+                              timeout_s: float, deadline: float) -> list[dict]:
+        """``_accept_all_and_wait`` against a coordinator without ``/requests``:
+        each accepted in turn (one refused raises at once), then all waited on
+        together until ``deadline``; the first failure raises."""
+        ids = [await self._accept(run_id, op, args, timeout_s) for op, args in ops]
+        left = max(deadline - time.monotonic(), 1.0)
+        waits = [asyncio.ensure_future(self.wait(rid, timeout_s=left)) for rid in ids]
+        try:
+            return list(await asyncio.gather(*waits))
+        finally:  # after a failure, the other waits end too
+            for w in waits:
+                w.cancel()
 
     async def _accept(self, run_id: str, op: str, body: dict, timeout_s: float) -> str:
         """Queue an operation; its request id (the result comes from ``wait``)."""

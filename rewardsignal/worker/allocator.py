@@ -12,8 +12,8 @@ the step (``bench/RESULTS.md``, "A CPU worker's allocator").
 threshold: the process keeps the heap it reached and reuses it, as PyTorch's
 CUDA caching allocator keeps GPU memory. The arena limit only holds if it is set
 before any thread is started, so it runs before torch is imported. Linux with
-glibc only; elsewhere, or when the user set any ``MALLOC_*`` variable or
-``GLIBC_TUNABLES`` (their own allocator settings), nothing changes.
+glibc only; a parameter the user set themselves (``MALLOC_ARENA_MAX`` or
+``glibc.malloc.arena_max``, and so on: ``rewardsignal.libc``) keeps their value.
 """
 
 from __future__ import annotations

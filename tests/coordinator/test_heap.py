@@ -102,12 +102,14 @@ def test_without_malloc_trim_nothing_runs(monkeypatch):
 
 
 def test_the_users_own_arena_setting_is_left_alone():
-    """The coordinator caps malloc's arenas unless the user set malloc's
-    behaviour themselves (as the worker's allocator settings do)."""
+    """The coordinator caps malloc's arenas unless the user set the arenas
+    themselves (a variable or a tunable); other malloc settings do not count."""
     probe = "from rewardsignal.coordinator.heap import limit_malloc_arenas as f; print(f())"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    runs = [subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True,
-                           text=True, check=True).stdout.strip()
-            for e in (env, {**env, "MALLOC_ARENA_MAX": "8"}, {**env, "GLIBC_TUNABLES": "x"})]
-    assert runs == ["True", "False", "False"]
+    runs = [subprocess.run([sys.executable, "-c", probe], env={**env, **extra},
+                           capture_output=True, text=True, check=True).stdout.strip()
+            for extra in ({}, {"MALLOC_ARENA_MAX": "8"},
+                          {"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.arena_max=3"},
+                          {"MALLOC_CHECK_": "0", "GLIBC_TUNABLES": "glibc.pthread.rseq=0"})]
+    assert runs == ["True", "False", "False", "True"]

@@ -15,9 +15,10 @@ from rewardsignal.errors import ValidationError
 from rewardsignal.sdk.client import AsyncSignalClient
 
 
-def _step(routes: dict, calls: list) -> tuple[dict, dict]:
-    """Run the pipelined call against an app of ``routes`` (op -> answer,
-    "wait" -> a request id's answer); ``calls`` gets (method, what) in order."""
+def _step(routes: dict, calls: list, times: int = 1) -> tuple[dict, dict]:
+    """Run the pipelined call ``times`` against an app of ``routes`` (op ->
+    answer, "wait" -> a request id's answer); ``calls`` gets (method, what) in
+    order. The last call's results."""
     async def op(request: web.Request) -> web.Response:
         name = request.match_info["op"]
         calls.append(("POST", name, msgpack.unpackb(await request.read())))  # the SDK's body
@@ -35,8 +36,10 @@ def _step(routes: dict, calls: list) -> tuple[dict, dict]:
         app.router.add_get("/v1/requests/{rid}", wait)
         async with TestServer(app, host="127.0.0.1") as server:
             async with AsyncSignalClient(base_url=str(server.make_url(""))) as client:
-                return await asyncio.wait_for(client.run("run-1").forward_backward_optim_step(
-                    [{"text": "a"}], learning_rate=0.01), 30)
+                for _ in range(times):
+                    out = await asyncio.wait_for(client.run("run-1").forward_backward_optim_step(
+                        [{"text": "a"}], learning_rate=0.01, timeout_s=5), 30)
+                return out
 
     return asyncio.run(go())
 
@@ -69,18 +72,28 @@ def test_a_pending_one_is_waited_on_and_a_failed_one_raises_its_error():
         _step({"requests": ({"requests": [failed, pending]}, 200)}, [])
 
 
+OLD = {"error": {"code": "not_found",
+                 "message": "unknown operation 'requests'; expected one of [...]"}}
+PENDING_FB = ({"request_id": "r-fb", "status": "pending"}, 202)
+
+
 def test_a_coordinator_without_the_route_gets_the_calls_one_after_another():
     calls: list = []
-    old = {"error": {"code": "not_found",
-                     "message": "unknown operation 'requests'; expected one of [...]"}}
-    fb, step = _step({"requests": (old, 404),
-                      "forward_backward": ({"request_id": "r-fb", "status": "pending"}, 202),
-                      "optim_step": (DONE_STEP, 200),
-                      "wait": {"r-fb": DONE_FB}}, calls)
+    fb, step = _step({"requests": (OLD, 404), "forward_backward": PENDING_FB,
+                      "optim_step": ({"request_id": "r-step", "status": "pending"}, 202),
+                      "wait": {"r-fb": DONE_FB, "r-step": DONE_STEP}}, calls, times=2)
     assert (fb, step) == ({"loss": 1.5}, {"version": 1})
-    # The step is queued only once the batch is accepted; then both are awaited.
-    assert [c[:2] for c in calls[:2]] == [("POST", "requests"), ("POST", "forward_backward")]
-    assert sorted(c[:2] for c in calls[2:]) == [("GET", "r-fb"), ("POST", "optim_step")]
+    # Each queued once the one before is accepted, then both awaited; the
+    # missing route is asked for once per client.
+    assert [c[:2] for c in calls[:3]] == [("POST", "requests"), ("POST", "forward_backward"),
+                                          ("POST", "optim_step")]
+    assert sorted(c[:2] for c in calls[3:5]) == [("GET", "r-fb"), ("GET", "r-step")]
+    assert [c[:2] for c in calls[5:7]] == [("POST", "forward_backward"), ("POST", "optim_step")]
+    # A step refused at the door raises at once, whatever the batch is doing.
+    refused = {"error": {"code": "invalid_request", "message": "field 'learning_rate'"}}
+    with pytest.raises(ValidationError, match="learning_rate"):
+        _step({"requests": (OLD, 404), "forward_backward": PENDING_FB,
+               "optim_step": (refused, 400), "wait": {}}, [])
     # Any other 404 is the caller's error, not a reason to fall back.
     gone = {"error": {"code": "not_found", "message": "unknown run run-1"}}
     with pytest.raises(Exception, match="unknown run run-1"):

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from rewardsignal.worker.allocator import SETTINGS, keep_freed_memory
+
 # In a fresh process (the arena limit holds only before any thread starts):
 # malloc, touch and free a 64 MiB buffer on a second thread, five times, and
 # print the page faults of the last four.
@@ -56,6 +58,28 @@ def test_freed_buffers_are_reused_without_page_faults():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_the_users_own_allocator_settings_are_left_alone():
-    applied, _ = _probe("keep", {**os.environ, "MALLOC_ARENA_MAX": "4"})
-    assert not applied
+def test_the_users_own_allocator_settings_are_left_alone(monkeypatch):
+    """Each parameter the user set keeps their value; the others are applied."""
+    from rewardsignal import libc
+
+    calls = []
+    monkeypatch.setattr(libc, "_glibc", lambda: type(
+        "Glibc", (), {"mallopt": staticmethod(lambda p, v: calls.append(p) or 1)})())
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    settings = dict(SETTINGS)
+    for env, left in (({}, set()),
+                      ({"MALLOC_ARENA_MAX": "4"}, {libc.M_ARENA_MAX}),
+                      ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=1:glibc.malloc.top_pad=0"},
+                       {libc.M_MMAP_MAX, libc.M_TOP_PAD}),
+                      ({"MALLOC_CHECK_": "3", "MALLOC_CONF": "x"}, set())):
+        calls.clear()
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert keep_freed_memory()
+        assert set(calls) == set(settings) - left, env
+    # Every one set by the user: nothing to apply.
+    monkeypatch.setenv("GLIBC_TUNABLES", ":".join(
+        f"glibc.malloc.{n}=1" for n in ("arena_max", "mmap_max", "trim_threshold", "top_pad")))
+    assert not keep_freed_memory()

@@ -11,6 +11,7 @@ at least once a second in case a change was made without it).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import time
@@ -18,19 +19,28 @@ from pathlib import Path
 
 from rewardsignal.coordinator.store.db import connect
 
+log = logging.getLogger("signal.keys")
+
 
 def stamp_path(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".keys-changed")
 
 
 def _changed(db_path: Path) -> None:
-    """After a committed change to the keys: a new stamp (its content differs
-    each time, so its size or modification time does too, at any clock
-    granularity)."""
-    stamp = stamp_path(db_path)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(f"{time.time_ns()} {os.getpid()}\n")
-    os.replace(tmp, stamp)
+    """After a committed change to the keys: one line appended to the stamp, so
+    its size grows with every change (whatever the clock's granularity, and
+    with several writers at once). The change is committed already: if the
+    stamp cannot be written, a running coordinator still sees it within
+    ``api.auth.RECHECK_S``, and this says so instead of failing."""
+    try:
+        fd = os.open(stamp_path(db_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{time.time_ns()} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("keys changed, but %s could not be written (%s): a running "
+                    "coordinator applies the change within a second", stamp_path(db_path), exc)
 
 
 def create_key(db_path: Path, name: str, scope: str, key_hash: str) -> None:
@@ -82,11 +92,15 @@ class KeyStore:
         self._conn: sqlite3.Connection | None = None
         self._version = -1
         self._keys: dict[str, set[str]] = {"user": set(), "worker": set()}
+        # Scopes with a stored key, revoked or not: keys stay switched on for a
+        # scope once one was stored, so revoking the last one locks it, not opens it.
+        self.used: frozenset[str] = frozenset()
 
     def stamp(self) -> tuple[int, int, int] | None:
         """The stamp file's identity (inode, size, modification time): it changes
-        with every change made through ``create_key`` / ``revoke_key``. None
-        while there is none. A ``stat``: cheap enough for the event loop."""
+        with every change made through ``create_key`` / ``revoke_key`` (its size
+        grows). None while there is none. A ``stat``: cheap enough for the
+        event loop."""
         try:
             st = os.stat(stamp_path(self._db_path))
         except OSError:
@@ -101,10 +115,12 @@ class KeyStore:
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._version:
             fresh: dict[str, set[str]] = {"user": set(), "worker": set()}
-            for scope, h in self._conn.execute(
-                    "SELECT scope, hash FROM keys WHERE revoked IS NULL"):
-                fresh[scope].add(h)
-            self._keys, self._version = fresh, version
+            used = set()
+            for scope, h, revoked in self._conn.execute("SELECT scope, hash, revoked FROM keys"):
+                used.add(scope)
+                if revoked is None:
+                    fresh[scope].add(h)
+            self._keys, self.used, self._version = fresh, frozenset(used), version
         return self._keys
 
     def close(self) -> None:
