@@ -306,6 +306,7 @@ class Coordinator:
     async def _queue(self, owner: str, run: Run, steps: list[tuple[Operation, Any, dict]],
                      timeout_s: float | None, idem_key: str | None, *,
                      request_id: str | None, batch: bool) -> list[dict]:
+        assert request_id is None or len(steps) == 1, "a given request id names one request"
         timeout_s = timeout_s or self.config.request_timeout_s
         reqs = [self.services.requests.create(owner, run.run_id, op.name, request_id=request_id)
                 for op, _, _ in steps]
