@@ -75,21 +75,21 @@ BAD = "invalid_request"
     ({"requests": [STEP[0], "optim_step"]}, 400, BAD,
      r"requests\[1\]: requests\[1\] must be a JSON object"),
     ({"requests": [STEP[0], {"op": "no_such_op"}]}, 400, BAD,
-     r"requests\[1\]: unknown operation 'no_such_op'"),
+     r"requests\[1\] \(no_such_op\): unknown operation 'no_such_op'"),
     ({"requests": [STEP[0], {"op": "optim_step", "args": {"learning_rate": -1}}]}, 400, BAD,
-     r"requests\[1\]: field 'learning_rate'"),
+     r"requests\[1\] \(optim_step\): field 'learning_rate'"),
     ({"requests": [STEP[0], {"op": "optim_step", "args": {"lr": 0.1}}]}, 400, BAD,
-     r"requests\[1\]: unknown field\(s\) \['lr'\]"),
+     r"requests\[1\] \(optim_step\): unknown field\(s\) \['lr'\]"),
     ({"requests": [{"op": "optim_step", "args": {}, "when": "now"}]}, 400, BAD,
-     r"requests\[0\]: unknown field\(s\) \['when'\]"),
+     r"requests\[0\] \(optim_step\): unknown field\(s\) \['when'\]"),
     ({"requests": [STEP[0], {"op": "train_federated", "args": {"examples": [{"text": "a"}]}}]},
      400, BAD, "train_federated is not queued with other operations"),
     ({"requests": STEP * 33}, 400, BAD, "at most 64"),
     # Each refused as its own route refuses it, with its status and code.
     ({"requests": [{"op": "forward_backward", "args": {"batch": []}}, STEP[1]]}, 400,
-     "invalid_data", r"requests\[0\]: .*batch"),
+     "invalid_data", r"requests\[0\] \(forward_backward\): .*batch"),
     ({"requests": [STEP[0], {"op": "load_state", "args": {"name": "nope"}}]}, 404,
-     "not_found", r"requests\[1\]: .*nope"),
+     "not_found", r"requests\[1\] \(load_state\): .*nope"),
 ])
 def test_one_bad_operation_and_none_is_queued(harness, body, status, code, match):
     h = harness

@@ -160,6 +160,7 @@ async def run_requests(request: web.Request) -> web.Response:
 async def _pipelined(coord: Coordinator, run: Run, owner: str, i: int, item: object
                      ) -> tuple[ops.Operation, object]:
     """One ``requests`` item: its operation and checked arguments."""
+    name = None
     try:
         b = Body(item, f"requests[{i}]")
         name = b.str("op")
@@ -175,7 +176,7 @@ async def _pipelined(coord: Coordinator, run: Run, owner: str, i: int, item: obj
         parsed = await operation.parse(coord.services, run, owner, args)
         args.done()
     except SignalError as exc:  # as its own route would answer, naming the item
-        exc.message = f"requests[{i}]: {exc.message}"
+        exc.message = f"requests[{i}]{f' ({name})' if name else ''}: {exc.message}"
         exc.args = (exc.message,)
         raise
     return operation, parsed
