@@ -1,9 +1,9 @@
 """Stored API keys and worker tokens (hashed): created, listed and revoked by the
 CLI while a coordinator may be running (its auth sees the change at once).
 
-Each change, once committed, rewrites a stamp file beside the database
-(``stamp_path``), so a running coordinator learns of it from a ``stat`` on its
-event loop instead of asking SQLite on a thread for every request
+Each change, once committed, appends a line to a stamp file beside the
+database (``stamp_path``), so a running coordinator learns of it from a
+``stat`` on its event loop instead of asking SQLite on a thread for every request
 (``KeyStore.stamp``; ``api.auth`` re-reads the keys when the stamp moved, and
 at least once a second in case a change was made without it).
 """
