@@ -38,10 +38,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     return libc.mallopt([(libc.M_ARENA_MAX, arenas)])
 
 
-# A name of this module, so a test can stand in for it.
-heap_trimmer = libc.malloc_trim
-
-
 def resident_bytes() -> int | None:
     """This process's RSS (``/proc/self/statm``); None where there is none."""
     try:
@@ -56,7 +52,7 @@ async def trim_forever(interval_s: float = 1.0, grown_bytes: int = GROWN_BYTES) 
     ``grown_bytes`` since the last trim, until cancelled. Only then: a trim
     holds each arena's lock while it walks the heap, so a thread allocating
     meanwhile (the event loop's included) waits, up to tens of ms."""
-    trim = heap_trimmer()
+    trim = libc.malloc_trim()
     if trim is None or (floor := resident_bytes()) is None:
         log.debug("no malloc_trim or RSS in this process: freed heap stays resident")
         return

@@ -91,10 +91,16 @@ class AsyncSignalClient:
                                     body={**body, "timeout_s": timeout_s},
                                     params={"wait_s": f"{min(_WAIT_CHUNK_S, timeout_s):.3f}"},
                                     timeout_s=min(_WAIT_CHUNK_S, timeout_s) + 60)
-        if accepted.get("status") == "done" and "result" in accepted:
-            return accepted["result"]
-        told = _tell_if_waiting(accepted, False)
-        return await self._wait(accepted["request_id"], timeout_s + 10, told=told)
+        return (await self._result(accepted, timeout_s + 10, told=False))[0]
+
+    async def _result(self, state: dict, timeout_s: float, *, told: bool) -> tuple[dict, bool]:
+        """A request's result from the state an answer gave (``?wait_s``): at
+        once when it is done, else waited on (saying once that it waits for a
+        worker); and whether that was said."""
+        if state.get("status") == "done" and "result" in state:
+            return state["result"], told
+        told = _tell_if_waiting(state, told)
+        return await self._wait(state["request_id"], timeout_s, told=told), told
 
     async def _accept_all_and_wait(self, run_id: str, ops: Sequence[tuple[str, dict]],
                                    timeout_s: float) -> list[dict]:
@@ -122,13 +128,10 @@ class AsyncSignalClient:
         for state in accepted["requests"]:
             if state.get("status") == "failed":
                 raise error_from_json(http_status_for(state["error"]["code"]), state)
-            if state.get("status") == "done":
-                results.append(state["result"])
-                continue
-            told = _tell_if_waiting(state, told)
             # One deadline for all of them: each wait gets what is left.
-            left = max(deadline - time.monotonic(), 1.0)
-            results.append(await self._wait(state["request_id"], left, told=told))
+            result, told = await self._result(state, max(deadline - time.monotonic(), 1.0),
+                                              told=told)
+            results.append(result)
         return results
 
     async def _accept_in_turn(self, run_id: str, ops: Sequence[tuple[str, dict]],

@@ -19,7 +19,8 @@ from rewardsignal.coordinator import heap
 # by the end (trimmed or not) and how many the frees alone gave back.
 _PROBE = """
 import ctypes, sys, threading
-from rewardsignal.coordinator.heap import heap_trimmer, limit_malloc_arenas
+from rewardsignal.coordinator.heap import limit_malloc_arenas
+from rewardsignal.libc import malloc_trim
 limit_malloc_arenas()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -44,7 +45,7 @@ def work():
         libc.free(b)
     out["freed"] = rss()
     if sys.argv[1] == "trim":
-        heap_trimmer()()
+        malloc_trim()()
     out["after"] = rss()
 
 t = threading.Thread(target=work)
@@ -72,7 +73,7 @@ def _run_trims(monkeypatch, rss_step: int, ticks: int = 6) -> int:
     """How many trims ``trim_forever`` makes over ``ticks`` intervals while RSS
     moves by ``rss_step`` per look; checks the loop ends when cancelled."""
     calls, rss = [], iter(range(1 << 30, 1 << 40, rss_step) if rss_step else [1 << 30] * 999)
-    monkeypatch.setattr(heap, "heap_trimmer", lambda: lambda: calls.append(1) or 1)
+    monkeypatch.setattr(heap.libc, "malloc_trim", lambda: lambda: calls.append(1) or 1)
     monkeypatch.setattr(heap, "resident_bytes", lambda: next(rss))
 
     async def main() -> None:
@@ -97,7 +98,7 @@ def test_the_heap_is_trimmed_only_when_rss_grew(monkeypatch):
 
 
 def test_without_malloc_trim_nothing_runs(monkeypatch):
-    monkeypatch.setattr(heap, "heap_trimmer", lambda: None)
+    monkeypatch.setattr(heap.libc, "malloc_trim", lambda: None)
     asyncio.run(asyncio.wait_for(heap.trim_forever(0.01), 5))  # returns at once
 
 

@@ -100,10 +100,7 @@ async def run_op(request: web.Request) -> web.Response:
 
     answer, replayed = await coord.once(owner, key, accept, kind="request")
     if wait_s > 0:
-        try:
-            body = await request_state(coord, answer["request_id"], owner, wait_s)
-        except NotFoundError:  # forgotten meanwhile: the answer stands, the client waits
-            body = {"status": "pending"}
+        body = await _state_after(coord, answer["request_id"], owner, wait_s)
         if body["status"] == "failed":
             return web.json_response(body, status=http_status_for(body["error"]["code"]))
         if body["status"] == "done":
@@ -146,15 +143,23 @@ async def run_requests(request: web.Request) -> web.Response:
     states = []
     for queued in answer["requests"]:
         left = max(0.0, deadline - asyncio.get_running_loop().time())
-        try:
-            state = await request_state(coord, queued["request_id"], owner, left)
-        except NotFoundError:  # forgotten meanwhile: the client waits on it
-            state = {"status": "pending"}
+        state = await _state_after(coord, queued["request_id"], owner, left)
         if state["status"] == "pending":  # out of time, or news for the client: answer now
             deadline = 0.0
         states.append({**queued, **state})
     finished = all(s["status"] != "pending" for s in states)
     return _answer(request, {"requests": states}, 200 if finished else 202, replayed)
+
+
+async def _state_after(coord: Coordinator, request_id: str, owner: str, wait_s: float
+                       ) -> dict:
+    """A just-queued request's state after waiting up to ``wait_s`` for it
+    (``request_state``); pending if it was forgotten meanwhile (the answer of
+    its queueing stands, and the client waits on it)."""
+    try:
+        return await request_state(coord, request_id, owner, wait_s)
+    except NotFoundError:
+        return {"status": "pending"}
 
 
 async def _pipelined(coord: Coordinator, run: Run, owner: str, i: int, item: object

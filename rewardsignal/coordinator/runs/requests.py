@@ -23,7 +23,7 @@ class Request:
     waiting_for_workers: bool = False
     # Set when something a waiting client should hear changes before the end.
     noticed: asyncio.Event = field(default_factory=asyncio.Event)
-    # The database write that makes it durable (``Database.add_request``); None
+    # The database write that makes it durable (``Database.add_requests``); None
     # for one read back from the database.
     stored: asyncio.Future | None = None
     # Set once what it does is in memory and only making it durable is left

@@ -208,13 +208,6 @@ class Database:
         return [json.loads(r[0]) for r in rows]
 
     # -- requests ----------------------------------------------------------------------
-    def add_request(self, request_id: str, owner: str, run_id: str, kind: str,
-                    args: dict, timeout_s: float | None, *, idem_key: str | None = None,
-                    answer: dict | None = None) -> asyncio.Future[None]:
-        """One request (``add_requests``)."""
-        return self.add_requests(owner, run_id, [NewRequest(request_id, kind, args, timeout_s)],
-                                 idem_key=idem_key, answer=answer)
-
     def add_requests(self, owner: str, run_id: str, requests: Sequence[NewRequest], *,
                      idem_key: str | None = None, key_kind: str = "request",
                      answer: dict | None = None) -> asyncio.Future[None]:

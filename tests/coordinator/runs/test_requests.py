@@ -40,7 +40,7 @@ def test_the_database_keeps_a_window_of_finished_requests_and_every_open_one(tmp
         db = Database(tmp_path / "signal.db", keep_finished=3)
         ids = [f"req-{i}" for i in range(8)]
         for rid in ids:
-            await db.add_request(rid, "alice", "run-1", "forward", {}, None)
+            await db.add_requests("alice", "run-1", [NewRequest(rid, "forward", {}, None)])
         for rid in ids[:1] + ids[2:]:  # req-1 stays open
             await db.finish_request(rid, "done", {"rid": rid})
         # Finished requests older than the newest keep_finished + 1 accepted go.
@@ -57,7 +57,7 @@ def test_requests_accepted_together_are_stored_all_or_none(tmp_path):
     written (here a request id already taken) leaves none of them, nor the key."""
     async def go() -> None:
         db = Database(tmp_path / "signal.db")
-        await db.add_request("req-1", "alice", "run-1", "forward", {}, None)
+        await db.add_requests("alice", "run-1", [NewRequest("req-1", "forward", {}, None)])
         with pytest.raises(Exception, match="UNIQUE"):
             await db.add_requests("alice", "run-1", [
                 NewRequest("req-2", "forward_backward", {"n": 2}, 5.0),
@@ -84,9 +84,9 @@ def test_request_rows_round_trip_and_rows_stored_as_json_text_still_read(tmp_pat
         args = {"datums": [{"model_input": [1, 2, 3], "weights": [0.5, 1.0, -2.25]}],
                 "seed": 2 ** 70, "nan": None}
         result = {"loss": 1.25, "logprobs": [[-0.1, -2.5e-8]], "version": 3}
-        await db.add_request("req-new", "alice", "run-1", "forward", args, None)
-        await db.add_request("req-open", "alice", "run-1", "forward", {"n": [1, 2]}, None)
-        await db.add_request("req-odd", "alice", "run-2", "sample", {"stop": ["\ud800"]}, None)
+        await db.add_requests("alice", "run-1", [NewRequest("req-new", "forward", args, None)])
+        await db.add_requests("alice", "run-1", [NewRequest("req-open", "forward", {"n": [1, 2]}, None)])
+        await db.add_requests("alice", "run-2", [NewRequest("req-odd", "sample", {"stop": ["\ud800"]}, None)])
         await db.finish_request("req-new", "done", result, keep_args=True)
         await db._do(lambda: db._c().execute(
             "INSERT INTO requests VALUES ('req-old', 0, 'alice', 'run-1', 'forward', ?, NULL, "
