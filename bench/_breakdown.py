@@ -72,7 +72,8 @@ class Breakdown:
     def round_trips(self) -> float:
         return sum(self._delta[f"n {r}"] for r in WORKER_ROUTES)
 
-    def report(self, ref_s: float) -> None:
+    def report(self, ref_s: float, sig: list[float] | None = None) -> None:
+        """``ref_s``: the reference's median step; ``sig``: Signal's timed steps."""
         d = self._delta
         print(f"per-step breakdown (mean over {self.steps} steps; reference step "
               f"{ref_s * 1000:.1f} ms):")
@@ -90,3 +91,12 @@ class Breakdown:
         print(f"  weight bytes sent per step: {d['bytes']:,.0f} by GET, "
               f"{d['bytes_inline']:,.0f} inside tasks, {d['bytes_pushed']:,.0f} pushed to "
               "waiting leases")
+        if sig:
+            # What Signal adds around the compute, whatever the compute took: on a
+            # shared VM the compute's own speed moves by a quarter between
+            # seconds of a run, on both sides, and that noise swamps the ratio.
+            # Slowdowns of the compute that Signal's processes cause are not in it.
+            own = statistics.mean(sig) - d[_STAGES[1][1]]
+            print(f"  Signal's own cost (mean step {statistics.mean(sig) * 1000:.1f} ms minus "
+                  f"the worker's compute): {own * 1000:.1f} ms; (reference + it) / reference: "
+                  f"{(ref_s + own) / ref_s:.3f}")

@@ -36,16 +36,10 @@ import sys
 import tempfile
 import time
 
-from rewardsignal.worker.allocator import keep_freed_memory
-
-# The reference in this process gets the allocator settings the worker process
-# runs with (before torch starts a thread), so the ratio compares the work done
-# and not two malloc configurations.
-keep_freed_memory()
-
-import torch  # noqa: E402
-from _breakdown import Breakdown  # noqa: E402
-from _cluster import Cluster  # noqa: E402
+import _as_worker  # noqa: F401  (first: the reference runs as a worker process does)
+import torch
+from _breakdown import Breakdown
+from _cluster import Cluster
 
 
 def progress(text: str) -> None:

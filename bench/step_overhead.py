@@ -43,18 +43,12 @@ import statistics
 import tempfile
 import time
 
-from rewardsignal.worker.allocator import keep_freed_memory
+import _as_worker  # noqa: F401  (first: the reference runs as a worker process does)
+import torch
+from _breakdown import Breakdown
+from _cluster import Cluster
 
-# The reference in this process gets the allocator settings the worker process
-# runs with (before torch starts a thread), so the ratio compares the work done
-# and not two malloc configurations.
-keep_freed_memory()
-
-import torch  # noqa: E402
-from _breakdown import Breakdown  # noqa: E402
-from _cluster import Cluster  # noqa: E402
-
-from rewardsignal import tracing  # noqa: E402
+from rewardsignal import tracing
 
 
 class Reference:
@@ -213,7 +207,7 @@ def main() -> None:
         print(f"worker <-> coordinator through a proxy adding {args.delay_ms:g} ms each way")
     if args.sdk_delay_ms:
         print(f"SDK <-> coordinator through a proxy adding {args.sdk_delay_ms:g} ms each way")
-    stages.report(ref_s)
+    stages.report(ref_s, sig)
     if trace_dir:
         from _timeline import report
 

@@ -263,9 +263,11 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from rewardsignal.openmp import short_spin
     from rewardsignal.worker.allocator import keep_freed_memory
 
     keep_freed_memory()  # before torch starts any thread
+    short_spin()  # before torch loads libgomp
     from rewardsignal.worker.loop import run_worker
 
     _setup_logging(args.log_level)
