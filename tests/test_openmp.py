@@ -64,3 +64,42 @@ def test_a_spin_the_user_chose_is_kept(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY")
     assert short_spin()
     assert os.environ["GOMP_SPINCOUNT"] == str(SPIN_COUNT)
+
+
+# In a fresh process: the coordinator's threads (serial_by_default at start).
+_TEAMS = """
+import sys, threading
+import torch
+from rewardsignal.openmp import PARALLEL_FROM, serial_by_default, threads_for
+torch.set_num_threads(2)
+seen = {}
+with threads_for(PARALLEL_FROM):  # before serial_by_default: leaves the team alone
+    seen["untouched"] = torch.get_num_threads()
+serial_by_default()
+seen["main"] = torch.get_num_threads()
+
+def job():
+    torch.ones(100_000).add_(1.0)  # a thread's first torch work takes the default
+    seen["new thread"] = torch.get_num_threads()
+    with threads_for(PARALLEL_FROM - 1):
+        seen["small job"] = torch.get_num_threads()
+    with threads_for(PARALLEL_FROM):
+        seen["big job"] = torch.get_num_threads()
+        # another thread starting now may take the team; that is all it costs
+    seen["after"] = torch.get_num_threads()
+
+t = threading.Thread(target=job)
+t.start()
+t.join()
+seen["main after"] = torch.get_num_threads()
+print(" ".join(f"{k.replace(' ', '_')}={v}" for k, v in seen.items()))
+"""
+
+
+def test_small_tensor_jobs_run_on_one_thread_and_big_ones_get_the_team():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", _TEAMS], capture_output=True, text=True,
+                         check=True, timeout=120, env=env).stdout.split()
+    seen = dict(item.split("=") for item in out)
+    assert seen == {"untouched": "2", "main": "1", "new_thread": "1", "small_job": "1",
+                    "big_job": "2", "after": "1", "main_after": "1"}

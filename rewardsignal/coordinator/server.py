@@ -14,6 +14,7 @@ from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.heap import limit_malloc_arenas, trim_forever
 from rewardsignal.coordinator.store.lock import DataDirLock
 from rewardsignal.errors import ConflictError
+from rewardsignal.openmp import serial_by_default
 
 log = logging.getLogger("signal.coordinator")
 
@@ -102,5 +103,6 @@ async def _serve_locked(config: CoordinatorConfig) -> None:
 def run(config: CoordinatorConfig) -> int:
     if not limit_malloc_arenas():
         log.debug("malloc arenas left at the C library's default")
+    serial_by_default()  # small tensor jobs on one thread; big ones get the team
     asyncio.run(serve(config))
     return 0

@@ -22,6 +22,7 @@ from rewardsignal.coordinator.scheduling.tasks import Task
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.coordinator.trust.service import Trust
 from rewardsignal.errors import ConflictError, RejectedUpdate
+from rewardsignal.openmp import threads_for
 
 log = logging.getLogger("signal.coordinator")
 
@@ -32,10 +33,16 @@ INLINE_BYTES = 1 << 20
 
 
 async def off_loop(nbytes: int, fn, /, *args, **kwargs):
-    """``fn(*args, **kwargs)``, in a thread when it handles ``nbytes`` or more."""
+    """``fn(*args, **kwargs)``, in a thread when it handles ``nbytes`` or more
+    (with the intra-op threads that size gets: ``openmp.threads_for``)."""
     if nbytes < INLINE_BYTES:
         return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def sized():
+        with threads_for(nbytes // 4):
+            return fn(*args, **kwargs)
+
+    return await asyncio.to_thread(sized)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.runs.versions import make_adapter_file_and_delta
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import ValidationError
+from rewardsignal.openmp import threads_for
 
 log = logging.getLogger("signal.coordinator")
 
@@ -100,13 +101,16 @@ class OptimStep(Operation):
         snap = accum.snapshot()
         before = ctx.versions.adapter_bytes(run.run_id, run.version)
 
+        elements = sum(t.numel() for t in run.adapter.values())
+
         def gradient_and_adamw(of: Callable[[], Accumulator]) -> tuple:
             # The new version's file and its delta from this one too: what a
             # worker waiting for it is sent, ready when the version is.
             tracing.mark("coordinator: AdamW thread begins")
-            grads = of().gradient()
-            params, state, step = adamw_step(run.adapter, grads, run.opt_state, run.opt_step,
-                                             args)
+            with threads_for(elements):
+                grads = of().gradient()
+                params, state, step = adamw_step(run.adapter, grads, run.opt_state,
+                                                 run.opt_step, args)
             tracing.mark("coordinator: AdamW done")
             made, delta = make_adapter_file_and_delta(params, before)
             tracing.mark("coordinator: new file and delta made")
