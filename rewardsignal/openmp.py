@@ -43,18 +43,18 @@ def short_spin() -> bool:
 # (checks, sums, AdamW): for a small one the fork and join cost more than they
 # save even on a quiet machine (AdamW over 60k parameters: 0.65 ms on one
 # thread, 0.87 on two), and on a busy one each region waits for a helper thread
-# to get a core. Beyond a few million elements the team pays (40M: 745 ms on one
-# thread, 504 on two). torch.set_num_threads holds for the calling thread and
-# for threads that start torch work later, not for threads that already have.
+# to get a core. Beyond a few million parameters the team pays (40M: 745 ms on
+# one thread, 504 on two). torch.set_num_threads holds for the calling thread
+# and for threads that start torch work later, not for threads that already have.
 
-PARALLEL_FROM = 1 << 22  # elements
+PARALLEL_FROM = 16 << 20  # bytes of tensors a job handles: 4M fp32 elements
 
 _threads: int | None = None  # the team size for big jobs, once serial_by_default ran
 
 
 def serial_by_default() -> None:
     """One intra-op thread for this thread and every thread that starts torch
-    work from now on; jobs of ``PARALLEL_FROM`` elements or more still get the
+    work from now on; jobs over ``PARALLEL_FROM`` bytes or more still get the
     team there was (``threads_for``). For a server process (the coordinator)."""
     import torch
 
@@ -65,10 +65,11 @@ def serial_by_default() -> None:
 
 
 @contextlib.contextmanager
-def threads_for(elements: int) -> Iterator[None]:
-    """The team a job over ``elements`` elements gets, on this thread, while it
-    runs. Nothing unless ``serial_by_default`` ran (tests, the SDK's process)."""
-    if _threads is None or _threads == 1 or elements < PARALLEL_FROM:
+def threads_for(nbytes: int) -> Iterator[None]:
+    """The team a job over ``nbytes`` bytes of tensors gets, on this thread,
+    while it runs. Nothing unless ``serial_by_default`` ran (tests, the SDK's
+    process)."""
+    if _threads is None or _threads == 1 or nbytes < PARALLEL_FROM:
         yield
         return
     import torch

@@ -39,7 +39,7 @@ async def off_loop(nbytes: int, fn, /, *args, **kwargs):
         return fn(*args, **kwargs)
 
     def sized():
-        with threads_for(nbytes // 4):
+        with threads_for(nbytes):
             return fn(*args, **kwargs)
 
     return await asyncio.to_thread(sized)

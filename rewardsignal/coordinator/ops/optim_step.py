@@ -19,6 +19,7 @@ from rewardsignal import tracing
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
 from rewardsignal.aggregation.tensors import global_norm
 from rewardsignal.coordinator.fields import Body
+from rewardsignal.coordinator.ingest.accept import tensor_bytes
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.shards import settle_owed
 from rewardsignal.coordinator.runs.accumulator import Accumulator
@@ -101,13 +102,13 @@ class OptimStep(Operation):
         snap = accum.snapshot()
         before = ctx.versions.adapter_bytes(run.run_id, run.version)
 
-        elements = sum(t.numel() for t in run.adapter.values())
+        nbytes = tensor_bytes(run.adapter)
 
         def gradient_and_adamw(of: Callable[[], Accumulator]) -> tuple:
             # The new version's file and its delta from this one too: what a
             # worker waiting for it is sent, ready when the version is.
             tracing.mark("coordinator: AdamW thread begins")
-            with threads_for(elements):
+            with threads_for(nbytes):
                 grads = of().gradient()
                 params, state, step = adamw_step(run.adapter, grads, run.opt_state,
                                                  run.opt_step, args)
