@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
@@ -69,6 +70,24 @@ def test_worker_killed_mid_task_step_completes_and_matches_reference(tmp_path):
         coord.stop()
 
 
+def _until_stored(data_dir, kind: str, timeout_s: float = 30.0) -> None:
+    """Until a pending ``kind`` request is in the coordinator's database: a
+    forward_backward's shards go out while its acceptance is being synced, so a
+    worker busy with one does not mean it is stored yet (killed before that, the
+    coordinator never answered it, and the SDK's retry queues it again)."""
+    db = sqlite3.connect(f"file:{data_dir / 'signal.db'}?mode=ro", uri=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if db.execute("SELECT 1 FROM requests WHERE kind = ? AND status = 'pending'",
+                          (kind,)).fetchone():
+                return
+            time.sleep(0.005)
+    finally:
+        db.close()
+    raise AssertionError(f"no pending {kind} request stored within {timeout_s}s")
+
+
 def test_coordinator_killed_between_forward_backward_and_optim_step(tmp_path):
     port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port)
@@ -96,6 +115,7 @@ def test_coordinator_killed_between_forward_backward_and_optim_step(tmp_path):
         t = threading.Thread(target=lambda: result.update(run.forward_backward(ex[12:250])))
         t.start()
         wait_busy(client)
+        _until_stored(tmp_path / "data", "forward_backward")
         coord.kill9()
         coord, _ = start_coordinator(tmp_path / "data", "--port", port)
         coord.wait_for(r"requeued 1 requests accepted before the restart", 10)
