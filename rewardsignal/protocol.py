@@ -8,6 +8,7 @@ unpickled.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -55,7 +56,15 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
     tensor is aligned), which for one dtype is the byte order the safetensors
     library writes. About 4x faster than ``safetensors.torch.save`` for an
     adapter's hundred small tensors (its per-tensor conversions dominate); the
-    library serves other dtypes."""
+    library serves other dtypes. A flat set in that order (a gradient, a
+    version's weights) is its header, made once per layout, and its buffer."""
+    flat = flat_buffer(tensors)
+    if flat is not None and flat.dtype in _ST_DTYPES and isinstance(tensors, FlatTensors):
+        head = _flat_head(tensors.layout, _ST_DTYPES[flat.dtype], flat.element_size(),
+                          tuple(metadata.items()) if metadata else ())
+        if head is not None:
+            return b"".join([head, flat.detach().contiguous().cpu().view(torch.uint8)
+                             .numpy().data])
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if any(t.dtype not in _ST_DTYPES for t in cpu.values()):
         return st_save(cpu, metadata)
@@ -68,16 +77,36 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor],
         header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
                      "data_offsets": [offset, offset + size]}
         offset += size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    flat = flat_buffer(tensors)
-    if flat is not None and flat.dtype == torch.float32 and order == list(tensors):
-        parts = [flat.detach().cpu().view(torch.uint8).numpy().data]  # already in order
-    else:
-        parts = [cpu[k].reshape(-1).view(torch.uint8).numpy().data for k in order]
+    parts = [cpu[k].reshape(-1).view(torch.uint8).numpy().data for k in order]
     # One copy, into the bytes returned (a buffer then ``bytes()`` copied twice,
     # page-faulting fresh memory each time: 80 ms for an optimizer state of 28 MB).
-    return b"".join([len(head).to_bytes(8, "little"), head, *parts])
+    return b"".join([_head_bytes(header), *parts])
+
+
+def _head_bytes(header: dict) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces to a multiple of 8."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_head(layout: tuple[tuple[str, tuple[int, ...]], ...], dtype: str, itemsize: int,
+               metadata: tuple[tuple[str, str], ...]) -> bytes | None:
+    """``tensors_to_bytes``'s header for a flat set of one dtype: the same bytes
+    the per-tensor path makes. None when the buffer is not in the file's order
+    (by name), which the per-tensor path then serves."""
+    names = [name for name, _ in layout]
+    if names != sorted(names):
+        return None
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape in layout:
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    return _head_bytes(header)
 
 
 def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
@@ -91,15 +120,16 @@ def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.
     header_len = int.from_bytes(data[:8], "little")
     if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise ValidationError("tensor payload header length is out of bounds")
+    head = bytes(data[8: 8 + header_len])
+    flat = _flat(data, 8 + header_len, head)
+    if flat is not None:
+        return flat
     try:
-        header = json.loads(bytes(data[8: 8 + header_len]))
+        header = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValidationError("tensor payload header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ValidationError("tensor payload header must be an object")
-    flat = _flat(data, 8 + header_len, header)
-    if flat is not None:
-        return flat
     body = len(data) - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
@@ -118,7 +148,12 @@ def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.
 _FLAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _flat(data: bytes | bytearray | memoryview, start: int, header: dict
+# Headers up to this size have their reading kept (``_flat_layout``): a
+# worker's gradients of one run all carry the same header.
+_KEPT_HEADER_BYTES = 64 << 10
+
+
+def _flat(data: bytes | bytearray | memoryview, start: int, head: bytes
           ) -> FlatTensors | None:
     """The common case, tensors of one float dtype tiling the body in offset
     order (what Signal and the safetensors library write): every tensor a view
@@ -127,9 +162,36 @@ def _flat(data: bytes | bytearray | memoryview, start: int, header: dict
     not (the checks below and the library judge it)."""
     if sys.byteorder != "little":
         return None
+    found = (_kept_flat_layout if len(head) <= _KEPT_HEADER_BYTES else _flat_layout)(head)
+    body = len(data) - start
+    # (a dimension beyond the body: only with a zero beside it)
+    if found is None or found[2] != body or found[3] > body:
+        return None
+    dtype, layout = found[0], found[1]
+    if not body:
+        return FlatTensors(torch.zeros(0, dtype=dtype), layout)
+    view = memoryview(data)
+    flat = None
+    if not view.readonly and view.contiguous and view.itemsize == 1:
+        flat = torch.frombuffer(view, dtype=torch.uint8, offset=start)
+    if flat is None or flat.data_ptr() % dtype.itemsize:
+        flat = torch.frombuffer(bytearray(view[start:]), dtype=torch.uint8)
+    return FlatTensors(flat.view(dtype), layout)
+
+
+def _flat_layout(head: bytes) -> tuple[torch.dtype, tuple, int, int] | None:
+    """What ``_flat`` needs of a header that lays out one float dtype's tensors
+    end to end from offset 0: (dtype, layout, bytes they cover, largest
+    dimension); None for any other header, valid or not."""
+    try:
+        header = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
     entries = []
     dtypes = set()
-    body = len(data) - start
+    largest = 0
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict):
@@ -141,29 +203,21 @@ def _flat(data: bytes | bytearray | memoryview, start: int, header: dict
         offsets, shape = info.get("data_offsets"), info.get("shape")
         if (len(dtypes) > 1 or not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets) or not isinstance(shape, list)
-                or not all(type(d) is int and 0 <= d <= body for d in shape)):
-            return None  # (a dimension beyond the body: only with a zero beside it)
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            return None
+        largest = max(largest, *shape, 0)
         entries.append((offsets[0], offsets[1], name, tuple(shape)))
     dtype = _FLAT_DTYPES[dtypes.pop()] if dtypes else torch.float32
-    size = dtype.itemsize
     entries.sort(key=lambda e: e[0])
     pos = 0
     for a, b, _, shape in entries:
-        if a != pos or b - a != size * math.prod(shape):
+        if a != pos or b - a != dtype.itemsize * math.prod(shape):
             return None
         pos = b
-    if pos != body:
-        return None
-    layout = tuple((name, shape) for _, _, name, shape in entries)
-    if not pos:
-        return FlatTensors(torch.zeros(0, dtype=dtype), layout)
-    view = memoryview(data)
-    flat = None
-    if not view.readonly and view.contiguous and view.itemsize == 1:
-        flat = torch.frombuffer(view, dtype=torch.uint8, offset=start)
-    if flat is None or flat.data_ptr() % size:
-        flat = torch.frombuffer(bytearray(view[start:]), dtype=torch.uint8)
-    return FlatTensors(flat.view(dtype), layout)
+    return dtype, tuple((name, shape) for _, _, name, shape in entries), pos, largest
+
+
+_kept_flat_layout = functools.lru_cache(maxsize=64)(_flat_layout)
 
 
 # Check computations a worker may declare at registration (``checks``), beyond

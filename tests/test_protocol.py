@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load
 from safetensors.torch import save as library_save
 
+from rewardsignal import protocol
 from rewardsignal.aggregation.tensors import FlatTensors
 from rewardsignal.errors import ValidationError
 from rewardsignal.protocol import (
@@ -90,6 +91,40 @@ def test_half_precision_sets_are_read_as_one_buffer_too(dtype):
     odd = tensors_from_bytes(memoryview(shifted)[1:])
     assert odd.flat.data_ptr() % 2 == 0
     assert all(torch.equal(odd[k], v) for k, v in t.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_a_flat_set_is_written_from_its_buffer_as_the_library_writes_it(dtype, metadata):
+    t = {k: v.to(dtype) for k, v in _fp32().items()}
+    names = sorted(t)
+    layout = tuple((n, tuple(t[n].shape)) for n in names)
+    flat = torch.cat([t[n].reshape(-1) for n in names])
+    expected = library_save({k: v.contiguous() for k, v in t.items()}, metadata)
+    made = protocol._flat_head.cache_info().misses
+    assert tensors_to_bytes(FlatTensors(flat, layout), metadata) == expected
+    assert tensors_to_bytes(FlatTensors(flat * 2, layout), metadata) == library_save(
+        {k: 2 * v.contiguous() for k, v in t.items()}, metadata)
+    assert protocol._flat_head.cache_info().misses <= made + 1  # one header per layout
+    # A buffer not in the file's (name) order: its tensors are reordered as they go.
+    backwards = tuple(reversed(layout))
+    flat_b = torch.cat([t[n].reshape(-1) for n, _ in backwards])
+    assert tensors_to_bytes(FlatTensors(flat_b, backwards), metadata) == expected
+
+
+def test_a_header_read_before_is_not_trusted_with_another_body():
+    t = _fp32()
+    data = tensors_to_bytes(t)
+    for _ in range(2):  # the second read of this header is the kept one
+        read = tensors_from_bytes(data)
+        assert all(torch.equal(read[k], v) for k, v in t.items())
+    other = {k: v + 1 for k, v in t.items()}
+    again = tensors_from_bytes(tensors_to_bytes(other))  # same header, its own values
+    assert all(torch.equal(again[k], v) for k, v in other.items())
+    head = 8 + int.from_bytes(data[:8], "little")
+    for body in (data[head:-4], data[head:] + bytes(4)):  # the kept layout, a body that
+        with pytest.raises(ValidationError):              # does not match it
+            tensors_from_bytes(data[:head] + body)
 
 
 def test_a_bytearray_is_handed_over_and_bytes_are_copied():

@@ -49,6 +49,10 @@ def encode(tensors: Tensors, codec: str) -> Tensors:
     if codec not in _FLOAT_CODECS:
         raise ValidationError(f"unknown codec {codec!r}; expected one of {list(CODECS)}")
     dtype = _FLOAT_CODECS[codec]
+    flat = flat_buffer(tensors)
+    if flat is not None and isinstance(tensors, FlatTensors):
+        # One cast of the buffer, and still flat: ``tensors_to_bytes`` copies it whole.
+        return tensors.with_buffer(flat.detach().to(dtype).contiguous())
     return {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
 
 

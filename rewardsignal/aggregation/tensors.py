@@ -28,7 +28,9 @@ class FlatTensors(dict[str, torch.Tensor]):
         if sum(sizes) != flat.numel():
             raise ValueError(f"layout covers {sum(sizes)} elements, buffer has {flat.numel()}")
         parts = flat.split(sizes) if layout else ()
-        super().__init__((name, t.view(shape))
+        # ``view(*shape)``: half the cost of ``view(shape)`` (a tuple argument is
+        # parsed slower), which a set of hundreds of small tensors feels.
+        super().__init__((name, t.view(*shape) if shape else t.view(()))
                          for (name, shape), t in zip(layout, parts, strict=True))
         self.flat: torch.Tensor | None = flat
         self.layout = layout

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rewardsignal.aggregation.tensors import FlatTensors
 from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
 from rewardsignal.losses import loss_of
@@ -226,8 +227,7 @@ class Engine:
             temperature=temperature)
         grads = None
         if backward:
-            grads = {n: (p.grad.detach().float().cpu() if p.grad is not None
-                         else torch.zeros(p.shape)) for n, p in params.items()}
+            grads = _flat_grads(params)
             for p in params.values():
                 p.grad = None
         return ForwardResult(loss_total, weight_total, sum(len(d) for d in datums), logprobs,
@@ -315,6 +315,21 @@ def _cuda_free_bytes(gpus: list[int]):
                    - torch.cuda.memory_allocated(i) for i in gpus)
 
     return free
+
+
+def _flat_grads(params: dict[str, torch.Tensor]) -> FlatTensors:
+    """The parameters' gradients (zeros where none) in fp32 on the CPU as one
+    buffer, by name: the order of the safetensors file they are sent as, which
+    is then the buffer itself (``protocol.tensors_to_bytes``). One copy to the
+    host, not one per tensor, where the gradients share a device."""
+    names = sorted(params)
+    with torch.no_grad():
+        parts = [p.grad.ravel() if (p := params[n]).grad is not None
+                 else torch.zeros(p.numel(), device=p.device) for n in names]
+        if len({t.device for t in parts}) > 1:  # a device map: layers on several GPUs
+            parts = [t.cpu() for t in parts]
+        flat = torch.cat(parts).float().cpu() if parts else torch.zeros(0)
+    return FlatTensors(flat, tuple((n, tuple(params[n].shape)) for n in names))
 
 
 def _padded(rows: Sequence[Sequence[float]], width: int, fill: float, dtype: torch.dtype

@@ -8,9 +8,11 @@ import pytest
 import torch
 from reference import ReferenceTrainer
 
+from rewardsignal.aggregation.tensors import FlatTensors
 from rewardsignal.data import examples_to_datums, sample_examples
 from rewardsignal.lora import init_adapter
 from rewardsignal.losses import compute_loss
+from rewardsignal.protocol import tensors_to_bytes
 from rewardsignal.worker.engine import Engine
 from rewardsignal.worker.sampling import SampleParams, row_seed
 
@@ -41,6 +43,28 @@ def test_shard_sums_equal_reference_mean_gradient(setup, tiny_spec):
     for name, g in want.items():
         got = sum(p.grads[name] for p in parts) / weight
         torch.testing.assert_close(got, g, atol=1e-7, rtol=1e-4)
+
+
+def test_gradients_come_back_as_one_buffer_in_the_order_they_are_sent(setup):
+    engine, model, key, _, datums = setup
+    res = engine.forward_backward(model, key, datums[:2], "cross_entropy", {})
+    params = engine._lora_params(model, key)
+    assert isinstance(res.grads, FlatTensors) and res.grads.flat is not None
+    assert list(res.grads) == sorted(params)  # the safetensors file's order
+    assert all(g.shape == params[n].shape and g.dtype == torch.float32
+               for n, g in res.grads.items())
+    # Sent as the buffer itself, the same bytes as the tensors one by one.
+    assert tensors_to_bytes(res.grads) == tensors_to_bytes(dict(res.grads))
+    assert all(p.grad is None for p in params.values())
+    # A parameter the loss did not reach gets zeros, as before.
+    first = next(iter(params.values()))
+    first.requires_grad_(False)
+    try:
+        res = engine.forward_backward(model, key, datums[:2], "cross_entropy", {})
+    finally:
+        first.requires_grad_(True)
+    name = next(iter(params))
+    assert torch.equal(res.grads[name], torch.zeros(first.shape))
 
 
 def test_forward_only_returns_logprobs_without_grads(setup):
