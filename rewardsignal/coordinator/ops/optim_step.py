@@ -19,7 +19,7 @@ from rewardsignal import tracing
 from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
 from rewardsignal.aggregation.tensors import global_norm
 from rewardsignal.coordinator.fields import Body
-from rewardsignal.coordinator.ingest.accept import tensor_bytes
+from rewardsignal.coordinator.ingest.accept import off_loop, tensor_bytes
 from rewardsignal.coordinator.ops.base import Operation
 from rewardsignal.coordinator.ops.shards import settle_owed
 from rewardsignal.coordinator.runs.accumulator import Accumulator
@@ -29,7 +29,6 @@ from rewardsignal.coordinator.runs.state import Run
 from rewardsignal.coordinator.runs.versions import make_adapter_file_and_delta
 from rewardsignal.coordinator.services import Services
 from rewardsignal.errors import ValidationError
-from rewardsignal.openmp import threads_for
 
 log = logging.getLogger("signal.coordinator")
 
@@ -107,21 +106,22 @@ class OptimStep(Operation):
         def gradient_and_adamw(of: Callable[[], Accumulator]) -> tuple:
             # The new version's file and its delta from this one too: what a
             # worker waiting for it is sent, ready when the version is.
-            tracing.mark("coordinator: AdamW thread begins")
-            with threads_for(nbytes):
-                grads = of().gradient()
-                params, state, step = adamw_step(run.adapter, grads, run.opt_state,
-                                                 run.opt_step, args)
+            tracing.mark("coordinator: AdamW begins")
+            grads = of().gradient()
+            params, state, step = adamw_step(run.adapter, grads, run.opt_state, run.opt_step,
+                                             args)
             tracing.mark("coordinator: AdamW done")
             made, delta = make_adapter_file_and_delta(params, before)
             tracing.mark("coordinator: new file and delta made")
             return grads, params, state, step, made, delta
 
-        # In a thread: the last gradient's writes go on beside it (the loop
-        # hands them on; the fsync needs no CPU).
+        # The last gradient's writes go on beside it (in a thread; the fsync
+        # needs no CPU). A small adapter's step runs on the loop, as a small
+        # submission's check does (``off_loop``): a hop to a thread and back
+        # costs more than its millisecond.
         out: tuple | None
         try:
-            out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
+            out = await off_loop(nbytes, gradient_and_adamw, snap.ahead)
             tracing.mark("coordinator: AdamW and new file computed")
         except ValidationError:  # e.g. no loss weight staged: judged on what lands
             out = None
@@ -136,7 +136,7 @@ class OptimStep(Operation):
             if accum.empty:
                 raise ValidationError(_NOTHING + " (the forward_backward before it failed)")
             snap = accum.snapshot()
-            out = await asyncio.to_thread(gradient_and_adamw, snap.ahead)
+            out = await off_loop(nbytes, gradient_and_adamw, snap.ahead)
         grads, params, state, step, adapter, delta = out
         loss = accum.loss
         entry = {"version": run.version + 1, "loss": loss, "tokens": accum.tokens,
