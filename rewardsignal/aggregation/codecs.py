@@ -80,7 +80,8 @@ def decode(tensors: Tensors, codec: str) -> Tensors:
     if codec not in _FLOAT_CODECS:
         raise RejectedUpdate("malformed", f"unknown codec {codec!r}")
     dtype = _FLOAT_CODECS[codec]
-    for k, v in tensors.items():
+    flat = flat_buffer(tensors)
+    for k, v in ((("the buffer", flat),) if flat is not None else tensors.items()):
         if v.dtype != dtype:
             raise RejectedUpdate("dtype", f"{k} is {v.dtype} but codec {codec} says {dtype}")
     if dtype == torch.float32:

@@ -6,6 +6,7 @@ Inputs are never mutated; each call returns new parameter and state dicts.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -61,6 +62,14 @@ def clip_by_global_norm(grads: Tensors, max_norm: float) -> tuple[Tensors, float
     return {k: g * coef for k, g in grads.items()}, norm
 
 
+@functools.lru_cache(maxsize=16)
+def _state_layout(layout: tuple[tuple[str, tuple[int, ...]], ...]
+                  ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The moments' layout for parameters laid out so (made once per layout)."""
+    return (tuple((f"exp_avg.{n}", s) for n, s in layout)
+            + tuple((f"exp_avg_sq.{n}", s) for n, s in layout))
+
+
 def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
                cfg: AdamWConfig) -> tuple[Tensors, Tensors, int]:
     """One AdamW update (decoupled weight decay, bias correction), the same
@@ -82,11 +91,16 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
     # One flat vector per quantity: the same element-wise arithmetic (so the same
     # bits) as a loop over the tensors, in a dozen kernel calls instead of a
     # dozen per tensor (an adapter has hundreds of small ones).
-    if len({params[n].dtype for n in names} | {grads[n].dtype for n in names}) > 1:
+    if isinstance(grads, FlatTensors) and (fp := flat_buffer(params, grads.layout)) is not None:
+        # Both flat alike (every step after the first): no tensor is looked at.
+        layout = grads.layout
+        dtypes = {fp.dtype, grads.flat.dtype} if grads.flat is not None else set()
+    else:
+        layout = tuple((n, tuple(params[n].shape)) for n in names)
+        dtypes = {params[n].dtype for n in names} | {grads[n].dtype for n in names}
+    if len(dtypes) > 1:
         raise ValidationError("parameters and gradients must share one dtype")
-    layout = tuple((n, tuple(params[n].shape)) for n in names)
-    state_layout = (tuple((f"exp_avg.{n}", s) for n, s in layout)
-                    + tuple((f"exp_avg_sq.{n}", s) for n, s in layout))
+    state_layout = _state_layout(layout)
 
     def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.view(-1) if t.is_contiguous() else t.reshape(-1) for t in tensors]

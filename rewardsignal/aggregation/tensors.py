@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,32 +17,107 @@ class FlatTensors(dict[str, torch.Tensor]):
     arithmetic (sums, scaling, finiteness) is then one kernel call on ``flat``
     instead of one per tensor, with the same element-wise bits. Any change to
     the dict's entries (not to the tensors' values, which stay views) drops the
-    buffer, and the dict is then an ordinary one."""
+    buffer, and the dict is then an ordinary one.
 
-    __slots__ = ("flat", "layout")
+    The views are made the first time the set is read as a dict (an item, the
+    values, a copy): the whole-set paths (``flat_buffer``) never need them, and
+    a set of hundreds of small tensors spends most of its making on them (a
+    quarter of a millisecond for 56, in a step of a few). Its names and length
+    come from ``layout`` until then. Every dict method a caller can reach is
+    one of this class's, so a view-less set never shows as empty, with one
+    exception: C code that walks a dict's storage itself (``PyDict_Next``,
+    e.g. a library's ``save`` given the dict) sees it empty until the views
+    are made, so hand such code ``dict(tensors)``."""
+
+    __slots__ = ("flat", "layout", "_made")
 
     def __init__(self, flat: torch.Tensor, layout: tuple[tuple[str, tuple[int, ...]], ...]
                  ) -> None:
         """Views of ``flat`` (1-D, as many elements as the layout) by ``layout``:
         (name, shape) of each tensor in buffer order."""
-        sizes = [math.prod(shape) for _, shape in layout]
-        if sum(sizes) != flat.numel():
-            raise ValueError(f"layout covers {sum(sizes)} elements, buffer has {flat.numel()}")
-        parts = flat.split(sizes) if layout else ()
-        # ``view(*shape)``: half the cost of ``view(shape)`` (a tuple argument is
-        # parsed slower), which a set of hundreds of small tensors feels.
-        super().__init__((name, t.view(*shape) if shape else t.view(()))
-                         for (name, shape), t in zip(layout, parts, strict=True))
+        size = sum(math.prod(shape) for _, shape in layout)
+        if size != flat.numel():
+            raise ValueError(f"layout covers {size} elements, buffer has {flat.numel()}")
+        super().__init__()
         self.flat: torch.Tensor | None = flat
         self.layout = layout
+        self._made = False
 
     def with_buffer(self, flat: torch.Tensor) -> FlatTensors:
         """The same names and shapes over another buffer (e.g. ``self.flat * s``)."""
         return FlatTensors(flat, self.layout)
 
+    def _views(self) -> FlatTensors:
+        """Itself, with its views made (once)."""
+        if not getattr(self, "_made", True) and self.flat is not None:
+            self._made = True
+            parts = self.flat.split([math.prod(shape) for _, shape in self.layout])
+            # ``view(*shape)``: half the cost of ``view(shape)`` (a tuple
+            # argument is parsed slower).
+            dict.update(self, ((name, t.view(*shape) if shape else t.view(()))
+                               for (name, shape), t in zip(self.layout, parts, strict=True)))
+        return self
+
     def _unflatten(self) -> None:
+        self._views()
         self.flat = None
 
+    def __reduce__(self) -> tuple:
+        if self.flat is not None:
+            return (type(self), (self.flat, self.layout))
+        return (dict, (dict(self.items()),))
+
+    # Reading: names and length from the layout; anything else makes the views.
+    def __len__(self) -> int:
+        return dict.__len__(self) if getattr(self, "_made", True) else len(self.layout)
+
+    def __iter__(self) -> Iterator[str]:
+        if getattr(self, "_made", True):
+            return dict.__iter__(self)
+        return (name for name, _ in self.layout)
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self._views(), key)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return dict.__getitem__(self._views(), key)
+
+    def get(self, *args: Any) -> Any:
+        return dict.get(self._views(), *args)
+
+    def keys(self) -> Any:
+        return dict.keys(self._views())
+
+    def values(self) -> Any:
+        return dict.values(self._views())
+
+    def items(self) -> Any:
+        return dict.items(self._views())
+
+    def copy(self) -> dict[str, torch.Tensor]:
+        return dict.copy(self._views())
+
+    def __reversed__(self) -> Iterator[str]:
+        return dict.__reversed__(self._views())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FlatTensors):
+            other = other._views()
+        return dict.__eq__(self._views(), other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __or__(self, other: Any) -> Any:
+        return dict.__or__(self._views(), other)
+
+    def __ror__(self, other: Any) -> Any:
+        return dict.__ror__(self._views(), other)
+
+    def __repr__(self) -> str:
+        return dict.__repr__(self._views())
+
+    # Writing: the views first, then the buffer is dropped.
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
         self._unflatten()
         super().__setitem__(key, value)
@@ -50,9 +126,9 @@ class FlatTensors(dict[str, torch.Tensor]):
         self._unflatten()
         super().__delitem__(key)
 
-    def __ior__(self, other: Any) -> FlatTensors:  # type: ignore[override,misc]
+    def __ior__(self, other: Any) -> FlatTensors:  # type: ignore[override]
         self._unflatten()
-        super().update(other)
+        dict.update(self, other)
         return self
 
     def pop(self, *args: Any) -> Any:

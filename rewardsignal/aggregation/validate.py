@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rewardsignal.aggregation.tensors import Tensors, all_finite, l2_norm
+from rewardsignal.aggregation.tensors import FlatTensors, Tensors, all_finite, flat_buffer, l2_norm
 from rewardsignal.errors import RejectedUpdate
 
 REASONS = ("stale", "names", "shape", "dtype", "nonfinite", "norm", "fingerprint",
@@ -49,12 +49,18 @@ def check_tensors(update: Tensors, expected_shapes: dict[str, tuple[int, ...]]) 
     if missing or extra:
         raise RejectedUpdate("names", f"tensor names differ from the adapter's (missing "
                              f"{missing[:3]}, unexpected {extra[:3]})")
-    for name, t in update.items():
-        if tuple(t.shape) != tuple(expected_shapes[name]):
-            raise RejectedUpdate("shape", f"{name} has shape {tuple(t.shape)}, expected "
+    flat = flat_buffer(update)
+    # A flat set's shapes and dtype are its layout's and its buffer's (its
+    # per-tensor views need not be made to be read).
+    described = (((name, shape, flat.dtype) for name, shape in update.layout)
+                 if flat is not None and isinstance(update, FlatTensors)
+                 else ((name, tuple(t.shape), t.dtype) for name, t in update.items()))
+    for name, shape, dtype in described:
+        if shape != tuple(expected_shapes[name]):
+            raise RejectedUpdate("shape", f"{name} has shape {shape}, expected "
                                  f"{tuple(expected_shapes[name])}")
-        if t.dtype != torch.float32:
-            raise RejectedUpdate("dtype", f"{name} has dtype {t.dtype}, expected float32")
+        if dtype != torch.float32:
+            raise RejectedUpdate("dtype", f"{name} has dtype {dtype}, expected float32")
     bad = all_finite(update)
     if bad is not None:
         raise RejectedUpdate("nonfinite", f"{bad} contains NaN or infinity")

@@ -65,6 +65,10 @@ def test_a_set_whose_entries_change_is_no_longer_flat():
         t = _flat(0)
         change(t)
         assert t.flat is None
+        # What the change did not touch is still there (views made before it).
+        if len(t) > 1:
+            assert torch.equal(t["layer2.lora_B"], _plain(0)["layer2.lora_B"])
+        assert len(t) == len(dict(t.items()))
     # A replaced entry is no longer a view of the buffer: adding the set into
     # another must take it tensor by tensor, replaced entry included.
     t = _flat(0)
@@ -88,3 +92,70 @@ def test_all_finite_names_the_first_bad_tensor():
     t["layer3.lora_B"][1, 2] = float("nan")  # a value, not an entry: still flat
     assert t.flat is not None and all_finite(t) == "layer3.lora_B"
     assert all_finite({"x": torch.tensor([1.0, float("inf")])}) == "x"
+
+
+def _viewless(t: FlatTensors) -> bool:
+    """Whether ``t``'s per-tensor views are still unmade (its storage is empty)."""
+    return dict.__len__(t) == 0 and len(t) > 0
+
+
+def test_a_set_reads_as_the_dict_it_describes_and_makes_its_views_once_read():
+    plain = _plain(0)
+    reads = {
+        "items": lambda t: dict(t.items()), "values": lambda t: dict(zip(list(t), t.values(), strict=True)),
+        "getitem": lambda t: {k: t[k] for k in t}, "get": lambda t: {k: t.get(k) for k in t},
+        "dict": dict, "unpack": lambda t: {**t}, "copy": lambda t: t.copy(),
+        "or": lambda t: t | {}, "ror": lambda t: {} | t,
+        "update into": lambda t: (d := {}, d.update(t))[0],
+    }
+    for name, read in reads.items():
+        t = _flat(0)
+        assert _viewless(t)
+        assert list(t) == list(plain) and len(t) == len(plain) and bool(t), name
+        assert _viewless(t), name  # names and length come from the layout
+        assert _bits_equal(read(t), plain), name
+        assert dict.__len__(t) == len(plain), name
+    t = _flat(0)
+    assert "layer0.lora_A" in t and "nope" not in t and t.get("nope") is None
+    assert list(reversed(t)) == list(reversed(plain))
+    assert repr(t) == repr(plain)
+    assert FlatTensors(torch.zeros(0), ()) == {} and not FlatTensors(torch.zeros(0), ())
+
+
+def test_copies_and_pickles_of_a_set_are_flat_sets_of_their_own():
+    import copy
+    import pickle
+
+    for made in (False, True):
+        t = _flat(0)
+        if made:
+            t.values()
+        for twin in (pickle.loads(pickle.dumps(t)), copy.deepcopy(t)):
+            assert isinstance(twin, FlatTensors) and twin.flat is not None
+            assert _bits_equal(twin, _plain(0))
+            twin.flat.zero_()  # its own buffer, its views follow it
+            assert float(twin["layer1.lora_B"].abs().sum()) == 0.0
+            assert _bits_equal(t, _plain(0))
+    t = _flat(0)
+    t["extra"] = torch.ones(2)  # no longer flat: copied as the dict it is
+    twin = copy.deepcopy(t)
+    assert type(twin) is dict and _bits_equal(twin, t)
+
+
+def test_whole_set_work_never_makes_the_views():
+    from rewardsignal.aggregation.codecs import decode, encode
+    from rewardsignal.aggregation.optim import AdamWConfig, adamw_step
+    from rewardsignal.aggregation.validate import UpdateLimits, validate_update
+    from rewardsignal.coordinator.ingest.accept import tensor_bytes
+
+    shapes = {k: tuple(v.shape) for k, v in _plain(0).items()}
+    g = decode(_flat(1), "fp32")
+    validate_update(g, weight=2.0, expected_shapes=shapes, task_version=0, current_version=0,
+                    limits=UpdateLimits())
+    assert tensor_bytes(g) == 4 * sum(v.numel() for v in _plain(1).values())
+    params, state, step = adamw_step(tree_clone(_flat(0)), g, {}, 0, AdamWConfig())
+    params, state, step = adamw_step(params, tree_div(g, 3.0), state, step, AdamWConfig())
+    sent = tensors_to_bytes(encode(params, "fp32"))
+    for t in (g, params, state):
+        assert _viewless(t)
+    assert _bits_equal(tensors_from_bytes(sent), params)

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from rewardsignal import tracing
+from rewardsignal.aggregation.tensors import flat_buffer
 from rewardsignal.aggregation.validate import UpdateLimits
 from rewardsignal.coordinator.federated.job import FederatedJob
 from rewardsignal.coordinator.ingest.checks import Checked, RunView, check_submission
@@ -145,6 +146,9 @@ class Ingest:
 
 def tensor_bytes(tensors) -> int:
     """The bytes a set of tensors holds (what ``off_loop`` is told)."""
+    flat = flat_buffer(tensors)
+    if flat is not None:
+        return flat.numel() * flat.element_size()
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
