@@ -126,7 +126,7 @@ def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.
         return flat
     try:
         header = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not JSON, not UTF-8, or a number too long to read
         raise ValidationError("tensor payload header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ValidationError("tensor payload header must be an object")
@@ -148,6 +148,9 @@ def tensors_from_bytes(data: bytes | bytearray | memoryview) -> dict[str, torch.
 _FLAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+# More dimensions than a weight has are left to the library: the product of
+# many large ones is slow to compute (quadratic in their digits).
+_MAX_FLAT_DIMS = 8
 # Headers up to this size have their reading kept (``_flat_layout``): a
 # worker's gradients of one run all carry the same header.
 _KEPT_HEADER_BYTES = 64 << 10
@@ -185,7 +188,7 @@ def _flat_layout(head: bytes) -> tuple[torch.dtype, tuple, int, int] | None:
     dimension); None for any other header, valid or not."""
     try:
         header = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not JSON, not UTF-8, or a number too long to read
         return None
     if not isinstance(header, dict):
         return None
@@ -203,7 +206,7 @@ def _flat_layout(head: bytes) -> tuple[torch.dtype, tuple, int, int] | None:
         offsets, shape = info.get("data_offsets"), info.get("shape")
         if (len(dtypes) > 1 or not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int for o in offsets) or not isinstance(shape, list)
-                or not all(type(d) is int and d >= 0 for d in shape)):
+                or len(shape) > _MAX_FLAT_DIMS or not all(type(d) is int and d >= 0 for d in shape)):
             return None
         largest = max(largest, *shape, 0)
         entries.append((offsets[0], offsets[1], name, tuple(shape)))

@@ -91,10 +91,12 @@ def adamw_step(params: Tensors, grads: Tensors, state: Tensors, step: int,
     # One flat vector per quantity: the same element-wise arithmetic (so the same
     # bits) as a loop over the tensors, in a dozen kernel calls instead of a
     # dozen per tensor (an adapter has hundreds of small ones).
-    if isinstance(grads, FlatTensors) and (fp := flat_buffer(params, grads.layout)) is not None:
+    gf = flat_buffer(grads)
+    if (gf is not None and isinstance(grads, FlatTensors)
+            and (fp := flat_buffer(params, grads.layout)) is not None):
         # Both flat alike (every step after the first): no tensor is looked at.
         layout = grads.layout
-        dtypes = {fp.dtype, grads.flat.dtype} if grads.flat is not None else set()
+        dtypes = {fp.dtype, gf.dtype}
     else:
         layout = tuple((n, tuple(params[n].shape)) for n in names)
         dtypes = {params[n].dtype for n in names} | {grads[n].dtype for n in names}

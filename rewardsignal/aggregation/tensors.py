@@ -25,9 +25,11 @@ class FlatTensors(dict[str, torch.Tensor]):
     quarter of a millisecond for 56, in a step of a few). Its names and length
     come from ``layout`` until then. Every dict method a caller can reach is
     one of this class's, so a view-less set never shows as empty, with one
-    exception: C code that walks a dict's storage itself (``PyDict_Next``,
-    e.g. a library's ``save`` given the dict) sees it empty until the views
-    are made, so hand such code ``dict(tensors)``."""
+    exception: C code that reads a dict's storage itself (``PyDict_Next``,
+    ``json.dumps``, unbound ``dict.`` methods) sees it empty until the views
+    are made, so hand such code ``dict(tensors)``. Making them is safe from
+    several threads at once: a reader sees the layout's answer until every
+    view is in."""
 
     __slots__ = ("flat", "layout", "_made")
 
@@ -49,13 +51,19 @@ class FlatTensors(dict[str, torch.Tensor]):
 
     def _views(self) -> FlatTensors:
         """Itself, with its views made (once)."""
-        if not getattr(self, "_made", True) and self.flat is not None:
-            self._made = True
-            parts = self.flat.split([math.prod(shape) for _, shape in self.layout])
+        flat = self.flat if not getattr(self, "_made", True) else None
+        if flat is not None:
+            parts = flat.split([math.prod(shape) for _, shape in self.layout])
             # ``view(*shape)``: half the cost of ``view(shape)`` (a tuple
             # argument is parsed slower).
-            dict.update(self, ((name, t.view(*shape) if shape else t.view(()))
-                               for (name, shape), t in zip(self.layout, parts, strict=True)))
+            views = [(name, t.view(*shape) if shape else t.view(()))
+                     for (name, shape), t in zip(self.layout, parts, strict=True)]
+            # All in by one C call (no other thread runs inside it), and only
+            # then marked made: another thread reading meanwhile (views release
+            # the interpreter lock) gets the layout's names, never a part of
+            # them. Two threads making them at once put in the same views.
+            dict.update(self, views)
+            self._made = True
         return self
 
     def _unflatten(self) -> None:
@@ -74,7 +82,13 @@ class FlatTensors(dict[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         if getattr(self, "_made", True):
             return dict.__iter__(self)
-        return (name for name, _ in self.layout)
+        return self._names()
+
+    def _names(self) -> Iterator[str]:
+        for name, _ in self.layout:
+            if self.flat is None:  # as a dict's iteration, when an entry changes
+                raise RuntimeError("dictionary changed during iteration")
+            yield name
 
     def __contains__(self, key: object) -> bool:
         return dict.__contains__(self._views(), key)

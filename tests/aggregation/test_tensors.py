@@ -62,13 +62,14 @@ def test_a_set_whose_entries_change_is_no_longer_flat():
                    lambda t: t.setdefault("extra", torch.zeros(2)),
                    lambda t: t.__delitem__("layer0.lora_A"),
                    lambda t: t.__ior__({"extra": torch.zeros(2)})):
-        t = _flat(0)
+        t, plain = _flat(0), _plain(0)
         change(t)
+        change(plain)
         assert t.flat is None
-        # What the change did not touch is still there (views made before it).
-        if len(t) > 1:
-            assert torch.equal(t["layer2.lora_B"], _plain(0)["layer2.lora_B"])
-        assert len(t) == len(dict(t.items()))
+        # The same entries as a plain dict given the same change (the views
+        # were made before it: nothing it did not touch is lost).
+        assert list(t) == list(plain) and len(t) == len(plain)
+        assert _bits_equal(t, plain)
     # A replaced entry is no longer a view of the buffer: adding the set into
     # another must take it tensor by tensor, replaced entry included.
     t = _flat(0)
@@ -159,3 +160,42 @@ def test_whole_set_work_never_makes_the_views():
     for t in (g, params, state):
         assert _viewless(t)
     assert _bits_equal(tensors_from_bytes(sent), params)
+
+
+def test_a_set_changed_while_it_is_walked_says_so_as_a_dict_does():
+    t = _flat(0)
+    with pytest.raises(RuntimeError, match="changed"):
+        for name in t:
+            t[name + ".copy"] = torch.zeros(1)
+
+
+def test_threads_reading_a_new_set_at_once_all_see_all_of_it():
+    """Its views are made by whichever thread reads first, while the others
+    read: none of them sees a part of the set (they release the interpreter
+    lock as they are made)."""
+    import sys
+    import threading
+
+    layout = tuple((f"t{i:04d}", (4, 4)) for i in range(400))
+    reads = (len, lambda t: len(list(t.items())), lambda t: len(set(t)),
+             lambda t: sum(1 for k in t if t[k].shape == (4, 4)), lambda t: len(t.values()))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for _ in range(40):
+            t = FlatTensors(torch.zeros(400 * 16), layout)
+            seen: list[int] = []
+            start = threading.Barrier(len(reads))
+
+            def read(fn, t=t, seen=seen, start=start):
+                start.wait()
+                seen.append(fn(t))
+
+            threads = [threading.Thread(target=read, args=(fn,)) for fn in reads]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            assert seen == [400] * len(reads)
+    finally:
+        sys.setswitchinterval(interval)

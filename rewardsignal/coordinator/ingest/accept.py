@@ -33,10 +33,11 @@ log = logging.getLogger("signal.coordinator")
 INLINE_BYTES = 1 << 20
 
 
-async def off_loop(nbytes: int, fn, /, *args, **kwargs):
-    """``fn(*args, **kwargs)``, in a thread when it handles ``nbytes`` or more
-    (with the intra-op threads that size gets: ``openmp.threads_for``)."""
-    if nbytes < INLINE_BYTES:
+async def off_loop(nbytes: int, fn, /, *args, inline_below: int = INLINE_BYTES, **kwargs):
+    """``fn(*args, **kwargs)``, in a thread when it handles ``inline_below``
+    bytes or more (with the intra-op threads that size gets:
+    ``openmp.threads_for``)."""
+    if nbytes < inline_below:
         return fn(*args, **kwargs)
 
     def sized():
