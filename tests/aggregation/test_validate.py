@@ -7,6 +7,7 @@ from rewardsignal.aggregation.codecs import decode, encode
 from rewardsignal.aggregation.tensors import global_norm
 from rewardsignal.aggregation.validate import UpdateLimits, check_fingerprint, validate_update
 from rewardsignal.errors import RejectedUpdate
+from rewardsignal.protocol import tensors_from_bytes, tensors_to_bytes
 
 SHAPES = {"a": (2, 3), "b": (4,)}
 
@@ -47,6 +48,34 @@ def test_each_rejection_reason(update, kw, reason):
         _check(update, **kw)
     assert info.value.reason == reason
     assert info.value.code == f"rejected_{reason}"
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_bad_element_anywhere_is_found_and_named(flat, bad):
+    """The norm is the finiteness check (one pass): a NaN or an infinity in any
+    place, beside values large or tiny, makes it so, and the tensor is named."""
+    shapes = {"a": (64, 70), "b": (300,), "c": (5, 5)}
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    for name, at in (("a", 0), ("a", 4479), ("b", 151), ("c", 24)):
+        for scale in (1e-30, 1.0, 1e15):
+            update = {k: torch.full(s, scale) for k, s in shapes.items()}
+            update[name].view(-1)[at] = bad
+            if flat:
+                update = tensors_from_bytes(tensors_to_bytes(update))
+                assert update.flat is not None
+            with pytest.raises(RejectedUpdate, match=f"nonfinite: {name} contains") as info:
+                validate_update(update, weight=2.0, expected_shapes=shapes, task_version=0,
+                                current_version=0, limits=UpdateLimits())
+            assert info.value.reason == "nonfinite"
+    assert sum(sizes.values()) > 4096  # more than one block of a vectorised reduction
+
+
+def test_finite_elements_too_large_to_square_are_a_norm_rejection_not_nonfinite():
+    update = {"a": torch.full((2, 3), 1e30), "b": torch.zeros(4)}
+    with pytest.raises(RejectedUpdate) as info:
+        _check(update)
+    assert info.value.reason == "norm"
 
 
 @pytest.mark.parametrize("codec, tol", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3)])
