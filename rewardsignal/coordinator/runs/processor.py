@@ -88,7 +88,11 @@ class RunProcessor:
             barrier = op.operation.barrier
             if barrier and op.operation.starts_on_staged:
                 running = dict(self._running)
-                await asyncio.gather(*(r.staged.wait() for r in running.values()))
+                # In turn (all must be set; one already set returns at once): no
+                # task per wait, as gather makes, between the last one staged
+                # and the step.
+                for r in running.values():
+                    await r.staged.wait()
                 op.request.prior = tuple(running)
             elif barrier and inflight:
                 await asyncio.wait(inflight)
