@@ -82,3 +82,9 @@ class Operation(ABC):
     @abstractmethod
     async def execute(self, ctx: Services, run: Run, request: Request, args: Any) -> dict:
         """Run the operation; its result is the request's result."""
+
+    def answered(self, ctx: Services, run: Run) -> None:
+        """Once its result is on the request (done or failed): what may wait
+        until the answer is on its way (``optim_step``: the new version's push
+        to waiting leases). Most operations have nothing."""
+        return None

@@ -80,7 +80,7 @@ class OptimStep(Operation):
             await settle_owed(ctx, run, request)
 
         result = await self._apply(ctx, run, args, request.request_id, track=True,
-                                   until_durable=until_durable, settle=settle)
+                                   until_durable=until_durable, settle=settle, announce=False)
         ctx.metrics.steps.labels(run.run_id).inc()
         ctx.metrics.step_duration.labels(run.run_id).observe(time.monotonic() - started)
         log.info("step done run=%s version=%d loss=%s tokens=%d", run.run_id, run.version,
@@ -88,13 +88,22 @@ class OptimStep(Operation):
                  run.history[-1]["tokens"])
         return result
 
+    def answered(self, ctx: Services, run: Run) -> None:
+        # The new version goes to waiting leases once the answer is on its way:
+        # its push (a send of the delta, a fraction of a millisecond on the
+        # loop) then follows the answer instead of going ahead of it, and the
+        # worker still has until the next task comes to apply it. Also after a
+        # failure: a version committed before it must not go unannounced.
+        ctx.versions.announce()
+
     async def replay(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str) -> dict:
         return await self._apply(ctx, run, args, request_id)
 
     async def _apply(self, ctx: Services, run: Run, args: AdamWConfig, request_id: str, *,
                      track: bool = False,
                      until_durable: Callable[[], Awaitable[None]] | None = None,
-                     settle: Callable[[], Awaitable[None]] | None = None) -> dict:
+                     settle: Callable[[], Awaitable[None]] | None = None,
+                     announce: bool = True) -> dict:
         """AdamW on the accumulated gradient, committed as the next version once
         ``until_durable()`` returns (this request and every gradient it applies
         are stored: a replay can rebuild the version before its checkpoint
@@ -160,7 +169,7 @@ class OptimStep(Operation):
         await ctx.versions.commit(run, params, state, history_entry=entry, opt_step=step,
                                   metrics={"loss": loss, "tokens": accum.tokens},
                                   request_id=request_id, background=landed, adapter=adapter,
-                                  delta=delta)
+                                  delta=delta, announce=announce)
         run.accum = Accumulator()
         tracing.mark("coordinator: version committed")
         if track and ctx.trackers.logs(run.run_id):

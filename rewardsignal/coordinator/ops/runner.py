@@ -59,6 +59,7 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
     else:
         if not fut.done():
             fut.set_result(result)
+    operation.answered(ctx, run)
     tracing.mark(f"coordinator: {operation.name} ends")
     if op.request.store_failed():  # never in the database: nothing to finish there
         return

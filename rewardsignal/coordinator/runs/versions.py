@@ -193,7 +193,7 @@ class Versions:
                      request_id: str | None = None,
                      background: Callable[[int], Awaitable[None]] | None = None,
                      adapter: tuple[bytes, str] | None = None,
-                     delta: bytes | None = None) -> None:
+                     delta: bytes | None = None, announce: bool = True) -> None:
         """Make version v+1 from new weights and optimizer state. Without
         ``background`` the checkpoint is written before the version becomes
         visible: a crash in between leaves the old version current and this one
@@ -202,7 +202,9 @@ class Versions:
         and its checkpoint is written behind it; ``background(version)`` runs once
         it has landed (dropping what the checkpoint now contains). ``adapter``:
         ``make_adapter_file(params)``, when the caller made it in its own thread;
-        ``delta``: ``xor_delta`` from the current version's file to it, likewise."""
+        ``delta``: ``xor_delta`` from the current version's file to it, likewise.
+        ``announce=False``: waiting leases are not told (``announce``) here;
+        the caller tells them once its answer is on its way."""
         staged = dataclasses.replace(
             run, version=run.version + 1, adapter=params, opt_state=state,
             opt_step=run.opt_step if opt_step is None else opt_step,
@@ -219,7 +221,12 @@ class Versions:
         if history_entry.get("loss") is not None:
             run.last_loss = history_entry["loss"]
         self.metrics.version.labels(run.run_id).set(run.version)
-        self.recent.announce()  # now that the run is at it: waiting leases push it
+        if announce:
+            self.announce()
+
+    def announce(self) -> None:
+        """Tell waiting leases that runs are at new versions: they push them."""
+        self.recent.announce()
 
     def _write_behind(self, staged: Run, adapter: bytes, metrics: dict, request_id: str | None,
                       landed: Callable[[int], Awaitable[None]]) -> None:
