@@ -51,11 +51,11 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
         if not fut.done():
             fut.set_exception(err)
     except Exception as exc:  # a bug, not bad input: log it fully, fail only this request
-        if op.request.store_failed():  # submit() failed it and told its caller
-            return
-        log.exception("request crashed request=%s run=%s", op.request.request_id, run.run_id)
-        if not fut.done():
-            fut.set_exception(SignalError(f"internal error: {type(exc).__name__}: {exc}"))
+        if not op.request.store_failed():  # else submit() failed it and told its caller
+            log.exception("request crashed request=%s run=%s", op.request.request_id,
+                          run.run_id)
+            if not fut.done():
+                fut.set_exception(SignalError(f"internal error: {type(exc).__name__}: {exc}"))
     else:
         if not fut.done():
             fut.set_result(result)
