@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rewardsignal.aggregation.tensors import FlatTensors, Tensors, flat_buffer
+from rewardsignal.aggregation.tensors import FlatTensors, Tensors, flat_buffer, flat_by_name
 from rewardsignal.errors import RejectedUpdate, ValidationError
 
 _FLOAT_CODECS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,12 +96,4 @@ def _widen(tensors: Tensors) -> FlatTensors:
     flat = flat_buffer(tensors)
     if flat is not None and isinstance(tensors, FlatTensors):
         return tensors.with_buffer(flat.float())
-    names = sorted(tensors)  # the order an fp32 file of the same set is laid out in
-    device = tensors[names[0]].device if names else None
-    out = torch.empty(sum(tensors[k].numel() for k in names), dtype=torch.float32,
-                      device=device)
-    layout = tuple((k, tuple(tensors[k].shape)) for k in names)
-    widened = FlatTensors(out, layout)
-    for k in names:
-        widened[k].copy_(tensors[k])  # writes the buffer (the view stays a view)
-    return widened
+    return flat_by_name(tensors)

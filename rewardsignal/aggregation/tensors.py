@@ -51,7 +51,7 @@ class FlatTensors(dict[str, torch.Tensor]):
 
     def _views(self) -> FlatTensors:
         """Itself, with its views made (once)."""
-        flat = self.flat if not getattr(self, "_made", True) else None
+        flat = self.flat if not self._made else None
         if flat is not None:
             parts = flat.split([math.prod(shape) for _, shape in self.layout])
             # ``view(*shape)``: half the cost of ``view(shape)`` (a tuple
@@ -77,10 +77,10 @@ class FlatTensors(dict[str, torch.Tensor]):
 
     # Reading: names and length from the layout; anything else makes the views.
     def __len__(self) -> int:
-        return dict.__len__(self) if getattr(self, "_made", True) else len(self.layout)
+        return dict.__len__(self) if self._made else len(self.layout)
 
     def __iter__(self) -> Iterator[str]:
-        if getattr(self, "_made", True):
+        if self._made:
             return dict.__iter__(self)
         return self._names()
 
@@ -173,6 +173,22 @@ def flat_buffer(a: Tensors, layout: tuple | None = None) -> torch.Tensor | None:
     if not isinstance(a, FlatTensors) or a.flat is None:
         return None
     return a.flat if layout is None or a.layout == layout else None
+
+
+def flat_by_name(tensors: Tensors, device: str | torch.device | None = None) -> FlatTensors:
+    """``tensors`` in fp32 as one buffer, by name: the order a safetensors file
+    of them is laid out in (the same bits as ``t.float()`` for each). One
+    concatenation on their device (then one copy to ``device``, when given);
+    tensors on several devices go to the CPU first."""
+    names = sorted(tensors)
+    with torch.no_grad():  # one tensor outside any graph, without a detach per part
+        parts = [tensors[n].ravel() for n in names]
+        if len({t.device for t in parts}) > 1:  # a device map: layers on several GPUs
+            parts = [t.cpu() for t in parts]
+        flat = torch.cat(parts).float() if parts else torch.zeros(0)
+        if device is not None:
+            flat = flat.to(device)
+    return FlatTensors(flat, tuple((n, tuple(tensors[n].shape)) for n in names))
 
 
 def tree_clone(a: Tensors) -> Tensors:

@@ -48,18 +48,18 @@ def check_tensors(update: Tensors, expected_shapes: dict[str, tuple[int, ...]]) 
     an element is, so only a set whose norm is not finite (or one of finite
     elements too large to square) is looked at again, to name the tensor at
     fault. One pass over the values instead of three."""
-    got = ({name for name, _ in update.layout} if isinstance(update, FlatTensors)
-           and update.flat is not None else set(update))
+    flat = flat_buffer(update)
+    # A flat set's names, shapes and dtype are its layout's and its buffer's
+    # (its per-tensor views need not be made to be read).
+    layout = update.layout if flat is not None and isinstance(update, FlatTensors) else None
+    got = {name for name, _ in layout} if layout is not None else set(update)
     missing = sorted(set(expected_shapes) - got)
     extra = sorted(got - set(expected_shapes))
     if missing or extra:
         raise RejectedUpdate("names", f"tensor names differ from the adapter's (missing "
                              f"{missing[:3]}, unexpected {extra[:3]})")
-    flat = flat_buffer(update)
-    # A flat set's shapes and dtype are its layout's and its buffer's (its
-    # per-tensor views need not be made to be read).
-    described = (((name, shape, flat.dtype) for name, shape in update.layout)
-                 if flat is not None and isinstance(update, FlatTensors)
+    described = (((name, shape, flat.dtype) for name, shape in layout)
+                 if layout is not None and flat is not None
                  else ((name, tuple(t.shape), t.dtype) for name, t in update.items()))
     for name, shape, dtype in described:
         if shape != tuple(expected_shapes[name]):

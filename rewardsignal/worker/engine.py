@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rewardsignal.aggregation.tensors import FlatTensors
+from rewardsignal.aggregation.tensors import FlatTensors, flat_by_name
 from rewardsignal.data.types import Datum
 from rewardsignal.lora import LoraSpec, peft_config, saved_name
 from rewardsignal.losses import loss_of
@@ -322,14 +322,8 @@ def _flat_grads(params: dict[str, torch.Tensor]) -> FlatTensors:
     buffer, by name: the order of the safetensors file they are sent as, which
     is then the buffer itself (``protocol.tensors_to_bytes``). One copy to the
     host, not one per tensor, where the gradients share a device."""
-    names = sorted(params)
-    with torch.no_grad():
-        parts = [p.grad.ravel() if (p := params[n]).grad is not None
-                 else torch.zeros(p.numel(), device=p.device) for n in names]
-        if len({t.device for t in parts}) > 1:  # a device map: layers on several GPUs
-            parts = [t.cpu() for t in parts]
-        flat = torch.cat(parts).float().cpu() if parts else torch.zeros(0)
-    return FlatTensors(flat, tuple((n, tuple(params[n].shape)) for n in names))
+    return flat_by_name({n: p.grad if p.grad is not None else torch.zeros_like(p)
+                         for n, p in params.items()}, "cpu")
 
 
 def _padded(rows: Sequence[Sequence[float]], width: int, fill: float, dtype: torch.dtype
