@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from rewardsignal.coordinator.app import make_app
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.scheduling.scheduler import Scheduler
-from rewardsignal.protocol import MSGPACK, RESULT, pack, pack_result, unpack
+from rewardsignal.protocol import FRAMES, MSGPACK, RESULT, pack, pack_result, unpack
 
 
 def new_scheduler(**kw) -> Scheduler:
@@ -138,6 +138,19 @@ def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: floa
                                     "logprobs": lp}, duration_s=0.5)
     assert code == 200
     h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
+
+
+async def frames(resp):
+    """Every frame of a streamed lease (``protocol.FRAMES``), as it arrives."""
+    assert resp.status == 200 and resp.content_type == FRAMES, resp.status
+    while True:
+        try:
+            head = await resp.content.readexactly(4)
+        except asyncio.IncompleteReadError as exc:
+            assert not exc.partial
+            return
+        yield unpack(await resp.content.readexactly(int.from_bytes(head, "big")),
+                     max_bytes=1 << 30)
 
 
 async def answer(resp) -> tuple[int, dict]:

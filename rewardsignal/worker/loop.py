@@ -10,7 +10,6 @@ second abandons it (the coordinator is told, so it re-queues at once).
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import time
@@ -26,9 +25,9 @@ from rewardsignal.data.examples import example_to_datum
 from rewardsignal.errors import SignalError, ValidationError, error_from_json
 from rewardsignal.lora import LoraSpec
 from rewardsignal.precision import Precision
-from rewardsignal.worker import export, hardware
+from rewardsignal.worker import export, hardware, vllm_sampler
 from rewardsignal.worker.engine import Engine
-from rewardsignal.worker.lease_stream import read_task
+from rewardsignal.worker.lease_stream import answer_then_lease, decode_reply, read_task
 from rewardsignal.worker.model_cache import default_budget_bytes, release_device_memory
 from rewardsignal.worker.sampling import SampleParams, row_seed
 from rewardsignal.worker.status import StatusLine
@@ -85,7 +84,8 @@ class Worker:
                                   f"GPU this worker sees: use it with --device cuda, not "
                                   f"{config.device}")
         self.gpus = hardware.worker_gpus(self.device, config.device_map)
-        self.vllm = self._vllm_sampler(config)
+        self.vllm = vllm_sampler.make_sampler(config.sampler, self.device, config.device_map,
+                                                 config.vllm_memory)
         # What training may use of the GPU: all of it, or what vLLM leaves.
         self.share = 1.0 - config.vllm_memory if self.vllm is not None else 1.0
         budget = (cache_budget(config, self.device, self.gpus)
@@ -103,6 +103,8 @@ class Worker:
         self._said_precisions = False
         # Whether the coordinator reads tensors after a result's map (``RESULT``).
         self._tensors_after = False
+        # Whether a result may carry the next lease (``_submit``).
+        self._lease_with_result = False
         # The lease asked for while the last result was on its way (``_submit``).
         self._next_lease: asyncio.Task | None = None
         self.tasks_done = 0
@@ -137,7 +139,7 @@ class Worker:
             body = await resp.read()
             if resp.status == 204:
                 return None
-            payload = _decode(resp, body)
+            payload = decode_reply(resp, body)
             if resp.status >= 400:
                 raise error_from_json(resp.status, payload)
             return payload
@@ -159,7 +161,7 @@ class Worker:
             if resp.status == 204:
                 return None
             if resp.status >= 400 or resp.content_type != protocol.FRAMES:
-                payload = _decode(resp, await resp.read())
+                payload = decode_reply(resp, await resp.read())
                 if resp.status >= 400:
                     raise error_from_json(resp.status, payload)
                 return payload
@@ -179,6 +181,7 @@ class Worker:
             "checks": list(protocol.CHECK_FEATURES), "tasks": list(protocol.OPTIONAL_TASKS)})
         self.worker_id = reply["worker_id"]
         self._tensors_after = protocol.RESULT in (reply.get("result_types") or ())
+        self._lease_with_result = reply.get("lease_with_result") is True
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
                           f"(device {self.device}, {tokens} tokens per task, offers "
                           f"{memory / 2**30:.2f} GiB)")
@@ -383,17 +386,26 @@ class Worker:
         worth more than the seconds it takes (a duplicate is a no-op server-side)."""
         fields = {**msg, "worker_id": self.worker_id, "lease_id": task["lease_id"]}
         kind = protocol.RESULT if "tensors" in msg and self._tensors_after else protocol.MSGPACK
-        body = protocol.pack_result(fields) if kind == protocol.RESULT else protocol.pack(fields)
+        pack = protocol.pack_result if kind == protocol.RESULT else protocol.pack
+        # The next lease goes out with the result, not a round trip after it:
+        # over a link 50 ms each way the next task then comes 100 ms sooner. A
+        # coordinator that takes it in the result's own request answers the
+        # result first and then leases (one request a step).
+        ahead = "result" in msg and self._may_lease_ahead()
+        within = ahead and self._lease_with_result
+        body = pack({**fields, "lease": self._lease_fields()} if within else fields)
         big = "tensors" in msg and len(body) > _SLOT_FREE_BYTES
-        if "result" in msg and not big and self._may_lease_ahead():
-            # The next lease goes out with the result, not a round trip after it:
-            # over a link 50 ms each way the next task then comes 100 ms sooner.
+        if big and within:  # waits for an upload slot: leases on its own, after
+            within, body = False, pack(fields)
+        if ahead and not big and not within:
             self._next_lease = asyncio.create_task(self._lease())
         for attempt in range(4):
             try:
                 # Big bodies go out only once the coordinator has a slot for them.
                 params = {"slot": await self._upload_slot(task)} if big else None
                 tracing.mark("worker: result posted")
+                if within:
+                    return await self._post_leasing(task, body, kind, timeout_s)
                 reply = await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
                                          data=body, content_type=kind,
                                          params=params, timeout_s=timeout_s)
@@ -404,6 +416,23 @@ class Worker:
                     raise
                 await asyncio.sleep(2 ** attempt)
         raise AssertionError("unreachable")
+
+    def _lease_fields(self) -> dict:
+        """A lease sent with a result: what the lease's body and query say."""
+        return {"have": self.weights.have(), "timeout_s": _LEASE_POLL_S,
+                "deltas": list(protocol.DELTA_CODECS)}
+
+    async def _post_leasing(self, task: dict, body: bytes, kind: str, timeout_s: float) -> dict:
+        """POST a result that carries the next lease: its answer, with the rest
+        of the stream read meanwhile as the next lease (``_next_lease``)."""
+        headers = {**self._headers(), "Content-Type": kind,
+                   "Accept": f"{protocol.FRAMES}, {protocol.MSGPACK}"}
+        resp = await self._http.post(
+            f"{self.config.coordinator.rstrip('/')}/v1/tasks/{task['task_id']}/result",
+            data=body, headers=headers,
+            timeout=aiohttp.ClientTimeout(total=max(timeout_s, _LEASE_POLL_S + 30)))
+        answer, self._next_lease = await answer_then_lease(resp, self.weights.take)
+        return answer
 
     def _may_lease_ahead(self) -> bool:
         """Whether to ask for the next task while a result is sent: not when this
@@ -427,7 +456,7 @@ class Worker:
         async with self._http.get(url, headers=self._headers(),
                                      timeout=aiohttp.ClientTimeout(total=3600)) as resp:
             if resp.status >= 400:
-                raise error_from_json(resp.status, _decode(resp, await resp.read()))
+                raise error_from_json(resp.status, decode_reply(resp, await resp.read()))
             total = resp.content_length or 0
             chunks, got = [], 0
             async for chunk in resp.content.iter_chunked(1 << 20):
@@ -475,27 +504,6 @@ class Worker:
             msg["tensors"] = protocol.tensors_to_bytes(encode(res.grads, self.config.codec))
         tracing.mark("worker: result encoded")
         return msg
-
-    def _vllm_sampler(self, config: WorkerConfig):
-        if config.sampler != "vllm":
-            return None
-        import importlib.util
-
-        if self.device.type != "cuda":
-            raise ValidationError(f"--sampler vllm needs a CUDA device, not {self.device}")
-        if config.device_map is not None or (self.device.index or 0) != 0:
-            # vLLM runs on the first GPU the process sees, on one GPU.
-            raise ValidationError("--sampler vllm runs on a worker of one GPU: pick it with "
-                                  "CUDA_VISIBLE_DEVICES or --gpus, not cuda:N or --device-map")
-        if not 0 < config.vllm_memory < 1:
-            raise ValidationError(f"--vllm-memory is the GPU share vLLM takes, in (0, 1); got "
-                                  f"{config.vllm_memory:g}")
-        if importlib.util.find_spec("vllm") is None:
-            raise ValidationError("--sampler vllm: vLLM is not installed "
-                                  "(pip install 'rewardsignal[vllm]')")
-        from rewardsignal.worker.vllm_sampler import VllmSampler
-
-        return VllmSampler(config.vllm_memory)
 
     def _sample(self, model, base: str, payload: dict, task: dict, adapter: dict) -> dict:
         """A group of prompts, ``num_samples`` sequences each, seeded by their
@@ -582,18 +590,6 @@ def _cause(exc: BaseException) -> str:
     if os_error is not None and os_error.errno is not None:
         return f"{os_error.strerror or type(os_error).__name__} (errno {os_error.errno})"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _decode(resp: aiohttp.ClientResponse, body: bytes):
-    """A coordinator reply by its content type (msgpack, JSON, or raw bytes)."""
-    if resp.content_type == protocol.MSGPACK:
-        return protocol.unpack(body, max_bytes=1 << 30)
-    if resp.content_type == "application/json":
-        try:
-            return json.loads(body)
-        except ValueError:
-            return None
-    return body
 
 
 def run_worker(config: WorkerConfig) -> int:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from rewardsignal.errors import ValidationError
 from rewardsignal.lora import LoraSpec, adapter_config_json
 from rewardsignal.precision import Precision
 from rewardsignal.worker.sampling import SampleParams, sample_text
@@ -175,3 +176,26 @@ class VllmSampler:
                                           zip(prompts[p][1:], out.prompt_logprobs[1:],
                                               strict=True)]
         return samples, prompt_lps
+
+
+def make_sampler(sampler: str, device: torch.device, device_map: str | None,
+                 vllm_memory: float) -> VllmSampler | None:
+    """The worker's vLLM sampler for ``--sampler vllm`` (None for the built-in
+    one), or a ``ValidationError`` saying why this worker cannot run it."""
+    if sampler != "vllm":
+        return None
+    import importlib.util
+
+    if device.type != "cuda":
+        raise ValidationError(f"--sampler vllm needs a CUDA device, not {device}")
+    if device_map is not None or (device.index or 0) != 0:
+        # vLLM runs on the first GPU the process sees, on one GPU.
+        raise ValidationError("--sampler vllm runs on a worker of one GPU: pick it with "
+                              "CUDA_VISIBLE_DEVICES or --gpus, not cuda:N or --device-map")
+    if not 0 < vllm_memory < 1:
+        raise ValidationError(f"--vllm-memory is the GPU share vLLM takes, in (0, 1); got "
+                              f"{vllm_memory:g}")
+    if importlib.util.find_spec("vllm") is None:
+        raise ValidationError("--sampler vllm: vLLM is not installed "
+                              "(pip install 'rewardsignal[vllm]')")
+    return VllmSampler(vllm_memory)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from apphelpers import FakeWorker, Harness, fake_gradient, fake_step, new_run
+from apphelpers import FakeWorker, Harness, fake_gradient, fake_step, frames, new_run
 
 from rewardsignal.coordinator.api.workers import PUSH_CREDIT
 from rewardsignal.protocol import (
@@ -18,21 +18,7 @@ from rewardsignal.protocol import (
     XOR_DELTA,
     apply_xor_delta,
     pack,
-    unpack,
 )
-
-
-async def _frames(resp):
-    """Every frame of a streamed lease, as it arrives."""
-    assert resp.status == 200 and resp.content_type == FRAMES
-    while True:
-        try:
-            head = await resp.content.readexactly(4)
-        except asyncio.IncompleteReadError as exc:
-            assert not exc.partial
-            return
-        yield unpack(await resp.content.readexactly(int.from_bytes(head, "big")),
-                     max_bytes=1 << 30)
 
 
 def _stream(h: Harness, worker: FakeWorker, have: dict, timeout_s: float):
@@ -58,17 +44,17 @@ def test_new_versions_reach_a_waiting_worker_before_its_task(tmp_path):
 
         async def go() -> list[dict]:
             resp = await _stream(h, worker, {rid: 1}, timeout_s=10)
-            frames = _frames(resp)
+            stream = frames(resp)
             step = asyncio.ensure_future(h.client.post(f"/v1/runs/{rid}/optim_step?wait_s=5",
                                                        json={}))
-            pushed = await asyncio.wait_for(frames.__anext__(), 10)
+            pushed = await asyncio.wait_for(stream.__anext__(), 10)
             assert (await step).status == 200
             # The next forward_backward's task follows on the same stream.
             fb = asyncio.ensure_future(h.client.post(f"/v1/runs/{rid}/forward_backward",
                                                      json={"batch": [{"text": "three"}]}))
-            task = await asyncio.wait_for(frames.__anext__(), 10)
+            task = await asyncio.wait_for(stream.__anext__(), 10)
             assert (await fb).status == 202
-            rest = [f async for f in frames]
+            rest = [f async for f in stream]
             return [pushed, task, *rest]
 
         pushed, task, *rest = h.call(go())
@@ -132,22 +118,22 @@ def test_a_stream_ends_without_a_task_and_pushes_stop_for_an_idle_worker(tmp_pat
 
         async def stream() -> list[dict]:
             resp = await _stream(h, idle, {rid: held}, timeout_s=0.3)
-            return [f async for f in _frames(resp)]
+            return [f async for f in frames(resp)]
 
         got = []
         for _ in range(PUSH_CREDIT + 2):
             fake_step(h, computing, rid)  # a version the idle worker has not seen
-            frames = h.call(stream())
-            got.append(frames)
-            for f in frames:
+            seen = h.call(stream())
+            got.append(seen)
+            for f in seen:
                 held = f["version"]["version"]
-        pushed = [f for frames in got for f in frames]
+        pushed = [f for seen in got for f in seen]
         # Every frame is a version (no task: the stream ended at its timeout), one
         # a step until the credit the worker's last task gave is spent.
         assert all("version" in f and "task" not in f for f in pushed)
         assert len(pushed) == PUSH_CREDIT
         assert held == 1 + PUSH_CREDIT
-        assert [len(frames) for frames in got] == [1] * PUSH_CREDIT + [0, 0]
+        assert [len(seen) for seen in got] == [1] * PUSH_CREDIT + [0, 0]
     finally:
         h.close()
 

@@ -80,8 +80,9 @@ async def register_worker(request: web.Request) -> web.Response:
         token_id=token_id)
     # The result bodies it reads besides msgpack: a worker sends tensors after
     # the map (``RESULT``) only to a coordinator that names it.
-    return web.json_response({"worker_id": w.worker_id, "result_types": [MSGPACK, RESULT]},
-                             status=201)
+    # ``lease_with_result``: a result may carry the next lease (``submit_result``).
+    return web.json_response({"worker_id": w.worker_id, "result_types": [MSGPACK, RESULT],
+                              "lease_with_result": True}, status=201)
 
 
 def _read_capabilities(b: Body) -> dict:
@@ -189,15 +190,22 @@ def _weights_delta(coord: Coordinator, kind: str, from_version: int, delta: byte
 
 
 async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
-                        timeout_s: float, have: dict[str, int], started: float
-                        ) -> web.StreamResponse:
+                        timeout_s: float, have: dict[str, int], started: float, *,
+                        answer: dict | None = None) -> web.StreamResponse:
     """``?push=1`` with ``Accept: FRAMES``: the lease as a stream of frames.
     While it is parked, each version of a run the worker holds that is committed
     meanwhile goes to it as the exact delta from the one before (a ``version``
     frame), so the weights of the next step are in place before its task comes;
-    the task is the last frame (none: the stream ends at the timeout)."""
+    the task is the last frame (none: the stream ends at the timeout). A lease
+    sent with a result first answers it (an ``answer`` frame)."""
     resp = web.StreamResponse(headers={"Content-Type": FRAMES})
     await resp.prepare(request)
+    if answer is not None:
+        try:
+            await resp.write(frame({"answer": answer}))
+        except ConnectionError:  # gone: it sends the result again (a no-op: duplicate)
+            return resp
+        tracing.mark("coordinator: result answered")
     held = dict(have)
     recent = coord.services.versions.recent
     leasing = asyncio.ensure_future(coord.scheduler.lease(w, timeout_s))
@@ -267,12 +275,36 @@ async def _versions_held(request: web.Request) -> dict[str, int]:
     if not request.body_exists:
         return {}
     b = Body(await read_body(request))
-    have = b.dict("have", {})
+    have = _have(b)
     b.done()
+    return have
+
+
+def _have(b: Body) -> dict[str, int]:
+    have = b.dict("have", {})
     if len(have) > 256 or not all(isinstance(k, str) and type(v) is int and v >= 0
                                   for k, v in have.items()):
         raise ValidationError("field 'have' must map at most 256 run ids to versions")
     return have
+
+
+def _lease_with_result(request: web.Request, fields: object) -> tuple[dict[str, int], float]:
+    """A result's ``lease`` field, ``{"have", "timeout_s", "deltas"}`` (as the
+    lease's body and query): the versions held, as the lease would use them,
+    and how long to wait for a task."""
+    if FRAMES not in request.headers.get("Accept", ""):
+        raise ValidationError(f"a result with a lease is answered as a stream of frames: "
+                              f"send it with Accept: {FRAMES}")
+    try:
+        b = Body(fields, "field 'lease'")
+        have = _have(b)
+        timeout_s = b.float("timeout_s", 20.0, lo=0, hi=MAX_WAIT_S)
+        deltas = b.list("deltas", [], max_len=16)
+        b.done()
+    except ValidationError as exc:
+        raise ValidationError(f"lease: {exc.message}") from None
+    # Deltas only for a worker that applies this codec (as the lease's ``deltas``).
+    return (have if XOR_DELTA in deltas else {}), timeout_s
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -304,7 +336,11 @@ async def upload_slot(request: web.Request) -> web.Response:
     return web.json_response({"slot": slot, "hold_s": slots.hold_s})
 
 
-async def submit_result(request: web.Request) -> web.Response:
+async def submit_result(request: web.Request) -> web.StreamResponse:
+    """A task's result. With a ``lease`` field and ``FRAMES`` in ``Accept``, the
+    answer is the worker's next lease as a stream whose first frame is the
+    result's answer (``{"answer": {...}}``): one request a step, not two."""
+    started = time.monotonic()
     coord = request.app[COORDINATOR]
     slots = coord.services.upload_slots
     if not slots.take(request.query.get("slot")):
@@ -322,10 +358,15 @@ async def submit_result(request: web.Request) -> web.Response:
         del raw  # the map holds its tensors (a view of the body, or a copy)
         if not isinstance(msg, dict):
             raise ValidationError("submission must be a msgpack map")
+        # Checked before the result counts: a bad lease changes nothing.
+        then_lease = _lease_with_result(request, msg.pop("lease")) if "lease" in msg else None
         w = coord.scheduler.worker(str(msg.get("worker_id")))
         out = await coord.ingest.submit(w, request.match_info["task_id"], msg)
     finally:
         slots.release()
+    if then_lease is not None and not w.quarantined:  # else its plain lease hears why
+        have, timeout_s = then_lease
+        return await _lease_stream(request, coord, w, timeout_s, have, started, answer=out)
     if request.content_type in (MSGPACK, RESULT):
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)

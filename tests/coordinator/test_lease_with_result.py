@@ -1,0 +1,155 @@
+"""A result that carries the worker's next lease (``POST /v1/tasks/{id}/result``
+with a ``lease`` field and ``Accept: application/vnd.signal.frames``): the
+result's answer is the first frame, and the same request then goes on as a
+streamed lease, so a worker that keeps up makes one request a step. A bad
+lease is a 400 that leaves the result untaken."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from apphelpers import FakeWorker, Harness, frames, new_run
+
+from rewardsignal.protocol import (
+    FRAMES,
+    MSGPACK,
+    RESULT,
+    XOR_DELTA,
+    apply_xor_delta,
+    pack_result,
+    tensors_to_bytes,
+)
+
+
+def _result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
+    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[task["run_id"]].shapes.items()}
+    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+    return pack_result({"worker_id": worker.worker_id, "lease_id": task["lease_id"],
+                        "fingerprint": task["fingerprint"], "version": task["version"],
+                        "codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
+                        "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp},
+                        **extra})
+
+
+def _post(h: Harness, task: dict, body: bytes, accept: str = f"{FRAMES}, {MSGPACK}"):
+    return h.client.post(f"/v1/tasks/{task['task_id']}/result", data=body,
+                         headers={"Content-Type": RESULT, "Accept": accept})
+
+
+def test_a_result_is_answered_and_its_request_goes_on_as_the_next_lease(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        _, reg = h.request("POST", "/v1/workers/register", expect=201,
+                           json={"name": "w", "device": "cpu", "max_tokens_per_task": 100000})
+        assert reg["lease_with_result"] is True  # what a worker looks for to send one
+        rid = new_run(h)
+        worker = FakeWorker(h, "w2")  # its lease() makes the one /lease request
+        _, fb = h.request("POST", f"/v1/runs/{rid}/forward_backward",
+                          json={"batch": [{"text": "one"}]}, expect=202)
+        task = worker.lease()
+        v0 = h.request("GET", f"/v1/runs/{rid}/weights/0", expect=200)[1]
+
+        async def go() -> list[dict]:
+            body = _result(h, worker, task, lease={"have": {rid: 0}, "timeout_s": 10,
+                                                   "deltas": [XOR_DELTA]})
+            resp = await _post(h, task, body)
+            stream = frames(resp)
+            first = await asyncio.wait_for(stream.__anext__(), 10)
+            # The step goes on while the lease waits: its version is pushed, and
+            # the next request's task ends the stream.
+            step = await h.client.post(f"/v1/runs/{rid}/optim_step?wait_s=10", json={})
+            assert step.status == 200, await step.text()
+            pushed = await asyncio.wait_for(stream.__anext__(), 10)
+            nxt = await h.client.post(f"/v1/runs/{rid}/forward_backward",
+                                      json={"batch": [{"text": "two"}]})
+            assert nxt.status == 202
+            last = await asyncio.wait_for(stream.__anext__(), 10)
+            rest = [f async for f in stream]
+            return [first, pushed, last, *rest]
+
+        first, pushed, last, *rest = h.call(go())
+        assert first == {"answer": {"status": "accepted"}}
+        h.request("GET", f"/v1/requests/{fb['request_id']}?timeout_s=5", expect=200)
+        update = pushed["version"]
+        assert (update["run_id"], update["version"]) == (rid, 1)
+        v1 = h.request("GET", f"/v1/runs/{rid}/weights/1", expect=200)[1]
+        assert apply_xor_delta(v0, update["weights_delta"]["data"]) == v1
+        assert last["task"]["version"] == 1 and "weights_delta" not in last["task"]
+        assert rest == []
+        # One request carried the result and the lease: none went to /lease.
+        metrics = h.request("GET", "/metrics", expect=200)[1]
+        text = metrics.decode() if isinstance(metrics, bytes) else str(metrics)
+        leases = [line for line in text.splitlines()
+                  if line.startswith("signal_http_request_duration_seconds_count")
+                  and "/lease" in line]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in leases) == 1  # worker.lease()
+    finally:
+        h.close()
+
+
+def test_a_bad_lease_is_refused_and_the_result_is_not_taken(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        rid = new_run(h)
+        worker = FakeWorker(h)
+        _, fb = h.request("POST", f"/v1/runs/{rid}/forward_backward",
+                          json={"batch": [{"text": "one"}]}, expect=202)
+        task = worker.lease()
+
+        async def post(body: bytes, accept: str = f"{FRAMES}, {MSGPACK}") -> tuple[int, str]:
+            resp = await _post(h, task, body, accept)
+            return resp.status, await resp.text()
+
+        bad = [({"have": {rid: -1}}, "have"), ({"have": {}, "timeout_s": "soon"}, "timeout_s"),
+               ({"have": {}, "colour": 1}, "colour"), ("now", "lease")]
+        for lease, named in bad:
+            status, text = h.call(post(_result(h, worker, task, lease=lease)))
+            assert status == 400 and "lease" in text and named in text, (lease, text)
+        # A lease the answer could not carry (no frames accepted) is refused too.
+        status, text = h.call(post(_result(h, worker, task, lease={"have": {}}), MSGPACK))
+        assert status == 400 and FRAMES in text
+        assert not h.coordinator.scheduler.finished  # nothing counted
+        # The same result without a lease is then taken: it was not a duplicate.
+        code, answer = worker.submit(task, as_result=True, codec="fp32",
+                                     tensors=tensors_to_bytes(
+                                         {k: torch.full(s, 0.01) for k, s in
+                                          h.coordinator.runs[rid].shapes.items()}),
+                                     result={"loss_sum": 1.0, "weight_sum": 2.0,
+                                             "logprobs": [[-1.0] * len(d["model_input"]) for d
+                                                          in task["payload"]["datums"]]},
+                                     duration_s=0.1)
+        assert (code, answer) == (200, {"status": "accepted"})
+        h.request("GET", f"/v1/requests/{fb['request_id']}?timeout_s=5", expect=200)
+    finally:
+        h.close()
+
+
+def test_a_refused_result_takes_no_lease(tmp_path):
+    """A result the coordinator refuses (here: its lease is not this worker's)
+    answers as it always did, and no lease is taken for it."""
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        rid = new_run(h)
+        worker, other = FakeWorker(h, "a"), FakeWorker(h, "b")
+        h.request("POST", f"/v1/runs/{rid}/forward_backward",
+                  json={"batch": [{"text": "one"}]}, expect=202)
+        task = worker.lease()
+        leases = []
+        real = h.coordinator.scheduler.lease
+
+        async def lease(w, timeout_s):
+            leases.append(w.worker_id)
+            return await real(w, timeout_s)
+
+        h.coordinator.scheduler.lease = lease
+
+        async def go() -> tuple[int, object]:
+            resp = await _post(h, task, _result(h, other, task, lease={"have": {}}))
+            return resp.status, await resp.read()
+
+        status, body = h.call(go())
+        assert status == 409 and b"unknown_lease" in body
+        assert leases == []
+    finally:
+        h.close()
