@@ -114,25 +114,29 @@ class Forward(Operation):
                                   version=run.version, loss_fn=args.loss_fn,
                                   loss_fn_config=args.loss_fn_config, sink=sink)
         num_tokens = sum(len(d) for d in datums)
+        loss = out.loss_sum / out.weight_sum if out.weight_sum else 0.0
+        result = {"loss": loss, "loss_sum": out.loss_sum, "weight_sum": out.weight_sum,
+                  "num_tokens": num_tokens, "logprobs": out.logprobs, "version": run.version,
+                  "num_shards": out.num_shards,
+                  "datums": [d.to_json() for d in datums] if not self.backward else None}
         total = sink.total() if sink is not None else None
         if total is not None:
             await self._accumulate(ctx, run, request, Contribution(
                 request.request_id, total, out.weight_sum, args.reduction, num_tokens,
-                out.loss_sum, out.weight_sum, out.parts))
+                out.loss_sum, out.weight_sum, out.parts), result)
             ctx.metrics.fb_duration.labels(run.run_id).observe(time.monotonic() - started)
-        loss = out.loss_sum / out.weight_sum if out.weight_sum else 0.0
         run.last_loss = loss
         ctx.metrics.train_loss.labels(run.run_id).set(loss)
-        return {"loss": loss, "loss_sum": out.loss_sum, "weight_sum": out.weight_sum,
-                "num_tokens": num_tokens, "logprobs": out.logprobs, "version": run.version,
-                "num_shards": out.num_shards,
-                "datums": [d.to_json() for d in datums] if not self.backward else None}
+        return result
 
     async def _accumulate(self, ctx: Services, run: Run, request: Request,
-                          c: Contribution) -> None:
+                          c: Contribution, result: dict) -> None:
         # Durable before it counts: a restart finds this gradient and either adds
         # it back (not yet stepped) or drops it (already in a version). Staged
         # meanwhile: an ``optim_step`` behind it computes on it as it is written.
+        # The request's result is stored with the gradient's row, in one
+        # transaction: the step behind it waits for that (``until_prior_done``),
+        # not for a second trip to the database.
         run.accum.stage(c)
         request.staged.set()
         try:
@@ -140,10 +144,12 @@ class Forward(Operation):
             await ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
                                    version=run.version, grads=c.grads, weight=c.weight,
                                    reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
-                                   loss_weight=c.loss_weight)
+                                   loss_weight=c.loss_weight, done=result,
+                                   keep_args=self.replayable)
         except BaseException:
             run.accum.unstage(c)
             raise
+        request.stored_result = result
         tracing.mark("coordinator: gradient durable")
         # One kernel call per worker's part for a flat gradient: on the loop
         # when small, as a submission's own sum is.

@@ -64,6 +64,8 @@ async def execute(ctx: Services, run: Run, op: Op) -> None:
     if op.request.store_failed():  # never in the database: nothing to finish there
         return
     body = op.request.to_json()
+    if body["status"] == "done" and body["result"] is op.request.stored_result:
+        return  # stored by the operation, with its effect
     outcome: dict = body["result"] if body["status"] == "done" else {"error": body["error"]}
     # A failed write is retried: while the request's row says pending, a restart
     # would run it again, and a step after it could not be told apart from it.

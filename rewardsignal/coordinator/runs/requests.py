@@ -32,6 +32,10 @@ class Request:
     # The operations queued before this one that were still finishing when it
     # started (a barrier that ``starts_on_staged``); ``until_prior_done``.
     prior: tuple[asyncio.Future, ...] = ()
+    # The result its operation stored itself, with what it made durable
+    # (``forward_backward``: with its gradient's row); the runner then stores
+    # nothing more for it when that is its outcome.
+    stored_result: dict | None = None
 
     async def until_stored(self) -> None:
         """Return once the request is durable; raises what storing it raised.

@@ -238,15 +238,20 @@ class Database:
         def finish() -> None:
             c = self._c()
             with _unsynced(c):
-                c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, "
-                          "args = CASE WHEN ? THEN args ELSE '{}' END WHERE request_id = ?",
-                          (status, _pack(result), time.time(), keep_args, request_id))
-                # By the seq index: only the few rows past the window are visited
-                # (a scan of every kept row cost 3.5 ms per request at 10,000).
-                c.execute("DELETE FROM requests WHERE seq < ? AND status != 'pending'",
-                          (self._seq - self.keep_finished,))
+                self._finish(c, request_id, status, result, keep_args)
 
         await self._do(finish)
+
+    def _finish(self, c: sqlite3.Connection, request_id: str, status: str, result: dict,
+                keep_args: bool) -> None:
+        """Inside the caller's transaction: a request's outcome."""
+        c.execute("UPDATE requests SET status = ?, result = ?, finished = ?, "
+                  "args = CASE WHEN ? THEN args ELSE '{}' END WHERE request_id = ?",
+                  (status, _pack(result), time.time(), keep_args, request_id))
+        # By the seq index: only the few rows past the window are visited
+        # (a scan of every kept row cost 3.5 ms per request at 10,000).
+        c.execute("DELETE FROM requests WHERE seq < ? AND status != 'pending'",
+                  (self._seq - self.keep_finished,))
 
     async def open_requests(self) -> list[dict]:
         rows = await self._do(lambda: self._c().execute(
@@ -274,17 +279,25 @@ class Database:
                 "result": _unpack(row[4])}
 
     # -- gradients accepted but not yet stepped ----------------------------------------------
-    async def add_pending_grad(self, row: dict) -> None:
-        """Unsynced (its file is): until the next synced commit, power loss may
-        take it with the request's answer, and the request runs again."""
-        def add() -> None:
-            c = self._c()
-            with _unsynced(c):
-                c.execute("INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, "
-                          ":version, :path, :weight, :reduction, :loss_sum, :loss_weight, "
-                          ":tokens)", row)
+    def add_pending_grad_from_thread(self, row: dict, done: dict | None = None, *,
+                                     keep_args: bool = False) -> None:
+        """A pending gradient's row, from a thread other than the loop's (which
+        waits for it there): the thread that has just written the gradient's
+        file records it without a hop back to a busy loop in between. ``done``:
+        its request's result, recorded in the same transaction (as
+        ``finish_request`` would: one trip for both, and neither without the
+        other). Unsynced (its file is): until the next synced commit, power loss
+        may take it with the request's answer, and the request runs again."""
+        self._pool.submit(self._add_pending_grad, row, done, keep_args).result()
 
-        await self._do(add)
+    def _add_pending_grad(self, row: dict, done: dict | None, keep_args: bool) -> None:
+        c = self._c()
+        with _unsynced(c):
+            c.execute("INSERT OR REPLACE INTO pending_grads VALUES (:request_id, :run_id, "
+                      ":version, :path, :weight, :reduction, :loss_sum, :loss_weight, "
+                      ":tokens)", row)
+            if done is not None:
+                self._finish(c, row["request_id"], "done", done, keep_args)
 
     async def pending_grads(self, run_id: str) -> list[dict]:
         def fetch() -> list[dict]:

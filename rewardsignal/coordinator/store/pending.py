@@ -42,13 +42,23 @@ class PendingGradients:
 
     async def save(self, *, request_id: str, run_id: str, version: int, grads: Tensors,
                    weight: float, reduction: str, tokens: int, loss_sum: float,
-                   loss_weight: float) -> None:
+                   loss_weight: float, done: dict | None = None,
+                   keep_args: bool = False) -> None:
+        """The gradient's file and row; ``done``: its request's result, stored
+        with the row (``Database.add_pending_grad_from_thread``)."""
         path = self.root / run_id / f"{request_id}.safetensors"
-        await asyncio.to_thread(_save_tensors, grads, path)
-        await self.db.add_pending_grad({
-            "request_id": request_id, "run_id": run_id, "version": version, "path": str(path),
-            "weight": weight, "reduction": reduction, "loss_sum": loss_sum,
-            "loss_weight": loss_weight, "tokens": tokens})
+        row = {"request_id": request_id, "run_id": run_id, "version": version,
+               "path": str(path), "weight": weight, "reduction": reduction,
+               "loss_sum": loss_sum, "loss_weight": loss_weight, "tokens": tokens}
+
+        def save() -> None:
+            # The file, then its row, in one trip off the loop: the loop is often
+            # busy then (an optim_step's AdamW runs beside this write), and the
+            # step waits for both.
+            _save_tensors(grads, path)
+            self.db.add_pending_grad_from_thread(row, done, keep_args=keep_args)
+
+        await asyncio.to_thread(save)
 
     async def drop_before(self, run_id: str, version: int) -> None:
         """Forget gradients computed before ``version``: a checkpoint holds them."""

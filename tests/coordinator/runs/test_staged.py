@@ -217,8 +217,8 @@ def test_a_worker_quarantined_while_the_gradient_is_written_has_its_shards_recom
 
 def test_a_step_does_not_commit_behind_a_request_whose_outcome_was_not_stored(
         tmp_path, monkeypatch):
-    """The forward_backward before it could not record that it finished: a
-    restart would run it again, so the step must not apply its gradient now."""
+    """A request before it (here a forward) could not record that it finished:
+    a restart would run it again, so the step must not go past it now."""
     from rewardsignal.coordinator.ops import runner
 
     monkeypatch.setattr(runner, "_FINISH_RETRY_S", (0.0,))
@@ -228,20 +228,79 @@ def test_a_step_does_not_commit_behind_a_request_whose_outcome_was_not_stored(
         finish = db.finish_request
 
         async def go() -> None:
-            gate, _ = _gate_saves(h)
-            fb = await _forward_backward(h, worker_id, rid, 0.01)
+            assert (await _result(h, await _forward_backward(h, worker_id, rid, 0.01))
+                    )["status"] == "done"
+            status, req = await answer(await h.client.post(
+                f"/v1/runs/{rid}/forward", json={"batch": [{"text": "one two"}]}))
+            assert status == 202, req
 
             async def failing(request_id, *args, **kwargs):
-                if request_id == fb:
+                if request_id == req["request_id"]:
                     raise OSError(5, "Input/output error")
                 await finish(request_id, *args, **kwargs)
 
             db.finish_request = failing  # type: ignore[method-assign]
-            step = await _optim_step(h, rid)
-            gate.set()
+            step = await _optim_step(h, rid)  # queued while the forward computes
+            assert await submit_shard(h, worker_id, rid) == 200  # the forward's result
             out = await _result(h, step)
             assert out["status"] == "failed"
             assert "did not finish storing its outcome" in out["error"]["message"]
 
         h.call(go())
         assert run.version == 0
+
+
+def test_a_gradient_whose_record_cannot_be_written_fails_with_the_step_behind_it(tmp_path):
+    """A forward_backward's result is stored with its gradient's row, in one
+    transaction: when that write fails, neither is there, the request fails,
+    and the step behind it applies nothing."""
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
+        run = h.coordinator.runs[rid]
+        db = h.coordinator.services.db
+
+        def failing(row, done=None, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        db.add_pending_grad_from_thread = failing  # type: ignore[method-assign]
+
+        async def go() -> str:
+            fb = await _forward_backward(h, worker_id, rid, 0.01)
+            step = await _optim_step(h, rid)
+            assert (await _result(h, fb))["status"] == "failed"
+            out = await _result(h, step)
+            assert out["status"] == "failed"
+            assert "forward_backward before it failed" in out["error"]["message"]
+            return fb
+
+        fb = h.call(go())
+        assert run.version == 0 and run.accum.empty
+        assert h.call(db.pending_grads(rid)) == []
+        row = h.call(db.finished_request(fb))
+        assert row is not None and row["status"] == "failed"
+
+
+def test_a_forward_backward_stores_its_result_with_its_gradient_row(tmp_path):
+    """One database trip makes a forward_backward's gradient and its result
+    durable (``Database.add_pending_grad_from_thread``): the runner stores
+    nothing more for it, and a restart finds both or neither."""
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
+        db = h.coordinator.services.db
+        finished: list[str] = []
+        finish = db.finish_request
+
+        async def counting(request_id, *args, **kwargs):
+            finished.append(request_id)
+            await finish(request_id, *args, **kwargs)
+
+        db.finish_request = counting  # type: ignore[method-assign]
+
+        async def go() -> tuple[str, dict]:
+            fb = await _forward_backward(h, worker_id, rid, 0.01)
+            return fb, await _result(h, fb)
+
+        fb, out = h.call(go())
+        assert out["status"] == "done" and fb not in finished
+        row = h.call(db.finished_request(fb))
+        assert row is not None and row["status"] == "done"
+        assert row["result"] == out["result"]
+        assert [p["request_id"] for p in h.call(db.pending_grads(rid))] == [fb]
