@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,16 +167,20 @@ class Coordinator:
         self._forgotten.extend(self.monitor.tick(self.config.worker_retention_s))
 
     # -- runs and requests -----------------------------------------------------------------
-    async def once(self, owner: str, key: str | None,
-                   create: Callable[[], Awaitable[dict]], *, kind: str) -> tuple[dict, bool]:
+    async def once(self, owner: str, key: str | None, create: Callable[..., Awaitable[dict]],
+                   *, kind: str, prepare: Callable[[], Awaitable[Any]] | None = None
+                   ) -> tuple[dict, bool]:
         """``create()``'s answer, at most once per (owner, idempotency key): a
         retry with the same key gets the first call's answer back (and True),
         whether the first is done, still being accepted, or from before a
         restart. ``create`` must store the key with what it creates, as
         ``kind`` (``run``, ``request``, ``requests``): a key first used for
-        another kind of call is a 409, not that call's answer."""
+        another kind of call is a 409, not that call's answer. ``prepare``:
+        what ``create`` is then given, made while the key is looked up in the
+        database (reading and checking the body, with no effect of its own);
+        a retry whose key is found gets its answer even if it fails."""
         if key is None:
-            return await create(), False
+            return await (create(await prepare()) if prepare is not None else create()), False
         claim = (owner, key)
         if claim in self._claims:
             first_kind, first = self._claims[claim]
@@ -186,8 +191,10 @@ class Coordinator:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         self._claims[claim] = (kind, fut)
         try:
-            found = await self.services.db.find_key(owner, key)
-            if found is None:
+            found = await self._find_key_while(owner, key, prepare)
+            if isinstance(found, _Prepared):
+                answer, replayed = await create(found.value), False
+            elif found is None:
                 answer, replayed = await create(), False
             else:
                 _same_kind(key, found["kind"], kind)
@@ -203,6 +210,27 @@ class Coordinator:
             del self._claims[claim]
         fut.set_result(answer)
         return answer, replayed
+
+    async def _find_key_while(self, owner: str, key: str,
+                              prepare: Callable[[], Awaitable[Any]] | None
+                              ) -> dict | _Prepared | None:
+        """The key's record (None: not used before), looked up in the database
+        while ``prepare()`` runs; a key not used before with ``prepare`` gives
+        what it made. ``prepare``'s error is raised only for a new key."""
+        finding = self.services.db.find_key_soon(owner, key)
+        if prepare is None:
+            return await finding
+        try:
+            value = await prepare()
+        except asyncio.CancelledError:
+            finding.cancel()
+            raise
+        except BaseException:
+            if await finding is None:
+                raise
+            return await finding
+        found = await finding
+        return _Prepared(value) if found is None else found
 
     async def create_run(self, owner: str, req: RunRequest, idem_key: str | None = None) -> Run:
         start = None
@@ -401,3 +429,10 @@ class Coordinator:
                 "workers": workers,
                 "jobs": jobs[-50:], "rejections": dict(self.services.rejections),
                 "tasks": self.scheduler.counts(), "time": time.time()}
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What ``Coordinator.once``'s ``prepare`` made, for a key not used before."""
+
+    value: Any

@@ -100,3 +100,58 @@ def test_a_refused_body_is_not_remembered(tmp_path):
         assert code == 201 and run["run_id"].startswith("run-")
     finally:
         h.close()
+
+
+def test_a_request_is_read_while_its_key_is_looked_up_and_a_found_key_answers_first(tmp_path):
+    """The body of a keyed request is read and checked while its key is looked
+    up in the database (``Coordinator.once``'s ``prepare``), not after; a retry
+    whose key is found is answered from it even when its body would now be
+    refused, as before."""
+    h = Harness(tmp_path / "data")
+    try:
+        _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2},
+                           expect=201)
+        rid = run["run_id"]
+        db = h.coordinator.services.db
+        find_key, order = db.find_key_soon, []
+
+        def slow_find_key(owner, key):
+            order.append("lookup begins")
+
+            async def slow():
+                await asyncio.sleep(0.2)
+                order.append("lookup ends")
+                return await find_key(owner, key)
+
+            return asyncio.ensure_future(slow())
+
+        read_body = h.coordinator.services.tokenizers.datums
+
+        def datums(*args, **kwargs):
+            order.append("body checked")
+            return read_body(*args, **kwargs)
+
+        db.find_key_soon = slow_find_key
+        h.coordinator.services.tokenizers.datums = datums
+        code, first = _post(h, f"/v1/runs/{rid}/forward_backward", "fb-1", FB)
+        assert code == 202
+        assert order == ["lookup begins", "body checked", "lookup ends"]
+        pair = {"requests": [{"op": "forward_backward", "args": FB},
+                             {"op": "optim_step", "args": {}}]}
+        order.clear()
+        code, both = _post(h, f"/v1/runs/{rid}/requests", "pair-1", pair)
+        assert code == 202 and len(both["requests"]) == 2
+        assert order == ["lookup begins", "body checked", "lookup ends"]
+    finally:
+        h.close()
+    h = Harness(tmp_path / "data")  # a restart: the keys are found in the database only
+    try:
+        bad = {"batch": "not a list"}
+        code, again = _post(h, f"/v1/runs/{rid}/forward_backward", "fb-1", bad)
+        assert code == 202 and again["request_id"] == first["request_id"]
+        code, again = _post(h, f"/v1/runs/{rid}/requests", "pair-1", {"requests": []})
+        assert code == 202 and again["requests"] == both["requests"]
+        code, refused = _post(h, f"/v1/runs/{rid}/forward_backward", "fb-new", bad)
+        assert code == 400 and "batch" in refused["error"]["message"]
+    finally:
+        h.close()

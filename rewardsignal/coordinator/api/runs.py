@@ -4,6 +4,7 @@ knows); saved states; weights (for users and for workers holding a lease)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
@@ -91,14 +92,18 @@ async def run_op(request: web.Request) -> web.Response:
     run = coord.run_for(owner, request.match_info["run_id"])
     key = idempotency_key(request)
 
-    async def accept() -> dict:
+    async def parse() -> tuple[Any, float | None]:
         b = Body(await read_body(request))
         timeout_s = b.float("timeout_s", None, lo=0, lo_open=True, hi=7 * 86400)
         args = await operation.parse(coord.services, run, owner, b)
         b.done()
+        return args, timeout_s
+
+    async def accept(parsed: tuple[Any, float | None]) -> dict:
+        args, timeout_s = parsed
         return await coord.submit(owner, run, operation, args, timeout_s, key)
 
-    answer, replayed = await coord.once(owner, key, accept, kind="request")
+    answer, replayed = await coord.once(owner, key, accept, kind="request", prepare=parse)
     if wait_s > 0:
         body = await _state_after(coord, answer["request_id"], owner, wait_s)
         if body["status"] == "failed":
@@ -126,17 +131,22 @@ async def run_requests(request: web.Request) -> web.Response:
     run = coord.run_for(owner, request.match_info["run_id"])
     key = idempotency_key(request)
 
-    async def accept() -> dict:
+    async def parse() -> tuple[list, float | None]:
         b = Body(await read_body(request))
         timeout_s = b.float("timeout_s", None, lo=0, lo_open=True, hi=7 * 86400)
         items = b.list("requests", max_len=MAX_QUEUED_TOGETHER)
         b.done()
         if not items:
             raise ValidationError("field 'requests' must list at least one operation")
-        steps = [await _pipelined(coord, run, owner, i, item) for i, item in enumerate(items)]
+        return [await _pipelined(coord, run, owner, i, item)
+                for i, item in enumerate(items)], timeout_s
+
+    async def accept(parsed: tuple[list, float | None]) -> dict:
+        steps, timeout_s = parsed
         return {"requests": await coord.submit_all(owner, run, steps, timeout_s, key)}
 
-    answer, replayed = await coord.once(owner, key, accept, kind="requests")
+    # The body is read and checked while the key is looked up.
+    answer, replayed = await coord.once(owner, key, accept, kind="requests", prepare=parse)
     if wait_s <= 0:
         return _answer(request, answer, 202, replayed)
     deadline = asyncio.get_running_loop().time() + wait_s

@@ -153,11 +153,19 @@ class Database:
 
     async def find_key(self, owner: str, key: str) -> dict | None:
         """What ``key`` of ``owner`` created: ``{kind, ref, answer}``, or None."""
-        row = await self._do(lambda: self._c().execute(
-            "SELECT kind, ref, answer FROM idempotency WHERE owner = ? AND key = ?",
-            (owner, key)).fetchone())
-        return None if row is None else {"kind": row[0], "ref": row[1],
-                                          "answer": json.loads(row[2])}
+        return await self.find_key_soon(owner, key)
+
+    def find_key_soon(self, owner: str, key: str) -> asyncio.Future[dict | None]:
+        """``find_key``, sent to the database thread now (not when first
+        awaited): the caller does other work while it runs."""
+        def find() -> dict | None:
+            row = self._c().execute(
+                "SELECT kind, ref, answer FROM idempotency WHERE owner = ? AND key = ?",
+                (owner, key)).fetchone()
+            return None if row is None else {"kind": row[0], "ref": row[1],
+                                              "answer": json.loads(row[2])}
+
+        return asyncio.get_running_loop().run_in_executor(self._pool, find)
 
     async def open(self) -> None:
         await self._do(self._c)
