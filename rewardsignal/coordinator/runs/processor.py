@@ -96,15 +96,15 @@ class RunProcessor:
                 op.request.prior = tuple(running)
             elif barrier and inflight:
                 await asyncio.wait(inflight)
+            if barrier:  # alone: run here, not in a task of its own a loop turn later
+                await self._execute(op)
+                continue
             while len(inflight) >= self._max_inflight:
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
             t = asyncio.create_task(self._execute(op))
-            if barrier:
-                await t
-            else:
-                inflight.add(t)
-                self._running[t] = op.request
-                t.add_done_callback(self._done)
+            inflight.add(t)
+            self._running[t] = op.request
+            t.add_done_callback(self._done)
 
     def _done(self, t: asyncio.Task) -> None:
         self._inflight.discard(t)
