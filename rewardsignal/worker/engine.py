@@ -120,9 +120,11 @@ class Engine:
             # so LoRA weights, grads and optimizer state stay fp32 over a bf16 base
             # (and over a quantized one, whose LoRA layers are PEFT's bnb layers).
             model = get_peft_model(base, peft_config(spec), adapter_name=key)
+            model.train(False)  # new LoRA modules start in training mode: one mode for all
             self.models.put(cache_key, model, module_bytes(model))
         elif key not in model.peft_config:
             model.add_adapter(key, peft_config(spec))
+            model.train(model.training)  # its modules take the model's mode
         if model.active_adapter != key:
             model.set_adapter(key)
         return model, key
@@ -221,7 +223,7 @@ class Engine:
             p.grad = None
         # Dropout (LoRA's and the base's) fires while training only: a forward
         # without backward (forward, compute_logprobs, evaluation) is deterministic.
-        model.train(backward)
+        _train_mode(model, backward)
         loss_total, weight_total, logprobs = self._accumulate(
             model, datums, loss_fn, loss_config, backward=backward, micro_tokens=micro_tokens,
             temperature=temperature)
@@ -247,7 +249,7 @@ class Engine:
         opt = torch.optim.AdamW(list(params.values()), lr=learning_rate, betas=tuple(betas),
                                 eps=eps, weight_decay=weight_decay)
         rng = random.Random(seed)
-        model.train()
+        _train_mode(model, True)
         order: list[int] = []
         losses, grad_norms, tokens, samples = [], [], 0, 0
         started = time.monotonic()
@@ -300,7 +302,7 @@ class Engine:
     def sample(self, model, model_id: str, prompts: list[list[int]], seeds: list[list[int]],
                params: SampleParams) -> tuple[list[list[dict]], list | None]:
         """Batched generation (``worker.sampling``) in eval mode: dropout off."""
-        model.eval()
+        _train_mode(model, False)
         return generate(model, self.tokenizer(model_id), prompts, seeds, params,
                         self._input_device(model))
 
@@ -315,6 +317,16 @@ def _cuda_free_bytes(gpus: list[int]):
                    - torch.cuda.memory_allocated(i) for i in gpus)
 
     return free
+
+
+
+def _train_mode(model, training: bool) -> None:
+    """``model.train(training)`` when the model is not in that mode already: the
+    call visits every module (0.76 ms for signal-tiny's 341, on a step of 27).
+    The engine changes modes only through here, which keeps every module in
+    the model's mode."""
+    if model.training != training:
+        model.train(training)
 
 
 def _flat_grads(params: dict[str, torch.Tensor]) -> FlatTensors:

@@ -119,3 +119,36 @@ def test_micro_batching_does_not_change_results(setup):
     assert many.loss_sum == pytest.approx(one.loss_sum, rel=1e-6)
     for k in one.grads:
         torch.testing.assert_close(many.grads[k], one.grads[k], atol=1e-6, rtol=1e-4)
+
+
+def test_every_module_shares_the_models_mode_which_is_set_only_when_it_changes(
+        setup, tiny_spec):
+    """``model.train`` visits every module (a millisecond on signal-tiny, a
+    step of tens): the engine calls it only when the mode changes, and keeps
+    every module in the model's mode (a new adapter's modules start in
+    training mode; they take the model's)."""
+    engine, model, key, adapter, datums = setup
+    modes = lambda: {m.training for m in model.modules()}  # noqa: E731
+    other = type(tiny_spec)(**{**vars(tiny_spec), "r": tiny_spec.r * 2})
+    engine.activate("signal-tiny", other, "r2", 0,
+                    {k: torch.zeros(v.shape) for k, v in
+                     init_adapter("signal-tiny", other).items()})
+    assert len(modes()) == 1  # the new adapter's modules too
+    engine.activate("signal-tiny", tiny_spec, "r", 0, adapter)
+    engine.forward_backward(model, key, datums[:1], "cross_entropy", {}, backward=False)
+    calls: list[bool] = []
+    real = model.train
+
+    def train(mode: bool = True):
+        calls.append(mode)
+        return real(mode)
+
+    model.train = train
+    try:
+        for backward in (True, True, False, False, True):
+            engine.forward_backward(model, key, datums[:1], "cross_entropy", {},
+                                    backward=backward)
+            assert modes() == {backward}
+    finally:
+        del model.train
+    assert calls == [True, False, True]  # once per change of mode
