@@ -152,6 +152,13 @@ class Engine:
             self._loaded[(model_id, key)] = (run_id, version)
         return model, key
 
+    def preload(self, model_id: str, spec: LoraSpec, run_id: str, version: int,
+                adapter: dict[str, torch.Tensor], precision: Precision) -> None:
+        """``activate`` ahead of a task, while the worker waits for it (a version
+        pushed to it), when the model is in memory already: never loads one."""
+        if _cache_key(model_id, precision) in self.models:
+            self.activate(model_id, spec, run_id, version, adapter, precision)
+
     # -- computations ---------------------------------------------------------------
     def _target_logprobs(self, model, batch: Sequence[Datum], temperature: float = 1.0
                          ) -> tuple[torch.Tensor, ...]:

@@ -10,7 +10,9 @@ import asyncio
 import json
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -19,8 +21,36 @@ from rewardsignal.checkpoints import export_merged
 from rewardsignal.checkpoints.export import MERGED_WEIGHT_SUFFIXES
 from rewardsignal.checkpoints.store import ADAPTER_CONFIG_FILE, ADAPTER_FILE, sha256_file
 from rewardsignal.errors import error_from_json
+from rewardsignal.precision import Precision
+
+if TYPE_CHECKING:
+    from rewardsignal.worker.engine import Engine
+    from rewardsignal.worker.status import StatusLine
 
 _CHUNK = 4 << 20
+
+
+async def export_task(task: dict, adapter: dict, compute: Executor, engine: Engine,
+                      session: aiohttp.ClientSession, base_url: str, headers: dict,
+                      status: StatusLine) -> dict:
+    """An ``export_merged`` task: merge the version into the base (on the
+    worker's ``compute`` thread), upload the files, and the result that lists
+    them."""
+    tmp_dir = work_dir()
+    tmp = tmp_dir.name
+    loop = asyncio.get_running_loop()
+    try:
+        files = await loop.run_in_executor(compute, merge, task, adapter, Path(tmp))
+        fingerprint = await loop.run_in_executor(compute, engine.fingerprint,
+                                                 task["base_model"], Precision.from_json(task))
+
+        def progress(done: str) -> None:
+            status.update("uploading", task=task["kind"], run=task["run_id"], bytes=done)
+
+        await upload(session, base_url, headers, task, Path(tmp) / "merged", files, progress)
+    finally:  # a whole model's files: removed off the event loop
+        await asyncio.to_thread(tmp_dir.cleanup)
+    return {"fingerprint": fingerprint, "version": task["version"], "result": {"files": files}}
 
 
 def merge(task: dict, adapter: dict, work_dir: Path) -> list[dict]:

@@ -15,7 +15,6 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import torch
@@ -38,6 +37,9 @@ _LEASE_POLL_S = 20.0
 # Submissions up to this size go without reserving an upload slot first (one
 # round trip less per task); the coordinator holds them until a slot frees.
 _SLOT_FREE_BYTES = 1 << 20
+# A run's task fields that name its model (``Worker._runs``), and runs kept.
+_MODEL_FIELDS = ("base_model", "lora", "base_dtype", "quantization")
+_RUNS_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class Worker:
         self.worker_id: str | None = None
         self.stopping = False
         self.weights = WeightCache()
+        # Each run's model, LoRA and precision, from its last task: a version of
+        # it pushed meanwhile goes into the model before the next task comes.
+        self._runs: dict[str, dict] = {}
         self._session: aiohttp.ClientSession | None = None
         self._main: asyncio.Task | None = None
         self._busy = False
@@ -165,7 +170,7 @@ class Worker:
                 if resp.status >= 400:
                     raise error_from_json(resp.status, payload)
                 return payload
-            return await read_task(resp.content, self.weights.take)
+            return await read_task(resp.content, self._take_version)
 
     async def register(self) -> None:
         tokens = (self.config.max_tokens_per_task
@@ -309,11 +314,18 @@ class Worker:
         hb = asyncio.create_task(self._heartbeats(task["lease_timeout_s"]))
         try:
             adapter = await self.weights.get(task, self._download)
+            if task["kind"] in ("forward_backward", "forward"):
+                self._runs.pop(task["run_id"], None)  # the newest last, the oldest out first
+                self._runs[task["run_id"]] = {k: task.get(k) for k in _MODEL_FIELDS}
+                while len(self._runs) > _RUNS_KEPT:
+                    del self._runs[next(iter(self._runs))]
             started = time.monotonic()
             self.status.update("computing", task=task["kind"], run=task["run_id"],
                                version=task["version"])
             if task["kind"] == "export_merged":
-                msg = await self._export_merged(task, adapter)
+                msg = await export.export_task(
+                    task, adapter, self._compute_pool, self.engine, self._http,
+                    self.config.coordinator, self._headers(), self.status)
             else:
                 tracing.mark("worker: compute queued")
                 msg = await asyncio.get_running_loop().run_in_executor(
@@ -344,28 +356,19 @@ class Worker:
             hb.cancel()
             self._busy = False
 
-    async def _export_merged(self, task: dict, adapter: dict) -> dict:
-        """Merge the version into the base (in the compute thread), upload the
-        files, and the result that lists them."""
-        tmp_dir = export.work_dir()
-        tmp = tmp_dir.name
-        try:
-            files = await asyncio.get_running_loop().run_in_executor(
-                self._compute_pool, export.merge, task, adapter, Path(tmp))
-            precision = Precision.from_json(task)
-            fingerprint = await asyncio.get_running_loop().run_in_executor(
-                self._compute_pool, self.engine.fingerprint, task["base_model"], precision)
-
-            def progress(done: str) -> None:
-                self.status.update("uploading", task=task["kind"], run=task["run_id"],
-                                   bytes=done)
-
-            await export.upload(self._http, self.config.coordinator, self._headers(), task,
-                                Path(tmp) / "merged", files, progress)
-        finally:  # a whole model's files: removed off the event loop
-            await asyncio.to_thread(tmp_dir.cleanup)
-        return {"fingerprint": fingerprint, "version": task["version"],
-                "result": {"files": files}}
+    def _take_version(self, update: dict) -> None:
+        """A version pushed while this worker waits (a lease's ``version`` frame):
+        kept, and put into the model on the compute thread (which runs the next
+        task after it) instead of at the start of that task's compute."""
+        if not self.weights.take(update):
+            return
+        run = self._runs.get(update["run_id"])
+        adapter = self.weights.held(update["run_id"], update["version"])
+        if run is not None and adapter is not None:
+            self._compute_pool.submit(
+                self.engine.preload, run["base_model"], LoraSpec.from_json(run["lora"]),
+                update["run_id"], update["version"], adapter, Precision.from_json(run)
+            ).add_done_callback(lambda f: f.exception())  # failed: the task's compute loads it
 
     async def _heartbeats(self, lease_timeout_s: float) -> None:
         while True:
@@ -431,7 +434,7 @@ class Worker:
             f"{self.config.coordinator.rstrip('/')}/v1/tasks/{task['task_id']}/result",
             data=body, headers=headers,
             timeout=aiohttp.ClientTimeout(total=max(timeout_s, _LEASE_POLL_S + 30)))
-        answer, self._next_lease = await answer_then_lease(resp, self.weights.take)
+        answer, self._next_lease = await answer_then_lease(resp, self._take_version)
         return answer
 
     def _may_lease_ahead(self) -> bool:

@@ -54,6 +54,11 @@ class WeightCache:
                 raise SignalError("downloaded weights do not match their sha256; retrying later")
         return self._keep(key, raw)
 
+    def held(self, run_id: str, version: int) -> dict[str, torch.Tensor] | None:
+        """The tensors of a version held (None: not held)."""
+        kept = self._held.get((run_id, version))
+        return kept[1] if kept is not None else None
+
     def take(self, update: dict) -> bool:
         """A version pushed while this worker waited for work (a lease's
         ``version`` frame: run_id, version, weights_sha256, weights_delta from a
