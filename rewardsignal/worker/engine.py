@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from rewardsignal.worker.model_cache import (
     release_device_memory,
 )
 from rewardsignal.worker.sampling import SampleParams, generate
+
+log = logging.getLogger("signal.worker")
 
 # Any id works for padding: padded positions are masked out of attention and loss.
 _PAD_ID = 0
@@ -146,18 +149,28 @@ class Engine:
             params = self._lora_params(model, key)
             if params.keys() != adapter.keys():
                 raise ValueError("adapter tensor names do not match the model's LoRA layers")
+            # Forgotten first: a copy that fails partway leaves no version named.
+            self._loaded.pop((model_id, key), None)
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(adapter[name].to(device=p.device, dtype=p.dtype))
             self._loaded[(model_id, key)] = (run_id, version)
         return model, key
 
-    def preload(self, model_id: str, spec: LoraSpec, run_id: str, version: int,
-                adapter: dict[str, torch.Tensor], precision: Precision) -> None:
+    def preload(self, task: dict, run_id: str, version: int,
+                adapter: dict[str, torch.Tensor]) -> None:
         """``activate`` ahead of a task, while the worker waits for it (a version
-        pushed to it), when the model is in memory already: never loads one."""
-        if _cache_key(model_id, precision) in self.models:
-            self.activate(model_id, spec, run_id, version, adapter, precision)
+        pushed to it), on the model, LoRA and precision of the run's last
+        ``task``, when that model is in memory already: never loads one. A
+        failure is logged; the task's own ``activate`` then loads the version."""
+        try:
+            precision = Precision.from_json(task)
+            if _cache_key(task["base_model"], precision) in self.models:
+                self.activate(task["base_model"], LoraSpec.from_json(task["lora"]), run_id,
+                              version, adapter, precision)
+        except Exception as exc:  # anything: the task's compute does it again, and says why
+            log.warning("preloading version %s of run %s failed: %s: %s", version, run_id,
+                        type(exc).__name__, exc)
 
     # -- computations ---------------------------------------------------------------
     def _target_logprobs(self, model, batch: Sequence[Datum], temperature: float = 1.0

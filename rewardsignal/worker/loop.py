@@ -365,10 +365,8 @@ class Worker:
         run = self._runs.get(update["run_id"])
         adapter = self.weights.held(update["run_id"], update["version"])
         if run is not None and adapter is not None:
-            self._compute_pool.submit(
-                self.engine.preload, run["base_model"], LoraSpec.from_json(run["lora"]),
-                update["run_id"], update["version"], adapter, Precision.from_json(run)
-            ).add_done_callback(lambda f: f.exception())  # failed: the task's compute loads it
+            self._compute_pool.submit(self.engine.preload, run, update["run_id"],
+                                      update["version"], adapter)
 
     async def _heartbeats(self, lease_timeout_s: float) -> None:
         while True:
@@ -395,10 +393,12 @@ class Worker:
         # coordinator that takes it in the result's own request answers the
         # result first and then leases (one request a step).
         ahead = "result" in msg and self._may_lease_ahead()
-        within = ahead and self._lease_with_result
+        # A body over 1 MiB waits for an upload slot: it leases on its own, after.
+        within = (ahead and self._lease_with_result
+                  and len(msg.get("tensors") or b"") <= _SLOT_FREE_BYTES)
         body = pack({**fields, "lease": self._lease_fields()} if within else fields)
         big = "tensors" in msg and len(body) > _SLOT_FREE_BYTES
-        if big and within:  # waits for an upload slot: leases on its own, after
+        if big and within:  # its map tipped it over (rare): packed again, without
             within, body = False, pack(fields)
         if ahead and not big and not within:
             self._next_lease = asyncio.create_task(self._lease())

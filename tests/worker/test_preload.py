@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import torch
 from apphelpers import Harness, new_run
 
-from rewardsignal.lora import LoraSpec
+from rewardsignal.lora import LoraSpec, init_adapter
 from rewardsignal.precision import Precision
 from rewardsignal.worker.engine import Engine, _cache_key
 from rewardsignal.worker.loop import Worker, WorkerConfig
@@ -66,8 +67,23 @@ def test_a_pushed_version_is_in_the_model_before_its_task_computes(tmp_path, mon
         h.close()
 
 
-def test_a_preload_never_loads_a_model(tiny_spec: LoraSpec):
+def test_a_preload_never_loads_a_model_and_its_failures_leave_no_version_named(
+        tiny_spec: LoraSpec, caplog):
     engine = Engine("cpu")
-    engine.preload("signal-tiny", tiny_spec, "r", 1, {}, Precision())
+    task = {"base_model": "signal-tiny", "lora": tiny_spec.to_json()}
+    engine.preload(task, "r", 1, {})
     assert _cache_key("signal-tiny", Precision()) not in engine.models
     assert not engine._loaded
+    # With the model in memory: a version copied in is named; one whose copy
+    # fails partway (here: a tensor of the wrong shape) is not, so the task's
+    # own activate copies it again; a task that names no LoRA is only logged.
+    adapter = {k: torch.zeros(v.shape) for k, v in init_adapter("signal-tiny", tiny_spec).items()}
+    engine.activate("signal-tiny", tiny_spec, "r", 0, adapter)
+    engine.preload(task, "r", 1, adapter)
+    key = next(iter(engine._loaded))
+    assert engine._loaded[key] == ("r", 1)
+    last = sorted(adapter)[-1]
+    engine.preload(task, "r", 2, {**adapter, last: torch.zeros(3, 3)})
+    assert key not in engine._loaded
+    engine.preload({"base_model": "signal-tiny"}, "r", 3, adapter)
+    assert "preloading version 3 of run r failed: KeyError" in caplog.text

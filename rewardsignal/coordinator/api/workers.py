@@ -340,7 +340,6 @@ async def submit_result(request: web.Request) -> web.StreamResponse:
     """A task's result. With a ``lease`` field and ``FRAMES`` in ``Accept``, the
     answer is the worker's next lease as a stream whose first frame is the
     result's answer (``{"answer": {...}}``): one request a step, not two."""
-    started = time.monotonic()
     coord = request.app[COORDINATOR]
     slots = coord.services.upload_slots
     if not slots.take(request.query.get("slot")):
@@ -366,7 +365,10 @@ async def submit_result(request: web.Request) -> web.StreamResponse:
         slots.release()
     if then_lease is not None and not w.quarantined:  # else its plain lease hears why
         have, timeout_s = then_lease
-        return await _lease_stream(request, coord, w, timeout_s, have, started, answer=out)
+        # Its lease times from here (lease_seconds); the route's own duration
+        # (the request metrics) then includes the lease's wait.
+        return await _lease_stream(request, coord, w, timeout_s, have, time.monotonic(),
+                                   answer=out)
     if request.content_type in (MSGPACK, RESULT):
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)

@@ -141,6 +141,18 @@ class Forward(Operation):
         request.staged.set()
         try:
             await request.until_stored()
+        except BaseException:
+            run.accum.unstage(c)
+            raise
+        # Once its write has begun the gradient cannot be taken back (its thread
+        # goes on): the request ends as that write does, done with the gradient
+        # counted or failed without it, even if it is cancelled or times out
+        # meanwhile (a timeout then waits the milliseconds the write takes).
+        await _despite_cancel(asyncio.ensure_future(self._count(ctx, run, request, c, result)))
+
+    async def _count(self, ctx: Services, run: Run, request: Request, c: Contribution,
+                     result: dict) -> None:
+        try:
             await ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
                                    version=run.version, grads=c.grads, weight=c.weight,
                                    reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
@@ -159,6 +171,22 @@ class Forward(Operation):
             if ctx.trust.is_quarantined(worker):
                 run.accum.remove_worker(worker)
         ctx.metrics.tokens.labels(run.run_id).inc(c.tokens)
+
+
+async def _despite_cancel(fut: asyncio.Future) -> None:
+    """Wait for ``fut`` to end, even if the caller is cancelled meanwhile (it then
+    carries on as if it had not been: what ``fut`` does cannot be undone); its
+    error is raised."""
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            if fut.done():
+                break
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+    fut.result()
 
 
 class ForwardBackward(Forward):

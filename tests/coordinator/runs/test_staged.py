@@ -8,6 +8,7 @@ one counts."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -303,4 +304,37 @@ def test_a_forward_backward_stores_its_result_with_its_gradient_row(tmp_path):
         row = h.call(db.finished_request(fb))
         assert row is not None and row["status"] == "done"
         assert row["result"] == out["result"]
+        assert [p["request_id"] for p in h.call(db.pending_grads(rid))] == [fb]
+
+
+def test_a_timeout_while_the_gradient_is_written_waits_for_it_and_the_request_is_done(
+        tmp_path):
+    """A forward_backward that times out (or is cancelled) once its gradient's
+    write has begun ends as that write does: the thread writing it cannot be
+    stopped, and a gradient stored as done must count, or a restart (or the
+    client's retry) would apply it twice."""
+    with _one_worker(tmp_path / "data") as (h, rid, worker_id):
+        run = h.coordinator.runs[rid]
+        db = h.coordinator.services.db
+        write = db.add_pending_grad_from_thread
+
+        def slow(row, done=None, **kwargs):
+            time.sleep(0.8)  # a slow disk: the request's 0.3 s run out meanwhile
+            return write(row, done, **kwargs)
+
+        db.add_pending_grad_from_thread = slow  # type: ignore[method-assign]
+
+        async def go() -> tuple[str, dict]:
+            status, req = await answer(await h.client.post(
+                f"/v1/runs/{rid}/forward_backward",
+                json={"batch": [{"text": "one two"}], "timeout_s": 0.3}))
+            assert status == 202, req
+            assert await submit_shard(h, worker_id, rid, 0.01) == 200
+            return req["request_id"], await _result(h, req["request_id"])
+
+        fb, out = h.call(go())
+        assert out["status"] == "done", out
+        assert not run.accum.empty  # counted, as stored
+        row = h.call(db.finished_request(fb))
+        assert row is not None and row["status"] == "done"
         assert [p["request_id"] for p in h.call(db.pending_grads(rid))] == [fb]
