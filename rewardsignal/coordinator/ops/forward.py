@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,17 +148,20 @@ class Forward(Operation):
         # Once its write has begun the gradient cannot be taken back (its thread
         # goes on): the request ends as that write does, done with the gradient
         # counted or failed without it, even if it is cancelled or times out
-        # meanwhile (a timeout then waits the milliseconds the write takes).
-        await _despite_cancel(asyncio.ensure_future(self._count(ctx, run, request, c, result)))
+        # meanwhile (a timeout then waits the milliseconds the write takes). The
+        # write starts here, before the loop turns to the step behind it.
+        saving = ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
+                                  version=run.version, grads=c.grads, weight=c.weight,
+                                  reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
+                                  loss_weight=c.loss_weight, done=result,
+                                  keep_args=self.replayable)
+        await _despite_cancel(asyncio.ensure_future(
+            self._count(ctx, run, request, c, result, saving)))
 
     async def _count(self, ctx: Services, run: Run, request: Request, c: Contribution,
-                     result: dict) -> None:
+                     result: dict, saving: Awaitable[None]) -> None:
         try:
-            await ctx.pending.save(request_id=c.request_id, run_id=run.run_id,
-                                   version=run.version, grads=c.grads, weight=c.weight,
-                                   reduction=c.reduction, tokens=c.tokens, loss_sum=c.loss_sum,
-                                   loss_weight=c.loss_weight, done=result,
-                                   keep_args=self.replayable)
+            await saving
         except BaseException:
             run.accum.unstage(c)
             raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 from rewardsignal.aggregation.tensors import Tensors
@@ -40,12 +41,14 @@ class PendingGradients:
         self.db = db
         self.root = Path(root)
 
-    async def save(self, *, request_id: str, run_id: str, version: int, grads: Tensors,
-                   weight: float, reduction: str, tokens: int, loss_sum: float,
-                   loss_weight: float, done: dict | None = None,
-                   keep_args: bool = False) -> None:
+    def save(self, *, request_id: str, run_id: str, version: int, grads: Tensors,
+             weight: float, reduction: str, tokens: int, loss_sum: float,
+             loss_weight: float, done: dict | None = None,
+             keep_args: bool = False) -> Awaitable[None]:
         """The gradient's file and row; ``done``: its request's result, stored
-        with the row (``Database.add_pending_grad_from_thread``)."""
+        with the row (``Database.add_pending_grad_from_thread``). Sent to its
+        thread now, not when awaited: the loop may be busy next (the step
+        behind it starts AdamW there), and the step waits for this write."""
         path = self.root / run_id / f"{request_id}.safetensors"
         row = {"request_id": request_id, "run_id": run_id, "version": version,
                "path": str(path), "weight": weight, "reduction": reduction,
@@ -58,7 +61,7 @@ class PendingGradients:
             _save_tensors(grads, path)
             self.db.add_pending_grad_from_thread(row, done, keep_args=keep_args)
 
-        await asyncio.to_thread(save)
+        return asyncio.get_running_loop().run_in_executor(None, save)
 
     async def drop_before(self, run_id: str, version: int) -> None:
         """Forget gradients computed before ``version``: a checkpoint holds them."""
