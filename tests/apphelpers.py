@@ -140,6 +140,16 @@ def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: floa
     h.request("GET", f"/v1/requests/{req['request_id']}?timeout_s=5", expect=200)
 
 
+def requests_to(h: Harness, route: str) -> float:
+    """Requests to ``route`` so far (a route as the coordinator names it in
+    ``signal_http_request_duration_seconds``, e.g. ``/v1/workers/{worker_id}/lease``)."""
+    text = h.request("GET", "/metrics", expect=200)[1]
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("signal_http_request_duration_seconds_count")
+               and f'route="{route}"' in line)
+
+
 async def frames(resp):
     """Every frame of a streamed lease (``protocol.FRAMES``), as it arrives."""
     assert resp.status == 200 and resp.content_type == FRAMES, resp.status

@@ -339,7 +339,6 @@ def _cuda_free_bytes(gpus: list[int]):
     return free
 
 
-
 def _train_mode(model, training: bool) -> None:
     """``model.train(training)`` when the model is not in that mode already: the
     call visits every module (0.76 ms for signal-tiny's 341, on a step of 27).

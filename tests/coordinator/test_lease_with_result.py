@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from apphelpers import FakeWorker, Harness, frames, new_run
+from apphelpers import FakeWorker, Harness, frames, new_run, requests_to
 
 from rewardsignal.protocol import (
     FRAMES,
@@ -22,14 +22,19 @@ from rewardsignal.protocol import (
 )
 
 
-def _result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
+def _computed(h: Harness, task: dict) -> dict:
+    """A forward_backward task's computed fields: a small gradient of the run's
+    shapes and the result."""
     grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[task["run_id"]].shapes.items()}
     lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+    return {"codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
+            "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp}}
+
+
+def _result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
     return pack_result({"worker_id": worker.worker_id, "lease_id": task["lease_id"],
                         "fingerprint": task["fingerprint"], "version": task["version"],
-                        "codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
-                        "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp},
-                        **extra})
+                        **_computed(h, task), **extra})
 
 
 def _post(h: Harness, task: dict, body: bytes, accept: str = f"{FRAMES}, {MSGPACK}"):
@@ -77,13 +82,9 @@ def test_a_result_is_answered_and_its_request_goes_on_as_the_next_lease(tmp_path
         assert apply_xor_delta(v0, update["weights_delta"]["data"]) == v1
         assert last["task"]["version"] == 1 and "weights_delta" not in last["task"]
         assert rest == []
-        # One request carried the result and the lease: none went to /lease.
-        metrics = h.request("GET", "/metrics", expect=200)[1]
-        text = metrics.decode() if isinstance(metrics, bytes) else str(metrics)
-        leases = [line for line in text.splitlines()
-                  if line.startswith("signal_http_request_duration_seconds_count")
-                  and "/lease" in line]
-        assert sum(float(line.rsplit(" ", 1)[1]) for line in leases) == 1  # worker.lease()
+        # One request carried the result and the lease: none went to /lease
+        # but worker.lease()'s.
+        assert requests_to(h, "/v1/workers/{worker_id}/lease") == 1
     finally:
         h.close()
 
@@ -111,14 +112,7 @@ def test_a_bad_lease_is_refused_and_the_result_is_not_taken(tmp_path):
         assert status == 400 and FRAMES in text
         assert not h.coordinator.scheduler.finished  # nothing counted
         # The same result without a lease is then taken: it was not a duplicate.
-        code, answer = worker.submit(task, as_result=True, codec="fp32",
-                                     tensors=tensors_to_bytes(
-                                         {k: torch.full(s, 0.01) for k, s in
-                                          h.coordinator.runs[rid].shapes.items()}),
-                                     result={"loss_sum": 1.0, "weight_sum": 2.0,
-                                             "logprobs": [[-1.0] * len(d["model_input"]) for d
-                                                          in task["payload"]["datums"]]},
-                                     duration_s=0.1)
+        code, answer = worker.submit(task, as_result=True, **_computed(h, task))
         assert (code, answer) == (200, {"status": "accepted"})
         h.request("GET", f"/v1/requests/{fb['request_id']}?timeout_s=5", expect=200)
     finally:

@@ -11,7 +11,7 @@ import asyncio
 import time
 
 import pytest
-from apphelpers import Harness, new_run, real_worker_steps
+from apphelpers import Harness, new_run, real_worker_steps, requests_to
 
 from rewardsignal.worker.loop import Worker
 
@@ -41,15 +41,6 @@ def _watch(h: Harness) -> tuple[list[tuple[float, float]], list[float]]:
     return accepting, leases
 
 
-def _requests(h: Harness, route: str) -> float:
-    """Requests to ``route`` so far (the coordinator's own count)."""
-    text = h.request("GET", "/metrics", expect=200)[1]
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("signal_http_request_duration_seconds_count")
-               and f'route="{route}"' in line)
-
-
 def test_the_next_lease_goes_in_the_request_of_the_result(tmp_path):
     h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
     try:
@@ -63,8 +54,8 @@ def test_the_next_lease_goes_in_the_request_of_the_result(tmp_path):
         assert len(leases) == 3
         for (_, end), t in zip(accepting[:2], leases[1:], strict=True):
             assert end <= t <= end + 0.25, (accepting, leases)
-        assert _requests(h, "/v1/workers/{worker_id}/lease") == 1
-        assert _requests(h, "/v1/tasks/{task_id}/result") == 3
+        assert requests_to(h, "/v1/workers/{worker_id}/lease") == 1
+        assert requests_to(h, "/v1/tasks/{task_id}/result") == 3
     finally:
         h.close()
 
@@ -90,6 +81,6 @@ def test_a_coordinator_that_takes_no_lease_with_a_result_gets_one_beside_it(
             assert any(start <= t <= end for t in leases), (accepting, leases)
         last_start, last_end = accepting[2]
         assert not any(last_start <= t <= last_end for t in leases)
-        assert _requests(h, "/v1/workers/{worker_id}/lease") == 3
+        assert requests_to(h, "/v1/workers/{worker_id}/lease") == 3
     finally:
         h.close()
