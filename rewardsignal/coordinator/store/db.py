@@ -21,6 +21,8 @@ from typing import Any
 
 import msgpack
 
+from rewardsignal.coordinator.store.seen_keys import SeenKeys, bitmap_of
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     name TEXT PRIMARY KEY, scope TEXT NOT NULL CHECK (scope IN ('user', 'worker')),
@@ -122,6 +124,7 @@ class Database:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._seq = 0
+        self.seen_keys = SeenKeys()  # every key is added before its write is queued
 
     async def _do(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -140,6 +143,8 @@ class Database:
         """Inside the caller's transaction: record ``key``, so that the row it
         guards and the key commit (or not) together."""
         if key is not None:
+            # A key stored unseen could be answered "not used" (find_key_soon).
+            assert self.seen_keys.may_hold(owner, key), "add the key to seen_keys first"
             c.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?)",
                       (owner, key, kind, ref, json.dumps(answer), time.time()))
 
@@ -157,7 +162,13 @@ class Database:
 
     def find_key_soon(self, owner: str, key: str) -> asyncio.Future[dict | None]:
         """``find_key``, sent to the database thread now (not when first
-        awaited): the caller does other work while it runs."""
+        awaited): the caller does other work while it runs. A key the database
+        cannot hold (``seen_keys``) is answered at once, without the trip."""
+        if not self.seen_keys.may_hold(owner, key):
+            done: asyncio.Future[dict | None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
         def find() -> dict | None:
             row = self._c().execute(
                 "SELECT kind, ref, answer FROM idempotency WHERE owner = ? AND key = ?",
@@ -168,7 +179,9 @@ class Database:
         return asyncio.get_running_loop().run_in_executor(self._pool, find)
 
     async def open(self) -> None:
-        await self._do(self._c)
+        """Connect, and learn the keys stored before (``seen_keys``)."""
+        self.seen_keys.load(await self._do(lambda: bitmap_of(
+            self._c().execute("SELECT owner, key FROM idempotency"))))
 
     async def close(self) -> None:
         def close() -> None:
@@ -182,6 +195,9 @@ class Database:
     # -- runs ------------------------------------------------------------------------
     async def save_run(self, run_id: str, owner: str, spec: dict,
                        idem_key: str | None = None) -> None:
+        if idem_key is not None:
+            self.seen_keys.add(owner, idem_key)
+
         def save() -> None:
             c = self._c()
             with c:
@@ -237,6 +253,8 @@ class Database:
                 self._claim_key(c, owner, idem_key, key_kind, requests[0].request_id,
                                 answer or {})
 
+        if idem_key is not None:
+            self.seen_keys.add(owner, idem_key)
         return asyncio.get_running_loop().run_in_executor(self._pool, add)
 
     async def finish_request(self, request_id: str, status: str, result: dict, *,
