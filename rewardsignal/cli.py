@@ -229,6 +229,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-memory", type=_fraction, default=0.3,
                    help="with --sampler vllm: the share of the GPU its engine takes (weights "
                         "and KV cache), beside the training engine (default 0.3)")
+    p.add_argument("--no-channel", action="store_true",
+                   help="lease and send results as plain HTTP requests, not on the "
+                        "coordinator's worker channel (a WebSocket): for a proxy that does not "
+                        "pass WebSockets (the worker also falls back by itself)")
     # Tests of the supervisor on machines without GPUs: --gpus 0,1 starts CPU children.
     p.add_argument("--cpu-standins", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info",
@@ -252,7 +256,7 @@ def worker_config(args: argparse.Namespace):
                         threads=args.threads, model_cache_gb=args.model_cache_gb,
                         memory_gb=args.memory_gb, max_tasks=args.max_tasks,
                         device_map=args.device_map, sampler=args.sampler,
-                        vllm_memory=args.vllm_memory)
+                        vllm_memory=args.vllm_memory, channel=not args.no_channel)
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
@@ -304,7 +308,7 @@ def _run_box(args: argparse.Namespace, config) -> int:
         raise _die(exc.message) from None
     flags = ["--coordinator", config.coordinator, "--codec", config.codec,
              "--log-level", args.log_level, "--sampler", config.sampler,
-             "--vllm-memory", str(config.vllm_memory)]
+             "--vllm-memory", str(config.vllm_memory)] + ([] if config.channel else ["--no-channel"])
     for flag, value in (("--max-tokens-per-task", config.max_tokens_per_task),
                         ("--micro-batch-tokens", config.micro_batch_tokens),
                         ("--threads", config.threads), ("--model-cache-gb", config.model_cache_gb),

@@ -142,12 +142,22 @@ def fake_gradient(h: Harness, worker: FakeWorker, run_id: str, *, loss_sum: floa
 
 def requests_to(h: Harness, route: str) -> float:
     """Requests to ``route`` so far (a route as the coordinator names it in
-    ``signal_http_request_duration_seconds``, e.g. ``/v1/workers/{worker_id}/lease``)."""
+    ``signal_http_request_duration_seconds``, e.g. ``/v1/workers/{worker_id}/lease``),
+    worker channel exchanges included."""
+    return sum(requests_by_method(h, route).values())
+
+
+def requests_by_method(h: Harness, route: str) -> dict[str, float]:
+    """``requests_to`` by method (``WS``: exchanges on a worker channel)."""
     text = h.request("GET", "/metrics", expect=200)[1]
     text = text.decode() if isinstance(text, bytes) else str(text)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("signal_http_request_duration_seconds_count")
-               and f'route="{route}"' in line)
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("signal_http_request_duration_seconds_count") \
+                and f'route="{route}"' in line:
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            counts[method] = counts.get(method, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 async def frames(resp):
@@ -192,14 +202,15 @@ async def submit_shard(h: Harness, worker_id: str, run_id: str, value: float = 0
     return resp.status
 
 
-def real_worker_steps(h: Harness, run_id: str, steps: int):
+def real_worker_steps(h: Harness, run_id: str, steps: int, *, between=None, **config):
     """A real worker process loop (``Worker``, in this process) against the
     harness's coordinator, serving ``steps`` forward_backward requests of
-    ``run_id`` sent one after the other, then stopping (``max_tasks``); the worker."""
+    ``run_id`` sent one after the other, then stopping (``max_tasks``); the worker.
+    ``between(i)``: awaited after step ``i``; ``config``: more ``WorkerConfig``."""
     from rewardsignal.worker.loop import Worker, WorkerConfig
 
     url = str(h.client.make_url("")).rstrip("/")
-    worker = Worker(WorkerConfig(coordinator=url, device="cpu", max_tasks=steps))
+    worker = Worker(WorkerConfig(coordinator=url, device="cpu", max_tasks=steps, **config))
 
     async def go() -> None:
         running = asyncio.ensure_future(worker.run())
@@ -207,6 +218,8 @@ def real_worker_steps(h: Harness, run_id: str, steps: int):
             resp = await h.client.post(f"/v1/runs/{run_id}/forward_backward?wait_s=60",
                                        json={"batch": [{"text": f"step {i}"}]})
             assert resp.status == 200, await resp.text()
+            if between is not None:
+                await between(i)
         assert await asyncio.wait_for(running, 60) == 0
 
     h.call(go())

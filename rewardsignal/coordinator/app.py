@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 from aiohttp import web
@@ -9,6 +10,7 @@ from aiohttp import web
 from rewardsignal.coordinator.api import add_routes
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
 from rewardsignal.coordinator.api.auth import Auth
+from rewardsignal.coordinator.api.channel import CHANNELS, close_channels
 from rewardsignal.coordinator.api.middlewares import make_error_middleware
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.coordinator import Coordinator
@@ -26,6 +28,7 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
     auth = Auth(config.api_keys, config.worker_tokens, Path(config.data_dir) / "signal.db")
     app[AUTH] = auth
     app[METRICS] = metrics
+    app[CHANNELS] = weakref.WeakSet()
 
     async def lifecycle(app: web.Application):
         await coord.start()
@@ -39,6 +42,7 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(wake_long_polls)
+    app.on_shutdown.append(close_channels)
     add_routes(app)
     tinker_routes.add_routes(app)
     return app

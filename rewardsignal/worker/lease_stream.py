@@ -7,8 +7,9 @@ streams the same frames after an ``answer`` frame, the result's answer."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -40,11 +41,13 @@ async def read_frame(content: aiohttp.StreamReader) -> dict | None:
     return msg
 
 
-async def read_task(content: aiohttp.StreamReader, take_version: Callable[[dict], object]
-                    ) -> dict | None:
-    """The task the stream ends with (None: it ended without one), handing each
-    ``version`` frame before it to ``take_version``."""
-    while (msg := await read_frame(content)) is not None:
+async def read_task(next_frame: Callable[[], Awaitable[dict | None]],
+                    take_version: Callable[[dict], object]) -> dict | None:
+    """The task the lease ends with (None: it ended without one), handing each
+    ``version`` frame before it to ``take_version``. ``next_frame``: the
+    lease's next frame, None at its end (``read_frame`` of a stream, or the
+    worker channel's ``Channel.frame``)."""
+    while (msg := await next_frame()) is not None:
         if isinstance(msg.get("version"), dict):
             tracing.mark("worker: version frame read")
             take_version(msg["version"])
@@ -82,7 +85,7 @@ async def answer_then_lease(resp: aiohttp.ClientResponse,
 async def _rest_of_lease(resp: aiohttp.ClientResponse, take_version: Callable[[dict], object]
                          ) -> dict | None:
     try:
-        task = await read_task(resp.content, take_version)
+        task = await read_task(functools.partial(read_frame, resp.content), take_version)
     except BaseException:  # cancelled too: the coordinator sees the lease go
         resp.close()
         raise

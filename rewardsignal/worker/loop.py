@@ -25,8 +25,9 @@ from rewardsignal.errors import SignalError, ValidationError, error_from_json
 from rewardsignal.lora import LoraSpec
 from rewardsignal.precision import Precision
 from rewardsignal.worker import export, hardware, vllm_sampler
+from rewardsignal.worker.channel import Leasing
 from rewardsignal.worker.engine import Engine
-from rewardsignal.worker.lease_stream import answer_then_lease, decode_reply, read_task
+from rewardsignal.worker.lease_stream import decode_reply
 from rewardsignal.worker.model_cache import default_budget_bytes, release_device_memory
 from rewardsignal.worker.sampling import SampleParams, row_seed
 from rewardsignal.worker.status import StatusLine
@@ -58,6 +59,7 @@ class WorkerConfig:
     sampler: str = "builtin"  # "vllm": sample tasks on vLLM (worker.vllm_sampler)
     vllm_memory: float = 0.3  # share of the GPU the vLLM engine takes
     max_tasks: int | None = None  # stop after this many (tests, benchmarks)
+    channel: bool = True  # lease on the coordinator's worker channel when it offers one
 
 
 def cache_budget(config: WorkerConfig, device: torch.device, gpus: list[int]) -> int | None:
@@ -99,6 +101,8 @@ class Worker:
         self.worker_id: str | None = None
         self.stopping = False
         self.weights = WeightCache()
+        self.leasing = Leasing(config.coordinator, self._take_version, self.weights.have,
+                               self.status, channel=config.channel)
         # Each run's model, LoRA and precision, from its last task: a version of
         # it pushed meanwhile goes into the model before the next task comes.
         self._runs: dict[str, dict] = {}
@@ -150,27 +154,8 @@ class Worker:
             return payload
 
     async def _lease(self) -> dict | None:
-        """Long-poll for a task. The lease says which versions this worker holds
-        and asks for a stream: while it waits, each new version of a run it holds
-        arrives as the exact delta from the one before and is applied here, so
-        the next step's weights are in place before its task comes (the last
-        frame). A coordinator that does not stream answers one msgpack message."""
-        headers = {**self._headers(), "Content-Type": protocol.MSGPACK,
-                   "Accept": f"{protocol.FRAMES}, {protocol.MSGPACK}"}
-        url = f"{self.config.coordinator.rstrip('/')}/v1/workers/{self.worker_id}/lease"
-        async with self._http.post(
-                url, params={"timeout_s": str(_LEASE_POLL_S), "push": "1",
-                             "deltas": ",".join(protocol.DELTA_CODECS)}, headers=headers,
-                data=protocol.pack({"have": self.weights.have()}),
-                timeout=aiohttp.ClientTimeout(total=_LEASE_POLL_S + 30)) as resp:
-            if resp.status == 204:
-                return None
-            if resp.status >= 400 or resp.content_type != protocol.FRAMES:
-                payload = decode_reply(resp, await resp.read())
-                if resp.status >= 400:
-                    raise error_from_json(resp.status, payload)
-                return payload
-            return await read_task(resp.content, self._take_version)
+        assert self.worker_id is not None, "leases come after registering"
+        return await self.leasing.lease(self._headers(), self.worker_id, self._lease_fields())
 
     async def register(self) -> None:
         tokens = (self.config.max_tokens_per_task
@@ -187,6 +172,7 @@ class Worker:
         self.worker_id = reply["worker_id"]
         self._tensors_after = protocol.RESULT in (reply.get("result_types") or ())
         self._lease_with_result = reply.get("lease_with_result") is True
+        await self.leasing.offer(reply.get("channel"))
         self.status.event(f"registered with {self.config.coordinator} as {self.worker_id} "
                           f"(device {self.device}, {tokens} tokens per task, offers "
                           f"{memory / 2**30:.2f} GiB)")
@@ -206,6 +192,7 @@ class Worker:
             pass  # not the main thread (tests drive the worker in-process)
         code = 0
         async with aiohttp.ClientSession() as self._session:
+            self.leasing.session = self._session
             try:
                 code = await self._serve()
             except asyncio.CancelledError:
@@ -214,6 +201,7 @@ class Worker:
                 if self._next_lease is not None:  # a task it brought goes back with goodbye
                     self._next_lease.cancel()
                     await asyncio.gather(self._next_lease, return_exceptions=True)
+                await self.leasing.close()
                 await self._goodbye()
         self._compute_pool.shutdown(wait=False, cancel_futures=True)
         if self.vllm is not None:
@@ -396,7 +384,8 @@ class Worker:
         # A body over 1 MiB waits for an upload slot: it leases on its own, after.
         within = (ahead and self._lease_with_result
                   and len(msg.get("tensors") or b"") <= _SLOT_FREE_BYTES)
-        body = pack({**fields, "lease": self._lease_fields()} if within else fields)
+        lease = self._lease_fields()
+        body = pack({**fields, "lease": lease} if within else fields)
         big = "tensors" in msg and len(body) > _SLOT_FREE_BYTES
         if big and within:  # its map tipped it over (rare): packed again, without
             within, body = False, pack(fields)
@@ -408,7 +397,7 @@ class Worker:
                 params = {"slot": await self._upload_slot(task)} if big else None
                 tracing.mark("worker: result posted")
                 if within:
-                    return await self._post_leasing(task, body, kind, timeout_s)
+                    return await self._post_leasing(task, body, kind, timeout_s, lease)
                 reply = await self._call("POST", f"/v1/tasks/{task['task_id']}/result",
                                          data=body, content_type=kind,
                                          params=params, timeout_s=timeout_s)
@@ -421,20 +410,18 @@ class Worker:
         raise AssertionError("unreachable")
 
     def _lease_fields(self) -> dict:
-        """A lease sent with a result: what the lease's body and query say."""
+        """A lease's fields (on its own, or sent with a result): the versions
+        held, how long to wait for a task, the delta codecs this worker applies."""
         return {"have": self.weights.have(), "timeout_s": _LEASE_POLL_S,
                 "deltas": list(protocol.DELTA_CODECS)}
 
-    async def _post_leasing(self, task: dict, body: bytes, kind: str, timeout_s: float) -> dict:
-        """POST a result that carries the next lease: its answer, with the rest
-        of the stream read meanwhile as the next lease (``_next_lease``)."""
-        headers = {**self._headers(), "Content-Type": kind,
-                   "Accept": f"{protocol.FRAMES}, {protocol.MSGPACK}"}
-        resp = await self._http.post(
-            f"{self.config.coordinator.rstrip('/')}/v1/tasks/{task['task_id']}/result",
-            data=body, headers=headers,
-            timeout=aiohttp.ClientTimeout(total=max(timeout_s, _LEASE_POLL_S + 30)))
-        answer, self._next_lease = await answer_then_lease(resp, self._take_version)
+    async def _post_leasing(self, task: dict, body: bytes, kind: str, timeout_s: float,
+                            lease: dict) -> dict:
+        """Send a result that carries the next lease: its answer, with the rest
+        of the lease read meanwhile as the next lease (``_next_lease``)."""
+        assert self.worker_id is not None, "results come after registering"
+        answer, self._next_lease = await self.leasing.post_leasing(
+            self._headers(), self.worker_id, task["task_id"], body, kind, timeout_s, lease)
         return answer
 
     def _may_lease_ahead(self) -> bool:

@@ -71,6 +71,7 @@ def test_a_coordinator_that_takes_no_lease_with_a_result_gets_one_beside_it(
         async def as_before(self: Worker) -> None:  # a coordinator from before it
             await register(self)
             self._lease_with_result = False
+            await self.leasing.offer(None)  # nor a channel
 
         monkeypatch.setattr(Worker, "register", as_before)
         worker = real_worker_steps(h, rid, 3)

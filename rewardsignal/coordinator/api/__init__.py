@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from rewardsignal.coordinator.api import jobs, runs, site, workers
+from rewardsignal.coordinator.api import channel, jobs, runs, site, workers
 
 
 def add_routes(app: web.Application) -> None:
@@ -38,6 +38,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/jobs/{job_id}/cancel", jobs.cancel_job)
     app.router.add_post("/v1/workers/register", workers.register_worker)
     app.router.add_post("/v1/workers/{worker_id}/lease", workers.lease_task)
+    app.router.add_get("/v1/workers/{worker_id}/channel", channel.worker_channel)
     app.router.add_post("/v1/workers/{worker_id}/heartbeat", workers.heartbeat)
     app.router.add_post("/v1/workers/{worker_id}/upload-slot", workers.upload_slot)
     app.router.add_post("/v1/workers/{worker_id}/goodbye", workers.goodbye)

@@ -12,7 +12,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -80,9 +80,12 @@ async def register_worker(request: web.Request) -> web.Response:
         token_id=token_id)
     # The result bodies it reads besides msgpack: a worker sends tensors after
     # the map (``RESULT``) only to a coordinator that names it.
-    # ``lease_with_result``: a result may carry the next lease (``submit_result``).
+    # ``lease_with_result``: a result may carry the next lease (``submit_result``);
+    # ``channel``: where the worker may lease and send those results instead
+    # (``api.channel``).
     return web.json_response({"worker_id": w.worker_id, "result_types": [MSGPACK, RESULT],
-                              "lease_with_result": True}, status=201)
+                              "lease_with_result": True,
+                              "channel": f"/v1/workers/{w.worker_id}/channel"}, status=201)
 
 
 def _read_capabilities(b: Body) -> dict:
@@ -189,22 +192,50 @@ def _weights_delta(coord: Coordinator, kind: str, from_version: int, delta: byte
     return {"from_version": from_version, "codec": XOR_DELTA, "data": delta}
 
 
+class Frames(Protocol):
+    """Where a streamed lease's frames go: an HTTP response's body, or the
+    worker's channel (``api.channel``). ``end``: the lease is over, with its
+    task sent or not. Both raise ``ConnectionError`` once the worker is gone."""
+    async def write(self, data: bytes) -> None: ...
+    async def end(self, task_sent: bool) -> None: ...
+
+
+class _HttpFrames:
+    def __init__(self, resp: web.StreamResponse) -> None:
+        self._resp = resp
+
+    async def write(self, data: bytes) -> None:
+        await self._resp.write(data)
+
+    async def end(self, task_sent: bool) -> None:
+        await self._resp.write_eof()
+
+
 async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
                         timeout_s: float, have: dict[str, int], started: float, *,
                         answer: dict | None = None) -> web.StreamResponse:
-    """``?push=1`` with ``Accept: FRAMES``: the lease as a stream of frames.
-    While it is parked, each version of a run the worker holds that is committed
-    meanwhile goes to it as the exact delta from the one before (a ``version``
-    frame), so the weights of the next step are in place before its task comes;
-    the task is the last frame (none: the stream ends at the timeout). A lease
-    sent with a result first answers it (an ``answer`` frame)."""
+    """``?push=1`` with ``Accept: FRAMES``: the lease as a stream of frames
+    (``stream_lease``) in the response's body."""
     resp = web.StreamResponse(headers={"Content-Type": FRAMES})
     await resp.prepare(request)
+    await stream_lease(_HttpFrames(resp), coord, w, timeout_s, have, started, answer=answer)
+    return resp
+
+
+async def stream_lease(out: Frames, coord: Coordinator, w: WorkerInfo, timeout_s: float,
+                       have: dict[str, int], started: float, *,
+                       answer: dict | None = None) -> None:
+    """The lease as frames. While it is parked, each version of a run the worker
+    holds that is committed meanwhile goes to it as the exact delta from the
+    one before (a ``version`` frame), so the weights of the next step are in
+    place before its task comes; the task is the last frame (none: the lease
+    ends at the timeout). A lease sent with a result first answers it (an
+    ``answer`` frame)."""
     if answer is not None:
         try:
-            await resp.write(frame({"answer": answer}))
+            await out.write(frame({"answer": answer}))
         except ConnectionError:  # gone: it sends the result again (a no-op: duplicate)
-            return resp
+            return
         tracing.mark("coordinator: result answered")
     held = dict(have)
     recent = coord.services.versions.recent
@@ -215,7 +246,7 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
             changed = recent.changed()  # before looking: no commit goes unseen
             for run_id in list(held):
                 while (update := await _next_version(coord, w, run_id, held[run_id])):
-                    await resp.write(frame({"version": update}))
+                    await out.write(frame({"version": update}))
                     tracing.mark("coordinator: version frame written")
                     held[run_id] = update["version"]
             if leasing.done():
@@ -226,17 +257,17 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
         if got is not None:
             task, lease = got
             msg = await _lease_message(coord, w, task, lease.lease_id, held.get(task.run_id))
-            await resp.write(frame({"task": msg}))
+            await out.write(frame({"task": msg}))
             tracing.mark("coordinator: task frame written")
             sent = True
             _observe_lease(coord, lease.parked, started)
-        await resp.write_eof()
+        await out.end(sent)
     except ConnectionError:  # the worker went away; it leases again when it is back
         pass
     except Exception:  # the answer has begun: end it (the worker leases again) and say why
         log.exception("streamed lease failed worker=%s", w.name)
         try:
-            await resp.write_eof()
+            await out.end(sent)
         except ConnectionError:
             pass
     finally:
@@ -246,7 +277,6 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
         if granted is not None and not sent:  # handed out, never delivered: back in line
             coord.scheduler.release(granted[0], granted[1].lease_id,
                                     f"worker {w.name} left before its task reached it")
-    return resp
 
 
 async def _next_version(coord: Coordinator, w: WorkerInfo, run_id: str, version: int
@@ -288,13 +318,10 @@ def _have(b: Body) -> dict[str, int]:
     return have
 
 
-def _lease_with_result(request: web.Request, fields: object) -> tuple[dict[str, int], float]:
-    """A result's ``lease`` field, ``{"have", "timeout_s", "deltas"}`` (as the
-    lease's body and query): the versions held, as the lease would use them,
-    and how long to wait for a task."""
-    if FRAMES not in request.headers.get("Accept", ""):
-        raise ValidationError(f"a result with a lease is answered as a stream of frames: "
-                              f"send it with Accept: {FRAMES}")
+def lease_fields(fields: object) -> tuple[dict[str, int], float]:
+    """A lease as one map, ``{"have", "timeout_s", "deltas"}`` (a result's
+    ``lease`` field; the lease's body and query say the same): the versions
+    held, as the lease would use them, and how long to wait for a task."""
     try:
         b = Body(fields, "field 'lease'")
         have = _have(b)
@@ -346,21 +373,10 @@ async def submit_result(request: web.Request) -> web.StreamResponse:
         await slots.acquire()  # no reserved slot: wait for one here
     try:
         await request.app[AUTH].worker(request)
-        raw = await read_raw(request)
-        if request.content_type == RESULT:  # the tensors stay where they are, in raw
-            head = int.from_bytes(raw[:4], "big")  # a big map is parsed off the loop
-            msg = await off_loop(head, unpack_result, raw,
-                                 max_bytes=coord.config.max_body_bytes)
-        else:  # a multi-MB map is parsed off the event loop
-            msg = await off_loop(len(raw), decode_body, raw, request.content_type,
-                                 coord.config.max_body_bytes)
-        del raw  # the map holds its tensors (a view of the body, or a copy)
-        if not isinstance(msg, dict):
-            raise ValidationError("submission must be a msgpack map")
-        # Checked before the result counts: a bad lease changes nothing.
-        then_lease = _lease_with_result(request, msg.pop("lease")) if "lease" in msg else None
-        w = coord.scheduler.worker(str(msg.get("worker_id")))
-        out = await coord.ingest.submit(w, request.match_info["task_id"], msg)
+        # The body is handed over (no name keeps it here: take_result frees it).
+        w, out, then_lease = await take_result(
+            coord, request.match_info["task_id"], request.content_type, await read_raw(request),
+            frames=FRAMES in request.headers.get("Accept", ""))
     finally:
         slots.release()
     if then_lease is not None and not w.quarantined:  # else its plain lease hears why
@@ -372,6 +388,31 @@ async def submit_result(request: web.Request) -> web.StreamResponse:
     if request.content_type in (MSGPACK, RESULT):
         return web.Response(body=pack(out), content_type=MSGPACK)
     return web.json_response(out)
+
+
+async def take_result(coord: Coordinator, task_id: str, content_type: str, raw: bytearray, *,
+                      frames: bool) -> tuple[WorkerInfo, dict, tuple[dict[str, int], float] | None]:
+    """A result's body (``raw``, handed over) checked and taken: its worker, its
+    answer, and the lease it carries (``lease_fields``; None: none). ``frames``:
+    whether the answer can be a stream of frames, which a lease needs."""
+    if content_type == RESULT:  # the tensors stay where they are, in raw
+        head = int.from_bytes(raw[:4], "big")  # a big map is parsed off the loop
+        msg = await off_loop(head, unpack_result, raw, max_bytes=coord.config.max_body_bytes)
+    else:  # a multi-MB map is parsed off the event loop
+        msg = await off_loop(len(raw), decode_body, raw, content_type,
+                             coord.config.max_body_bytes)
+    del raw  # the map holds its tensors (a view of the body, or a copy)
+    if not isinstance(msg, dict):
+        raise ValidationError("submission must be a msgpack map")
+    # Checked before the result counts: a bad lease changes nothing.
+    then_lease = None
+    if "lease" in msg:
+        if not frames:
+            raise ValidationError(f"a result with a lease is answered as a stream of frames: "
+                                  f"send it with Accept: {FRAMES}")
+        then_lease = lease_fields(msg.pop("lease"))
+    w = coord.scheduler.worker(str(msg.get("worker_id")))
+    return w, await coord.ingest.submit(w, task_id, msg), then_lease
 
 
 # A file of a merged export: its weights, by a plain name (the coordinator

@@ -1,0 +1,225 @@
+"""The worker channel (``GET /v1/workers/{worker_id}/channel``, a WebSocket):
+a lease, and a result that carries the next lease, each one exchange answered
+by the frames a streamed lease is made of. Bad exchanges get the error the
+route would give, as one frame, and change nothing; the token is checked at
+every exchange; the coordinator closes its channels when it stops."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import torch
+from apphelpers import FakeWorker, Harness, new_run, requests_by_method
+
+from rewardsignal.coordinator.api.channel import close_channels
+from rewardsignal.coordinator.store.keys import create_key, key_hash, revoke_key
+from rewardsignal.protocol import (
+    MSGPACK,
+    RESULT,
+    XOR_DELTA,
+    apply_xor_delta,
+    pack,
+    pack_result,
+    tensors_to_bytes,
+    unpack,
+)
+
+
+def _message(head: dict, body: bytes = b"") -> bytes:
+    packed = pack(head)
+    return len(packed).to_bytes(4, "big") + packed + body
+
+
+async def _frame(ws: aiohttp.ClientWebSocketResponse) -> dict:
+    msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type == aiohttp.WSMsgType.BINARY, msg
+    assert int.from_bytes(msg.data[:4], "big") == len(msg.data) - 4
+    return unpack(msg.data[4:], max_bytes=1 << 30)
+
+
+def _result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
+    """A forward_backward task's result (``protocol.RESULT``)."""
+    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[task["run_id"]].shapes.items()}
+    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+    return pack_result({"worker_id": worker.worker_id, "lease_id": task["lease_id"],
+                        "fingerprint": task["fingerprint"], "version": task["version"],
+                        "codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
+                        "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp},
+                        **extra})
+
+
+def test_a_channel_leases_and_takes_a_result_that_carries_the_next_lease(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        worker = FakeWorker(h)
+        _, reg = h.request("POST", "/v1/workers/register", expect=201,
+                           json={"name": "other", "device": "cpu"})
+        assert reg["channel"] == f"/v1/workers/{reg['worker_id']}/channel"
+        rid = new_run(h)
+        v0 = h.request("GET", f"/v1/runs/{rid}/weights/0", expect=200)[1]
+
+        async def go() -> tuple[dict, list[dict]]:
+            ws = await h.client.ws_connect(f"/v1/workers/{worker.worker_id}/channel")
+            lease = {"have": {rid: 0}, "timeout_s": 10, "deltas": [XOR_DELTA]}
+            await ws.send_bytes(_message({"op": "lease", "lease": lease}))
+            fb = await h.client.post(f"/v1/runs/{rid}/forward_backward",
+                                     json={"batch": [{"text": "one"}]})
+            assert fb.status == 202
+            task = (await _frame(ws))["task"]  # the task ends the exchange
+            await ws.send_bytes(_message(
+                {"op": "result", "task_id": task["task_id"], "content_type": RESULT},
+                _result(h, worker, task, lease=lease)))
+            frames = [await _frame(ws)]  # the answer, then the lease goes on
+            step = await h.client.post(f"/v1/runs/{rid}/optim_step?wait_s=10", json={})
+            assert step.status == 200, await step.text()
+            frames.append(await _frame(ws))  # the new version, pushed
+            nxt = await h.client.post(f"/v1/runs/{rid}/forward_backward",
+                                      json={"batch": [{"text": "two"}]})
+            assert nxt.status == 202
+            frames.append(await _frame(ws))
+            # A lease that finds no task ends with {"end": true}.
+            await ws.send_bytes(_message({"op": "lease", "lease": {**lease, "have": {rid: 1},
+                                                                  "timeout_s": 0.2}}))
+            frames.append(await _frame(ws))
+            await ws.close()
+            return task, frames
+
+        task, (answer, pushed, last, end) = h.call(go())
+        assert task["version"] == 0 and task["run_id"] == rid
+        assert answer == {"answer": {"status": "accepted"}}
+        update = pushed["version"]
+        assert (update["run_id"], update["version"]) == (rid, 1)
+        v1 = h.request("GET", f"/v1/runs/{rid}/weights/1", expect=200)[1]
+        assert apply_xor_delta(v0, update["weights_delta"]["data"]) == v1
+        assert last["task"]["version"] == 1
+        assert end == {"end": True}
+        # Every exchange is counted under its route, as a WS request: none was HTTP.
+        assert requests_by_method(h, "/v1/workers/{worker_id}/lease") == {"WS": 2}
+        assert requests_by_method(h, "/v1/tasks/{task_id}/result") == {"WS": 1}
+    finally:
+        h.close()
+
+
+def test_a_bad_exchange_gets_the_routes_error_as_a_frame_and_changes_nothing(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        worker = FakeWorker(h)
+        rid = new_run(h)
+        _, fb = h.request("POST", f"/v1/runs/{rid}/forward_backward",
+                          json={"batch": [{"text": "one"}]}, expect=202)
+        task = worker.lease()
+        path = f"/v1/workers/{worker.worker_id}/channel"
+
+        async def go() -> list[tuple[dict, str]]:
+            ws = await h.client.ws_connect(path)
+            result = {"op": "result", "task_id": task["task_id"], "content_type": RESULT}
+            bad = [
+                (b"\x00\x00", "4-byte length"),
+                (b"\x00\x00\x00\x09abc", "4-byte length"),  # a head past the message's end
+                (_message([1, 2]), "map"),  # type: ignore[arg-type]
+                (_message({"op": "upload"}), "unknown op"),
+                (_message({"op": ["lease"]}), "unknown op"),
+                (_message({"op": "lease", "lease": {"have": {rid: -1}}}), "have"),
+                (_message({**result, "content_type": "text/plain"}), "content_type"),
+                (_message({**result, "task_id": 7}), "task_id"),
+                (_message(result, b"junk"), "result body"),
+                (_message(result, _result(h, worker, task, lease={"colour": 1})), "colour"),
+            ]
+            errors = []
+            for data, named in bad:
+                await ws.send_bytes(data)
+                reply = await _frame(ws)
+                assert reply["status"] == 400, (named, reply)
+                errors.append((reply["error"], named))
+            # After all that, the channel still serves: the result is taken.
+            await ws.send_bytes(_message(result, _result(h, worker, task)))
+            taken = [await _frame(ws), await _frame(ws)]
+            # A text message closes the channel: it takes binary messages only.
+            await ws.send_str("hello")
+            closing = await asyncio.wait_for(ws.receive(), 10)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1003
+            await ws.close()
+            assert taken == [{"answer": {"status": "accepted"}}, {"end": True}]
+            return errors
+
+        for error, named in h.call(go()):
+            assert error["code"] == "invalid_request" and named in error["message"], (named, error)
+        h.request("GET", f"/v1/requests/{fb['request_id']}?timeout_s=5", expect=200)
+    finally:
+        h.close()
+
+
+def test_the_worker_token_is_checked_at_the_upgrade_and_at_every_exchange(tmp_path):
+    db = tmp_path / "data" / "signal.db"
+    h = Harness(tmp_path / "data")
+    create_key(db, "fleet", "worker", key_hash("wt-fleet"))
+    try:
+        worker = FakeWorker(h, token="wt-fleet")
+        path = f"/v1/workers/{worker.worker_id}/channel"
+
+        async def go() -> tuple[int, int, dict]:
+            refused = await h.client.get(path, headers={"Upgrade": "websocket",
+                                                        "Connection": "Upgrade",
+                                                        "Sec-WebSocket-Version": "13",
+                                                        "Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAAAA=="})
+            unknown = await h.client.get("/v1/workers/w-nobody/channel", headers=worker.headers)
+            ws = await h.client.ws_connect(path, headers=worker.headers)
+            lease = {"op": "lease", "lease": {"have": {}, "timeout_s": 0.1}}
+            await ws.send_bytes(_message(lease))
+            assert await _frame(ws) == {"end": True}
+            assert revoke_key(db, "fleet")
+            await ws.send_bytes(_message(lease))
+            revoked = await _frame(ws)
+            await ws.close()
+            return refused.status, unknown.status, revoked
+
+        refused, unknown, revoked = h.call(go())
+        assert refused == 401 and unknown == 404
+        assert revoked["status"] == 401 and revoked["error"]["code"] == "unauthorized"
+    finally:
+        h.close()
+
+
+def test_a_stopping_coordinator_closes_its_channels_idle_or_leasing(tmp_path):
+    h = Harness(tmp_path / "data")
+    try:
+        idle, leasing = FakeWorker(h, "idle"), FakeWorker(h, "leasing")
+
+        async def go() -> list[aiohttp.WSMessage]:
+            a = await h.client.ws_connect(f"/v1/workers/{idle.worker_id}/channel")
+            b = await h.client.ws_connect(f"/v1/workers/{leasing.worker_id}/channel")
+            await b.send_bytes(_message({"op": "lease", "lease": {"have": {}, "timeout_s": 30}}))
+            await asyncio.sleep(0.2)  # b's lease is parked
+            await close_channels(h.app)
+            return [await asyncio.wait_for(ws.receive(), 10) for ws in (a, b)]
+
+        for msg in h.call(go()):
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001, msg
+    finally:
+        h.close()
+
+
+def test_a_result_without_a_lease_is_answered_and_the_exchange_ends(tmp_path):
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        worker = FakeWorker(h)
+        rid = new_run(h)
+        h.request("POST", f"/v1/runs/{rid}/forward_backward",
+                  json={"batch": [{"text": "one"}]}, expect=202)
+        task = worker.lease()
+        msg = {"worker_id": worker.worker_id, "lease_id": task["lease_id"],
+               "fingerprint": task["fingerprint"], "version": task["version"],
+               "error": "out of memory"}
+
+        async def go() -> list[dict]:
+            ws = await h.client.ws_connect(f"/v1/workers/{worker.worker_id}/channel")
+            await ws.send_bytes(_message({"op": "result", "task_id": task["task_id"],
+                                          "content_type": MSGPACK}, pack(msg)))
+            frames = [await _frame(ws), await _frame(ws)]
+            await ws.close()
+            return frames
+
+        assert h.call(go()) == [{"answer": {"status": "released"}}, {"end": True}]
+    finally:
+        h.close()
