@@ -38,6 +38,10 @@ FRAMES = "application/vnd.signal.frames"
 # tensors where they landed in the body: no copy out of a msgpack bin, none out
 # of the body. Coordinators name it at registration (``result_types``).
 RESULT = "application/vnd.signal.result"
+# The largest body of a message on the worker channel (``docs/protocol.md``):
+# the coordinator holds a message whole before reading it, so larger results
+# go as requests, after an upload slot.
+CHANNEL_MAX_BODY_BYTES = 2 << 20
 
 # Upper bound of a safetensors header we accept; real adapters need a few KiB.
 _MAX_HEADER_BYTES = 16 << 20

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 from aiohttp import web
@@ -10,7 +9,7 @@ from aiohttp import web
 from rewardsignal.coordinator.api import add_routes
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR, METRICS
 from rewardsignal.coordinator.api.auth import Auth
-from rewardsignal.coordinator.api.channel import CHANNELS, close_channels
+from rewardsignal.coordinator.api.channel import CHANNELS, Channels, close_channels
 from rewardsignal.coordinator.api.middlewares import make_error_middleware
 from rewardsignal.coordinator.config import CoordinatorConfig
 from rewardsignal.coordinator.coordinator import Coordinator
@@ -28,7 +27,7 @@ def make_app(config: CoordinatorConfig, *, coordinator: Coordinator | None = Non
     auth = Auth(config.api_keys, config.worker_tokens, Path(config.data_dir) / "signal.db")
     app[AUTH] = auth
     app[METRICS] = metrics
-    app[CHANNELS] = weakref.WeakSet()
+    app[CHANNELS] = Channels()
 
     async def lifecycle(app: web.Application):
         await coord.start()

@@ -32,30 +32,47 @@ from rewardsignal.worker.lease_stream import (
 )
 from rewardsignal.worker.status import StatusLine
 
-# After a channel failed, or could not be opened, HTTP requests until then.
+# After a channel failed, or could not be opened, HTTP requests until then;
+# after the coordinator refused the upgrade (a proxy without WebSockets), longer.
 _REOPEN_AFTER_FAILURE_S = 10.0
 _REOPEN_AFTER_REFUSAL_S = 300.0
-# A broken channel is closed without waiting long for the coordinator's reply.
+# A closing channel waits this long for the coordinator's reply.
 _CLOSE_S = 1.0
+# Pings each way this often (as the coordinator's): a dead link is found while
+# the worker computes, not when its result waits for an answer.
+HEARTBEAT_S = 30.0
+# The close code of a channel dropped in the middle of an exchange.
+ABANDONED = 4000
 
 
 class Channel:
-    """One open channel; ``busy`` while an exchange is under way."""
+    """One open channel; ``busy`` while an exchange is under way. A reader task
+    takes every message as it comes (so pings are answered while the worker
+    computes), and ``frame`` hands them out in order."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self._ws = ws
         self.busy = False
+        self._inbox: asyncio.Queue[aiohttp.WSMessage] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
 
     @classmethod
     async def open(cls, session: aiohttp.ClientSession, url: str, headers: dict) -> Channel:
         ws = await session.ws_connect(
             url, headers=headers, compress=0, max_msg_size=MAX_FRAME_BYTES + 4,
-            timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_S))
+            heartbeat=HEARTBEAT_S, timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_S))
         return cls(ws)
+
+    async def _read(self) -> None:
+        while True:
+            msg = await self._ws.receive()
+            self._inbox.put_nowait(msg)
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                return  # closed, closing, or failed: the last thing in the inbox
 
     @property
     def closed(self) -> bool:
-        return self._ws.closed
+        return self._ws.closed or self._reader.done()
 
     async def send(self, head: dict, body: bytes = b"") -> None:
         packed = protocol.pack(head)
@@ -64,8 +81,9 @@ class Channel:
     async def frame(self, timeout_s: float) -> dict | None:
         """The exchange's next frame; None: it ended (``end``). An ``error``
         frame is raised as the ``SignalError`` it names."""
-        msg = await self._ws.receive(timeout=timeout_s)
+        msg = await asyncio.wait_for(self._inbox.get(), timeout_s)
         if msg.type != aiohttp.WSMsgType.BINARY:
+            self._inbox.put_nowait(msg)  # it stays closed for whoever asks next
             raise aiohttp.ClientConnectionError(f"worker channel closed ({msg.type.name})")
         data = msg.data
         if len(data) < 4 or int.from_bytes(data[:4], "big") != len(data) - 4:
@@ -78,8 +96,13 @@ class Channel:
             raise error_from_json(status if isinstance(status, int) else 500, obj)
         return None if obj.get("end") is True else obj
 
-    async def close(self) -> None:
-        await self._ws.close()
+    async def close(self, *, abandoned: bool) -> None:
+        """``abandoned``: in the middle of an exchange (the coordinator puts
+        back the task it may have sent)."""
+        try:
+            await self._ws.close(code=ABANDONED if abandoned else aiohttp.WSCloseCode.OK)
+        finally:
+            self._reader.cancel()
 
 
 class Leasing:
@@ -122,7 +145,9 @@ class Leasing:
                                        self._take_version)
                 channel.busy = False
                 return task
-            # The channel failed: the lease goes again, as a request.
+            # The channel failed: the lease goes again, as a request, with the
+            # versions taken meanwhile.
+            lease = {**lease, "have": self._have()}
         async with self._http.post(
                 f"{self._base}/v1/workers/{worker_id}/lease",
                 params={"timeout_s": str(lease["timeout_s"]), "push": "1",
@@ -146,9 +171,11 @@ class Leasing:
                            ) -> tuple[Any, asyncio.Task | None]:
         """Send a result (``body``) that carries the next lease (``lease``, the
         lease's fields in it): its answer, and a task reading the rest of the
-        lease meanwhile (its task, or None)."""
+        lease meanwhile (its task, or None). A body the channel does not take
+        goes as a request."""
         lease_timeout_s = float(lease["timeout_s"]) + 30
-        channel = await self._free_channel(headers)
+        fits = len(body) <= protocol.CHANNEL_MAX_BODY_BYTES
+        channel = await self._free_channel(headers) if fits else None
         if channel is not None:
             async with self._using(channel):
                 await channel.send({"op": "result", "task_id": task_id, "content_type": kind},
@@ -196,7 +223,7 @@ class Leasing:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             await self._failed(exc)
         except BaseException:  # cancelled too: the coordinator sees the exchange go
-            await self._drop()
+            await self._drop(abandoned=True)
             raise
 
     async def close(self) -> None:
@@ -220,23 +247,26 @@ class Leasing:
             try:
                 ch = self._channel = await Channel.open(self._http, self._base + self._path,
                                                         headers)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                self._reopen_at = time.monotonic() + _REOPEN_AFTER_REFUSAL_S
+            except Exception as exc:  # whatever it is, HTTP requests still work
+                wait = (_REOPEN_AFTER_REFUSAL_S if isinstance(exc, aiohttp.WSServerHandshakeError)
+                        else _REOPEN_AFTER_FAILURE_S)
+                self._reopen_at = time.monotonic() + wait
                 self._status.event(f"no worker channel ({_short(exc)}); leasing with HTTP "
-                                   f"requests, trying again in {_REOPEN_AFTER_REFUSAL_S:.0f}s")
+                                   f"requests, trying again in {wait:.0f}s")
         return ch
 
     async def _failed(self, exc: BaseException) -> None:
+        """An exchange's channel failed (in the middle of it)."""
         self._status.event(f"worker channel failed ({_short(exc)}); going on with HTTP "
                            f"requests, a new channel in {_REOPEN_AFTER_FAILURE_S:.0f}s")
         self._reopen_at = time.monotonic() + _REOPEN_AFTER_FAILURE_S
-        await self._drop()
+        await self._drop(abandoned=True)
 
-    async def _drop(self) -> None:
+    async def _drop(self, *, abandoned: bool = False) -> None:
         ch, self._channel = self._channel, None
-        if ch is not None and not ch.closed:
+        if ch is not None:
             try:
-                await ch.close()
+                await ch.close(abandoned=abandoned)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 pass
 

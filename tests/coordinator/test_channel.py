@@ -15,6 +15,7 @@ from apphelpers import FakeWorker, Harness, new_run, requests_by_method
 from rewardsignal.coordinator.api.channel import close_channels
 from rewardsignal.coordinator.store.keys import create_key, key_hash, revoke_key
 from rewardsignal.protocol import (
+    CHANNEL_MAX_BODY_BYTES,
     MSGPACK,
     RESULT,
     XOR_DELTA,
@@ -154,16 +155,20 @@ def test_the_worker_token_is_checked_at_the_upgrade_and_at_every_exchange(tmp_pa
     db = tmp_path / "data" / "signal.db"
     h = Harness(tmp_path / "data")
     create_key(db, "fleet", "worker", key_hash("wt-fleet"))
+    create_key(db, "other", "worker", key_hash("wt-other"))
     try:
         worker = FakeWorker(h, token="wt-fleet")
         path = f"/v1/workers/{worker.worker_id}/channel"
 
-        async def go() -> tuple[int, int, dict]:
-            refused = await h.client.get(path, headers={"Upgrade": "websocket",
-                                                        "Connection": "Upgrade",
-                                                        "Sec-WebSocket-Version": "13",
-                                                        "Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAAAA=="})
+        async def go() -> tuple[int, int, int, dict, aiohttp.WSMessage]:
+            upgrade = {"Upgrade": "websocket", "Connection": "Upgrade",
+                       "Sec-WebSocket-Version": "13",
+                       "Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAAAA=="}
+            refused = await h.client.get(path, headers=upgrade)
             unknown = await h.client.get("/v1/workers/w-nobody/channel", headers=worker.headers)
+            # A valid token, but not the one the worker registered with.
+            other = await h.client.get(path, headers={**upgrade,
+                                                      "Authorization": "Bearer wt-other"})
             ws = await h.client.ws_connect(path, headers=worker.headers)
             lease = {"op": "lease", "lease": {"have": {}, "timeout_s": 0.1}}
             await ws.send_bytes(_message(lease))
@@ -171,31 +176,135 @@ def test_the_worker_token_is_checked_at_the_upgrade_and_at_every_exchange(tmp_pa
             assert revoke_key(db, "fleet")
             await ws.send_bytes(_message(lease))
             revoked = await _frame(ws)
+            closed = await asyncio.wait_for(ws.receive(), 10)
             await ws.close()
-            return refused.status, unknown.status, revoked
+            return refused.status, unknown.status, other.status, revoked, closed
 
-        refused, unknown, revoked = h.call(go())
-        assert refused == 401 and unknown == 404
+        refused, unknown, other, revoked, closed = h.call(go())
+        assert refused == 401 and unknown == 404 and other == 403
         assert revoked["status"] == 401 and revoked["error"]["code"] == "unauthorized"
+        assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1008
     finally:
         h.close()
 
 
-def test_a_stopping_coordinator_closes_its_channels_idle_or_leasing(tmp_path):
+def test_a_stopping_coordinator_closes_its_channels_idle_or_leasing_and_opens_none(tmp_path):
     h = Harness(tmp_path / "data")
     try:
         idle, leasing = FakeWorker(h, "idle"), FakeWorker(h, "leasing")
 
-        async def go() -> list[aiohttp.WSMessage]:
+        async def go() -> tuple[list[aiohttp.WSMessage], int]:
             a = await h.client.ws_connect(f"/v1/workers/{idle.worker_id}/channel")
             b = await h.client.ws_connect(f"/v1/workers/{leasing.worker_id}/channel")
             await b.send_bytes(_message({"op": "lease", "lease": {"have": {}, "timeout_s": 30}}))
             await asyncio.sleep(0.2)  # b's lease is parked
             await close_channels(h.app)
-            return [await asyncio.wait_for(ws.receive(), 10) for ws in (a, b)]
+            closed = [await asyncio.wait_for(ws.receive(), 10) for ws in (a, b)]
+            late = await h.client.get(f"/v1/workers/{idle.worker_id}/channel")
+            return closed, late.status
 
-        for msg in h.call(go()):
+        closed, late = h.call(go())
+        for msg in closed:
             assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001, msg
+        assert late == 503
+    finally:
+        h.close()
+
+
+def test_a_worker_that_leaves_ends_its_parked_lease_and_one_that_abandons_gets_no_task(
+        tmp_path):
+    """The channel is read while its exchange runs: a closed channel's parked
+    lease ends at once, and a task sent in an exchange the worker abandoned
+    (close code 4000) goes back to the queue for another worker."""
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        leaving, abandoning, other = FakeWorker(h, "a"), FakeWorker(h, "b"), FakeWorker(h, "c")
+        rid = new_run(h)
+        lease = {"op": "lease", "lease": {"have": {}, "timeout_s": 30}}
+
+        async def go() -> tuple[dict, str]:
+            a = await h.client.ws_connect(f"/v1/workers/{leaving.worker_id}/channel")
+            await a.send_bytes(_message(lease))
+            await asyncio.sleep(0.2)  # parked
+            await a.close()
+            for _ in range(100):  # bounded: 10 s
+                if _lease_exchanges_done(h) == 1:
+                    break
+                await asyncio.sleep(0.1)
+            counted = _lease_exchanges_done(h)
+            b = await h.client.ws_connect(f"/v1/workers/{abandoning.worker_id}/channel")
+            await b.send_bytes(_message(lease))
+            fb = await h.client.post(f"/v1/runs/{rid}/forward_backward",
+                                     json={"batch": [{"text": "one"}]})
+            assert fb.status == 202
+            sent = (await _frame(b))["task"]
+            await b.close(code=4000)  # as if the task frame had never been read
+            return counted, sent["task_id"]
+
+        counted, task_id = h.call(go())
+        assert counted == 1  # the parked lease ended when its channel closed
+        again = other.lease(timeout_s=5)
+        assert again is not None and again["task_id"] == task_id
+    finally:
+        h.close()
+
+
+def test_a_message_over_the_channels_limit_closes_it(tmp_path):
+    h = Harness(tmp_path / "data")
+    try:
+        worker = FakeWorker(h)
+
+        async def go() -> aiohttp.WSMessage:
+            ws = await h.client.ws_connect(f"/v1/workers/{worker.worker_id}/channel")
+            head = {"op": "result", "task_id": "t-x", "content_type": MSGPACK}
+            await ws.send_bytes(_message(head, bytes(CHANNEL_MAX_BODY_BYTES + (64 << 10) + 1)))
+            return await asyncio.wait_for(ws.receive(), 10)
+
+        closed = h.call(go())
+        assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1009
+    finally:
+        h.close()
+
+
+def _lease_exchanges_done(h: Harness) -> float:
+    """Lease exchanges on channels that have ended (read on the loop itself)."""
+    latency = h.coordinator.metrics.request_latency
+    return sum(s.value for m in latency.collect() for s in m.samples
+               if s.name.endswith("_count") and s.labels.get("method") == "WS"
+               and s.labels.get("route") == "/v1/workers/{worker_id}/lease")
+
+
+def test_one_channel_a_worker_and_its_results_only(tmp_path):
+    """A second channel of the same worker replaces the first; a result on a
+    channel that names another worker is refused (403) and not taken."""
+    h = Harness(tmp_path / "data", verify_fraction=0.0, probation_tasks=0)
+    try:
+        worker, other = FakeWorker(h, "w"), FakeWorker(h, "other")
+        rid = new_run(h)
+        h.request("POST", f"/v1/runs/{rid}/forward_backward",
+                  json={"batch": [{"text": "one"}]}, expect=202)
+        task = other.lease()
+        path = f"/v1/workers/{worker.worker_id}/channel"
+
+        async def go() -> tuple[aiohttp.WSMessage, dict]:
+            first = await h.client.ws_connect(path)
+            second = await h.client.ws_connect(path)
+            replaced = await asyncio.wait_for(first.receive(), 10)
+            # other's result, sent on worker's channel.
+            await second.send_bytes(_message(
+                {"op": "result", "task_id": task["task_id"], "content_type": RESULT},
+                _result(h, other, task)))
+            refused = await _frame(second)
+            await second.close()
+            return replaced, refused
+
+        replaced, refused = h.call(go())
+        assert replaced.type == aiohttp.WSMsgType.CLOSE and replaced.data == 1008
+        assert refused["status"] == 403 and other.worker_id in refused["error"]["message"]
+        assert not h.coordinator.scheduler.finished
+        # Its own worker's request is taken: the refusal took nothing.
+        h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=_result(h, other, task),
+                  headers={"Content-Type": RESULT}, expect=200)
     finally:
         h.close()
 

@@ -5,6 +5,8 @@ over, and a new channel comes later); ``--no-channel`` opens none."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from apphelpers import Harness, new_run, real_worker_steps, requests_by_method
 
@@ -73,4 +75,36 @@ def test_no_channel_is_opened_when_the_worker_is_told_not_to(h: Harness):
     assert worker.tasks_done == 3
     assert requests_by_method(h, CHANNEL) == {}
     assert requests_by_method(h, LEASE) == {"POST": 1}
+    assert requests_by_method(h, RESULT) == {"POST": 3}
+
+
+def test_pings_keep_an_idle_channel_open_both_ways(h: Harness, monkeypatch: pytest.MonkeyPatch):
+    """Each side pings every HEARTBEAT_S and answers the other's pings while
+    the worker computes or idles (both read all the time): a quiet channel
+    stays open; a peer that stopped answering would be closed in 1.5x."""
+    from rewardsignal.coordinator.api import channel as coordinator_channel
+
+    monkeypatch.setattr(coordinator_channel, "HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(worker_channel, "HEARTBEAT_S", 0.1)
+    rid = new_run(h)
+
+    async def idle(i: int) -> None:
+        if i == 0:
+            await asyncio.sleep(1.0)  # ten pings each way, none unanswered
+
+    worker = real_worker_steps(h, rid, 3, between=idle)
+    assert worker.tasks_done == 3
+    assert requests_by_method(h, CHANNEL) == {"GET": 1}  # the same channel throughout
+    assert requests_by_method(h, LEASE) == {"WS": 1}
+
+
+def test_a_result_too_big_for_the_channel_goes_as_a_request(
+        h: Harness, monkeypatch: pytest.MonkeyPatch):
+    from rewardsignal import protocol
+
+    monkeypatch.setattr(protocol, "CHANNEL_MAX_BODY_BYTES", 100)  # every result is too big
+    rid = new_run(h)
+    worker = real_worker_steps(h, rid, 3)
+    assert worker.tasks_done == 3
+    assert requests_by_method(h, LEASE) == {"WS": 1}  # the channel still leases
     assert requests_by_method(h, RESULT) == {"POST": 3}

@@ -11,9 +11,17 @@ ends with its ``task`` frame or ``{"end": true}``; a result (head ``{"op":
 is answered with an ``answer`` frame, then streams the lease it carries the
 same way, or ``{"end": true}`` when it carries none. An error is one terminal
 frame, ``{"error": {code, message}, "status": S}``, what the route would have
-answered, and the channel stays open. The worker's token is checked at every
-exchange (a revoked one stops at the next), and each exchange is counted in
-the request metrics under its route, with method ``WS``.
+answered, and the channel stays open. Each exchange is counted in the request
+metrics under its route, with method ``WS``.
+
+A worker has one channel (a new one closes the old) and it must hold the
+token it registered with; the token is checked again at every exchange (a
+revoked one is told so, and the channel closes), and a result on it may name
+no other worker. The channel is read while its exchange runs: the worker's
+leaving ends a parked lease at once (its task goes back to the queue), a
+worker that drops the channel mid-exchange (close code 4000) gets the task
+the exchange sent put back, and pings go both ways every 30 s, so a peer gone
+without a word is found.
 
 Why: receiving a 240 KB result over the channel takes about 0.1 ms against
 0.5 ms as an HTTP request's body (aiohttp, loopback), and a step of a small
@@ -25,27 +33,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from rewardsignal import tracing
 from rewardsignal.coordinator.api.appkeys import AUTH, COORDINATOR
 from rewardsignal.coordinator.api.workers import lease_fields, stream_lease, take_result
-from rewardsignal.errors import SignalError, ValidationError
-from rewardsignal.protocol import MSGPACK, RESULT, frame, unpack
+from rewardsignal.coordinator.scheduling.tasks import Task
+from rewardsignal.errors import (
+    AuthError,
+    CoordinatorUnavailableError,
+    ForbiddenError,
+    SignalError,
+    ValidationError,
+)
+from rewardsignal.protocol import CHANNEL_MAX_BODY_BYTES, MSGPACK, RESULT, frame, unpack
 
 log = logging.getLogger("signal.coordinator")
 
 # An exchange's head (its body follows): a few hundred bytes in practice.
 MAX_HEAD_BYTES = 64 << 10
+# Close codes: a worker that drops its channel in the middle of an exchange
+# closes with ABANDONED (the task the exchange sent, if any, never reached it).
+ABANDONED = 4000
 _LEASE_ROUTE = "/v1/workers/{worker_id}/lease"
 _RESULT_ROUTE = "/v1/tasks/{task_id}/result"
-# The open channels, closed when the coordinator stops (an open WebSocket
-# would hold the server's shutdown until its timeout).
+# Pings each way this often: a peer gone without a word is found within 1.5x.
+HEARTBEAT_S = 30.0
 # How long a closing channel waits for its worker's close reply.
 _CLOSE_S = 2.0
-CHANNELS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("channels")
+
+
+class Channels:
+    """The open channels, one per worker (a new one replaces the old), closed
+    when the coordinator stops (an open WebSocket would hold the server's
+    shutdown until its timeout)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, web.WebSocketResponse] = {}
+        self.stopping = False
+
+
+CHANNELS = web.AppKey("channels", Channels)
 
 
 class _ChannelFrames:
@@ -61,50 +90,99 @@ class _ChannelFrames:
 
 
 async def worker_channel(request: web.Request) -> web.StreamResponse:
-    await request.app[AUTH].worker(request)
+    token_id = await request.app[AUTH].worker(request)
     coord = request.app[COORDINATOR]
+    channels = request.app[CHANNELS]
     worker_id = request.match_info["worker_id"]
-    coord.scheduler.worker(worker_id)  # an unknown worker is a 404, before the upgrade
-    ws = web.WebSocketResponse(max_msg_size=coord.config.max_body_bytes + MAX_HEAD_BYTES,
-                               compress=False, timeout=_CLOSE_S)
+    w = coord.scheduler.worker(worker_id)  # an unknown worker is a 404, before the upgrade
+    if w.token_id != token_id:
+        raise ForbiddenError(f"{worker_id} registered with another worker token")
+    if channels.stopping:
+        raise CoordinatorUnavailableError("the coordinator is stopping")
+    ws = web.WebSocketResponse(max_msg_size=CHANNEL_MAX_BODY_BYTES + MAX_HEAD_BYTES, compress=False,
+                               timeout=_CLOSE_S, heartbeat=HEARTBEAT_S)
     await ws.prepare(request)
-    request.app[CHANNELS].add(ws)
-    async for msg in ws:
-        if msg.type != WSMsgType.BINARY:
-            await ws.close(code=WSCloseCode.UNSUPPORTED_DATA,
-                           message=b"the channel takes binary messages only")
-            break
-        await _exchange(request, ws, worker_id, msg.data)
+    replaced = channels.open.get(worker_id)
+    channels.open[worker_id] = ws
+    if replaced is not None:
+        await _close(replaced, WSCloseCode.POLICY_VIOLATION, b"replaced by a newer channel")
+    try:
+        await _serve(request, ws, worker_id)
+    finally:
+        if channels.open.get(worker_id) is ws:
+            del channels.open[worker_id]
     return ws
 
 
+async def _serve(request: web.Request, ws: web.WebSocketResponse, worker_id: str) -> None:
+    """Read the channel while its exchanges run (one at a time), so that the
+    worker's leaving ends a parked lease at once and pings are answered."""
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    exchange: asyncio.Task | None = None
+    try:
+        while not ws.closed:
+            msg = await ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                            WSMsgType.ERROR):
+                break
+            if msg.type != WSMsgType.BINARY:
+                await ws.close(code=WSCloseCode.UNSUPPORTED_DATA,
+                               message=b"the channel takes binary messages only")
+                break
+            if exchange is not None and not exchange.done():
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION,
+                               message=b"one exchange at a time")
+                break
+            exchange = asyncio.create_task(_exchange(request, ws, worker_id, msg.data, gone))
+            del msg  # the exchange holds the message's bytes, and frees them
+    finally:
+        gone.set_result(None)
+        if exchange is not None:
+            sent = await exchange  # a parked lease ends at once; a result is still taken
+            if sent is not None and ws.close_code == ABANDONED:
+                _give_back(request.app[COORDINATOR], worker_id, *sent)
+
+
+def _give_back(coord, worker_id: str, task: Task, lease_id: str) -> None:
+    """The task the last exchange sent, which the worker says it never read."""
+    lease = task.leases.get(lease_id)
+    if lease is not None and lease.worker_id == worker_id and not (task.done or task.claimed):
+        coord.scheduler.release(task, lease_id, f"worker {worker_id} dropped its channel "
+                                "before its task reached it")
+
+
 async def _exchange(request: web.Request, ws: web.WebSocketResponse, worker_id: str,
-                    data: bytes) -> None:
-    """One exchange, answered on ``ws``; its errors are answered there too."""
+                    data: bytes, gone: asyncio.Future[None]) -> tuple[Task, str] | None:
+    """One exchange, answered on ``ws`` (its errors too); the task it sent."""
     coord = request.app[COORDINATOR]
     started, route = time.monotonic(), "channel"
     out = _ChannelFrames(ws)
     try:
         head, body = _split(data)
+        del data
         op = head.get("op")
         if op in ("lease", "result"):
             route = _LEASE_ROUTE if op == "lease" else _RESULT_ROUTE
         tracing.mark(f"coordinator: WS {route} begins")
-        await request.app[AUTH].worker(request)  # a token revoked meanwhile stops here
+        try:
+            await request.app[AUTH].worker(request)
+        except AuthError as exc:  # revoked meanwhile: said, and the channel closes
+            await _error(ws, exc.http_status, exc.code, exc.message)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"token refused")
+            return None
         if op == "lease":
             w = coord.scheduler.worker(worker_id)
             if w.quarantined:
                 await ws.send_bytes(frame({"error": {"code": "quarantined",
                                                      "message": w.quarantine_reason},
                                            "status": 403}))
-                return
+                return None
             have, timeout_s = lease_fields(head.get("lease"))
-            await stream_lease(out, coord, w, timeout_s, have, started)
-        elif op == "result":
-            await _result(coord, out, head, body, started)
-        else:
-            raise ValidationError(f"unknown op {str(op)[:32]!r}: the channel takes 'lease' "
-                                  "and 'result'")
+            return await stream_lease(out, coord, w, timeout_s, have, started, gone=gone)
+        if op == "result":
+            return await _result(coord, out, worker_id, head, body, gone)
+        raise ValidationError(f"unknown op {str(op)[:32]!r}: the channel takes 'lease' "
+                              "and 'result'")
     except SignalError as exc:
         await _error(ws, exc.http_status, exc.code, exc.message)
     except ConnectionError:  # gone: its next exchange is on a new channel or over HTTP
@@ -115,10 +193,11 @@ async def _exchange(request: web.Request, ws: web.WebSocketResponse, worker_id: 
     finally:
         coord.metrics.request_latency.labels(route, "WS").observe(time.monotonic() - started)
         tracing.mark(f"coordinator: WS {route} handled")
+    return None
 
 
-async def _result(coord, out: _ChannelFrames, head: dict, body: bytearray,
-                  started: float) -> None:
+async def _result(coord, out: _ChannelFrames, worker_id: str, head: dict, body: bytearray,
+                  gone: asyncio.Future[None]) -> tuple[Task, str] | None:
     task_id, content_type = head.get("task_id"), head.get("content_type")
     if not isinstance(task_id, str) or content_type not in (RESULT, MSGPACK):
         raise ValidationError(f"a result's head names its task_id and its content_type "
@@ -129,15 +208,16 @@ async def _result(coord, out: _ChannelFrames, head: dict, body: bytearray,
         await slots.acquire()
     try:
         w, answer, then_lease = await take_result(coord, task_id, content_type, body,
-                                                  frames=True)
+                                                  frames=True, worker_id=worker_id)
     finally:
         slots.release()
     if then_lease is not None and not w.quarantined:  # else its plain lease hears why
         have, timeout_s = then_lease
-        await stream_lease(out, coord, w, timeout_s, have, time.monotonic(), answer=answer)
-    else:
-        await out.write(frame({"answer": answer}))
-        await out.end(False)
+        return await stream_lease(out, coord, w, timeout_s, have, time.monotonic(),
+                                  answer=answer, gone=gone)
+    await out.write(frame({"answer": answer}))
+    await out.end(False)
+    return None
 
 
 def _split(data: bytes) -> tuple[dict, bytearray]:
@@ -160,9 +240,19 @@ async def _error(ws: web.WebSocketResponse, status: int, code: str, message: str
         pass
 
 
+async def _close(ws: web.WebSocketResponse, code: int, message: bytes) -> None:
+    """Close ``ws``, waiting a bounded time for its worker (a peer that reads
+    nothing cannot hold the caller)."""
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=message), _CLOSE_S * 2)
+    except (TimeoutError, ConnectionError):
+        pass
+
+
 async def close_channels(app: web.Application) -> None:
-    """At shutdown: every open channel closed (its worker goes back to HTTP, or
-    waits for the coordinator to come back)."""
+    """At shutdown: no new channel, and every open one closed (its worker goes
+    back to HTTP, or waits for the coordinator to come back)."""
     channels = app[CHANNELS]
-    await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"coordinator stopping")
-                           for ws in list(channels)), return_exceptions=True)
+    channels.stopping = True
+    await asyncio.gather(*(_close(ws, WSCloseCode.GOING_AWAY, b"coordinator stopping")
+                           for ws in list(channels.open.values())))

@@ -33,6 +33,7 @@ from rewardsignal.coordinator.scheduling.tasks import Task, Uploads
 from rewardsignal.coordinator.scheduling.workers import WorkerInfo
 from rewardsignal.errors import (
     ConflictError,
+    ForbiddenError,
     NotFoundError,
     PayloadTooLargeError,
     ValidationError,
@@ -224,18 +225,20 @@ async def _lease_stream(request: web.Request, coord: Coordinator, w: WorkerInfo,
 
 async def stream_lease(out: Frames, coord: Coordinator, w: WorkerInfo, timeout_s: float,
                        have: dict[str, int], started: float, *,
-                       answer: dict | None = None) -> None:
+                       answer: dict | None = None, gone: asyncio.Future | None = None
+                       ) -> tuple[Task, str] | None:
     """The lease as frames. While it is parked, each version of a run the worker
     holds that is committed meanwhile goes to it as the exact delta from the
     one before (a ``version`` frame), so the weights of the next step are in
     place before its task comes; the task is the last frame (none: the lease
     ends at the timeout). A lease sent with a result first answers it (an
-    ``answer`` frame)."""
+    ``answer`` frame). ``gone``: done when the worker is known to have left (a
+    parked lease then ends at once). Returns the task sent, with its lease id."""
     if answer is not None:
         try:
             await out.write(frame({"answer": answer}))
         except ConnectionError:  # gone: it sends the result again (a no-op: duplicate)
-            return
+            return None
         tracing.mark("coordinator: result answered")
     held = dict(have)
     recent = coord.services.versions.recent
@@ -251,7 +254,11 @@ async def stream_lease(out: Frames, coord: Coordinator, w: WorkerInfo, timeout_s
                     held[run_id] = update["version"]
             if leasing.done():
                 break
+            if gone is not None and gone.done():
+                return None  # the task it may have been granted goes back (below)
             either: set[asyncio.Future[Any]] = {leasing, changed}
+            if gone is not None:
+                either.add(gone)
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         got = leasing.result()
         if got is not None:
@@ -262,6 +269,7 @@ async def stream_lease(out: Frames, coord: Coordinator, w: WorkerInfo, timeout_s
             sent = True
             _observe_lease(coord, lease.parked, started)
         await out.end(sent)
+        return (task, lease.lease_id) if got is not None else None
     except ConnectionError:  # the worker went away; it leases again when it is back
         pass
     except Exception:  # the answer has begun: end it (the worker leases again) and say why
@@ -277,6 +285,7 @@ async def stream_lease(out: Frames, coord: Coordinator, w: WorkerInfo, timeout_s
         if granted is not None and not sent:  # handed out, never delivered: back in line
             coord.scheduler.release(granted[0], granted[1].lease_id,
                                     f"worker {w.name} left before its task reached it")
+    return None
 
 
 async def _next_version(coord: Coordinator, w: WorkerInfo, run_id: str, version: int
@@ -391,10 +400,12 @@ async def submit_result(request: web.Request) -> web.StreamResponse:
 
 
 async def take_result(coord: Coordinator, task_id: str, content_type: str, raw: bytearray, *,
-                      frames: bool) -> tuple[WorkerInfo, dict, tuple[dict[str, int], float] | None]:
+                      frames: bool, worker_id: str | None = None
+                      ) -> tuple[WorkerInfo, dict, tuple[dict[str, int], float] | None]:
     """A result's body (``raw``, handed over) checked and taken: its worker, its
     answer, and the lease it carries (``lease_fields``; None: none). ``frames``:
-    whether the answer can be a stream of frames, which a lease needs."""
+    whether the answer can be a stream of frames, which a lease needs;
+    ``worker_id``: the only worker the result may name (a worker's channel)."""
     if content_type == RESULT:  # the tensors stay where they are, in raw
         head = int.from_bytes(raw[:4], "big")  # a big map is parsed off the loop
         msg = await off_loop(head, unpack_result, raw, max_bytes=coord.config.max_body_bytes)
@@ -411,6 +422,9 @@ async def take_result(coord: Coordinator, task_id: str, content_type: str, raw: 
             raise ValidationError(f"a result with a lease is answered as a stream of frames: "
                                   f"send it with Accept: {FRAMES}")
         then_lease = lease_fields(msg.pop("lease"))
+    if worker_id is not None and msg.get("worker_id") != worker_id:
+        raise ForbiddenError(f"a result on {worker_id}'s channel names worker "
+                             f"{str(msg.get('worker_id'))[:64]!r}")
     w = coord.scheduler.worker(str(msg.get("worker_id")))
     return w, await coord.ingest.submit(w, task_id, msg), then_lease
 
