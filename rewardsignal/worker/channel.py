@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+from aiohttp.http import WS_CLOSED_MESSAGE
 
 from rewardsignal import protocol, tracing
 from rewardsignal.errors import SignalError, error_from_json
@@ -64,11 +65,15 @@ class Channel:
         return cls(ws)
 
     async def _read(self) -> None:
-        while True:
-            msg = await self._ws.receive()
-            self._inbox.put_nowait(msg)
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                return  # closed, closing, or failed: the last thing in the inbox
+        try:
+            while True:
+                msg = await self._ws.receive()
+                self._inbox.put_nowait(msg)
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    return  # closed, closing, or failed: the last thing in the inbox
+        except BaseException:  # cancelled (closing), or aiohttp failed: say closed
+            self._inbox.put_nowait(WS_CLOSED_MESSAGE)
+            raise
 
     @property
     def closed(self) -> bool:
@@ -248,8 +253,10 @@ class Leasing:
                 ch = self._channel = await Channel.open(self._http, self._base + self._path,
                                                         headers)
             except Exception as exc:  # whatever it is, HTTP requests still work
-                wait = (_REOPEN_AFTER_REFUSAL_S if isinstance(exc, aiohttp.WSServerHandshakeError)
-                        else _REOPEN_AFTER_FAILURE_S)
+                # Refused (no WebSockets there) waits long; a coordinator that is
+                # down or stopping (5xx, no connection) is tried again soon.
+                refused = isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status < 500
+                wait = _REOPEN_AFTER_REFUSAL_S if refused else _REOPEN_AFTER_FAILURE_S
                 self._reopen_at = time.monotonic() + wait
                 self._status.event(f"no worker channel ({_short(exc)}); leasing with HTTP "
                                    f"requests, trying again in {wait:.0f}s")

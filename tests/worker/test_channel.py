@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from apphelpers import Harness, new_run, real_worker_steps, requests_by_method
 
-from rewardsignal.coordinator.api.channel import close_channels
+from rewardsignal.coordinator.api.channel import CHANNELS
 from rewardsignal.worker import channel as worker_channel
 from rewardsignal.worker.loop import Worker
 
@@ -42,7 +42,8 @@ def test_a_closed_channel_costs_no_step_and_a_new_one_follows(
 
     async def close_after_second(i: int) -> None:
         if i == 1:  # while the worker waits for its third task on the channel
-            await close_channels(h.app)
+            for ws in list(h.app[CHANNELS].open.values()):  # as a network fault would
+                await ws.close(code=1011, message=b"gone")
 
     worker = real_worker_steps(h, rid, 5, between=close_after_second)
     assert worker.tasks_done == 5
