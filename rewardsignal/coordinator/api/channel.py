@@ -102,6 +102,9 @@ async def worker_channel(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=CHANNEL_MAX_BODY_BYTES + MAX_HEAD_BYTES, compress=False,
                                timeout=_CLOSE_S, heartbeat=HEARTBEAT_S)
     await ws.prepare(request)
+    if channels.stopping:  # it began stopping during the upgrade
+        await _close(ws, WSCloseCode.GOING_AWAY, b"coordinator stopping")
+        return ws
     replaced = channels.open.get(worker_id)
     channels.open[worker_id] = ws
     if replaced is not None:
