@@ -384,7 +384,7 @@ class Worker:
         # A body over 1 MiB waits for an upload slot: it leases on its own, after.
         within = (ahead and self._lease_with_result
                   and len(msg.get("tensors") or b"") <= _SLOT_FREE_BYTES)
-        lease = self._lease_fields()
+        lease = self._lease_fields() if within else {}
         body = pack({**fields, "lease": lease} if within else fields)
         big = "tensors" in msg and len(body) > _SLOT_FREE_BYTES
         if big and within:  # its map tipped it over (rare): packed again, without
