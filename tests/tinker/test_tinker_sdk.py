@@ -41,9 +41,19 @@ def cluster(tmp_path_factory):
     sc = tinker.ServiceClient(base_url=url, api_key="tml-test")
     state = {"url": url, "sc": sc, "coord": coord, "workers": workers}
     yield state
+    _close(sc)
     for w in state["workers"]:
         w.stop()
     coord.stop()
+
+
+def _close(sc) -> None:
+    """End a client's session while its coordinator is up (else the SDK's
+    last telemetry flush fails at exit, after the tests, with a traceback)."""
+    try:
+        sc.close().result(timeout=30)
+    except Exception:  # its coordinator already went: nothing more to tell it
+        pass
 
 
 def _post(url: str, path: str, body: dict) -> dict:
@@ -230,14 +240,19 @@ def test_close_finishes_the_session(cluster):
 
 def test_keys_reach_the_tinker_routes_as_x_api_key(tmp_path):
     coord, url = start_coordinator(tmp_path / "data", "--api-key", "tml-right")
+    clients = []
     try:
         good = tinker.ServiceClient(base_url=url, api_key="tml-right")
+        clients.append(good)
         caps = good.get_server_capabilities()
         assert "signal-tiny" in {m.model_name for m in caps.supported_models}
         bad = tinker.ServiceClient(base_url=url, api_key="tml-wrong")
+        clients.append(bad)
         with pytest.raises(tinker.AuthenticationError, match="invalid or revoked API key"):
             bad.get_server_capabilities()
     finally:
+        for client in clients:
+            _close(client)
         coord.stop()
 
 
@@ -247,9 +262,10 @@ def test_calls_and_names_survive_a_coordinator_restart(tmp_path):
     on in order, and checkpoint paths still resolve."""
     port = free_port()
     coord, url = start_coordinator(tmp_path / "data", "--port", port)
-    worker = None
+    worker, clients = None, []
     try:
         sc = tinker.ServiceClient(base_url=url, api_key="tml-test")
+        clients.append(sc)
         tc = sc.create_lora_training_client(base_model="signal-tiny", rank=2)
         path = tc.save_state("before").result().path  # needs no worker: the coordinator saves
         run_id = _run_id(url, tc)
@@ -269,11 +285,14 @@ def test_calls_and_names_survive_a_coordinator_restart(tmp_path):
         tc.optim_step(types.AdamParams(**ADAM)).result(timeout=60)
         assert _version_of(url, run_id) == 1
         again = tinker.ServiceClient(base_url=url, api_key="tml-test")
+        clients.append(again)
         info = _post(url, "/api/v1/weights_info", {"tinker_path": path})
         assert info["lora_rank"] == 2 and info["base_model"] == "signal-tiny"
         restored = again.create_training_client_from_state(path)
         assert _max_diff(_weights(url, _run_id(url, restored)), _weights(url, run_id, "0")) == 0
     finally:
+        for client in clients:
+            _close(client)
         if worker is not None:
             worker.stop()
         coord.stop()
