@@ -30,6 +30,31 @@ def test_slots_bound_and_expire():
     asyncio.run(go())
 
 
+def test_holding_uses_a_reserved_slot_or_waits_for_one_and_always_gives_it_back():
+    async def go():
+        slots = UploadSlots(1)
+        reserved = await slots.reserve(1)
+        async with slots.holding(reserved):  # the reserved slot: no wait
+            assert await slots.reserve(0.05) is None
+        waiting = asyncio.ensure_future(slots.reserve(1))  # free again after the block
+        assert await waiting is not None and slots.take(await waiting)
+        entered = asyncio.Event()
+
+        async def unreserved() -> None:
+            async with slots.holding(None):  # waits: the one slot is in use
+                entered.set()
+                raise RuntimeError("the upload failed")
+
+        failing = asyncio.ensure_future(unreserved())
+        await asyncio.sleep(0.05)
+        assert not entered.is_set()
+        slots.release()  # the upload holding it finished
+        await asyncio.gather(failing, return_exceptions=True)
+        assert entered.is_set()
+        assert await slots.reserve(0.05) is not None  # given back despite the error
+    asyncio.run(go())
+
+
 def _slot(h, w: FakeWorker, timeout_s: float) -> str | None:
     status, body = h.request("POST", f"/v1/workers/{w.worker_id}/upload-slot?timeout_s="
                              f"{timeout_s}")

@@ -205,15 +205,10 @@ async def _result(coord, out: _ChannelFrames, worker_id: str, head: dict, body: 
     if not isinstance(task_id, str) or content_type not in (RESULT, MSGPACK):
         raise ValidationError(f"a result's head names its task_id and its content_type "
                               f"({RESULT} or {MSGPACK})")
-    slots = coord.services.upload_slots
     slot = head.get("slot")
-    if not slots.take(slot if isinstance(slot, str) else None):
-        await slots.acquire()
-    try:
+    async with coord.services.upload_slots.holding(slot if isinstance(slot, str) else None):
         w, answer, then_lease = await take_result(coord, task_id, content_type, body,
                                                   frames=True, worker_id=worker_id)
-    finally:
-        slots.release()
     if then_lease is not None and not w.quarantined:  # else its plain lease hears why
         have, timeout_s = then_lease
         return await stream_lease(out, coord, w, timeout_s, have, time.monotonic(),

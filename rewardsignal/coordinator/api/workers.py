@@ -377,17 +377,13 @@ async def submit_result(request: web.Request) -> web.StreamResponse:
     answer is the worker's next lease as a stream whose first frame is the
     result's answer (``{"answer": {...}}``): one request a step, not two."""
     coord = request.app[COORDINATOR]
-    slots = coord.services.upload_slots
-    if not slots.take(request.query.get("slot")):
-        await slots.acquire()  # no reserved slot: wait for one here
-    try:
+    # No reserved slot: one is waited for here, before the body is read.
+    async with coord.services.upload_slots.holding(request.query.get("slot")):
         await request.app[AUTH].worker(request)
         # The body is handed over (no name keeps it here: take_result frees it).
         w, out, then_lease = await take_result(
             coord, request.match_info["task_id"], request.content_type, await read_raw(request),
             frames=FRAMES in request.headers.get("Accept", ""))
-    finally:
-        slots.release()
     if then_lease is not None and not w.quarantined:  # else its plain lease hears why
         have, timeout_s = then_lease
         # Its lease times from here (lease_seconds); the route's own duration

@@ -16,10 +16,12 @@ first), so a small run's gradient does not queue behind a swarm's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 Rank = tuple[float, ...]
@@ -70,6 +72,17 @@ class UploadSlots:
 
     async def acquire(self) -> None:
         await self._wait_turn(None, _LAST)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, slot: str | None) -> AsyncIterator[None]:
+        """One upload's slot for the ``async with`` block: the reserved
+        ``slot`` (``take``), else the next free one, waited for here."""
+        if not self.take(slot):
+            await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
     def release(self) -> None:
         while self._waiters:
