@@ -102,6 +102,35 @@ DROP = object()  # a field value meaning: leave this field out
 
 
 
+def computed_fb(h: Harness, task: dict) -> dict:
+    """A forward_backward task's computed fields: a small gradient of the run's
+    shapes and the result."""
+    import torch
+
+    from rewardsignal.protocol import tensors_to_bytes
+
+    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[task["run_id"]].shapes.items()}
+    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
+    return {"codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
+            "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp}}
+
+
+def fb_result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
+    """``worker``'s result of a forward_backward task as a body
+    (``protocol.RESULT``): ``computed_fb``'s fields and ``extra``."""
+    return pack_result({"worker_id": worker.worker_id, "lease_id": task["lease_id"],
+                        "fingerprint": task["fingerprint"], "version": task["version"],
+                        **computed_fb(h, task), **extra})
+
+
+def leased_forward_backward(h: Harness, worker: FakeWorker, run_id: str) -> tuple[dict, dict]:
+    """A one-example forward_backward queued on ``run_id`` (its 202 answer) and
+    its task, as ``worker`` leases it."""
+    _, queued = h.request("POST", f"/v1/runs/{run_id}/forward_backward",
+                          json={"batch": [{"text": "one"}]}, expect=202)
+    return queued, worker.lease()
+
+
 def new_run(h: Harness, **fields) -> str:
     """A signal-tiny run (LoRA r=2 unless ``fields`` say otherwise); its id."""
     _, run = h.request("POST", "/v1/runs", json={"base_model": "signal-tiny", "lora_r": 2,

@@ -9,8 +9,14 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import torch
-from apphelpers import FakeWorker, Harness, new_run, requests_by_method
+from apphelpers import (
+    FakeWorker,
+    Harness,
+    fb_result,
+    leased_forward_backward,
+    new_run,
+    requests_by_method,
+)
 
 from rewardsignal.coordinator.api.channel import close_channels
 from rewardsignal.coordinator.store.keys import create_key, key_hash, revoke_key
@@ -21,8 +27,6 @@ from rewardsignal.protocol import (
     XOR_DELTA,
     apply_xor_delta,
     pack,
-    pack_result,
-    tensors_to_bytes,
     unpack,
 )
 
@@ -37,17 +41,6 @@ async def _frame(ws: aiohttp.ClientWebSocketResponse) -> dict:
     assert msg.type == aiohttp.WSMsgType.BINARY, msg
     assert int.from_bytes(msg.data[:4], "big") == len(msg.data) - 4
     return unpack(msg.data[4:], max_bytes=1 << 30)
-
-
-def _result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
-    """A forward_backward task's result (``protocol.RESULT``)."""
-    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[task["run_id"]].shapes.items()}
-    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
-    return pack_result({"worker_id": worker.worker_id, "lease_id": task["lease_id"],
-                        "fingerprint": task["fingerprint"], "version": task["version"],
-                        "codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
-                        "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp},
-                        **extra})
 
 
 def test_a_channel_leases_and_takes_a_result_that_carries_the_next_lease(tmp_path):
@@ -70,7 +63,7 @@ def test_a_channel_leases_and_takes_a_result_that_carries_the_next_lease(tmp_pat
             task = (await _frame(ws))["task"]  # the task ends the exchange
             await ws.send_bytes(_message(
                 {"op": "result", "task_id": task["task_id"], "content_type": RESULT},
-                _result(h, worker, task, lease=lease)))
+                fb_result(h, worker, task, lease=lease)))
             frames = [await _frame(ws)]  # the answer, then the lease goes on
             step = await h.client.post(f"/v1/runs/{rid}/optim_step?wait_s=10", json={})
             assert step.status == 200, await step.text()
@@ -107,9 +100,7 @@ def test_a_bad_exchange_gets_the_routes_error_as_a_frame_and_changes_nothing(tmp
     try:
         worker = FakeWorker(h)
         rid = new_run(h)
-        _, fb = h.request("POST", f"/v1/runs/{rid}/forward_backward",
-                          json={"batch": [{"text": "one"}]}, expect=202)
-        task = worker.lease()
+        fb, task = leased_forward_backward(h, worker, rid)
         path = f"/v1/workers/{worker.worker_id}/channel"
 
         async def go() -> list[tuple[dict, str]]:
@@ -125,7 +116,7 @@ def test_a_bad_exchange_gets_the_routes_error_as_a_frame_and_changes_nothing(tmp
                 (_message({**result, "content_type": "text/plain"}), "content_type"),
                 (_message({**result, "task_id": 7}), "task_id"),
                 (_message(result, b"junk"), "result body"),
-                (_message(result, _result(h, worker, task, lease={"colour": 1})), "colour"),
+                (_message(result, fb_result(h, worker, task, lease={"colour": 1})), "colour"),
             ]
             errors = []
             for data, named in bad:
@@ -134,7 +125,7 @@ def test_a_bad_exchange_gets_the_routes_error_as_a_frame_and_changes_nothing(tmp
                 assert reply["status"] == 400, (named, reply)
                 errors.append((reply["error"], named))
             # After all that, the channel still serves: the result is taken.
-            await ws.send_bytes(_message(result, _result(h, worker, task)))
+            await ws.send_bytes(_message(result, fb_result(h, worker, task)))
             taken = [await _frame(ws), await _frame(ws)]
             # A text message closes the channel: it takes binary messages only.
             await ws.send_str("hello")
@@ -281,9 +272,7 @@ def test_one_channel_a_worker_and_its_results_only(tmp_path):
     try:
         worker, other = FakeWorker(h, "w"), FakeWorker(h, "other")
         rid = new_run(h)
-        h.request("POST", f"/v1/runs/{rid}/forward_backward",
-                  json={"batch": [{"text": "one"}]}, expect=202)
-        task = other.lease()
+        _, task = leased_forward_backward(h, other, rid)
         path = f"/v1/workers/{worker.worker_id}/channel"
 
         async def go() -> tuple[aiohttp.WSMessage, dict]:
@@ -293,7 +282,7 @@ def test_one_channel_a_worker_and_its_results_only(tmp_path):
             # other's result, sent on worker's channel.
             await second.send_bytes(_message(
                 {"op": "result", "task_id": task["task_id"], "content_type": RESULT},
-                _result(h, other, task)))
+                fb_result(h, other, task)))
             refused = await _frame(second)
             await second.close()
             return replaced, refused
@@ -303,7 +292,7 @@ def test_one_channel_a_worker_and_its_results_only(tmp_path):
         assert refused["status"] == 403 and other.worker_id in refused["error"]["message"]
         assert not h.coordinator.scheduler.finished
         # Its own worker's request is taken: the refusal took nothing.
-        h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=_result(h, other, task),
+        h.request("POST", f"/v1/tasks/{task['task_id']}/result", data=fb_result(h, other, task),
                   headers={"Content-Type": RESULT}, expect=200)
     finally:
         h.close()
@@ -314,9 +303,7 @@ def test_a_result_without_a_lease_is_answered_and_the_exchange_ends(tmp_path):
     try:
         worker = FakeWorker(h)
         rid = new_run(h)
-        h.request("POST", f"/v1/runs/{rid}/forward_backward",
-                  json={"batch": [{"text": "one"}]}, expect=202)
-        task = worker.lease()
+        _, task = leased_forward_backward(h, worker, rid)
         msg = {"worker_id": worker.worker_id, "lease_id": task["lease_id"],
                "fingerprint": task["fingerprint"], "version": task["version"],
                "error": "out of memory"}

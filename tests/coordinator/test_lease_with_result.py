@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
-from apphelpers import FakeWorker, Harness, frames, new_run, requests_to
+from apphelpers import (
+    FakeWorker,
+    Harness,
+    computed_fb,
+    fb_result,
+    frames,
+    leased_forward_backward,
+    new_run,
+    requests_to,
+)
 
 from rewardsignal.protocol import (
     FRAMES,
@@ -17,24 +25,7 @@ from rewardsignal.protocol import (
     RESULT,
     XOR_DELTA,
     apply_xor_delta,
-    pack_result,
-    tensors_to_bytes,
 )
-
-
-def _computed(h: Harness, task: dict) -> dict:
-    """A forward_backward task's computed fields: a small gradient of the run's
-    shapes and the result."""
-    grads = {k: torch.full(s, 0.01) for k, s in h.coordinator.runs[task["run_id"]].shapes.items()}
-    lp = [[-1.0] * len(d["model_input"]) for d in task["payload"]["datums"]]
-    return {"codec": "fp32", "tensors": tensors_to_bytes(grads), "duration_s": 0.1,
-            "result": {"loss_sum": 1.0, "weight_sum": 2.0, "logprobs": lp}}
-
-
-def _result(h: Harness, worker: FakeWorker, task: dict, **extra) -> bytes:
-    return pack_result({"worker_id": worker.worker_id, "lease_id": task["lease_id"],
-                        "fingerprint": task["fingerprint"], "version": task["version"],
-                        **_computed(h, task), **extra})
 
 
 def _post(h: Harness, task: dict, body: bytes, accept: str = f"{FRAMES}, {MSGPACK}"):
@@ -50,13 +41,11 @@ def test_a_result_is_answered_and_its_request_goes_on_as_the_next_lease(tmp_path
         assert reg["lease_with_result"] is True  # what a worker looks for to send one
         rid = new_run(h)
         worker = FakeWorker(h, "w2")  # its lease() makes the one /lease request
-        _, fb = h.request("POST", f"/v1/runs/{rid}/forward_backward",
-                          json={"batch": [{"text": "one"}]}, expect=202)
-        task = worker.lease()
+        fb, task = leased_forward_backward(h, worker, rid)
         v0 = h.request("GET", f"/v1/runs/{rid}/weights/0", expect=200)[1]
 
         async def go() -> list[dict]:
-            body = _result(h, worker, task, lease={"have": {rid: 0}, "timeout_s": 10,
+            body = fb_result(h, worker, task, lease={"have": {rid: 0}, "timeout_s": 10,
                                                    "deltas": [XOR_DELTA]})
             resp = await _post(h, task, body)
             stream = frames(resp)
@@ -94,9 +83,7 @@ def test_a_bad_lease_is_refused_and_the_result_is_not_taken(tmp_path):
     try:
         rid = new_run(h)
         worker = FakeWorker(h)
-        _, fb = h.request("POST", f"/v1/runs/{rid}/forward_backward",
-                          json={"batch": [{"text": "one"}]}, expect=202)
-        task = worker.lease()
+        fb, task = leased_forward_backward(h, worker, rid)
 
         async def post(body: bytes, accept: str = f"{FRAMES}, {MSGPACK}") -> tuple[int, str]:
             resp = await _post(h, task, body, accept)
@@ -105,14 +92,14 @@ def test_a_bad_lease_is_refused_and_the_result_is_not_taken(tmp_path):
         bad = [({"have": {rid: -1}}, "have"), ({"have": {}, "timeout_s": "soon"}, "timeout_s"),
                ({"have": {}, "colour": 1}, "colour"), ("now", "lease")]
         for lease, named in bad:
-            status, text = h.call(post(_result(h, worker, task, lease=lease)))
+            status, text = h.call(post(fb_result(h, worker, task, lease=lease)))
             assert status == 400 and "lease" in text and named in text, (lease, text)
         # A lease the answer could not carry (no frames accepted) is refused too.
-        status, text = h.call(post(_result(h, worker, task, lease={"have": {}}), MSGPACK))
+        status, text = h.call(post(fb_result(h, worker, task, lease={"have": {}}), MSGPACK))
         assert status == 400 and FRAMES in text
         assert not h.coordinator.scheduler.finished  # nothing counted
         # The same result without a lease is then taken: it was not a duplicate.
-        code, answer = worker.submit(task, as_result=True, **_computed(h, task))
+        code, answer = worker.submit(task, as_result=True, **computed_fb(h, task))
         assert (code, answer) == (200, {"status": "accepted"})
         h.request("GET", f"/v1/requests/{fb['request_id']}?timeout_s=5", expect=200)
     finally:
@@ -126,9 +113,7 @@ def test_a_refused_result_takes_no_lease(tmp_path):
     try:
         rid = new_run(h)
         worker, other = FakeWorker(h, "a"), FakeWorker(h, "b")
-        h.request("POST", f"/v1/runs/{rid}/forward_backward",
-                  json={"batch": [{"text": "one"}]}, expect=202)
-        task = worker.lease()
+        _, task = leased_forward_backward(h, worker, rid)
         leases = []
         real = h.coordinator.scheduler.lease
 
@@ -139,7 +124,7 @@ def test_a_refused_result_takes_no_lease(tmp_path):
         h.coordinator.scheduler.lease = lease
 
         async def go() -> tuple[int, object]:
-            resp = await _post(h, task, _result(h, other, task, lease={"have": {}}))
+            resp = await _post(h, task, fb_result(h, other, task, lease={"have": {}}))
             return resp.status, await resp.read()
 
         status, body = h.call(go())
